@@ -1,0 +1,174 @@
+"""The one canonical description of an adapter: what happens to which base tensor.
+
+Every format is translated into these objects at the edge; the planner, the math and the writer see
+nothing else. Orientation is always stated against the *logical* matrix (out × in): a low-rank
+delta is ``scale · B @ A`` with A (r × in) and B (out × r), and ``transposed`` says the stored
+tensor is (in × out), as for GPT-2's Conv1D and for embeddings.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from .safetensors_file import TensorInfo, pread_exact
+
+_TORCH_DTYPES = {
+    "F64": "float64", "F32": "float32", "F16": "float16", "BF16": "bfloat16",
+    "I64": "int64", "I32": "int32", "I16": "int16", "I8": "int8", "U8": "uint8", "BOOL": "bool",
+}
+
+
+def torch_dtype(st_dtype: str):
+    import torch
+
+    try:
+        return getattr(torch, _TORCH_DTYPES[st_dtype])
+    except KeyError:
+        raise ValueError(f"tensors of dtype {st_dtype} cannot be computed on") from None
+
+
+def st_dtype(dtype) -> str:
+    name = str(dtype).removeprefix("torch.")
+    for k, v in _TORCH_DTYPES.items():
+        if v == name:
+            return k
+    raise ValueError(f"dtype {dtype} has no safetensors name")
+
+
+class FileTensor:
+    """A tensor in a safetensors file, read on demand (whole or by rows of its first dimension)."""
+
+    def __init__(self, info: TensorInfo):
+        self.info = info
+
+    @property
+    def name(self) -> str:
+        return self.info.name
+
+    @property
+    def shape(self) -> tuple[int, ...]:
+        return self.info.shape
+
+    @property
+    def dtype(self) -> str:
+        return self.info.dtype
+
+    def rows(self, start: int, stop: int):
+        import torch
+
+        info = self.info
+        shape = (stop - start, *info.shape[1:]) if info.shape else ()
+        if info.nbytes == 0 or (shape and shape[0] == 0):
+            return torch.empty(shape, dtype=torch_dtype(info.dtype))
+        fd = os.open(info.path, os.O_RDONLY)
+        try:
+            rb = info.row_bytes if info.shape else info.nbytes
+            buf = pread_exact(fd, rb * (stop - start) if info.shape else info.nbytes, info.start + rb * start)
+        finally:
+            os.close(fd)
+        return torch.frombuffer(buf, dtype=torch_dtype(info.dtype)).reshape(shape)
+
+    def load(self):
+        return self.rows(0, self.shape[0] if self.shape else 1)
+
+
+class MemoryTensor:
+    """A tensor already in memory (from a ``torch.load(weights_only=True)`` adapter file)."""
+
+    def __init__(self, name: str, tensor):
+        self.name = name
+        self.tensor = tensor
+
+    @property
+    def shape(self) -> tuple[int, ...]:
+        return tuple(self.tensor.shape)
+
+    @property
+    def dtype(self) -> str:
+        return st_dtype(self.tensor.dtype)
+
+    def rows(self, start: int, stop: int):
+        return self.tensor[start:stop]
+
+    def load(self):
+        return self.tensor
+
+
+AdapterTensor = FileTensor | MemoryTensor
+
+
+@dataclass
+class LowRank:
+    """``W += scale · B @ A`` in the logical orientation.
+
+    ``a`` is (r·E × in…) and ``b`` (out × r·E…); for ``experts`` > 0 the target is a stacked
+    (E, d1, d2) parameter and the factors are split per expert as peft's ParamWrapper does.
+    """
+
+    a: AdapterTensor
+    b: AdapterTensor
+    scale: float
+    transposed: bool | None = False  # None: the planner decides from the base tensor's shape
+    experts: int = 0  # 0: a plain matrix (or conv kernel); E: a stacked (E, ·, ·) parameter
+
+    @property
+    def rank(self) -> int:
+        return self.a.shape[0] // max(self.experts, 1)
+
+
+@dataclass
+class AddScaled:
+    """``W += scale · T`` for a tensor of W's shape (LoRA's own bias)."""
+
+    t: AdapterTensor
+    scale: float
+
+
+@dataclass
+class TargetOps:
+    """Everything the adapter does to one base tensor, applied in this order:
+    replace the starting value, add every delta, rescale (DoRA), overwrite rows."""
+
+    name: str  # the base tensor's name
+    module: str  # the adapter module that produced it, for messages
+    replace: AdapterTensor | None = None
+    deltas: list[LowRank | AddScaled] = field(default_factory=list)
+    dora_magnitude: AdapterTensor | None = None
+    dora_transposed: bool = False
+    row_indices: list[int] | None = None
+    rows: AdapterTensor | None = None
+    # hints for the planner
+    embedding: bool = False
+    fan_in_fan_out: bool = False  # the adapter's hint for square Conv1D weights
+    may_resize: bool = False  # a full replacement whose first dimension may differ (resized vocabulary)
+
+    @property
+    def kind(self) -> str:
+        parts = []
+        if self.replace is not None:
+            parts.append("replace")
+        for d in self.deltas:
+            if isinstance(d, LowRank):
+                what = "lora-embedding" if self.embedding else ("lora-experts" if d.experts else "lora")
+                parts.append(f"{what}(r={d.rank}, s={d.scale:g}{', T' if d.transposed else ''})")
+            else:
+                parts.append(f"bias(s={d.scale:g})")
+        if self.dora_magnitude is not None:
+            parts.append("dora")
+        if self.row_indices is not None:
+            parts.append(f"rows[{len(self.row_indices)}]")
+        return " + ".join(parts)
+
+
+@dataclass
+class Adapter:
+    """A translated adapter: one ``TargetOps`` per base tensor it changes."""
+
+    path: Path
+    format: str
+    config: dict
+    targets: dict[str, TargetOps]
+    tensor_count: int  # adapter tensors in the file, each consumed by exactly one target
+    files: list[Path] = field(default_factory=list)

@@ -1,0 +1,183 @@
+"""The command line: parse options, call the library, print results. Nothing else lives here."""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import signal
+import sys
+
+import click
+
+from . import __version__
+from .errors import LoraMergeError
+
+CONTEXT = {"help_option_names": ["-h", "--help"], "max_content_width": 100}
+DEBUG_ENV = "LORA_MERGE_DEBUG"
+
+
+class Terminated(BaseException):
+    """SIGTERM, turned into an exception so that the temporary output is cleaned up on the way out."""
+
+
+class DefaultGroup(click.Group):
+    """`lora-merge BASE ADAPTER OUT` runs the `merge` subcommand; other subcommands keep their names."""
+
+    def parse_args(self, ctx, args):
+        if args and args[0] not in self.commands and args[0] not in ("-h", "--help", "--version"):
+            args = ["merge", *args]
+        return super().parse_args(ctx, args)
+
+    def invoke(self, ctx):
+        debug = os.environ.get(DEBUG_ENV, "") not in ("", "0")
+        previous = signal.signal(signal.SIGTERM, _raise_terminated) if _main_thread() else None
+        try:
+            return super().invoke(ctx)
+        except LoraMergeError as e:
+            if debug:
+                raise
+            _fail(str(e), e.hint)
+        except (KeyboardInterrupt, Terminated):
+            _fail("interrupted; the temporary output was removed and OUT was not changed", code=130)
+        except OSError as e:
+            if debug:
+                raise
+            where = f" ({e.filename})" if e.filename else ""
+            _fail(f"{e.strerror or e}{where}", "free some disk space or choose another OUT" if e.errno == 28 else None)
+        except MemoryError:
+            _fail("out of memory", "use a smaller --block-mb")
+        finally:
+            if previous is not None:
+                signal.signal(signal.SIGTERM, previous)
+
+
+def _main_thread() -> bool:
+    import threading
+
+    return threading.current_thread() is threading.main_thread()
+
+
+def _raise_terminated(signum, frame):
+    raise Terminated()
+
+
+def _fail(message: str, hint: str | None = None, code: int = 1):
+    click.echo(f"error: {message}", err=True)
+    if hint:
+        click.echo(f"hint: {hint}", err=True)
+    sys.exit(code)
+
+
+@click.group(cls=DefaultGroup, context_settings=CONTEXT, invoke_without_command=False)
+@click.version_option(__version__, "--version", prog_name="lora-merge")
+def cli():
+    """Fold a LoRA adapter into its base model and write the merged checkpoint.
+
+    \b
+        lora-merge BASE ADAPTER OUT [OPTIONS]
+
+    BASE is a model folder with safetensors weights, ADAPTER a PEFT adapter folder. The base is
+    streamed one tensor at a time: untouched tensors are copied as bytes, merged ones are computed in
+    float64 and rounded once to the output dtype. OUT gets the base's shard layout, config,
+    tokenizer and other files.
+
+    \b
+    Examples:
+        lora-merge ./Qwen3-0.6B ./my-adapter ./merged
+        lora-merge ./Qwen3-0.6B ./my-adapter ./merged --dtype bfloat16 --device cuda
+        lora-merge ./Qwen3-0.6B ./my-adapter ./merged --dry-run
+
+    Run `lora-merge merge --help` for every option. Set LORA_MERGE_DEBUG=1 to see tracebacks.
+    """
+
+
+@cli.command("merge", context_settings=CONTEXT)
+@click.argument("base")
+@click.argument("adapter")
+@click.argument("out", type=click.Path(file_okay=False, path_type=str))
+@click.option("--dtype", type=click.Choice(["bfloat16", "float16", "float32"]), default=None,
+              help="Output dtype of floating-point tensors. Default: the base's.")
+@click.option("--device", default="auto", show_default=True, metavar="auto|cpu|cuda|cuda:N|mps",
+              help="Where the arithmetic runs. auto: CUDA when present, else CPU.")
+@click.option("--overwrite", is_flag=True, help="Replace OUT if it exists (only once the new output is complete).")
+@click.option("--dry-run", is_flag=True, help="Print the plan (targets, counts, bytes, peak memory) and write nothing.")
+@click.option("--tokenizer-from", type=click.Choice(["base", "adapter"]), default=None,
+              help="Where the tokenizer files come from. Default: the base, or the adapter when it "
+                   "resized the vocabulary and carries a tokenizer.")
+@click.option("--block-mb", type=click.IntRange(1, 65536), default=8, show_default=True,
+              help="Size of the float64 block a large tensor is merged in; bounds peak memory.")
+@click.option("--json", "as_json", is_flag=True, help="Print the summary (or the plan) as JSON on stdout.")
+@click.option("-q", "--quiet", is_flag=True, help="No progress bar and no summary.")
+@click.option("-v", "--verbose", is_flag=True, help="Log what is decided along the way.")
+def merge_command(base, adapter, out, dtype, device, overwrite, dry_run, tokenizer_from, block_mb, as_json, quiet,
+                  verbose):
+    """Merge ADAPTER into BASE and write the merged model to OUT.
+
+    \b
+    Examples:
+        lora-merge ./base ./adapter ./merged
+        lora-merge merge ./base ./adapter ./merged --dtype float16 --overwrite
+
+    OUT must not exist or be empty (else --overwrite). The output is written beside OUT under a
+    temporary name and renamed at the end, so an error or Ctrl-C leaves OUT as it was.
+    """
+    logging.basicConfig(level=logging.INFO if verbose else logging.WARNING, format="%(levelname)s: %(message)s")
+    from . import pipeline
+    from .progress import byte_bar
+
+    block_bytes = block_mb * 1024 * 1024
+    if dry_run:
+        plan = pipeline.prepare(base, adapter, dtype)
+        pipeline.resolve_device(device)
+        described = pipeline.describe_plan(plan, block_bytes)
+        click.echo(json.dumps(described, indent=2) if as_json else _format_plan(described))
+        return
+    result = pipeline.merge(
+        base, adapter, out, dtype=dtype, device=device, overwrite=overwrite, tokenizer_from=tokenizer_from,
+        block_bytes=block_bytes, progress_factory=lambda total: byte_bar(total, enabled=not quiet),
+    )
+    summary = result.summary()
+    if as_json:
+        click.echo(json.dumps(summary, indent=2))
+    elif not quiet:
+        click.echo(_format_summary(summary))
+
+
+def _mb(n: int) -> str:
+    return f"{n / 1e6:,.1f} MB"
+
+
+def _format_plan(d: dict) -> str:
+    c = d["counts"]
+    lines = [
+        f"plan: {d['adapter']} into {d['base']}",
+        f"  {c['merged']} tensors merged, {c['copied']} copied as bytes, {c['converted']} converted "
+        f"({c['tensors']} in all, {len(d['shards'])} shard{'s' if len(d['shards']) != 1 else ''}, {_mb(d['bytes'])})",
+        f"  adapter: {c['adapter_tensors']} tensors onto {c['adapter_targets']} base tensors",
+        f"  estimated peak memory: {_mb(d['estimated_peak_bytes'])}",
+    ]
+    for t in d["targets"]:
+        lines.append(f"  {t['tensor']}  [{t['dtype']} {t['shape']}]  {t['operation']}")
+    lines += [f"  config: {c}" for c in d["config_changes"]]
+    lines += [f"  note: {n}" for n in d["notes"]]
+    lines.append("dry run: nothing was written")
+    return "\n".join(lines)
+
+
+def _format_summary(s: dict) -> str:
+    lines = [
+        f"merged {s['merged']} tensors, copied {s['copied']}, converted {s['converted']} -> {s['out']}",
+        f"  {_mb(s['bytes'])} in {s['seconds']:.2f} s ({s['throughput_mb_s']} MB/s) on {s['device']}",
+    ]
+    lines += [f"  config: {c}" for c in s["config_changes"]]
+    lines += [f"  note: {n}" for n in s["notes"]]
+    return "\n".join(lines)
+
+
+def main():
+    cli(prog_name="lora-merge")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,61 @@
+"""Every exception lora-merge raises on purpose.
+
+Each one refines a builtin so callers may catch either. The CLI prints ``str(error)`` as one line,
+followed by ``hint`` when there is one; the text says what is wrong and what to do.
+"""
+
+from __future__ import annotations
+
+
+class LoraMergeError(Exception):
+    """Base class of every error lora-merge reports to a user."""
+
+    hint: str | None = None
+
+    def __init__(self, message: str, hint: str | None = None):
+        super().__init__(message)
+        if hint is not None:
+            self.hint = hint
+
+
+class SourceNotFoundError(LoraMergeError, FileNotFoundError):
+    """BASE or ADAPTER is not a folder (or Hub repo) that holds what a merge needs."""
+
+
+class HeaderError(LoraMergeError, ValueError):
+    """A safetensors file is damaged or is not a safetensors file."""
+
+
+class AdapterConfigError(LoraMergeError, ValueError):
+    """adapter_config.json is missing, unreadable, or describes something that cannot be merged."""
+
+
+class UnsupportedAdapterError(LoraMergeError, NotImplementedError):
+    """The adapter uses a method whose result cannot be folded into the base weights."""
+
+
+class PlanError(LoraMergeError, ValueError):
+    """The adapter does not fit the base: unmatched tensors, wrong shapes, leftovers.
+
+    ``problems`` holds one line per offender; all of them are reported at once.
+    """
+
+    def __init__(self, message: str, problems: list[str], hint: str | None = None):
+        super().__init__(message, hint)
+        self.problems = problems
+
+    def __str__(self) -> str:
+        lines = [self.args[0]] + [f"  - {p}" for p in self.problems]
+        return "\n".join(lines)
+
+
+class OutputError(LoraMergeError, OSError):
+    """OUT cannot be written where it was asked for (exists, overlaps BASE or ADAPTER, no space)."""
+
+
+class NonFiniteError(LoraMergeError, ValueError):
+    """The adapter or a merged tensor holds NaN or Inf."""
+
+
+class DeviceError(LoraMergeError, RuntimeError):
+    """The requested compute device is not available."""

@@ -1,0 +1,248 @@
+"""PEFT LoRA adapters (``adapter_config.json`` + ``adapter_model.safetensors`` or ``.bin``)."""
+
+from __future__ import annotations
+
+import json
+import math
+import re
+from collections import defaultdict
+from pathlib import Path
+
+from ..adapter import Adapter, AddScaled, FileTensor, LowRank, MemoryTensor, TargetOps
+from ..errors import AdapterConfigError, HeaderError, PlanError, SourceNotFoundError, UnsupportedAdapterError
+from ..safetensors_file import read_header
+
+PREFIX = "base_model.model."
+# key suffix -> role; longest first so that "lora_magnitude_vector.weight" wins over its prefix
+ROLES = [
+    ("token_adapter.trainable_tokens_delta", "rows"),
+    ("lora_magnitude_vector.weight", "magnitude"),
+    ("lora_magnitude_vector", "magnitude"),
+    ("lora_embedding_A", "emb_a"),
+    ("lora_embedding_B", "emb_b"),
+    ("lora_A.weight", "a"),
+    ("lora_B.weight", "b"),
+    ("lora_B.bias", "b_bias"),
+]
+# Inits that rewrite the base weights: the adapter alone does not describe the merged model.
+BASE_MUTATING_INITS = ("pissa", "olora", "corda", "loftq", "mica", "lora_ga")
+# Variants whose merged form lora-merge does not compute.
+UNSUPPORTED_FIELDS = {
+    "use_qalora": "QALoRA's pooled input cannot be folded into a dense weight",
+    "alora_invocation_tokens": "aLoRA activates only after its invocation tokens, so it has no merged form",
+    "layer_replication": "layer replication changes the model's structure",
+    "velora_config": "VeLoRA is not supported",
+    "kasa_config": "KaSA is not supported",
+    "arrow_config": "Arrow routing depends on the input and has no merged form",
+    "monteclora_config": "MonteCLoRA is not supported",
+    "use_bdlora": "BD-LoRA is not supported",
+}
+
+
+def pattern_value(patterns: dict, module: str, default):
+    """peft's rule: the first key, in order, with ``re.match(rf"(.*\\.)?({key})$", module)``."""
+    for key, value in patterns.items():
+        if re.match(rf"(.*\.)?({key})$", module):
+            return value
+    return default
+
+
+def check_config(config: dict, where: Path) -> None:
+    peft_type = str(config.get("peft_type", "LORA")).upper()
+    if peft_type != "LORA":
+        raise UnsupportedAdapterError(
+            f"{where}: peft_type is {peft_type}; lora-merge merges LoRA adapters only",
+            "merge it with peft's own merge_and_unload, if that method supports merging",
+        )
+    for name, why in UNSUPPORTED_FIELDS.items():
+        if config.get(name):
+            raise UnsupportedAdapterError(f"{where}: {name} is set: {why}")
+    init = config.get("init_lora_weights")
+    if isinstance(init, str) and init.lower().startswith(BASE_MUTATING_INITS):
+        raise UnsupportedAdapterError(
+            f"{where}: init_lora_weights={init!r} changed the base weights during training, "
+            "so this adapter cannot be merged into the original base",
+            "convert it first with peft (save_pretrained(..., path_initial_model_for_weight_conversion=...))",
+        )
+    for key in ("r", "lora_alpha"):
+        value = config.get(key, 8)
+        if not isinstance(value, (int, float)) or isinstance(value, bool) or value <= 0:
+            raise AdapterConfigError(f"{where}: {key} must be a positive number, found {value!r}")
+
+
+def read_config(folder: Path) -> dict:
+    path = folder / "adapter_config.json"
+    if not path.is_file():
+        raise SourceNotFoundError(
+            f"ADAPTER {str(folder)!r} has no adapter_config.json",
+            "pass the folder written by peft's save_pretrained",
+        )
+    try:
+        config = json.loads(path.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise AdapterConfigError(f"{path}: not valid JSON ({e})") from e
+    if not isinstance(config, dict):
+        raise AdapterConfigError(f"{path}: not a JSON object")
+    return config
+
+
+def read_tensors(folder: Path) -> tuple[dict, list[Path]]:
+    """The adapter's tensors by key, as lazily read objects."""
+    st = folder / "adapter_model.safetensors"
+    if st.is_file():
+        header = read_header(st)
+        return {k: FileTensor(v) for k, v in header.tensors.items()}, [st]
+    binary = folder / "adapter_model.bin"
+    if binary.is_file():
+        import pickle
+
+        import torch
+
+        try:
+            state = torch.load(binary, map_location="cpu", weights_only=True)
+        except (pickle.UnpicklingError, RuntimeError, EOFError, ValueError, OSError) as e:
+            first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+            raise HeaderError(
+                f"{binary}: refused: it cannot be loaded as plain tensors ({first})",
+                "ask for a safetensors adapter; lora-merge never runs code from a pickle",
+            ) from e
+        if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
+            raise HeaderError(f"{binary}: not a dictionary of tensors")
+        return {k: MemoryTensor(k, v) for k, v in state.items()}, [binary]
+    raise SourceNotFoundError(
+        f"ADAPTER {str(folder)!r} has no adapter_model.safetensors or adapter_model.bin",
+        "pass the folder written by peft's save_pretrained",
+    )
+
+
+def _split_key(key: str) -> tuple[str, str]:
+    """(module path, role) of an adapter key; role 'full' for a whole saved tensor."""
+    path = key[len(PREFIX):] if key.startswith(PREFIX) else key
+    for suffix, role in ROLES:
+        if path.endswith("." + suffix):
+            return path[: -len(suffix) - 1], role
+    return path, "full"
+
+
+def _param_targets(config: dict, module: str) -> list[str]:
+    """Parameter names of ``module`` that ``target_parameters`` names, in config order."""
+    names = []
+    for target in config.get("target_parameters") or []:
+        mod, _, param = target.rpartition(".")
+        if not mod or module == mod or module.endswith("." + mod):
+            names.append(param)
+    return names
+
+
+def load_peft_adapter(folder: Path) -> Adapter:
+    config = read_config(folder)
+    check_config(config, folder / "adapter_config.json")
+    tensors, files = read_tensors(folder)
+
+    r_default = config.get("r", 8)
+    alpha_default = config.get("lora_alpha", 8)
+    rank_pattern = config.get("rank_pattern") or {}
+    alpha_pattern = config.get("alpha_pattern") or {}
+    rslora = bool(config.get("use_rslora"))
+    fan_in_fan_out = bool(config.get("fan_in_fan_out"))
+    token_indices = config.get("trainable_token_indices")
+
+    groups: dict[str, dict[str, object]] = defaultdict(dict)
+    full: dict[str, object] = {}
+    for key, t in tensors.items():
+        module, role = _split_key(key)
+        if role == "full":
+            full[module.replace(".base_layer.", ".")] = t
+        else:
+            groups[module][role] = t
+
+    targets: dict[str, TargetOps] = {}
+    problems: list[str] = []
+
+    def target(name: str, module: str) -> TargetOps:
+        if name not in targets:
+            targets[name] = TargetOps(name=name, module=module)
+        return targets[name]
+
+    for name, t in full.items():
+        op = target(name, name.rpartition(".")[0])
+        op.replace = t
+        op.may_resize = True
+
+    for module, parts in sorted(groups.items()):
+        r = pattern_value(rank_pattern, module, r_default)
+        alpha = pattern_value(alpha_pattern, module, alpha_default)
+        scale = alpha / math.sqrt(r) if rslora else alpha / r
+
+        if "rows" in parts:
+            rows = parts.pop("rows")
+            indices = token_indices
+            if isinstance(indices, dict):
+                indices = pattern_value(indices, module, None)
+            if not isinstance(indices, list) or len(indices) != rows.shape[0]:
+                problems.append(
+                    f"{module}: trainable_tokens_delta has {rows.shape[0]} rows but trainable_token_indices "
+                    f"gives {indices!r}"
+                )
+            else:
+                op = target(f"{module}.weight", module)
+                op.row_indices = [int(i) for i in indices]
+                op.rows = rows
+
+        a, b = parts.pop("a", None), parts.pop("b", None)
+        emb_a, emb_b = parts.pop("emb_a", None), parts.pop("emb_b", None)
+        magnitude = parts.pop("magnitude", None)
+        b_bias = parts.pop("b_bias", None)
+        for role in parts:
+            problems.append(f"{module}: unexpected adapter tensor role {role!r}")
+
+        if emb_a is not None or emb_b is not None:
+            a, b, embedding = emb_a, emb_b, True
+        else:
+            embedding = False
+        if (a is None) != (b is None):
+            problems.append(f"{module}: has lora_{'A' if a is not None else 'B'} but not its partner")
+            continue
+        if a is None:
+            if magnitude is not None or b_bias is not None:
+                problems.append(f"{module}: DoRA magnitude or LoRA bias without lora_A/lora_B")
+            continue
+
+        # ParamWrapper (target_parameters): one wrapper per parameter, nested as `.base_layer`.
+        base_module, depth = module, 0
+        while base_module.endswith(".base_layer"):
+            base_module, depth = base_module[: -len(".base_layer")], depth + 1
+        params = _param_targets(config, base_module) if config.get("target_parameters") else []
+        if params:
+            if depth >= len(params):
+                problems.append(f"{module}: nested deeper than target_parameters {params} allows")
+                continue
+            param = params[len(params) - 1 - depth]
+            if a.shape[0] % r:
+                problems.append(
+                    f"{module}: lora_A has {a.shape[0]} rows, not a multiple of r={r} from adapter_config.json"
+                )
+                continue
+            op = target(f"{base_module}.{param}", base_module)
+            op.deltas.append(LowRank(a, b, scale, experts=a.shape[0] // r))
+            continue
+
+        if a.shape[0] != r or b.shape[1] != r:
+            problems.append(
+                f"{module}: the tensors have rank {a.shape[0]} but adapter_config.json says r={r}"
+            )
+            continue
+        op = target(f"{module}.weight", module)
+        op.embedding = embedding
+        # None: decided by the planner from the base shape (Conv1D layers store W as in × out).
+        op.deltas.append(LowRank(a, b, scale, transposed=True if embedding else None))
+        op.fan_in_fan_out = fan_in_fan_out
+        if magnitude is not None:
+            op.dora_magnitude = magnitude
+            op.dora_transposed = embedding
+        if b_bias is not None:
+            target(f"{module}.bias", module).deltas.append(AddScaled(b_bias, scale))
+
+    if problems:
+        raise PlanError(f"ADAPTER {str(folder)!r} is inconsistent:", problems)
+    return Adapter(folder, "peft", config, targets, tensor_count=len(tensors), files=files)

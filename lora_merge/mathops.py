@@ -1,0 +1,97 @@
+"""The merge arithmetic: pure functions over tensors.
+
+Everything is computed in float64 and rounded once to the output dtype. float64 holds every product
+of two float32 (or bfloat16/float16) factors exactly, so the only error before the final rounding is
+float64's own (about 2^-53 relative), far below half a unit in the last place of float32, bfloat16
+or float16. torch converts float64 to bfloat16/float16 through float32, which rounds twice;
+``round_to`` avoids that with round-to-odd into float32 first.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from .adapter import AddScaled, LowRank
+
+
+def round_to(x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """Round a float64 tensor to ``dtype`` once, to nearest even."""
+    if dtype == torch.float64:
+        return x
+    x32 = x.to(torch.float32)
+    if dtype == torch.float32:
+        return x32
+    # Round to odd into float32: when inexact, keep the float32 neighbour whose last bit is 1. With
+    # 13+ spare bits, rounding that to nearest even is the same as rounding x directly.
+    back = x32.to(torch.float64)
+    fix = (back != x) & ((x32.view(torch.int32) & 1) == 0)
+    if bool(fix.any()):
+        toward = torch.where(x > back, torch.inf, -torch.inf).to(torch.float32)
+        x32 = torch.where(fix, torch.nextafter(x32, toward), x32)
+    return x32.to(dtype)
+
+
+def _factors(d: LowRank, device: torch.device, cache: dict):
+    """A (r × in) and B (out × r) as float64 on ``device``, flattened over conv kernel dims."""
+    key = id(d)
+    if key not in cache:
+        a = d.a.load().to(device=device, dtype=torch.float64)
+        b = d.b.load().to(device=device, dtype=torch.float64)
+        if d.experts:
+            e = d.experts
+            # peft's ParamWrapper: A is (E·r, in) expert-major; B is (out, r·E) with the expert index fastest.
+            a = a.reshape(e, -1, a.shape[-1])  # (E, r, in)
+            b = b.reshape(b.shape[0], -1, e).permute(2, 0, 1).contiguous()  # (E, out, r)
+        else:
+            a = a.reshape(a.shape[0], -1)
+            b = b.reshape(b.shape[0], -1)
+        cache[key] = (a, b)
+    return cache[key]
+
+
+def add_delta(w: torch.Tensor, d: LowRank | AddScaled, start: int, stop: int, cache: dict) -> None:
+    """Add one delta to rows [start, stop) of the stored tensor, held as float64 in ``w`` (in place)."""
+    if isinstance(d, AddScaled):
+        if id(d) not in cache:
+            cache[id(d)] = d.t.load().to(device=w.device, dtype=torch.float64)
+        w.add_(cache[id(d)][start:stop], alpha=d.scale)
+        return
+    a, b = _factors(d, w.device, cache)
+    if d.experts:
+        for i, e in enumerate(range(start, stop)):
+            if d.transposed:  # stored (E, in, out)
+                w[i].addmm_(a[e].T, b[e].T, alpha=d.scale)
+            else:  # stored (E, out, in)
+                w[i].addmm_(b[e], a[e], alpha=d.scale)
+        return
+    flat = w.reshape(w.shape[0], -1)
+    if d.transposed:  # stored (in × out): rows of the stored tensor are columns of B @ A
+        flat.addmm_(a[:, start:stop].T, b.T, alpha=d.scale)
+    else:
+        flat.addmm_(b[start:stop], a, alpha=d.scale)
+
+
+def row_norms(v: torch.Tensor) -> torch.Tensor:
+    """L2 norm of each row over every dimension but the first."""
+    return v.reshape(v.shape[0], -1).square().sum(dim=1).sqrt()
+
+
+def column_sumsq(v: torch.Tensor) -> torch.Tensor:
+    """Sum of squares of each column of a 2-D block (the logical rows of a transposed tensor)."""
+    return v.square().sum(dim=0)
+
+
+def apply_dora(v: torch.Tensor, magnitude: torch.Tensor, norm: torch.Tensor, transposed: bool) -> None:
+    """``W' = m / ‖V‖ · V`` with the norm of each logical output row, in place."""
+    factor = magnitude.to(torch.float64) / norm
+    if transposed:
+        v.mul_(factor.reshape(1, -1))
+    else:
+        v.mul_(factor.reshape(-1, *([1] * (v.dim() - 1))))
+
+
+def replace_rows(v: torch.Tensor, indices: list[int], rows: torch.Tensor, start: int, stop: int) -> None:
+    """Overwrite the listed rows that fall in [start, stop) (trainable tokens)."""
+    for j, idx in enumerate(indices):
+        if start <= idx < stop:
+            v[idx - start] = rows[j].to(v.device, torch.float64)

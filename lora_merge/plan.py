@@ -1,0 +1,310 @@
+"""From headers alone: which output tensor comes from where, and every reason it cannot be done.
+
+Nothing here reads tensor data. Every adapter target must land on exactly one base tensor with a
+compatible shape; all offenders are collected and reported at once, before anything is written.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+from .adapter import Adapter, AddScaled, LowRank, TargetOps
+from .errors import PlanError
+from .safetensors_file import DTYPE_SIZES, FLOAT_DTYPES, TensorInfo
+from .sources import BaseModel
+
+OUTPUT_EMBEDDINGS = ("lm_head.weight", "embed_out.weight", "output.weight")
+INPUT_EMBEDDING_SUFFIXES = (
+    "embed_tokens.weight", "wte.weight", "word_embeddings.weight", "embed_in.weight", "tok_embeddings.weight",
+    "shared.weight",
+)
+# Models whose linear layers are transformers' Conv1D (weights stored in × out); peft forces
+# fan_in_fan_out for them.
+CONV1D_MODEL_TYPES = {"gpt2", "openai-gpt", "imagegpt", "decision_transformer"}
+DTYPE_NAMES = {"bfloat16": "BF16", "float16": "F16", "float32": "F32"}
+DTYPE_CONFIG = {v: k for k, v in DTYPE_NAMES.items()}
+
+
+@dataclass
+class Entry:
+    """One tensor of an output shard."""
+
+    name: str
+    dtype: str
+    shape: tuple[int, ...]
+    base: TensorInfo | None  # the base tensor it starts from (None: entirely from the adapter)
+    ops: TargetOps | None = None  # None: the base tensor as it is (copied, or converted)
+    note: str = ""
+
+    @property
+    def nbytes(self) -> int:
+        return math.prod(self.shape) * DTYPE_SIZES[self.dtype]
+
+    @property
+    def is_copy(self) -> bool:
+        return self.ops is None and self.base is not None and self.base.dtype == self.dtype
+
+    @property
+    def is_merge(self) -> bool:
+        return self.ops is not None
+
+
+@dataclass
+class OutputShard:
+    name: str
+    entries: list[Entry]
+    metadata: dict[str, str]
+
+    @property
+    def nbytes(self) -> int:
+        return sum(e.nbytes for e in self.entries)
+
+
+@dataclass
+class Plan:
+    base: BaseModel
+    adapter: Adapter
+    shards: list[OutputShard]
+    config: dict
+    config_changes: list[str]
+    notes: list[str] = field(default_factory=list)
+    sharded: bool = True
+
+    @property
+    def entries(self) -> list[Entry]:
+        return [e for s in self.shards for e in s.entries]
+
+    @property
+    def total_bytes(self) -> int:
+        return sum(s.nbytes for s in self.shards)
+
+    def counts(self) -> dict[str, int]:
+        es = self.entries
+        return {
+            "tensors": len(es),
+            "merged": sum(1 for e in es if e.is_merge),
+            "copied": sum(1 for e in es if e.is_copy),
+            "converted": sum(1 for e in es if not e.is_merge and not e.is_copy),
+            "adapter_tensors": self.adapter.tensor_count,
+            "adapter_targets": len(self.adapter.targets),
+        }
+
+
+def _find_input_embedding(tensors: dict[str, TensorInfo]) -> str | None:
+    for name, info in tensors.items():
+        if name.endswith(INPUT_EMBEDDING_SUFFIXES) and len(info.shape) == 2:
+            return name
+    return None
+
+
+def _choose_orientation(d: LowRank, w_shape: tuple[int, ...], op: TargetOps, model_type: str) -> str | None:
+    """Fix ``d.transposed`` (and expert layout) from the base shape; return a problem or None."""
+    a_shape, b_shape = d.a.shape, d.b.shape
+    if d.experts:
+        e = d.experts
+        out, inn = b_shape[0], a_shape[-1]
+        if len(w_shape) != 3 or w_shape[0] != e or len(a_shape) != 2 or len(b_shape) != 2:
+            return f"experts LoRA A{list(a_shape)} B{list(b_shape)} does not fit a stacked parameter {list(w_shape)}"
+        straight, transposed = w_shape[1:] == (out, inn), w_shape[1:] == (inn, out)
+        if not (straight or transposed):
+            return f"experts LoRA gives ({e}, {out}, {inn}) but the base has {list(w_shape)}"
+        d.transposed = not straight  # both fit (square): transformers' default layout is (E, out, in)
+        return None
+    if len(a_shape) < 2 or len(b_shape) < 2 or a_shape[0] != b_shape[1]:
+        return f"lora_A{list(a_shape)} and lora_B{list(b_shape)} do not compose"
+    out = b_shape[0]
+    if len(w_shape) > 2:  # convolution: A (r, in, k…), B (out, r, 1…)
+        if w_shape[0] != out or tuple(w_shape[1:]) != tuple(a_shape[1:]) or any(x != 1 for x in b_shape[2:]):
+            return f"conv LoRA A{list(a_shape)} B{list(b_shape)} does not fit a kernel {list(w_shape)}"
+        d.transposed = False
+        return None
+    inn = math.prod(a_shape[1:])
+    straight, transposed = tuple(w_shape) == (out, inn), tuple(w_shape) == (inn, out)
+    if d.transposed is True:
+        straight = False
+    if straight and transposed:  # square: only the layer type tells, as in peft
+        d.transposed = op.fan_in_fan_out or model_type in CONV1D_MODEL_TYPES
+    elif straight or transposed:
+        d.transposed = transposed
+    else:
+        want = (inn, out) if d.transposed else (out, inn)
+        return f"LoRA gives shape {list(want)} but the base tensor is {list(w_shape)}"
+    return None
+
+
+def _check_target(op: TargetOps, w_shape: tuple[int, ...], w_dtype: str, model_type: str) -> list[str]:
+    problems = []
+    where = op.name
+    if w_dtype not in FLOAT_DTYPES and (op.deltas or op.dora_magnitude is not None):
+        problems.append(f"{where}: base dtype {w_dtype} is not floating point; LoRA cannot be added to it")
+        return problems
+    out_dim = None
+    for d in op.deltas:
+        if isinstance(d, AddScaled):
+            if tuple(d.t.shape) != tuple(w_shape):
+                problems.append(f"{where}: lora_B.bias has shape {list(d.t.shape)}, expected {list(w_shape)}")
+            continue
+        problem = _choose_orientation(d, w_shape, op, model_type)
+        if problem:
+            problems.append(f"{where}: {problem}")
+        else:
+            out_dim = d.b.shape[0]
+    if op.dora_magnitude is not None and out_dim is not None:
+        if tuple(op.dora_magnitude.shape) != (out_dim,):
+            problems.append(
+                f"{where}: DoRA magnitude has shape {list(op.dora_magnitude.shape)}, expected [{out_dim}]"
+            )
+        elif len(w_shape) != 2 and op.dora_transposed:
+            problems.append(f"{where}: DoRA on a transposed tensor of shape {list(w_shape)}")
+        op.dora_transposed = bool(op.deltas[0].transposed) if isinstance(op.deltas[0], LowRank) else False
+    if op.row_indices is not None:
+        rows = op.rows
+        bad = [i for i in op.row_indices if not 0 <= i < (w_shape[0] if w_shape else 0)]
+        if bad:
+            problems.append(f"{where}: trainable token indices {bad[:5]} are outside 0..{w_shape[0] - 1}")
+        if tuple(rows.shape[1:]) != tuple(w_shape[1:]):
+            problems.append(f"{where}: trainable token rows have shape {list(rows.shape)}, expected [n, {list(w_shape[1:])}]")
+    return problems
+
+
+def make_plan(base: BaseModel, adapter: Adapter, dtype: str | None = None) -> Plan:
+    """Match the adapter against the base and lay out the output, or raise PlanError with every problem."""
+    out_dtype = DTYPE_NAMES[dtype] if dtype else None
+    tensors = base.tensors
+    model_type = str(base.config.get("model_type", ""))
+    problems: list[str] = []
+    notes: list[str] = []
+    tie_source = _find_input_embedding(tensors)
+    added: dict[str, Entry] = {}  # tensors the base does not store (an untied lm_head)
+    resolved: dict[str, tuple[TargetOps, TensorInfo]] = {}
+    untie = False
+
+    for name, op in adapter.targets.items():
+        info = tensors.get(name)
+        if info is None and name in OUTPUT_EMBEDDINGS and tie_source is not None:
+            # tied embeddings: the output layer shares the input embedding, which the base stores once
+            info = tensors[tie_source]
+            untie = True
+            notes.append(f"{name} is tied to {tie_source}: the adapter changes only {name}, so both are written")
+        if info is None:
+            hint = ""
+            if op.replace is not None and not op.deltas:
+                hint = " (a saved full tensor)"
+            problems.append(f"{name}: the adapter's {op.module}{hint} has no tensor {name!r} in BASE")
+            continue
+        w_shape = info.shape
+        if op.replace is not None:
+            r_shape = tuple(op.replace.shape)
+            if r_shape != w_shape:
+                resizable = op.may_resize and len(r_shape) == len(w_shape) >= 1 and r_shape[1:] == w_shape[1:]
+                if not resizable:
+                    problems.append(f"{name}: the adapter's full tensor has shape {list(r_shape)}, the base {list(w_shape)}")
+                    continue
+                notes.append(f"{name}: resized from {w_shape[0]} to {r_shape[0]} rows by the adapter")
+            w_shape = r_shape
+        problems += _check_target(op, w_shape, info.dtype, model_type)
+        resolved[name] = (op, info)
+
+    # An input embedding changed in a tied model: the output layer keeps the original, untied.
+    if tie_source in resolved and not any(n in tensors for n in OUTPUT_EMBEDDINGS):
+        op, info = resolved[tie_source]
+        changes_values = op.replace is not None or op.deltas or op.dora_magnitude is not None
+        head = next((n for n in OUTPUT_EMBEDDINGS if n in resolved), None)
+        if changes_values and head is None:
+            if base.config.get("tie_word_embeddings", _nested_get(base.config, "tie_word_embeddings")) is not False:
+                head = OUTPUT_EMBEDDINGS[0]
+                added[head] = Entry(head, out_dtype or info.dtype, info.shape, info, None,
+                                    note=f"untied copy of {tie_source}")
+                untie = True
+                notes.append(f"{tie_source} is tied to {head}: the adapter changes only {tie_source}, so both are written")
+
+    if problems:
+        raise PlanError(
+            f"the adapter does not fit BASE ({len(problems)} problem{'s' if len(problems) > 1 else ''}):",
+            problems,
+            "check that ADAPTER was trained on this BASE",
+        )
+
+    def final_dtype(src: str) -> str:
+        return out_dtype if out_dtype and src in FLOAT_DTYPES else src
+
+    shards: list[OutputShard] = []
+    tensor_shard: dict[str, str] = {}
+    for header in base.shards:
+        entries = []
+        for name, info in header.tensors.items():
+            dt = final_dtype(info.dtype)
+            if name in resolved:
+                op, _ = resolved[name]
+                shape = tuple(op.replace.shape) if op.replace is not None else info.shape
+                entries.append(Entry(name, dt, shape, info, op, note=op.kind))
+            else:
+                entries.append(Entry(name, dt, info.shape, info, None, note="copy" if dt == info.dtype else "convert"))
+            tensor_shard[name] = header.path.name
+        metadata = dict(header.metadata)
+        metadata["format"] = "pt"
+        shards.append(OutputShard(header.path.name, entries, metadata))
+    for name in sorted(set(resolved) - set(tensors)):
+        op, info = resolved[name]
+        shape = tuple(op.replace.shape) if op.replace is not None else info.shape
+        added[name] = Entry(name, final_dtype(info.dtype), shape, info, op, note=op.kind)
+    for name, entry in added.items():
+        # the new tensor goes into the shard of the tensor it was tied to
+        shard_name = tensor_shard[entry.base.name]
+        next(s for s in shards if s.name == shard_name).entries.append(entry)
+
+    config, changes = _new_config(base.config, shards, out_dtype, untie, tie_source)
+    plan = Plan(base, adapter, shards, config, changes, notes, sharded=len(base.shards) > 1 or base.index_metadata != {})
+    _check_vocab(plan, tie_source)
+    return plan
+
+
+def _nested_get(config: dict, key: str):
+    sub = config.get("text_config")
+    return sub.get(key) if isinstance(sub, dict) else None
+
+
+def _set_config(config: dict, key: str, value, changes: list[str]) -> None:
+    """Set ``key`` where the config keeps it (top level, or text_config for multimodal models)."""
+    holders = [config] + ([config["text_config"]] if isinstance(config.get("text_config"), dict) else [])
+    targets = [h for h in holders if key in h] or [config]
+    for h in targets:
+        if h.get(key) != value:
+            where = "text_config." if h is not config else ""
+            changes.append(f"{where}{key}: {h.get(key)!r} -> {value!r}")
+            h[key] = value
+
+
+def _new_config(config: dict, shards: list[OutputShard], out_dtype: str | None, untie: bool, tie_source: str | None):
+    import copy
+
+    new = copy.deepcopy(config)
+    changes: list[str] = []
+    if out_dtype:
+        name = DTYPE_CONFIG[out_dtype]
+        keys = [k for k in ("dtype", "torch_dtype") if k in new] or ["torch_dtype"]
+        for k in keys:
+            _set_config(new, k, name, changes)
+    if untie:
+        _set_config(new, "tie_word_embeddings", False, changes)
+    if tie_source:
+        shape = next((e.shape for s in shards for e in s.entries if e.name == tie_source), None)
+        vocab = new.get("vocab_size", _nested_get(new, "vocab_size"))
+        if shape and isinstance(vocab, int) and shape[0] != vocab and any(
+            e.ops is not None and e.ops.replace is not None and e.shape[0] != e.base.shape[0]
+            for s in shards for e in s.entries
+        ):
+            _set_config(new, "vocab_size", shape[0], changes)
+    return new, changes
+
+
+def _check_vocab(plan: Plan, tie_source: str | None) -> None:
+    """Input and output embeddings must agree on the vocabulary after a resize."""
+    rows = {e.name: e.shape[0] for e in plan.entries if e.name in OUTPUT_EMBEDDINGS or e.name == tie_source}
+    if len(set(rows.values())) > 1:
+        raise PlanError(
+            "the merged model would have embeddings of different vocabulary sizes:",
+            [f"{n}: {r} rows" for n, r in rows.items()],
+            "the adapter resized one embedding but not the other; save both with modules_to_save",
+        )

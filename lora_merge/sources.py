@@ -1,0 +1,157 @@
+"""Finding the files of a base model and of an adapter.
+
+``resolve_source`` is the one place that turns what the user typed into a local folder; Hub repo ids
+plug in here.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+from .errors import HeaderError, SourceNotFoundError
+from .safetensors_file import SafetensorsHeader, TensorInfo, read_header
+
+INDEX_NAME = "model.safetensors.index.json"
+SINGLE_NAME = "model.safetensors"
+# Weight files in other formats: never copied to OUT (they would describe the unmerged model).
+OTHER_WEIGHT_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".h5", ".msgpack", ".gguf", ".onnx", ".safetensors")
+OTHER_WEIGHT_PREFIXES = ("tf_model", "flax_model", "model.ckpt", "pytorch_model")
+TOKENIZER_FILES = (
+    "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "added_tokens.json",
+    "tokenizer.model", "vocab.json", "merges.txt", "vocab.txt", "chat_template.jinja", "chat_template.json",
+)
+
+
+@dataclass
+class Source:
+    """What the user named and the local folder that holds it."""
+
+    spec: str
+    path: Path
+    revision: str | None = None
+
+
+def resolve_source(spec: str, role: str) -> Source:
+    """Turn BASE or ADAPTER as typed into a local folder."""
+    path = Path(spec).expanduser()
+    if path.is_dir():
+        return Source(spec, path.resolve())
+    if path.exists():
+        raise SourceNotFoundError(f"{role} {spec!r} is a file, not a folder", f"pass the folder that holds the {role.lower()}'s files")
+    raise SourceNotFoundError(f"{role} {spec!r} does not exist", "check the path")
+
+
+@dataclass
+class BaseModel:
+    source: Source
+    shards: list[SafetensorsHeader]  # in shard order
+    tensors: dict[str, TensorInfo]
+    config: dict
+    index_metadata: dict
+
+    @property
+    def path(self) -> Path:
+        return self.source.path
+
+
+def _inside(path: Path, folder: Path) -> bool:
+    try:
+        path.resolve().relative_to(folder.resolve())
+        return True
+    except ValueError:
+        return False
+
+
+def load_base(source: Source) -> BaseModel:
+    """Read the base's config and every shard header; no tensor data is read."""
+    folder = source.path
+    index_path = folder / INDEX_NAME
+    index_metadata: dict = {}
+    if index_path.is_file():
+        try:
+            index = json.loads(index_path.read_text())
+            weight_map = index["weight_map"]
+            index_metadata = index.get("metadata") or {}
+            if not isinstance(weight_map, dict):
+                raise TypeError
+        except (OSError, ValueError, KeyError, TypeError) as e:
+            raise HeaderError(f"{index_path}: not a valid safetensors index ({e})", "re-download the base model") from e
+        shard_names = list(dict.fromkeys(weight_map.values()))
+        shard_names.sort()
+        bad = [n for n in shard_names if not isinstance(n, str) or "/" in n or "\\" in n or n in ("", ".", "..")]
+        if bad:
+            raise HeaderError(f"{index_path}: weight_map names files outside the model folder: {bad[:5]}")
+        missing = [n for n in shard_names if not (folder / n).is_file()]
+        if missing:
+            raise SourceNotFoundError(
+                f"BASE {source.spec!r}: the index lists shards that are missing: {', '.join(missing)}",
+                "re-download the base model",
+            )
+    elif (folder / SINGLE_NAME).is_file():
+        weight_map = None
+        shard_names = [SINGLE_NAME]
+    else:
+        found = sorted(p.name for p in folder.glob("*.safetensors"))
+        if len(found) == 1:
+            weight_map = None
+            shard_names = found
+        elif found:
+            raise SourceNotFoundError(
+                f"BASE {source.spec!r} holds several .safetensors files but no {INDEX_NAME}",
+                "add the index that maps tensors to files",
+            )
+        else:
+            others = sorted(p.name for p in folder.iterdir() if p.name.endswith((".bin", ".pt", ".pth")))
+            hint = (
+                "convert it first, e.g. `python -c \"from transformers import AutoModelForCausalLM as M; "
+                "M.from_pretrained('BASE').save_pretrained('BASE-st')\"`"
+            )
+            what = f" (found {', '.join(others[:3])})" if others else ""
+            raise SourceNotFoundError(f"BASE {source.spec!r} has no safetensors weights{what}", hint)
+
+    shards = []
+    tensors: dict[str, TensorInfo] = {}
+    for name in shard_names:
+        shard_path = folder / name
+        if not _inside(shard_path, folder):
+            raise HeaderError(f"{shard_path}: a link that points outside the model folder")
+        header = read_header(shard_path)
+        shards.append(header)
+        for tname, info in header.tensors.items():
+            if tname in tensors:
+                raise HeaderError(f"BASE: tensor {tname!r} is stored twice ({tensors[tname].path.name} and {name})")
+            tensors[tname] = info
+    if weight_map is not None:
+        for tname, shard in weight_map.items():
+            info = tensors.get(tname)
+            if info is None or info.path.name != shard:
+                raise HeaderError(
+                    f"{index_path}: says {tname!r} is in {shard} but that file does not hold it",
+                    "re-download the base model",
+                )
+        extra = sorted(set(tensors) - set(weight_map))
+        if extra:
+            raise HeaderError(f"{index_path}: shards hold tensors the index does not list: {extra[:5]}")
+
+    config_path = folder / "config.json"
+    config: dict = {}
+    if config_path.is_file():
+        try:
+            config = json.loads(config_path.read_text())
+        except (OSError, ValueError) as e:
+            raise HeaderError(f"{config_path}: not valid JSON ({e})") from e
+    return BaseModel(source, shards, tensors, config, index_metadata)
+
+
+def is_weight_file(name: str) -> bool:
+    return name.endswith(OTHER_WEIGHT_SUFFIXES) or name.startswith(OTHER_WEIGHT_PREFIXES) or name.endswith(".index.json")
+
+
+def extra_files(folder: Path) -> list[Path]:
+    """Top-level non-weight files of a model folder (config, tokenizer, generation config, license...)."""
+    return sorted(
+        p for p in folder.iterdir()
+        if p.is_file() and not p.name.startswith(".") and not is_weight_file(p.name)
+    )

@@ -1,0 +1,150 @@
+"""Writing the planned output: shards front to back, one tensor (or row block) at a time.
+
+Untouched tensors are copied as bytes between files. A merged tensor is read in row blocks, moved to
+the compute device, merged in float64, rounded once and written; at most one block is in memory.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from . import mathops
+from .adapter import FileTensor, torch_dtype
+from .errors import NonFiniteError
+from .plan import Entry, Plan
+from .safetensors_file import copy_range, encode_header, write_all
+from .sources import INDEX_NAME
+
+DEFAULT_BLOCK_BYTES = 8 * 1024 * 1024  # float64 working block: a few of these are the merge's peak
+
+
+@dataclass
+class WriteStats:
+    merged: int = 0
+    copied: int = 0
+    converted: int = 0
+    bytes_written: int = 0
+    files: list[str] = field(default_factory=list)
+
+
+def _rows_per_block(entry: Entry, block_bytes: int) -> int:
+    row_elems = 1
+    for d in entry.shape[1:]:
+        row_elems *= d
+    return max(1, block_bytes // (8 * max(row_elems, 1)))
+
+
+class _Computer:
+    """Merges one planned tensor on one device, block by block."""
+
+    def __init__(self, device, block_bytes: int):
+        self.device = device
+        self.block_bytes = block_bytes
+
+    def blocks(self, entry: Entry):
+        """Yield each row block of the merged tensor, rounded to the output dtype, on the CPU."""
+        import torch
+
+        ops = entry.ops
+        source = ops.replace if ops is not None and ops.replace is not None else FileTensor(entry.base)
+        out_dtype = torch_dtype(entry.dtype)
+        n = entry.shape[0] if entry.shape else 1
+        step = _rows_per_block(entry, self.block_bytes)
+        cache: dict = {}
+        norm = None
+        if ops is not None and ops.dora_magnitude is not None:
+            magnitude = ops.dora_magnitude.load().to(self.device, torch.float64)
+            if ops.dora_transposed:  # norms run across row blocks: a first pass sums their squares
+                sumsq = torch.zeros(magnitude.shape, dtype=torch.float64, device=self.device)
+                for start in range(0, n, step):
+                    stop = min(n, start + step)
+                    sumsq += mathops.column_sumsq(self._value(source, ops, start, stop, cache))
+                norm = sumsq.sqrt()
+        for start in range(0, n, step):
+            stop = min(n, start + step)
+            v = self._value(source, ops, start, stop, cache)
+            if ops is not None and ops.dora_magnitude is not None:
+                if ops.dora_transposed:
+                    mathops.apply_dora(v, magnitude, norm, True)
+                else:
+                    mathops.apply_dora(v, magnitude[start:stop], mathops.row_norms(v), False)
+            if ops is not None and ops.row_indices is not None:
+                mathops.replace_rows(v, ops.row_indices, ops.rows.load(), start, stop)
+            out = mathops.round_to(v, out_dtype)
+            if out.is_floating_point() and not bool(torch.isfinite(out).all()):
+                raise NonFiniteError(
+                    f"{entry.name}: the merged tensor holds NaN or Inf",
+                    "the adapter is broken or its scale overflows the output dtype",
+                )
+            yield out.cpu()
+
+    def _value(self, source, ops, start: int, stop: int, cache: dict):
+        import torch
+
+        raw = source.rows(start, stop) if source.shape else source.load()
+        if ops is None:
+            return raw.to(self.device).to(torch.float64)
+        v = raw.to(self.device).to(torch.float64)
+        for d in ops.deltas:
+            mathops.add_delta(v, d, start, stop, cache)
+        return v
+
+
+def write_shards(plan: Plan, folder: Path, device, block_bytes: int = DEFAULT_BLOCK_BYTES, progress=None) -> WriteStats:
+    """Write every shard of the plan (and the index) into ``folder``."""
+    stats = WriteStats()
+    computer = _Computer(device, block_bytes)
+    src_fds: dict[Path, int] = {}
+    try:
+        for shard in plan.shards:
+            prefix, _ = encode_header([(e.name, e.dtype, e.shape) for e in shard.entries], shard.metadata)
+            fd = os.open(folder / shard.name, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+            try:
+                write_all(fd, prefix)
+                for entry in shard.entries:
+                    if entry.is_copy:
+                        path = entry.base.path
+                        if path not in src_fds:
+                            src_fds[path] = os.open(path, os.O_RDONLY)
+                        copy_range(src_fds[path], fd, entry.base.start, entry.nbytes)
+                        stats.copied += 1
+                        written = entry.nbytes
+                    else:
+                        written = 0
+                        for block in computer.blocks(entry):
+                            data = block.contiguous().reshape(-1).view(_uint8()).numpy()
+                            write_all(fd, data)
+                            written += len(data)
+                        if written != entry.nbytes:  # a planning bug, never a user error
+                            raise AssertionError(f"{entry.name}: wrote {written} bytes, planned {entry.nbytes}")
+                        if entry.is_merge:
+                            stats.merged += 1
+                        else:
+                            stats.converted += 1
+                    stats.bytes_written += written
+                    if progress is not None:
+                        progress.update(written)
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+            stats.files.append(shard.name)
+    finally:
+        for f in src_fds.values():
+            os.close(f)
+    if plan.sharded:
+        index = {
+            "metadata": {**plan.base.index_metadata, "total_size": plan.total_bytes},
+            "weight_map": {e.name: s.name for s in plan.shards for e in s.entries},
+        }
+        (folder / INDEX_NAME).write_text(json.dumps(index, indent=2) + "\n")
+        stats.files.append(INDEX_NAME)
+    return stats
+
+
+def _uint8():
+    import torch
+
+    return torch.uint8
