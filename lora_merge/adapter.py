@@ -172,3 +172,4 @@ class Adapter:
     targets: dict[str, TargetOps]
     tensor_count: int  # adapter tensors in the file, each consumed by exactly one target
     files: list[Path] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)

@@ -151,7 +151,8 @@ def _check_target(op: TargetOps, w_shape: tuple[int, ...], w_dtype: str, model_t
         else:
             out_dim = d.b.shape[0]
     if op.dora_magnitude is not None and out_dim is not None:
-        if tuple(op.dora_magnitude.shape) != (out_dim,):
+        m_shape = tuple(op.dora_magnitude.shape)  # (out,), or (1, out, 1, …) for convolutions
+        if math.prod(m_shape) != out_dim or max(m_shape, default=0) != out_dim:
             problems.append(
                 f"{where}: DoRA magnitude has shape {list(op.dora_magnitude.shape)}, expected [{out_dim}]"
             )
@@ -174,7 +175,7 @@ def make_plan(base: BaseModel, adapter: Adapter, dtype: str | None = None) -> Pl
     tensors = base.tensors
     model_type = str(base.config.get("model_type", ""))
     problems: list[str] = []
-    notes: list[str] = []
+    notes: list[str] = list(adapter.notes)
     tie_source = _find_input_embedding(tensors)
     added: dict[str, Entry] = {}  # tensors the base does not store (an untied lm_head)
     resolved: dict[str, tuple[TargetOps, TensorInfo]] = {}

@@ -56,7 +56,7 @@ class _Computer:
         cache: dict = {}
         norm = None
         if ops is not None and ops.dora_magnitude is not None:
-            magnitude = ops.dora_magnitude.load().to(self.device, torch.float64)
+            magnitude = ops.dora_magnitude.load().reshape(-1).to(self.device, torch.float64)
             if ops.dora_transposed:  # norms run across row blocks: a first pass sums their squares
                 sumsq = torch.zeros(magnitude.shape, dtype=torch.float64, device=self.device)
                 for start in range(0, n, step):

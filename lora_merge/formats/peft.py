@@ -149,12 +149,18 @@ def load_peft_adapter(folder: Path) -> Adapter:
 
     groups: dict[str, dict[str, object]] = defaultdict(dict)
     full: dict[str, object] = {}
+    notes: list[str] = []
     for key, t in tensors.items():
         module, role = _split_key(key)
-        if role == "full":
-            full[module.replace(".base_layer.", ".")] = t
-        else:
+        if role != "full":
             groups[module][role] = t
+        elif ".original_module." in module:
+            # the untrained copy kept beside a modules_to_save module: the merged model uses the trained one
+            notes.append(f"{key}: the untrained original of a modules_to_save module, not used")
+        elif ".modules_to_save." in module:
+            full[module.replace(".modules_to_save.", ".")] = t  # wins over the same tensor saved plainly
+        else:
+            full.setdefault(module.replace(".base_layer.", "."), t)
 
     targets: dict[str, TargetOps] = {}
     problems: list[str] = []
@@ -245,4 +251,4 @@ def load_peft_adapter(folder: Path) -> Adapter:
 
     if problems:
         raise PlanError(f"ADAPTER {str(folder)!r} is inconsistent:", problems)
-    return Adapter(folder, "peft", config, targets, tensor_count=len(tensors), files=files)
+    return Adapter(folder, "peft", config, targets, tensor_count=len(tensors), files=files, notes=notes)

@@ -1,0 +1,204 @@
+"""The command line: results, and one clear line for every user error, leaving nothing behind."""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+import pytest
+import torch
+from click.testing import CliRunner
+from conftest import build_adapter, load_tensors
+
+from lora_merge.cli import cli
+
+
+@pytest.fixture(scope="module")
+def adapter(models, tmp_path_factory):
+    folder = tmp_path_factory.mktemp("cli") / "adapter"
+    build_adapter(models["llama_sharded"], folder, r=4, lora_alpha=8, target_modules=["q_proj", "down_proj"])
+    return folder
+
+
+def run(*args):
+    result = CliRunner().invoke(cli, [str(a) for a in args])
+    return result
+
+
+def leftovers(parent):
+    return [p.name for p in parent.iterdir() if "lora-merge-" in p.name]
+
+
+def test_merge_default_command(models, adapter, tmp_path):
+    out = tmp_path / "out"
+    r = run(models["llama_sharded"], adapter, out)
+    assert r.exit_code == 0, r.output
+    assert "merged 4 tensors" in r.output
+    base = models["llama_sharded"]
+    for name in ["config.json", "generation_config.json", "tokenizer.json", "tokenizer_config.json",
+                 "special_tokens_map.json", "chat_template.jinja", "model.safetensors.index.json"]:
+        assert (out / name).is_file(), name
+    for name in ["generation_config.json", "tokenizer.json", "chat_template.jinja"]:
+        assert (out / name).read_bytes() == (base / name).read_bytes()
+    assert not list(out.glob("adapter_*"))
+    assert leftovers(tmp_path) == []
+
+
+def test_merge_subcommand_json_and_dtype(models, adapter, tmp_path):
+    out = tmp_path / "out"
+    r = run("merge", models["llama_sharded"], adapter, out, "--dtype", "bfloat16", "--json", "-q")
+    assert r.exit_code == 0, r.output
+    summary = json.loads(r.output)
+    assert summary["merged"] == 4 and summary["converted"] > 0 and summary["copied"] == 0
+    assert all(t.dtype == torch.bfloat16 for t in load_tensors(out).values())
+    config = json.loads((out / "config.json").read_text())
+    assert config.get("dtype", config.get("torch_dtype")) == "bfloat16"
+
+
+def test_dry_run_writes_nothing(models, adapter, tmp_path):
+    out = tmp_path / "out"
+    r = run(models["llama_sharded"], adapter, out, "--dry-run")
+    assert r.exit_code == 0, r.output
+    assert "model.layers.0.self_attn.q_proj.weight" in r.output and "lora(r=4, s=2)" in r.output
+    assert "estimated peak memory" in r.output
+    assert not out.exists() and leftovers(tmp_path) == []
+    r = run(models["llama_sharded"], adapter, out, "--dry-run", "--json")
+    plan = json.loads(r.output)
+    assert plan["counts"]["merged"] == 4 and len(plan["targets"]) == 4
+
+
+def test_version_and_help():
+    assert run("--version").output.startswith("lora-merge, version")
+    r = run("-h")
+    assert r.exit_code == 0 and "lora-merge BASE ADAPTER OUT" in r.output
+    assert "--dtype" in run("merge", "--help").output
+
+
+def expect_error(r, *fragments, code=1):
+    assert r.exit_code == code, r.output
+    lines = [line for line in r.output.splitlines() if line.strip()]
+    assert lines[0].startswith("error: "), r.output
+    assert "Traceback" not in r.output
+    for f in fragments:
+        assert f in r.output, r.output
+
+
+def test_missing_base(adapter, tmp_path):
+    expect_error(run(tmp_path / "nope", adapter, tmp_path / "out"), "BASE", "does not exist")
+    assert not (tmp_path / "out").exists()
+
+
+def test_base_without_safetensors(adapter, tmp_path):
+    base = tmp_path / "base"
+    base.mkdir()
+    (base / "pytorch_model.bin").write_bytes(b"x")
+    expect_error(run(base, adapter, tmp_path / "out"), "no safetensors weights", "hint:", "save_pretrained")
+
+
+def test_adapter_without_config(models, tmp_path):
+    (tmp_path / "adapter").mkdir()
+    expect_error(run(models["llama"], tmp_path / "adapter", tmp_path / "out"), "adapter_config.json")
+
+
+def test_adapter_config_not_json(models, adapter, tmp_path):
+    bad = tmp_path / "adapter"
+    shutil.copytree(adapter, bad)
+    (bad / "adapter_config.json").write_text("{not json")
+    expect_error(run(models["llama"], bad, tmp_path / "out"), "not valid JSON")
+
+
+@pytest.mark.parametrize("field,value,message", [
+    ("peft_type", "IA3", "LoRA adapters only"),
+    ("use_qalora", True, "QALoRA"),
+    ("alora_invocation_tokens", [1, 2], "aLoRA"),
+    ("init_lora_weights", "pissa", "changed the base weights"),
+    ("init_lora_weights", "olora", "changed the base weights"),
+])
+def test_unmergeable_adapters_refused(models, adapter, tmp_path, field, value, message):
+    bad = tmp_path / "adapter"
+    shutil.copytree(adapter, bad)
+    config = json.loads((bad / "adapter_config.json").read_text())
+    config[field] = value
+    (bad / "adapter_config.json").write_text(json.dumps(config))
+    expect_error(run(models["llama_sharded"], bad, tmp_path / "out"), message)
+    assert not (tmp_path / "out").exists()
+
+
+def test_adapter_for_another_model_lists_every_offender(models, tmp_path):
+    build_adapter(models["gpt2"], tmp_path / "adapter", r=4, target_modules=["c_attn"], fan_in_fan_out=True)
+    r = run(models["llama"], tmp_path / "adapter", tmp_path / "out")
+    expect_error(r, "2 problems", "transformer.h.0.attn.c_attn.weight", "transformer.h.1.attn.c_attn.weight")
+    assert not (tmp_path / "out").exists() and leftovers(tmp_path) == []
+
+
+def test_shape_mismatch_names_shapes(models, tmp_path):
+    from conftest import build_model
+
+    build_model("llama", tmp_path / "wide", hidden_size=48, intermediate_size=64)
+    build_adapter(tmp_path / "wide", tmp_path / "adapter", r=4, target_modules=["q_proj"])
+    r = run(models["llama"], tmp_path / "adapter", tmp_path / "out")
+    expect_error(r, "model.layers.0.self_attn.q_proj.weight", "[32, 48]", "[32, 32]", "2 problems")
+
+
+def test_rank_disagreeing_with_config(models, adapter, tmp_path):
+    bad = tmp_path / "adapter"
+    shutil.copytree(adapter, bad)
+    config = json.loads((bad / "adapter_config.json").read_text())
+    config["r"] = 8
+    (bad / "adapter_config.json").write_text(json.dumps(config))
+    expect_error(run(models["llama_sharded"], bad, tmp_path / "out"), "rank 4", "r=8")
+
+
+def test_out_exists_needs_overwrite(models, adapter, tmp_path):
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "keep.txt").write_text("mine")
+    expect_error(run(models["llama_sharded"], adapter, out), "already exists", "--overwrite")
+    assert (out / "keep.txt").read_text() == "mine"
+    r = run(models["llama_sharded"], adapter, out, "--overwrite", "-q")
+    assert r.exit_code == 0, r.output
+    assert not (out / "keep.txt").exists() and (out / "config.json").exists()
+    assert leftovers(tmp_path) == []
+
+
+def test_empty_out_is_fine(models, adapter, tmp_path):
+    (tmp_path / "out").mkdir()
+    assert run(models["llama_sharded"], adapter, tmp_path / "out", "-q").exit_code == 0
+
+
+def test_out_inside_inputs_refused(models, adapter, tmp_path):
+    expect_error(run(models["llama_sharded"], adapter, models["llama_sharded"] / "merged"), "is BASE or inside it")
+    expect_error(run(models["llama_sharded"], adapter, adapter), "is ADAPTER or inside it")
+    assert not (models["llama_sharded"] / "merged").exists()
+
+
+def test_overwrite_never_removes_inputs(models, adapter, tmp_path):
+    expect_error(run(models["llama_sharded"], adapter, adapter.parent, "--overwrite"), "contains ADAPTER")
+    assert (adapter / "adapter_config.json").exists()
+
+
+def test_failure_midway_leaves_nothing(models, adapter, tmp_path):
+    """A damaged adapter tensor found while writing: OUT never appears, the temporary folder is gone."""
+    bad = tmp_path / "adapter"
+    shutil.copytree(adapter, bad)
+    from safetensors.torch import load_file, save_file
+
+    tensors = load_file(bad / "adapter_model.safetensors")
+    key = next(k for k in tensors if "layers.1" in k and "lora_B" in k)
+    tensors[key][0, 0] = float("inf")
+    save_file(tensors, bad / "adapter_model.safetensors")
+    expect_error(run(models["llama_sharded"], bad, tmp_path / "out"), "NaN or Inf")
+    assert not (tmp_path / "out").exists() and leftovers(tmp_path) == []
+
+
+def test_no_cuda_device(models, adapter, tmp_path):
+    if torch.cuda.is_available():
+        pytest.skip("CUDA is present")
+    expect_error(run(models["llama_sharded"], adapter, tmp_path / "out", "--device", "cuda"), "CUDA is not available")
+    expect_error(run(models["llama_sharded"], adapter, tmp_path / "out", "--device", "tpu"), "not one of")
+
+
+def test_debug_variable_shows_traceback(models, tmp_path, monkeypatch):
+    monkeypatch.setenv("LORA_MERGE_DEBUG", "1")
+    r = run(tmp_path / "nope", tmp_path / "nope2", tmp_path / "out")
+    assert r.exit_code != 0 and r.exception is not None

@@ -1,0 +1,24 @@
+"""The CUDA path gives the same bytes as the CPU path."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from conftest import build_adapter
+
+from lora_merge import merge
+
+pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")]
+
+
+@pytest.mark.parametrize("kwargs", [
+    dict(r=8, lora_alpha=16, target_modules=["q_proj", "v_proj", "down_proj", "embed_tokens"]),
+    dict(r=4, lora_alpha=8, use_dora=True, target_modules=["q_proj", "embed_tokens"]),
+])
+def test_cuda_equals_cpu_bit_for_bit(models, tmp_path, kwargs):
+    base = models["llama_bf16"]
+    build_adapter(base, tmp_path / "adapter", **kwargs)
+    merge(str(base), str(tmp_path / "adapter"), tmp_path / "cpu", device="cpu")
+    merge(str(base), str(tmp_path / "adapter"), tmp_path / "gpu", device="cuda", block_bytes=4096)
+    for f in sorted((tmp_path / "cpu").glob("*.safetensors")):
+        assert f.read_bytes() == (tmp_path / "gpu" / f.name).read_bytes(), f.name
