@@ -105,7 +105,7 @@ def cli():
 @click.option("--tokenizer-from", type=click.Choice(["base", "adapter"]), default=None,
               help="Where the tokenizer files come from. Default: the base, or the adapter when it "
                    "resized the vocabulary and carries a tokenizer.")
-@click.option("--block-mb", type=click.IntRange(1, 65536), default=8, show_default=True,
+@click.option("--block-mb", type=click.IntRange(1, 65536), default=4, show_default=True,
               help="Size of the float64 block a large tensor is merged in; bounds peak memory.")
 @click.option("--json", "as_json", is_flag=True, help="Print the summary (or the plan) as JSON on stdout.")
 @click.option("-q", "--quiet", is_flag=True, help="No progress bar and no summary.")

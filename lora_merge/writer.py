@@ -18,7 +18,7 @@ from .plan import Entry, Plan
 from .safetensors_file import copy_range, encode_header, write_all
 from .sources import INDEX_NAME
 
-DEFAULT_BLOCK_BYTES = 8 * 1024 * 1024  # float64 working block: a few of these are the merge's peak
+DEFAULT_BLOCK_BYTES = 4 * 1024 * 1024  # float64 working block: a few of these are the merge's peak
 
 
 @dataclass

@@ -1,0 +1,108 @@
+"""Generate a Qwen3-shaped bf16 base (random weights, real tensor names and shapes) and a PEFT adapter.
+
+    python scripts/make_model.py 0.6b DIR [--rank 16] [--shards 3]
+
+Writes DIR/base (sharded safetensors, index, config.json) and DIR/adapter (LoRA on every linear layer
+of the decoder). Only torch and safetensors are needed; one shard is in memory at a time.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+import torch
+from safetensors.torch import save_file
+
+SHAPES = {
+    "0.6b": dict(hidden=1024, inter=3072, layers=28, heads=16, kv=8, head_dim=128, vocab=151936),
+    "1.7b": dict(hidden=2048, inter=6144, layers=28, heads=16, kv=8, head_dim=128, vocab=151936),
+}
+LINEAR = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+
+
+def tensor_shapes(c: dict):
+    h, hd = c["hidden"], c["head_dim"]
+    yield "model.embed_tokens.weight", (c["vocab"], h)
+    for i in range(c["layers"]):
+        p = f"model.layers.{i}."
+        yield p + "input_layernorm.weight", (h,)
+        yield p + "post_attention_layernorm.weight", (h,)
+        yield p + "self_attn.q_proj.weight", (c["heads"] * hd, h)
+        yield p + "self_attn.k_proj.weight", (c["kv"] * hd, h)
+        yield p + "self_attn.v_proj.weight", (c["kv"] * hd, h)
+        yield p + "self_attn.o_proj.weight", (h, c["heads"] * hd)
+        yield p + "self_attn.q_norm.weight", (hd,)
+        yield p + "self_attn.k_norm.weight", (hd,)
+        yield p + "mlp.gate_proj.weight", (c["inter"], h)
+        yield p + "mlp.up_proj.weight", (c["inter"], h)
+        yield p + "mlp.down_proj.weight", (h, c["inter"])
+    yield "model.norm.weight", (h,)
+
+
+def make(shape: str, folder: Path, rank: int = 16, shards: int = 3, seed: int = 0) -> None:
+    c = SHAPES[shape]
+    g = torch.Generator().manual_seed(seed)
+    base, adapter = folder / "base", folder / "adapter"
+    base.mkdir(parents=True, exist_ok=True)
+    adapter.mkdir(parents=True, exist_ok=True)
+    items = list(tensor_shapes(c))
+    total = sum(2 * torch.Size(s).numel() for _, s in items)
+    per_shard = total / shards
+    weight_map, current, size, index = {}, {}, 0, 1
+    names = []
+
+    def flush():
+        nonlocal current, size, index
+        if current:
+            name = f"model-{index:05d}-of-{shards:05d}.safetensors"
+            save_file(current, base / name, metadata={"format": "pt"})
+            weight_map.update({n: name for n in current})
+            current, size, index = {}, 0, index + 1
+
+    for name, s in items:
+        t = (torch.randn(s, generator=g) * 0.02).to(torch.bfloat16)
+        current[name] = t
+        size += t.numel() * 2
+        names.append(name)
+        if size >= per_shard and index < shards:
+            flush()
+    flush()
+    (base / "model.safetensors.index.json").write_text(
+        json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map}, indent=2))
+    (base / "config.json").write_text(json.dumps({
+        "architectures": ["Qwen3ForCausalLM"], "model_type": "qwen3", "hidden_size": c["hidden"],
+        "intermediate_size": c["inter"], "num_hidden_layers": c["layers"], "num_attention_heads": c["heads"],
+        "num_key_value_heads": c["kv"], "head_dim": c["head_dim"], "vocab_size": c["vocab"],
+        "max_position_embeddings": 40960, "rms_norm_eps": 1e-6, "rope_theta": 1000000,
+        "tie_word_embeddings": True, "torch_dtype": "bfloat16", "hidden_act": "silu",
+    }, indent=2))
+    (base / "generation_config.json").write_text(json.dumps({"do_sample": True, "temperature": 0.6}))
+
+    lora = {}
+    for name, s in items:
+        module = name.removesuffix(".weight")
+        if module.rsplit(".", 1)[-1] in LINEAR:
+            out, inn = s
+            lora[f"base_model.model.{module}.lora_A.weight"] = torch.randn(rank, inn, generator=g) * 0.01
+            lora[f"base_model.model.{module}.lora_B.weight"] = torch.randn(out, rank, generator=g) * 0.01
+    save_file(lora, adapter / "adapter_model.safetensors", metadata={"format": "pt"})
+    (adapter / "adapter_config.json").write_text(json.dumps({
+        "peft_type": "LORA", "r": rank, "lora_alpha": 2 * rank, "target_modules": LINEAR, "bias": "none",
+        "task_type": "CAUSAL_LM", "base_model_name_or_path": str(base),
+    }, indent=2))
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("shape", choices=sorted(SHAPES))
+    parser.add_argument("folder", type=Path)
+    parser.add_argument("--rank", type=int, default=16)
+    parser.add_argument("--shards", type=int, default=3)
+    args = parser.parse_args()
+    make(args.shape, args.folder, args.rank, args.shards)
+
+
+if __name__ == "__main__":
+    main()
