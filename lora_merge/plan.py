@@ -156,8 +156,7 @@ def _check_target(op: TargetOps, w_shape: tuple[int, ...], w_dtype: str, model_t
             problems.append(
                 f"{where}: DoRA magnitude has shape {list(op.dora_magnitude.shape)}, expected [{out_dim}]"
             )
-        elif len(w_shape) != 2 and op.dora_transposed:
-            problems.append(f"{where}: DoRA on a transposed tensor of shape {list(w_shape)}")
+        # the norm runs over each logical output row: across stored columns when transposed
         op.dora_transposed = bool(op.deltas[0].transposed) if isinstance(op.deltas[0], LowRank) else False
     if op.row_indices is not None:
         rows = op.rows
@@ -187,7 +186,7 @@ def make_plan(base: BaseModel, adapter: Adapter, dtype: str | None = None) -> Pl
             # tied embeddings: the output layer shares the input embedding, which the base stores once
             info = tensors[tie_source]
             untie = True
-            notes.append(f"{name} is tied to {tie_source}: the adapter changes only {name}, so both are written")
+            notes.append(f"{name} was tied to {tie_source}: it is written on its own and the tie is removed")
         if info is None:
             hint = ""
             if op.replace is not None and not op.deltas:
@@ -218,7 +217,7 @@ def make_plan(base: BaseModel, adapter: Adapter, dtype: str | None = None) -> Pl
                 added[head] = Entry(head, out_dtype or info.dtype, info.shape, info, None,
                                     note=f"untied copy of {tie_source}")
                 untie = True
-                notes.append(f"{tie_source} is tied to {head}: the adapter changes only {tie_source}, so both are written")
+                notes.append(f"{tie_source} was tied to {head}: {head} keeps the original and the tie is removed")
 
     if problems:
         raise PlanError(

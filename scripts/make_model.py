@@ -41,8 +41,8 @@ def tensor_shapes(c: dict):
     yield "model.norm.weight", (h,)
 
 
-def make(shape: str, folder: Path, rank: int = 16, shards: int = 3, seed: int = 0) -> None:
-    c = SHAPES[shape]
+def make(shape: str | dict, folder: Path, rank: int = 16, shards: int = 3, seed: int = 0) -> None:
+    c = SHAPES[shape] if isinstance(shape, str) else shape
     g = torch.Generator().manual_seed(seed)
     base, adapter = folder / "base", folder / "adapter"
     base.mkdir(parents=True, exist_ok=True)

@@ -1,0 +1,43 @@
+"""Ctrl-C and SIGTERM in the middle of writing: no OUT, no temporary files, a clean message."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "scripts"))
+from make_model import make  # noqa: E402
+
+SHAPE = dict(hidden=512, inter=1536, layers=6, heads=8, kv=4, head_dim=64, vocab=8000)
+
+
+@pytest.fixture(scope="module")
+def medium(tmp_path_factory):
+    root = tmp_path_factory.mktemp("medium")
+    make(SHAPE, root, rank=16, shards=2)
+    return root
+
+
+@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM])
+def test_signal_mid_write_leaves_nothing(medium, tmp_path, sig):
+    out = tmp_path / "out"
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "lora_merge", str(medium / "base"), str(medium / "adapter"), str(out),
+         "--block-mb", "1", "--device", "cpu"],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+    )
+    deadline = time.time() + 60
+    while time.time() < deadline and not any(tmp_path.glob(".out.lora-merge-tmp-*/*.safetensors")):
+        time.sleep(0.01)
+    assert proc.poll() is None, "the merge ended before it could be interrupted"
+    os.kill(proc.pid, sig)
+    _, err = proc.communicate(timeout=60)
+    assert proc.returncode == 130, err
+    assert err.startswith("error: interrupted") and "Traceback" not in err
+    assert list(tmp_path.iterdir()) == []
