@@ -202,3 +202,32 @@ def test_debug_variable_shows_traceback(models, tmp_path, monkeypatch):
     monkeypatch.setenv("LORA_MERGE_DEBUG", "1")
     r = run(tmp_path / "nope", tmp_path / "nope2", tmp_path / "out")
     assert r.exit_code != 0 and r.exception is not None
+
+
+def test_adapter_bin_is_read_as_plain_tensors(models, adapter, tmp_path):
+    from safetensors.torch import load_file
+
+    binary = tmp_path / "adapter_bin"
+    binary.mkdir()
+    shutil.copy(adapter / "adapter_config.json", binary)
+    torch.save(load_file(adapter / "adapter_model.safetensors"), binary / "adapter_model.bin")
+    assert run(models["llama_sharded"], adapter, tmp_path / "a", "-q").exit_code == 0
+    assert run(models["llama_sharded"], binary, tmp_path / "b", "-q").exit_code == 0
+    for f in (tmp_path / "a").glob("*.safetensors"):
+        assert f.read_bytes() == (tmp_path / "b" / f.name).read_bytes()
+
+
+class Payload:
+    def __reduce__(self):
+        return (print, ("this must never run",))
+
+
+def test_pickle_needing_code_is_refused(models, adapter, tmp_path, capfd):
+    bad = tmp_path / "adapter_bin"
+    bad.mkdir()
+    shutil.copy(adapter / "adapter_config.json", bad)
+    torch.save({"x": Payload()}, bad / "adapter_model.bin")
+    r = run(models["llama_sharded"], bad, tmp_path / "out")
+    expect_error(r, "refused", "never runs code from a pickle")
+    assert "this must never run" not in r.output + capfd.readouterr().out
+    assert not (tmp_path / "out").exists()
