@@ -86,7 +86,7 @@ def estimate_peak_bytes(plan: Plan, block_bytes: int) -> int:
     largest_block = 0
     factors = 0
     for e in plan.entries:
-        if e.ops is None and e.is_copy:
+        if e.is_copy:
             continue
         row = 1
         for d in e.shape[1:]:

@@ -63,6 +63,7 @@ class _Computer:
                     stop = min(n, start + step)
                     sumsq += mathops.column_sumsq(self._value(source, ops, start, stop, cache))
                 norm = sumsq.sqrt()
+        token_rows = ops.rows.load() if ops is not None and ops.rows is not None else None
         for start in range(0, n, step):
             stop = min(n, start + step)
             v = self._value(source, ops, start, stop, cache)
@@ -71,8 +72,8 @@ class _Computer:
                     mathops.apply_dora(v, magnitude, norm, True)
                 else:
                     mathops.apply_dora(v, magnitude[start:stop], mathops.row_norms(v), False)
-            if ops is not None and ops.row_indices is not None:
-                mathops.replace_rows(v, ops.row_indices, ops.rows.load(), start, stop)
+            if token_rows is not None:
+                mathops.replace_rows(v, ops.row_indices, token_rows, start, stop)
             out = mathops.round_to(v, out_dtype)
             if out.is_floating_point() and not bool(torch.isfinite(out).all()):
                 raise NonFiniteError(
