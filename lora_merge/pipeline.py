@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import shutil
 import time
 from dataclasses import dataclass, field
@@ -88,22 +89,13 @@ def estimate_peak_bytes(plan: Plan, block_bytes: int) -> int:
     for e in plan.entries:
         if e.is_copy:
             continue
-        row = 1
-        for d in e.shape[1:]:
-            row *= d
+        row = math.prod(e.shape[1:])
         rows = min(e.shape[0] if e.shape else 1, max(1, block_bytes // (8 * row)))
         largest_block = max(largest_block, rows * row * 8)
         if e.ops is not None:
-            factors = max(factors, sum(8 * _numel(t) for t in _factor_tensors(e.ops)))
+            factors = max(factors, sum(8 * math.prod(t.shape) for t in _factor_tensors(e.ops)))
     # block in float64, the rounding's float32/float64 temporaries, the raw read and the output bytes
     return BASELINE_RSS + 3 * largest_block + factors
-
-
-def _numel(t) -> int:
-    n = 1
-    for d in t.shape:
-        n *= d
-    return n
 
 
 def _factor_tensors(ops):

@@ -7,6 +7,7 @@ the compute device, merged in float64, rounded once and written; at most one blo
 from __future__ import annotations
 
 import json
+import math
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -31,10 +32,7 @@ class WriteStats:
 
 
 def _rows_per_block(entry: Entry, block_bytes: int) -> int:
-    row_elems = 1
-    for d in entry.shape[1:]:
-        row_elems *= d
-    return max(1, block_bytes // (8 * max(row_elems, 1)))
+    return max(1, block_bytes // (8 * max(math.prod(entry.shape[1:]), 1)))
 
 
 class _Computer:
@@ -86,10 +84,8 @@ class _Computer:
         import torch
 
         raw = source.rows(start, stop) if source.shape else source.load()
-        if ops is None:
-            return raw.to(self.device).to(torch.float64)
         v = raw.to(self.device).to(torch.float64)
-        for d in ops.deltas:
+        for d in ops.deltas if ops is not None else ():
             mathops.add_delta(v, d, start, stop, cache)
         return v
 

@@ -244,8 +244,7 @@ def load_peft_adapter(folder: Path) -> Adapter:
         op.deltas.append(LowRank(a, b, scale, transposed=True if embedding else None))
         op.fan_in_fan_out = fan_in_fan_out
         if magnitude is not None:
-            op.dora_magnitude = magnitude
-            op.dora_transposed = embedding
+            op.dora_magnitude = magnitude  # its orientation is fixed by the planner with the LoRA's
         if b_bias is not None:
             target(f"{module}.bias", module).deltas.append(AddScaled(b_bias, scale))
 
