@@ -170,6 +170,21 @@ class Adapter:
     format: str
     config: dict
     targets: dict[str, TargetOps]
-    tensor_count: int  # adapter tensors in the file, each consumed by exactly one target
+    tensor_names: list[str]  # every tensor in the adapter's file
     files: list[Path] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)
+    ignored: dict[str, str] = field(default_factory=dict)  # tensors knowingly not merged, with the reason
+
+    @property
+    def tensor_count(self) -> int:
+        return len(self.tensor_names)
+
+    def used_tensor_names(self) -> set[str]:
+        """Names of the adapter tensors that some target consumes."""
+        used = set()
+        for op in self.targets.values():
+            parts = [op.replace, op.dora_magnitude, op.rows]
+            for d in op.deltas:
+                parts += [d.a, d.b] if isinstance(d, LowRank) else [d.t]
+            used.update(p.name for p in parts if p is not None)
+        return used

@@ -7,11 +7,12 @@ import logging
 import os
 import signal
 import sys
+from pathlib import Path
 
 import click
 
 from . import __version__
-from .errors import LoraMergeError
+from .errors import LoraMergeError, ParityError
 
 CONTEXT = {"help_option_names": ["-h", "--help"], "max_content_width": 100}
 DEBUG_ENV = "LORA_MERGE_DEBUG"
@@ -133,15 +134,77 @@ def merge_command(base, adapter, out, dtype, device, overwrite, dry_run, tokeniz
         described = pipeline.describe_plan(plan, block_bytes)
         click.echo(json.dumps(described, indent=2) if as_json else _format_plan(described))
         return
-    result = pipeline.merge(
-        base, adapter, out, dtype=dtype, device=device, overwrite=overwrite, tokenizer_from=tokenizer_from,
-        block_bytes=block_bytes, progress_factory=lambda total: byte_bar(total, enabled=not quiet),
-    )
+    options = {"dtype": dtype, "device": device, "overwrite": overwrite, "tokenizer_from": tokenizer_from,
+               "block_mb": block_mb}
+    try:
+        result = pipeline.merge(
+            base, adapter, out, dtype=dtype, device=device, overwrite=overwrite, tokenizer_from=tokenizer_from,
+            block_bytes=block_bytes, progress_factory=lambda total, label: byte_bar(total, label, not quiet),
+            options=options,
+        )
+    except ParityError as e:
+        click.echo(json.dumps(e.report.to_json(), indent=2) if as_json else e.report.table())
+        raise
     summary = result.summary()
     if as_json:
         click.echo(json.dumps(summary, indent=2))
     elif not quiet:
         click.echo(_format_summary(summary))
+        click.echo(result.report.table())
+
+
+@cli.command("verify", context_settings=CONTEXT)
+@click.argument("out", type=click.Path(file_okay=False, path_type=str))
+@click.option("--base", required=True, help="The base model the merge started from.")
+@click.option("--adapter", required=True, help="The adapter that was merged.")
+@click.option("--json", "json_path", type=click.Path(dir_okay=False, allow_dash=True), default=None,
+              help="Also write the report as JSON to this file (- for stdout, instead of the table).")
+@click.option("--device", default="auto", show_default=True, metavar="auto|cpu|cuda|cuda:N",
+              help="Where the checks (and the latency runs) compute.")
+@click.option("--latency", is_flag=True,
+              help="Also time greedy decoding with the base, the unmerged adapter and OUT "
+                   "(needs the latency extra: pip install 'lora-merge[latency]').")
+@click.option("--new-tokens", type=click.IntRange(1), default=64, show_default=True, help="Tokens decoded per timed run.")
+@click.option("--runs", type=click.IntRange(2), default=10, show_default=True, help="Timed runs per condition, after one warm-up.")
+@click.option("--prompt", default=None, help="Prompt text (uses OUT's tokenizer). Default: 16 fixed token ids.")
+@click.option("-q", "--quiet", is_flag=True, help="No progress bar and no table; the exit code tells.")
+def verify_command(out, base, adapter, json_path, device, latency, new_tokens, runs, prompt, quiet):
+    """Check a merged folder against BASE and ADAPTER; exit 1 when a check fails.
+
+    \b
+    Examples:
+        lora-merge verify ./merged --base ./Qwen3-0.6B --adapter ./my-adapter
+        lora-merge verify ./merged --base ./base --adapter ./adapter --json report.json
+        lora-merge verify ./merged --base ./base --adapter ./adapter --latency --runs 10
+
+    OUT may come from any tool and have any shard layout: tensors are matched by name. Checked:
+    every name, shape and dtype against BASE; the adapter's coverage; untouched tensors byte for byte;
+    every merged element within the rounding bound of W + s·B·A; no NaN or Inf; config.json,
+    tokenizer and other files.
+    """
+    from . import pipeline
+    from .progress import byte_bar
+
+    report = pipeline.verify(out, base, adapter, device=device,
+                             progress_factory=lambda total, label: byte_bar(total, label, not quiet))
+    if latency:
+        from .latency import latency_table, measure_latency
+
+        plan_dev = pipeline.resolve_device(device)
+        result = measure_latency(report.plan.base.path, report.plan.adapter.path, report.folder, plan_dev,
+                                 new_tokens=new_tokens, runs=runs, prompt=prompt)
+        report.details["latency"] = result
+    if json_path == "-":
+        click.echo(json.dumps(report.to_json(), indent=2))
+    else:
+        if json_path:
+            report.write(Path(json_path))
+        if not quiet:
+            click.echo(report.table())
+            if latency:
+                click.echo(latency_table(report.details["latency"]))
+    if not report.ok:
+        raise pipeline.parity_error(report, Path(json_path) if json_path and json_path != "-" else None)
 
 
 def _mb(n: int) -> str:

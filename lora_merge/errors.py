@@ -59,3 +59,15 @@ class NonFiniteError(LoraMergeError, ValueError):
 
 class DeviceError(LoraMergeError, RuntimeError):
     """The requested compute device is not available."""
+
+
+class ParityError(LoraMergeError, AssertionError):
+    """The merged folder failed its parity checks; ``report`` says which tensors and files."""
+
+    def __init__(self, message: str, report, hint: str | None = None):
+        super().__init__(message, hint)
+        self.report = report
+
+
+class LatencyError(LoraMergeError, RuntimeError):
+    """The latency measurement cannot run (missing extra, a model that does not load)."""

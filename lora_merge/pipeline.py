@@ -10,10 +10,12 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from .errors import DeviceError
+from .errors import DeviceError, ParityError
 from .formats.peft import load_peft_adapter
 from .output import StagedOutput, check_output
-from .plan import Plan, make_plan
+from .plan import DTYPE_CONFIG, Plan, make_plan
+from .report import REPORT_NAME, Report, load_out, verify_output
+from .safetensors_file import FLOAT_DTYPES
 from .sources import TOKENIZER_FILES, extra_files, load_base, resolve_source
 from .writer import DEFAULT_BLOCK_BYTES, WriteStats, write_shards
 
@@ -31,6 +33,7 @@ class MergeResult:
     seconds: float = 0.0
     stats: WriteStats | None = None
     files_copied: list[str] = field(default_factory=list)
+    report: Report | None = None
 
     def summary(self) -> dict:
         counts = self.plan.counts()
@@ -51,6 +54,9 @@ class MergeResult:
             result["seconds"] = round(self.seconds, 3)
             result["throughput_mb_s"] = round(total / 1e6 / self.seconds, 1) if self.seconds > 0 else None
             result["files"] = self.stats.files + self.files_copied
+        if self.report is not None:
+            result["parity"] = "passed" if self.report.ok else "failed"
+            result["report"] = str(self.out / REPORT_NAME) if self.out else None
         return result
 
 
@@ -125,7 +131,9 @@ def prepare(base: str, adapter: str, dtype: str | None = None) -> Plan:
     """Resolve both inputs and plan the merge from headers; raises before anything is written."""
     base_model = load_base(resolve_source(base, "BASE"))
     adapter_src = resolve_source(adapter, "ADAPTER")
-    return make_plan(base_model, load_peft_adapter(adapter_src.path), dtype=dtype)
+    plan = make_plan(base_model, load_peft_adapter(adapter_src.path), dtype=dtype)
+    plan.adapter_source = adapter_src
+    return plan
 
 
 def _tokenizer_folder(plan: Plan, tokenizer_from: str | None) -> Path:
@@ -169,19 +177,84 @@ def merge(
     tokenizer_from: str | None = None,
     block_bytes: int = DEFAULT_BLOCK_BYTES,
     progress_factory=None,
+    options: dict | None = None,
 ) -> MergeResult:
-    """Merge ADAPTER into BASE and write the result to OUT. Nothing exists at OUT unless it succeeds."""
+    """Merge ADAPTER into BASE, write the result to OUT and check it.
+
+    Nothing exists at OUT unless the merge completes. OUT then holds merge_report.json; when a parity
+    check fails, OUT stays (marked failed in its report) and ParityError is raised.
+    """
     plan = prepare(base, adapter, dtype)
     out_path = check_output(Path(out), overwrite, {"BASE": plan.base.path, "ADAPTER": plan.adapter.path})
     dev = resolve_device(device)
     started = time.perf_counter()
     with StagedOutput(out_path) as staged:
-        bar = progress_factory(plan.total_bytes) if progress_factory else None
-        try:
-            stats = write_shards(plan, staged.tmp, dev, block_bytes, bar)
-        finally:
-            if bar is not None:
-                bar.close()
+        stats = _with_bar(progress_factory, plan.total_bytes, "merging",
+                          lambda bar: write_shards(plan, staged.tmp, dev, block_bytes, bar))
         copied = finish_files(plan, staged.tmp, tokenizer_from)
+        merge_seconds = time.perf_counter() - started
+        provenance = {
+            "device": str(dev),
+            "dtype": dtype or "as BASE",
+            "options": options or {"dtype": dtype, "device": device, "tokenizer_from": tokenizer_from,
+                                   "block_bytes": block_bytes},
+            "merge_seconds": round(merge_seconds, 3),
+        }
+        report = _with_bar(progress_factory, plan.total_bytes, "verifying",
+                           lambda bar: verify_output(staged.tmp, plan, dev, shown_as=str(out_path),
+                                                     provenance=provenance, progress=bar))
+        report.details["provenance"]["peak_memory_bytes"] = peak_memory_bytes()
+        report.write(staged.tmp / REPORT_NAME)
         staged.commit()
-    return MergeResult(plan, out_path, str(dev), time.perf_counter() - started, stats, copied)
+    result = MergeResult(plan, out_path, str(dev), merge_seconds, stats, copied + [REPORT_NAME], report)
+    if not report.ok:
+        raise parity_error(report, out_path / REPORT_NAME)
+    return result
+
+
+def verify(out: str | Path, base: str, adapter: str, *, device: str = "auto", progress_factory=None) -> Report:
+    """Check a merged folder (written by any tool, any shard layout) against BASE and ADAPTER."""
+    out_src = resolve_source(str(out), "OUT")
+    out_model = load_out(out_src.path)
+    base_model = load_base(resolve_source(base, "BASE"))
+    adapter_src = resolve_source(adapter, "ADAPTER")
+    plan = make_plan(base_model, load_peft_adapter(adapter_src.path), dtype=_output_dtype(base_model, out_model))
+    plan.adapter_source = adapter_src
+    dev = resolve_device(device)
+    return _with_bar(progress_factory, plan.total_bytes, "verifying",
+                     lambda bar: verify_output(out_src.path, plan, dev, out_model=out_model, progress=bar))
+
+
+def _output_dtype(base_model, out_model) -> str | None:
+    """The --dtype a merged folder was written with: one float dtype throughout that BASE does not have."""
+    out_floats = {i.dtype for i in out_model.tensors.values() if i.dtype in FLOAT_DTYPES}
+    base_floats = {i.dtype for i in base_model.tensors.values() if i.dtype in FLOAT_DTYPES}
+    if len(out_floats) == 1 and out_floats != base_floats:
+        return DTYPE_CONFIG.get(next(iter(out_floats)))
+    return None
+
+
+def parity_error(report: Report, where: Path | None = None) -> ParityError:
+    failed = report.failed_tensors
+    checks = [c.name for c in report.checks if not c.ok]
+    named = f": {', '.join(failed[:5])}{' …' if len(failed) > 5 else ''}" if failed else ""
+    return ParityError(
+        f"the parity check failed ({', '.join(checks)}){named}",
+        report,
+        f"the output was kept and marked failed; see {where}" if where else "the failures are listed above",
+    )
+
+
+def peak_memory_bytes() -> int:
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # kilobytes on Linux
+
+
+def _with_bar(factory, total: int, label: str, work):
+    bar = factory(total, label) if factory else None
+    try:
+        return work(bar)
+    finally:
+        if bar is not None:
+            bar.close()

@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 from .adapter import Adapter, AddScaled, LowRank, TargetOps
 from .errors import PlanError
 from .safetensors_file import DTYPE_SIZES, FLOAT_DTYPES, TensorInfo
-from .sources import BaseModel
+from .sources import BaseModel, Source
 
 OUTPUT_EMBEDDINGS = ("lm_head.weight", "embed_out.weight", "output.weight")
 INPUT_EMBEDDING_SUFFIXES = (
@@ -70,6 +70,7 @@ class Plan:
     config_changes: list[str]
     notes: list[str] = field(default_factory=list)
     sharded: bool = True
+    adapter_source: Source | None = None  # what the user named as ADAPTER (set by prepare)
 
     @property
     def entries(self) -> list[Entry]:

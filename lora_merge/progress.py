@@ -5,10 +5,10 @@ from __future__ import annotations
 import sys
 
 
-def byte_bar(total: int, enabled: bool = True):
+def byte_bar(total: int, label: str = "writing", enabled: bool = True):
     """A tqdm bar over ``total`` bytes, or None when progress is off or stderr is not a terminal."""
     if not enabled or not sys.stderr.isatty():
         return None
     from tqdm.auto import tqdm
 
-    return tqdm(total=total, unit="B", unit_scale=True, unit_divisor=1024, desc="writing", file=sys.stderr, leave=False)
+    return tqdm(total=total, unit="B", unit_scale=True, unit_divisor=1024, desc=label, file=sys.stderr, leave=False)

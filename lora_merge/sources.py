@@ -64,8 +64,8 @@ def _inside(path: Path, folder: Path) -> bool:
         return False
 
 
-def load_base(source: Source) -> BaseModel:
-    """Read the base's config and every shard header; no tensor data is read."""
+def load_base(source: Source, role: str = "BASE") -> BaseModel:
+    """Read a model folder's config and every shard header; no tensor data is read."""
     folder = source.path
     index_path = folder / INDEX_NAME
     index_metadata: dict = {}
@@ -86,7 +86,7 @@ def load_base(source: Source) -> BaseModel:
         missing = [n for n in shard_names if not (folder / n).is_file()]
         if missing:
             raise SourceNotFoundError(
-                f"BASE {source.spec!r}: the index lists shards that are missing: {', '.join(missing)}",
+                f"{role} {source.spec!r}: the index lists shards that are missing: {', '.join(missing)}",
                 "re-download the base model",
             )
     elif (folder / SINGLE_NAME).is_file():
@@ -99,7 +99,7 @@ def load_base(source: Source) -> BaseModel:
             shard_names = found
         elif found:
             raise SourceNotFoundError(
-                f"BASE {source.spec!r} holds several .safetensors files but no {INDEX_NAME}",
+                f"{role} {source.spec!r} holds several .safetensors files but no {INDEX_NAME}",
                 "add the index that maps tensors to files",
             )
         else:
@@ -109,7 +109,7 @@ def load_base(source: Source) -> BaseModel:
                 "M.from_pretrained('BASE').save_pretrained('BASE-st')\"`"
             )
             what = f" (found {', '.join(others[:3])})" if others else ""
-            raise SourceNotFoundError(f"BASE {source.spec!r} has no safetensors weights{what}", hint)
+            raise SourceNotFoundError(f"{role} {source.spec!r} has no safetensors weights{what}", hint)
 
     shards = []
     tensors: dict[str, TensorInfo] = {}
@@ -121,7 +121,7 @@ def load_base(source: Source) -> BaseModel:
         shards.append(header)
         for tname, info in header.tensors.items():
             if tname in tensors:
-                raise HeaderError(f"BASE: tensor {tname!r} is stored twice ({tensors[tname].path.name} and {name})")
+                raise HeaderError(f"{role}: tensor {tname!r} is stored twice ({tensors[tname].path.name} and {name})")
             tensors[tname] = info
     if weight_map is not None:
         for tname, shard in weight_map.items():

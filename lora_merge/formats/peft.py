@@ -150,17 +150,25 @@ def load_peft_adapter(folder: Path) -> Adapter:
     groups: dict[str, dict[str, object]] = defaultdict(dict)
     full: dict[str, object] = {}
     notes: list[str] = []
+    ignored: dict[str, str] = {}
     for key, t in tensors.items():
         module, role = _split_key(key)
         if role != "full":
             groups[module][role] = t
         elif ".original_module." in module:
             # the untrained copy kept beside a modules_to_save module: the merged model uses the trained one
-            notes.append(f"{key}: the untrained original of a modules_to_save module, not used")
+            ignored[key] = "the untrained original of a modules_to_save module"
         elif ".modules_to_save." in module:
-            full[module.replace(".modules_to_save.", ".")] = t  # wins over the same tensor saved plainly
+            name = module.replace(".modules_to_save.", ".")
+            if name in full:  # the trained copy wins over the same tensor saved plainly
+                ignored[full[name].name] = f"superseded by the modules_to_save copy {key}"
+            full[name] = t
         else:
-            full.setdefault(module.replace(".base_layer.", "."), t)
+            name = module.replace(".base_layer.", ".")
+            if name in full:
+                ignored[key] = f"superseded by {full[name].name}"
+            else:
+                full[name] = t
 
     targets: dict[str, TargetOps] = {}
     problems: list[str] = []
@@ -250,4 +258,5 @@ def load_peft_adapter(folder: Path) -> Adapter:
 
     if problems:
         raise PlanError(f"ADAPTER {str(folder)!r} is inconsistent:", problems)
-    return Adapter(folder, "peft", config, targets, tensor_count=len(tensors), files=files, notes=notes)
+    return Adapter(folder, "peft", config, targets, list(tensors), files=files, notes=notes,
+                   ignored=ignored)
