@@ -89,7 +89,11 @@ def cli():
         lora-merge ./Qwen3-0.6B ./my-adapter ./merged --dtype bfloat16 --device cuda
         lora-merge ./Qwen3-0.6B ./my-adapter ./merged --dry-run
 
-    Run `lora-merge merge --help` for every option. Set LORA_MERGE_DEBUG=1 to see tracebacks.
+    Every merge ends with a parity report (OUT/merge_report.json); `lora-merge verify OUT --base BASE
+    --adapter ADAPTER` checks any merged folder the same way.
+
+    Run `lora-merge merge --help` or `lora-merge verify --help` for every option. Set
+    LORA_MERGE_DEBUG=1 to see tracebacks.
     """
 
 
@@ -164,8 +168,10 @@ def merge_command(base, adapter, out, dtype, device, overwrite, dry_run, tokeniz
 @click.option("--latency", is_flag=True,
               help="Also time greedy decoding with the base, the unmerged adapter and OUT "
                    "(needs the latency extra: pip install 'lora-merge[latency]').")
-@click.option("--new-tokens", type=click.IntRange(1), default=64, show_default=True, help="Tokens decoded per timed run.")
-@click.option("--runs", type=click.IntRange(2), default=10, show_default=True, help="Timed runs per condition, after one warm-up.")
+@click.option("--new-tokens", type=click.IntRange(1), default=64, show_default=True,
+              help="Tokens decoded per timed run.")
+@click.option("--runs", type=click.IntRange(2), default=10, show_default=True,
+              help="Timed runs per condition, after one warm-up.")
 @click.option("--prompt", default=None, help="Prompt text (uses OUT's tokenizer). Default: 16 fixed token ids.")
 @click.option("-q", "--quiet", is_flag=True, help="No progress bar and no table; the exit code tells.")
 def verify_command(out, base, adapter, json_path, device, latency, new_tokens, runs, prompt, quiet):
@@ -204,7 +210,10 @@ def verify_command(out, base, adapter, json_path, device, latency, new_tokens, r
             if latency:
                 click.echo(latency_table(report.details["latency"]))
     if not report.ok:
-        raise pipeline.parity_error(report, Path(json_path) if json_path and json_path != "-" else None)
+        error = pipeline.parity_error(report, Path(json_path) if json_path and json_path != "-" else None)
+        if quiet and not json_path:
+            error.hint = "run without --quiet (or with --json PATH) to see the failures"
+        raise error
 
 
 def _mb(n: int) -> str:
@@ -231,7 +240,8 @@ def _format_plan(d: dict) -> str:
 def _format_summary(s: dict) -> str:
     lines = [
         f"merged {s['merged']} tensors, copied {s['copied']}, converted {s['converted']} -> {s['out']}",
-        f"  {_mb(s['bytes'])} in {s['seconds']:.2f} s ({s['throughput_mb_s']} MB/s) on {s['device']}",
+        f"  {_mb(s['bytes'])} in {s['seconds']:.2f} s ({s['throughput_mb_s']} MB/s) on {s['device']}; "
+        f"read back and checked in {s['verify_seconds']:.2f} s",
     ]
     lines += [f"  config: {c}" for c in s["config_changes"]]
     lines += [f"  note: {n}" for n in s["notes"]]

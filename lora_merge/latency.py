@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import statistics
 import time
+import warnings
 from pathlib import Path
 
 from .errors import LatencyError
@@ -30,8 +31,11 @@ def _imports():
 
 
 def _load(transformers, folder: Path, device, vocab: int | None = None):
+    transformers.utils.logging.disable_progress_bar()
     try:
-        model = transformers.AutoModelForCausalLM.from_pretrained(folder, dtype="auto")
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # deprecation notices about the loaded model, not the user's concern
+            model = transformers.AutoModelForCausalLM.from_pretrained(folder, dtype="auto")
     except Exception as e:  # transformers raises many kinds; the user needs the first line only
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise LatencyError(f"transformers cannot load {folder}: {first}", "latency needs a transformers model") from e
@@ -65,14 +69,25 @@ def _greedy(torch, model, ids, new_tokens: int):
     return torch.cat(tokens, dim=1)
 
 
-def measure_latency(base: Path, adapter: Path, merged: Path, device, *, new_tokens: int = 64, runs: int = 10,
-                    prompt: str | None = None, progress=None) -> dict:
+def measure_latency(
+    base: Path,
+    adapter: Path,
+    merged: Path,
+    device,
+    *,
+    new_tokens: int = 64,
+    runs: int = 10,
+    prompt: str | None = None,
+    progress=None,
+) -> dict:
     """Time greedy decoding of ``new_tokens`` tokens under the three conditions, ``runs`` counted runs each."""
     import torch
 
     transformers, peft = _imports()
     if new_tokens < 1 or runs < 2:
-        raise LatencyError("--new-tokens must be at least 1 and --runs at least 2", "a standard deviation needs two runs")
+        raise LatencyError(
+            "--new-tokens must be at least 1 and --runs at least 2", "a standard deviation needs two runs"
+        )
     merged_model = _load(transformers, merged, device)
     vocab = merged_model.get_input_embeddings().weight.shape[0]
     try:
@@ -90,7 +105,9 @@ def measure_latency(base: Path, adapter: Path, merged: Path, device, *, new_toke
         try:
             tokenizer = transformers.AutoTokenizer.from_pretrained(merged)
         except Exception as e:
-            raise LatencyError(f"--prompt needs a tokenizer in {merged}: {e}", "leave out --prompt to use fixed token ids") from e
+            raise LatencyError(
+                f"--prompt needs a tokenizer in {merged}: {e}", "leave out --prompt to use fixed token ids"
+            ) from e
         ids = tokenizer(prompt, return_tensors="pt").input_ids
     else:  # fixed, spread over the vocabulary, the same for every condition
         ids = torch.tensor([[(7919 * i + 13) % vocab for i in range(PROMPT_TOKENS)]])
@@ -110,7 +127,7 @@ def measure_latency(base: Path, adapter: Path, merged: Path, device, *, new_toke
     outputs = {name: timed(name)[1] for name in CONDITIONS}  # warm-up, discarded
     times: dict[str, list[float]] = {name: [] for name in CONDITIONS}
     for run in range(runs):
-        order = CONDITIONS[run % 3:] + CONDITIONS[:run % 3]  # rotate, so that no condition always goes first
+        order = CONDITIONS[run % 3 :] + CONDITIONS[: run % 3]  # rotate, so that no condition always goes first
         for name in order:
             seconds, _ = timed(name)
             times[name].append(seconds)
@@ -163,6 +180,8 @@ def latency_table(result: dict) -> str:
     if result["merged_tokens_equal_unmerged"]:
         lines.append("  merged and unmerged models chose the same tokens")
     else:
-        lines.append(f"  merged and unmerged models first chose different tokens at step {result['first_token_difference']}"
-                     " (rounding to the checkpoint dtype can flip a near-tie)")
+        lines.append(
+            f"  merged and unmerged models first chose different tokens at step {result['first_token_difference']}"
+            " (rounding to the checkpoint dtype can flip a near-tie)"
+        )
     return "\n".join(lines)

@@ -9,6 +9,8 @@ or float16. torch converts float64 to bfloat16/float16 through float32, which ro
 
 from __future__ import annotations
 
+import math
+
 import torch
 
 from .adapter import AddScaled, LowRank
@@ -29,6 +31,14 @@ def round_to(x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
         toward = torch.where(x > back, torch.inf, -torch.inf).to(torch.float32)
         x32 = torch.where(fix, torch.nextafter(x32, toward), x32)
     return x32.to(dtype)
+
+
+def all_finite(x: torch.Tensor) -> bool:
+    """No NaN or Inf in a floating-point tensor (one min/max pass: NaN propagates, Inf shows at an end)."""
+    if x.numel() == 0:
+        return True
+    low, high = torch.aminmax(x)
+    return math.isfinite(float(low)) and math.isfinite(float(high))
 
 
 def _factors(d: LowRank, device: torch.device, cache: dict):

@@ -56,6 +56,7 @@ class MergeResult:
             result["files"] = self.stats.files + self.files_copied
         if self.report is not None:
             result["parity"] = "passed" if self.report.ok else "failed"
+            result["verify_seconds"] = self.report.details["provenance"]["verify_seconds"]
             result["report"] = str(self.out / REPORT_NAME) if self.out else None
         return result
 
@@ -203,7 +204,9 @@ def merge(
         report = _with_bar(progress_factory, plan.total_bytes, "verifying",
                            lambda bar: verify_output(staged.tmp, plan, dev, shown_as=str(out_path),
                                                      provenance=provenance, progress=bar))
-        report.details["provenance"]["peak_memory_bytes"] = peak_memory_bytes()
+        prov = report.details["provenance"]
+        prov["wall_seconds"] = round(time.perf_counter() - started, 3)
+        prov["peak_memory_bytes"] = peak_memory_bytes()
         report.write(staged.tmp / REPORT_NAME)
         staged.commit()
     result = MergeResult(plan, out_path, str(dev), merge_seconds, stats, copied + [REPORT_NAME], report)

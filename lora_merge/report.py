@@ -18,8 +18,11 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import torch
+
 from . import __version__
-from .adapter import AddScaled, FileTensor, LowRank, TargetOps, torch_dtype
+from .adapter import FileTensor, LowRank, TargetOps, torch_dtype
+from .mathops import all_finite
 from .plan import Entry, Plan
 from .safetensors_file import FLOAT_DTYPES, TensorInfo, pread_exact
 from .sources import TOKENIZER_FILES, BaseModel, Source, extra_files, load_base
@@ -28,8 +31,18 @@ REPORT_NAME = "merge_report.json"
 OWN_FILES = (REPORT_NAME, "README.md")  # written by lora-merge itself, not copies of BASE files
 IGNORED_CONFIG_KEYS = ("transformers_version", "_name_or_path")  # rewritten by any save_pretrained
 HASH = "sha256"
-CHUNK_BYTES = 16 * 1024 * 1024
-BLOCK_BYTES = 4 * 1024 * 1024  # float64 rows per block in the element check
+ADAPTER_CONFIG_KEYS = (
+    "peft_type",
+    "r",
+    "lora_alpha",
+    "use_rslora",
+    "use_dora",
+    "target_modules",
+    "modules_to_save",
+    "base_model_name_or_path",
+)
+CHUNK_BYTES = 4 * 1024 * 1024
+BLOCK_BYTES = 1024 * 1024  # float64 bytes per row block in the element check
 COMPUTE_UNIT = 2.0**-24  # float32 unit roundoff: the bound admits a merge computed in float32
 MANTISSA_BITS = {"BF16": 7, "F16": 10, "F32": 23, "F64": 52}
 MIN_EXPONENT = {"BF16": -126, "F16": -14, "F32": -126, "F64": -1022}
@@ -106,8 +119,16 @@ def file_hash(path: Path) -> str:
 # ---------------------------------------------------------------------------------------------- entry
 
 
-def verify_output(out: Path, plan: Plan, device, *, out_model: BaseModel | None = None, shown_as: str | None = None,
-                  provenance: dict | None = None, progress=None) -> Report:
+def verify_output(
+    out: Path,
+    plan: Plan,
+    device,
+    *,
+    out_model: BaseModel | None = None,
+    shown_as: str | None = None,
+    provenance: dict | None = None,
+    progress=None,
+) -> Report:
     """Check the merged folder ``out`` against the plan of BASE + ADAPTER; a failed check does not raise."""
     started = time.perf_counter()
     out_model = out_model or load_out(out)
@@ -123,6 +144,7 @@ def verify_output(out: Path, plan: Plan, device, *, out_model: BaseModel | None 
         "adapter": {
             **(_source_json(plan.adapter_source) if plan.adapter_source else {"path": str(plan.adapter.path)}),
             "format": plan.adapter.format,
+            "config": {k: plan.adapter.config[k] for k in ADAPTER_CONFIG_KEYS if k in plan.adapter.config},
             "files": {p.name: file_hash(p) for p in plan.adapter.files}
             | {"adapter_config.json": file_hash(plan.adapter.path / "adapter_config.json")},
         },
@@ -171,11 +193,17 @@ def _check_structure(plan: Plan, out_model: BaseModel) -> tuple[Check, dict]:
             differences.append({"tensor": e.name, "what": "not stored in BASE", "cause": f"untied from {e.base.name}"})
             continue
         if e.shape != e.base.shape:
-            differences.append({"tensor": e.name, "what": f"shape {list(e.base.shape)} -> {list(e.shape)}",
-                                "cause": "vocabulary resized by the adapter"})
+            differences.append(
+                {
+                    "tensor": e.name,
+                    "what": f"shape {list(e.base.shape)} -> {list(e.shape)}",
+                    "cause": "vocabulary resized by the adapter",
+                }
+            )
         if e.dtype != e.base.dtype:
-            differences.append({"tensor": e.name, "what": f"dtype {e.base.dtype} -> {e.dtype}",
-                                "cause": "--dtype conversion"})
+            differences.append(
+                {"tensor": e.name, "what": f"dtype {e.base.dtype} -> {e.dtype}", "cause": "--dtype conversion"}
+            )
     failures = []
     for name, e in expected.items():
         got = actual.get(name)
@@ -186,11 +214,17 @@ def _check_structure(plan: Plan, out_model: BaseModel) -> tuple[Check, dict]:
             failures.append(f"{name}: shape {list(got.shape)}, expected {list(e.shape)}")
         if got.dtype != e.dtype:
             failures.append(f"{name}: dtype {got.dtype}, expected {e.dtype}")
-    failures += [f"{name}: in OUT but neither in BASE nor made by the adapter" for name in sorted(set(actual) - set(expected))]
+    failures += [
+        f"{name}: in OUT but neither in BASE nor made by the adapter" for name in sorted(set(actual) - set(expected))
+    ]
     out_counts, base_counts = _count(actual.values()), _count(base.values())
     summary = (
         f"{out_counts['tensors']} tensors, {out_counts['parameters']:,} parameters, {out_counts['bytes'] / 1e6:,.1f} MB; "
-        + ("names, shapes and dtypes as BASE" if not failures else f"{len(failures)} differences from what BASE + ADAPTER make")
+        + (
+            "names, shapes and dtypes as BASE"
+            if not failures
+            else f"{len(failures)} differences from what BASE + ADAPTER make"
+        )
         + (f" ({len(differences)} expected difference{'s' if len(differences) != 1 else ''})" if differences else "")
     )
     data = {"base": base_counts, "out": out_counts, "expected_differences": differences, "failures": failures}
@@ -253,7 +287,9 @@ def _check_tensors(plan: Plan, out_model: BaseModel, device, tensors: dict, prog
                 tensors[e.name] = {"check": "identical", "ok": ok and finite, HASH: digest}
                 identical += ok
                 if not ok:
-                    same_failures.append(f"{e.name}: bytes differ from BASE ({HASH} {digest[:12]}…, BASE {base_digest[:12]}…)")
+                    same_failures.append(
+                        f"{e.name}: bytes differ from BASE ({HASH} {digest[:12]}…, BASE {base_digest[:12]}…)"
+                    )
             else:
                 result = _check_elements(e, got, fd, device)
                 tensors[e.name] = result
@@ -278,25 +314,30 @@ def _check_tensors(plan: Plan, out_model: BaseModel, device, tensors: dict, prog
             os.close(f)
     copies = sum(1 for e in plan.entries if e.is_copy)
     untouched = Check(
-        "untouched", not same_failures,
-        f"{identical} of {copies} tensors byte-identical to BASE ({HASH})", same_failures,
+        "untouched",
+        not same_failures,
+        f"{identical} of {copies} tensors byte-identical to BASE ({HASH})",
+        same_failures,
     )
     converted = sum(1 for e in plan.entries if not e.is_copy and not e.is_merge)
     what = f"{checked - converted} merged" + (f" and {converted} converted" if converted else "")
     merged = Check(
-        "merged", not merge_failures,
+        "merged",
+        not merge_failures,
         f"{what} tensors within the rounding bound of W + s·B·A (max {worst_of_bound:.0%} of it); "
         f"max error {worst:.2f} ulp, {correctly_rounded} of {checked} correctly rounded (≤ 0.5 ulp)",
         merge_failures,
     )
-    finite = Check("finite", not finite_failures, "no NaN or Inf" if not finite_failures else
-                   f"{len(finite_failures)} tensors hold NaN or Inf", finite_failures)
+    finite = Check(
+        "finite",
+        not finite_failures,
+        "no NaN or Inf" if not finite_failures else f"{len(finite_failures)} tensors hold NaN or Inf",
+        finite_failures,
+    )
     return untouched, merged, finite
 
 
 def _hash_pair(out_fd: int, got: TensorInfo, base_fd: int, base: TensorInfo) -> tuple[str, str, bool]:
-    import torch
-
     h_out, h_base = hashlib.new(HASH), hashlib.new(HASH)
     finite = True
     is_float = got.dtype in FLOAT_DTYPES
@@ -309,18 +350,15 @@ def _hash_pair(out_fd: int, got: TensorInfo, base_fd: int, base: TensorInfo) -> 
         h_out.update(chunk)
         h_base.update(pread_exact(base_fd, n, base.start + offset))
         if is_float and finite:
-            finite = bool(torch.isfinite(torch.frombuffer(chunk, dtype=torch_dtype(got.dtype))).all())
+            finite = all_finite(torch.frombuffer(chunk, dtype=torch_dtype(got.dtype)))
     return h_out.hexdigest(), h_base.hexdigest(), finite
 
 
 def ulp(x, dtype: str):
-    """The unit in the last place of ``dtype`` at each |x| (float64), subnormals included."""
-    import torch
-
-    _, exp = torch.frexp(x)  # x = m · 2^exp, 0.5 ≤ |m| < 1; frexp(0) gives exp 0
-    exp = torch.where(x == 0, MIN_EXPONENT[dtype], torch.clamp(exp - 1, min=MIN_EXPONENT[dtype]))
-    exp = exp - MANTISSA_BITS[dtype]
-    return torch.ldexp(torch.ones_like(x), exp.to(x.dtype))
+    """The unit in the last place of ``dtype`` at each |x| (x float64), subnormals included."""
+    # keeping only the exponent bits of a float64 gives 2^floor(log2|x|) (0 for 0, inf for inf/NaN)
+    power = (x.view(torch.int64) & 0x7FF0000000000000).view(torch.float64)
+    return power.mul_(2.0 ** -MANTISSA_BITS[dtype]).clamp_(min=2.0 ** (MIN_EXPONENT[dtype] - MANTISSA_BITS[dtype]))
 
 
 class _Factors:
@@ -331,8 +369,6 @@ class _Factors:
         self.cache: dict[int, object] = {}
 
     def get(self, t):
-        import torch
-
         if id(t) not in self.cache:
             self.cache[id(t)] = t.load().to(device=self.device, dtype=torch.float64)
         return self.cache[id(t)]
@@ -340,8 +376,6 @@ class _Factors:
 
 def _low_rank_rows(d: LowRank, f: _Factors, start: int, stop: int, shape: tuple[int, ...]):
     """Rows [start, stop) of the stored tensor's s·B·A and of |s|·|B|·|A|, from the factors as peft stores them."""
-    import torch
-
     a, b = f.get(d.a), f.get(d.b)
     if d.experts:
         e = d.experts
@@ -365,12 +399,9 @@ def _low_rank_rows(d: LowRank, f: _Factors, start: int, stop: int, shape: tuple[
 
 def _expected_rows(e: Entry, ops: TargetOps | None, f: _Factors, start: int, stop: int, dora_norm):
     """(exact value, exact delta, |factor| products, rank) for rows [start, stop) of the tensor."""
-    import torch
-
     source = ops.replace if ops is not None and ops.replace is not None else FileTensor(e.base)
     w = (source.rows(start, stop) if e.shape else source.load()).to(f.device, torch.float64)
-    delta = torch.zeros_like(w)
-    products = torch.zeros_like(w)
+    delta = products = None  # None: no delta (a copy, a conversion, a plain replacement)
     rank = 0
     for d in ops.deltas if ops is not None else ():
         if isinstance(d, LowRank):
@@ -379,26 +410,27 @@ def _expected_rows(e: Entry, ops: TargetOps | None, f: _Factors, start: int, sto
         else:
             exact = d.scale * f.get(d.t)[start:stop]
             bound = exact.abs()
-        delta += exact
-        products += bound
-    value = w + delta
-    if ops is not None and ops.dora_magnitude is not None:
+        delta = exact if delta is None else delta.add_(exact)
+        products = bound if products is None else products.add_(bound)
+    value = w if delta is None else w + delta
+    if delta is not None and ops.dora_magnitude is not None:
         factor = _dora_factor(ops, f, value, start, stop, dora_norm)
         value, delta, products = value * factor, delta * factor, (w.abs() + products) * factor.abs()
+    if products is None:
+        products = torch.zeros_like(w)
     if ops is not None and ops.row_indices is not None:
         rows = f.get(ops.rows)
         for j, idx in enumerate(ops.row_indices):
             if start <= idx < stop:
                 value[idx - start] = rows[j]
-                delta[idx - start] = 0
                 products[idx - start] = 0
+                if delta is not None:
+                    delta[idx - start] = 0
     return value, delta, products, rank
 
 
 def _dora_factor(ops: TargetOps, f: _Factors, value, start: int, stop: int, column_norm):
     """m / ‖W + ΔW‖ along each logical output row, shaped to multiply the stored rows."""
-    import torch
-
     m = f.get(ops.dora_magnitude).reshape(-1)
     if ops.dora_transposed:
         return (m / column_norm).reshape(1, -1)
@@ -408,8 +440,6 @@ def _dora_factor(ops: TargetOps, f: _Factors, value, start: int, stop: int, colu
 
 def _column_norm(e: Entry, ops: TargetOps, f: _Factors, step: int):
     """For a transposed DoRA target the norms run down the stored columns: a first pass over all rows."""
-    import torch
-
     total = None
     plain = TargetOps(ops.name, ops.module, ops.replace, ops.deltas)
     for start in range(0, e.shape[0], step):
@@ -419,10 +449,12 @@ def _column_norm(e: Entry, ops: TargetOps, f: _Factors, step: int):
     return torch.sqrt(total)
 
 
+def _nan_is_inf(x: float) -> float:
+    return math.inf if math.isnan(x) else x
+
+
 def _check_elements(e: Entry, got: TensorInfo, fd, device) -> dict:
     """Every element of a merged or converted tensor against its exact value and rounding bound."""
-    import torch
-
     ops = e.ops
     f = _Factors(device)
     h = hashlib.new(HASH)
@@ -442,19 +474,24 @@ def _check_elements(e: Entry, got: TensorInfo, fd, device) -> dict:
         raw = pread_exact(fd(got.path), rb * (stop - start), got.start + rb * start)
         h.update(raw)
         stored = torch.frombuffer(raw, dtype=torch_dtype(got.dtype)).reshape(value.shape)
-        finite = finite and bool(torch.isfinite(stored).all())
-        have = stored.to(device=device, dtype=torch.float64)
+        finite = finite and all_finite(stored)
+        have = stored.to(device=device, dtype=torch.float64, copy=True)  # modified in place below
         unit = ulp(value, e.dtype)
-        bound = 0.5 * unit + (rank + 2) * COMPUTE_UNIT * products + 2.0**-45 * (value.abs() + products)
-        if ops is not None and ops.dora_magnitude is not None:
-            bound += 4 * COMPUTE_UNIT * value.abs()  # the norm, computed in float32 by other tools
-        nonzero = delta != 0
-        bound = torch.where(nonzero, bound + 0.5 * ulp(delta, e.dtype), bound)
-        error = (have - value).abs()
+        # ½ ulp(v) + ½ ulp(Δ) + (r + 2)·u32·|s|·|B|·|A|, plus float64 noise (and the norm for DoRA)
+        bound = products.mul_((rank + 2) * COMPUTE_UNIT + 2.0**-45)
+        bound.add_(
+            value.abs(),
+            alpha=2.0**-45 + (4 * COMPUTE_UNIT if ops is not None and ops.dora_magnitude is not None else 0),
+        )
+        bound.add_(unit, alpha=0.5)
+        if delta is not None:
+            bound.add_(ulp(delta, e.dtype), alpha=0.5)
+        error = have.sub_(value).abs_()
         bad = ~(error <= bound)  # NaN fails too
         if error.numel():
-            worst = max(worst, float(torch.nan_to_num(error / unit, nan=math.inf).max()))
-            worst_of_bound = max(worst_of_bound, float(torch.nan_to_num(error / bound, nan=math.inf).max()))
+            worst = max(worst, _nan_is_inf(float(error.div(unit).max())))
+            worst_of_bound = max(worst_of_bound, _nan_is_inf(float(error.div_(bound).max())))
+            error = None
         count = int(bad.sum())
         if count:
             failed += count
@@ -464,7 +501,7 @@ def _check_elements(e: Entry, got: TensorInfo, fd, device) -> dict:
                 index[0] = index[0] + start if value.dim() else index[0]
                 first = {
                     "index": [int(i) for i in index],
-                    "value": float(have.reshape(-1)[flat]),
+                    "value": float(stored.reshape(-1)[flat]),
                     "expected": float(value.reshape(-1)[flat]),
                     "bound": float(bound.reshape(-1)[flat]),
                 }
@@ -523,7 +560,9 @@ def _check_files(plan: Plan, out: Path) -> tuple[Check, dict]:
             failures.append("config.json: missing or not JSON")
         else:
             base_flat, want_flat, got_flat = _flatten(plan.base.config), _flatten(plan.config), _flatten(out_config)
-            expected = {k for k in set(base_flat) | set(want_flat) if base_flat.get(k, _MISSING) != want_flat.get(k, _MISSING)}
+            expected = {
+                k for k in set(base_flat) | set(want_flat) if base_flat.get(k, _MISSING) != want_flat.get(k, _MISSING)
+            }
             for key in sorted(set(base_flat) | set(want_flat) | set(got_flat)):
                 base_v, want, got = (x.get(key, _MISSING) for x in (base_flat, want_flat, got_flat))
                 if got == base_v and key not in expected:
@@ -542,7 +581,9 @@ def _check_files(plan: Plan, out: Path) -> tuple[Check, dict]:
     base_files = {p.name: p for p in extra_files(base_dir) if p.name != "config.json"}
     # a tokenizer taken from the adapter (a resized vocabulary) replaces the base's tokenizer files as a set
     tokenizer_from_adapter = any(
-        (out / n).is_file() and (adapter_dir / n).is_file() and file_hash(out / n) == file_hash(adapter_dir / n)
+        (out / n).is_file()
+        and (adapter_dir / n).is_file()
+        and file_hash(out / n) == file_hash(adapter_dir / n)
         and not ((base_dir / n).is_file() and file_hash(base_dir / n) == file_hash(out / n))
         for n in TOKENIZER_FILES
     )
@@ -565,8 +606,11 @@ def _check_files(plan: Plan, out: Path) -> tuple[Check, dict]:
             failures.append(f"{name}: differs from BASE")
             origin = "differs"
         copied[name] = {"from": origin, HASH: digest}
-    added = sorted(p.name for p in extra_files(out) if p.name not in base_files and p.name != "config.json"
-                   and p.name not in OWN_FILES)
+    added = sorted(
+        p.name
+        for p in extra_files(out)
+        if p.name not in base_files and p.name != "config.json" and p.name not in OWN_FILES
+    )
     unexpected = sum(1 for c in config_changes.values() if c["cause"] == "unexpected")
     expected = sum(1 for c in config_changes.values() if c["cause"] == "expected")
     summary = (

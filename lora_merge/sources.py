@@ -106,7 +106,7 @@ def load_base(source: Source, role: str = "BASE") -> BaseModel:
             others = sorted(p.name for p in folder.iterdir() if p.name.endswith((".bin", ".pt", ".pth")))
             hint = (
                 "convert it first, e.g. `python -c \"from transformers import AutoModelForCausalLM as M; "
-                "M.from_pretrained('BASE').save_pretrained('BASE-st')\"`"
+                f"M.from_pretrained('{source.spec}').save_pretrained('{source.spec}-st')\"`"
             )
             what = f" (found {', '.join(others[:3])})" if others else ""
             raise SourceNotFoundError(f"{role} {source.spec!r} has no safetensors weights{what}", hint)

@@ -73,7 +73,7 @@ class _Computer:
             if token_rows is not None:
                 mathops.replace_rows(v, ops.row_indices, token_rows, start, stop)
             out = mathops.round_to(v, out_dtype)
-            if out.is_floating_point() and not bool(torch.isfinite(out).all()):
+            if out.is_floating_point() and not mathops.all_finite(out):
                 raise NonFiniteError(
                     f"{entry.name}: the merged tensor holds NaN or Inf",
                     "the adapter is broken or its scale overflows the output dtype",

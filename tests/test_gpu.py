@@ -22,3 +22,28 @@ def test_cuda_equals_cpu_bit_for_bit(models, tmp_path, kwargs):
     merge(str(base), str(tmp_path / "adapter"), tmp_path / "gpu", device="cuda", block_bytes=4096)
     for f in sorted((tmp_path / "cpu").glob("*.safetensors")):
         assert f.read_bytes() == (tmp_path / "gpu" / f.name).read_bytes(), f.name
+
+
+def test_cuda_report_and_latency(models, tmp_path):
+    """The parity checks and the latency runs on the GPU; the report agrees with the CPU's."""
+    import json
+
+    from click.testing import CliRunner
+
+    from lora_merge.cli import cli
+
+    base = models["llama_bf16"]
+    build_adapter(base, tmp_path / "adapter", r=4, target_modules=["q_proj", "down_proj"])
+    merge(str(base), str(tmp_path / "adapter"), tmp_path / "out", device="cuda")
+    gpu = json.loads((tmp_path / "out" / "merge_report.json").read_text())
+    assert gpu["status"] == "passed" and gpu["provenance"]["device"].startswith("cuda")
+    r = CliRunner().invoke(cli, ["verify", str(tmp_path / "out"), "--base", str(base), "--adapter",
+                                 str(tmp_path / "adapter"), "--device", "cpu", "--json", "-"])
+    assert r.exit_code == 0, r.output
+    cpu = json.loads(r.output)
+    assert {k: v["sha256"] for k, v in cpu["tensors"].items()} == {k: v["sha256"] for k, v in gpu["tensors"].items()}
+    r = CliRunner().invoke(cli, ["verify", str(tmp_path / "out"), "--base", str(base), "--adapter",
+                                 str(tmp_path / "adapter"), "--device", "cuda", "--latency", "--new-tokens", "4",
+                                 "--runs", "2", "--json", "-"])
+    assert r.exit_code == 0, r.output
+    assert json.loads(r.output)["latency"]["device"].startswith("cuda")

@@ -95,8 +95,10 @@ def test_clean_merge_report(merged):
     for f in ["tokenizer.json", "tokenizer_config.json", "chat_template.jinja", "generation_config.json"]:
         assert files["copied"][f]["sha256"] == hashlib.sha256((out / f).read_bytes()).hexdigest()
     prov = report["provenance"]
-    assert prov["adapter"]["files"]["adapter_model.safetensors"] == hashlib.sha256(
-        (adapter / "adapter_model.safetensors").read_bytes()).hexdigest()
+    assert (
+        prov["adapter"]["files"]["adapter_model.safetensors"]
+        == hashlib.sha256((adapter / "adapter_model.safetensors").read_bytes()).hexdigest()
+    )
     assert prov["base"]["path"] == str(base) and prov["device"] == "cpu"
     assert prov["peak_memory_bytes"] > 0 and prov["merge_seconds"] >= 0 and prov["lora_merge_version"]
 
@@ -124,7 +126,7 @@ def _exact_value(base, adapter, name):
 
 
 def _ulp_bf16(x: float) -> float:
-    return 2.0 ** (max(math.frexp(abs(x))[1] - 1, -126) - 7) if x else 2.0 ** -133
+    return 2.0 ** (max(math.frexp(abs(x))[1] - 1, -126) - 7) if x else 2.0**-133
 
 
 def _bf16_step(x: torch.Tensor, up: bool) -> torch.Tensor:
@@ -167,6 +169,7 @@ def test_an_untouched_tensor_altered(out_copy):
     def corrupt(tensors):
         t = tensors[name]
         t.view(torch.int16)[0] ^= 1  # one bit
+
     rewrite(out, name, corrupt)
     r = verify(out, base, adapter)
     assert r.exit_code == 1
@@ -225,8 +228,11 @@ def test_a_silently_retied_lm_head(models, tmp_path):
     out = tmp_path / "out"
     merge(str(base), str(tmp_path / "adapter"), out, device="cpu")
     report = json.loads((out / "merge_report.json").read_text())
-    assert {"tensor": "lm_head.weight", "what": "not stored in BASE",
-            "cause": "untied from model.embed_tokens.weight"} in report["structure"]["expected_differences"]
+    assert {
+        "tensor": "lm_head.weight",
+        "what": "not stored in BASE",
+        "cause": "untied from model.embed_tokens.weight",
+    } in report["structure"]["expected_differences"]
     assert report["files"]["config_changes"]["tie_word_embeddings"]["cause"] == "expected"
     # re-tie it the way a careless save would: drop the separate head, set the flag back
     rewrite(out, "lm_head.weight", lambda t: t.pop("lm_head.weight"))
@@ -250,6 +256,7 @@ def test_merge_that_goes_wrong_keeps_out_marked_failed(models, tmp_path, monkeyp
     def twice(*args):
         add(*args)
         add(*args)
+
     monkeypatch.setattr(mathops, "add_delta", twice)
     out = tmp_path / "out"
     r = run(base, tmp_path / "adapter", out)
@@ -296,3 +303,46 @@ def test_verify_peft_merge_and_unload_output(case, models, tmp_path):
     assert report["status"] == "passed"
     if base_name != "gpt2":
         assert ours != theirs  # a different shard layout
+
+
+def test_latency_three_way(merged):
+    base, adapter, out = merged
+    r = verify(out, base, adapter, "--latency", "--new-tokens", 3, "--runs", 2, "--device", "cpu")
+    assert r.exit_code == 0, r.output
+    assert "| Condition | Mean latency (s) | Std dev (s) | Runs |" in r.output
+    r = verify(out, base, adapter, "--latency", "--new-tokens", 3, "--runs", 2, "--json", "-")
+    assert r.exit_code == 0, r.output
+    lat = json.loads(r.output)["latency"]
+    assert lat["new_tokens"] == 3 and lat["device"] == "cpu" and lat["dtype"] == "bfloat16"
+    assert set(lat["conditions"]) == {"base", "unmerged", "merged"}
+    for c in lat["conditions"].values():
+        assert c["runs"] == 2 and len(c["times_s"]) == 2 and c["mean_s"] > 0 and c["std_s"] >= 0
+    weights = {k: c["weights_read_per_token_bytes"] for k, c in lat["conditions"].items()}
+    assert weights["merged"] == weights["base"] < weights["unmerged"]
+    assert set(lat["ratios"]) == {"merged/base", "unmerged/base"}
+    assert isinstance(lat["merged_tokens_equal_unmerged"], bool)
+
+
+def test_latency_without_the_extra(merged, monkeypatch):
+    import sys
+
+    base, adapter, out = merged
+    monkeypatch.setitem(sys.modules, "peft", None)  # as if peft were not installed
+    r = verify(out, base, adapter, "--latency")
+    assert r.exit_code == 1
+    assert "error: --latency needs transformers and peft (peft is not installed)" in r.output
+    assert "hint: pip install 'lora-merge[latency]'" in r.output
+
+
+def test_verify_errors_are_one_line(merged, tmp_path):
+    base, adapter, out = merged
+    r = verify(tmp_path / "nowhere", base, adapter)
+    assert r.exit_code == 1
+    assert r.output.startswith(f"error: OUT '{tmp_path / 'nowhere'}' does not exist")
+    (tmp_path / "empty").mkdir()
+    r = verify(tmp_path / "empty", base, adapter)
+    assert r.exit_code == 1 and "error: OUT" in r.output and "has no safetensors weights" in r.output
+    r = run("verify", out, "--base", base)
+    assert r.exit_code == 2 and "Missing option '--adapter'" in r.output
+    r = verify(out, base, adapter, "-q")
+    assert r.exit_code == 0 and r.output == ""
