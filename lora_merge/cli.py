@@ -70,6 +70,62 @@ def _fail(message: str, hint: str | None = None, code: int = 1):
     sys.exit(code)
 
 
+def token_option(f):
+    return click.option("--token", envvar="HF_TOKEN", default=None, show_envvar=True,
+                        help="Hugging Face token. Default: HF_TOKEN, else the stored login.")(f)
+
+
+def push_options(f):
+    for option in reversed([
+        click.option("--private", is_flag=True, help="Create the Hub repo as private (when it does not exist yet)."),
+        click.option("--revision", metavar="BRANCH", default=None, help="Push to this branch (created if needed)."),
+        click.option("--create-pr", is_flag=True, help="Open a pull request instead of committing to the branch."),
+        click.option("--commit-message", default=None, help="Message of the Hub commit."),
+    ]):
+        f = option(f)
+    return f
+
+
+def _check_push_options(repo_id, private, revision, create_pr, commit_message) -> None:
+    if not repo_id and (private or revision or create_pr or commit_message):
+        raise click.UsageError("--private, --revision, --create-pr and --commit-message need --push-to-hub")
+    if create_pr and revision:
+        raise click.UsageError("--create-pr opens a pull request against the main branch; leave out --revision")
+    if repo_id:
+        from .hub import parse_spec
+
+        parsed = parse_spec(repo_id)
+        if parsed is None or parsed[1] is not None:
+            raise click.BadParameter(f"{repo_id!r} is not a Hub repo id (org/name)", param_hint="REPO_ID")
+
+
+def _quiet_hub() -> None:
+    """huggingface_hub's download and upload bars follow --quiet too."""
+    from huggingface_hub.utils import disable_progress_bars
+
+    disable_progress_bars()
+
+
+def _command_line() -> str:
+    import shlex
+
+    args = [a for a in sys.argv[1:]]
+    hidden = {"--token"}
+    shown = []
+    skip = False
+    for a in args:  # never write a token into the model card
+        if skip:
+            shown.append("***")
+            skip = False
+            continue
+        if a in hidden:
+            skip = True
+        elif a.startswith("--token="):
+            a = "--token=***"
+        shown.append(a)
+    return "lora-merge " + shlex.join(shown)
+
+
 @click.group(cls=DefaultGroup, context_settings=CONTEXT, invoke_without_command=False)
 @click.version_option(__version__, "--version", prog_name="lora-merge")
 def cli():
@@ -115,8 +171,12 @@ def cli():
 @click.option("--json", "as_json", is_flag=True, help="Print the summary (or the plan) as JSON on stdout.")
 @click.option("-q", "--quiet", is_flag=True, help="No progress bar and no summary.")
 @click.option("-v", "--verbose", is_flag=True, help="Log what is decided along the way.")
+@token_option
+@click.option("--push-to-hub", "push_to", metavar="REPO_ID", default=None,
+              help="After the merge and its parity checks pass, upload OUT to this Hub repo (created if needed).")
+@push_options
 def merge_command(base, adapter, out, dtype, device, overwrite, dry_run, tokenizer_from, block_mb, as_json, quiet,
-                  verbose):
+                  verbose, token, push_to, private, revision, create_pr, commit_message):
     """Merge ADAPTER into BASE and write the merged model to OUT.
 
     \b
@@ -131,30 +191,85 @@ def merge_command(base, adapter, out, dtype, device, overwrite, dry_run, tokeniz
     from . import pipeline
     from .progress import byte_bar
 
+    _check_push_options(push_to, private, revision, create_pr, commit_message)
+    if quiet:
+        _quiet_hub()
     block_bytes = block_mb * 1024 * 1024
     if dry_run:
-        plan = pipeline.prepare(base, adapter, dtype)
+        plan = pipeline.prepare(base, adapter, dtype, token)
         pipeline.resolve_device(device)
         described = pipeline.describe_plan(plan, block_bytes)
         click.echo(json.dumps(described, indent=2) if as_json else _format_plan(described))
         return
+    if push_to:
+        from . import hub
+
+        hub.whoami(token)  # before a long merge: logged in, with a token that can write
     options = {"dtype": dtype, "device": device, "overwrite": overwrite, "tokenizer_from": tokenizer_from,
-               "block_mb": block_mb}
+               "block_mb": block_mb, "push_to_hub": push_to, "private": private, "revision": revision,
+               "create_pr": create_pr}
     try:
         result = pipeline.merge(
             base, adapter, out, dtype=dtype, device=device, overwrite=overwrite, tokenizer_from=tokenizer_from,
             block_bytes=block_bytes, progress_factory=lambda total, label: byte_bar(total, label, not quiet),
-            options=options,
+            options=options, token=token, command=_command_line(), repo_id=push_to,
         )
     except ParityError as e:
         click.echo(json.dumps(e.report.to_json(), indent=2) if as_json else e.report.table())
         raise
     summary = result.summary()
+    if push_to:
+        from . import hub
+
+        summary["pushed_to"] = hub.push(result.out, push_to, token=token, private=private, revision=revision,
+                                        create_pr=create_pr, commit_message=commit_message)
     if as_json:
         click.echo(json.dumps(summary, indent=2))
     elif not quiet:
         click.echo(_format_summary(summary))
         click.echo(result.report.table())
+    if push_to and not as_json:
+        click.echo(f"pushed to {summary['pushed_to']}")
+
+
+@cli.command("push", context_settings=CONTEXT)
+@click.argument("out", type=click.Path(file_okay=False, path_type=str))
+@click.argument("repo_id")
+@token_option
+@push_options
+def push_command(out, repo_id, token, private, revision, create_pr, commit_message):
+    """Upload a merged folder OUT to the Hub repo REPO_ID (created if needed), e.g. to retry a push.
+
+    \b
+    Examples:
+        lora-merge push ./merged me/qwen3-0.6b-merged
+        lora-merge push ./merged me/qwen3-0.6b-merged --revision v2 --commit-message "retrain"
+
+    OUT must hold a merge_report.json whose parity checks passed.
+    """
+    from . import hub
+    from .errors import OutputError
+    from .report import REPORT_NAME
+
+    _check_push_options(repo_id, private, revision, create_pr, commit_message)
+    folder = Path(out)
+    report_path = folder / REPORT_NAME
+    if not folder.is_dir():
+        raise OutputError(f"OUT {out!r} is not a folder", "pass the folder lora-merge wrote")
+    try:
+        status = json.loads(report_path.read_text()).get("status")
+    except (OSError, ValueError, AttributeError):
+        status = None
+    if status != "passed":
+        what = "failed its parity checks" if status == "failed" else f"has no readable {REPORT_NAME}"
+        raise OutputError(
+            f"OUT {out!r} {what}; only a checked merge is pushed",
+            f"merge again, or check it: lora-merge verify {out} --base BASE --adapter ADAPTER --json {report_path}",
+        )
+    hub.whoami(token)
+    url = hub.push(folder, repo_id, token=token, private=private, revision=revision, create_pr=create_pr,
+                   commit_message=commit_message)
+    click.echo(f"pushed to {url}")
 
 
 @cli.command("verify", context_settings=CONTEXT)
@@ -174,7 +289,8 @@ def merge_command(base, adapter, out, dtype, device, overwrite, dry_run, tokeniz
               help="Timed runs per condition, after one warm-up.")
 @click.option("--prompt", default=None, help="Prompt text (uses OUT's tokenizer). Default: 16 fixed token ids.")
 @click.option("-q", "--quiet", is_flag=True, help="No progress bar and no table; the exit code tells.")
-def verify_command(out, base, adapter, json_path, device, latency, new_tokens, runs, prompt, quiet):
+@token_option
+def verify_command(out, base, adapter, json_path, device, latency, new_tokens, runs, prompt, quiet, token):
     """Check a merged folder against BASE and ADAPTER; exit 1 when a check fails.
 
     \b
@@ -191,7 +307,9 @@ def verify_command(out, base, adapter, json_path, device, latency, new_tokens, r
     from . import pipeline
     from .progress import byte_bar
 
-    report = pipeline.verify(out, base, adapter, device=device,
+    if quiet:
+        _quiet_hub()
+    report = pipeline.verify(out, base, adapter, device=device, token=token,
                              progress_factory=lambda total, label: byte_bar(total, label, not quiet))
     if latency:
         from .latency import latency_table, measure_latency

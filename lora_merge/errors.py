@@ -71,3 +71,7 @@ class ParityError(LoraMergeError, AssertionError):
 
 class LatencyError(LoraMergeError, RuntimeError):
     """The latency measurement cannot run (missing extra, a model that does not load)."""
+
+
+class HubError(LoraMergeError, OSError):
+    """A Hugging Face Hub request failed: not logged in, no access, not found, gated, offline, network."""

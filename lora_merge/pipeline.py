@@ -10,6 +10,7 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from . import card
 from .errors import DeviceError, ParityError
 from .formats.peft import load_peft_adapter
 from .output import StagedOutput, check_output
@@ -128,13 +129,40 @@ def describe_plan(plan: Plan, block_bytes: int = DEFAULT_BLOCK_BYTES) -> dict:
     }
 
 
-def prepare(base: str, adapter: str, dtype: str | None = None) -> Plan:
-    """Resolve both inputs and plan the merge from headers; raises before anything is written."""
-    base_model = load_base(resolve_source(base, "BASE"))
-    adapter_src = resolve_source(adapter, "ADAPTER")
-    plan = make_plan(base_model, load_peft_adapter(adapter_src.path), dtype=dtype)
+def prepare(base: str, adapter: str, dtype: str | None = None, token: str | None = None) -> Plan:
+    """Resolve both inputs (local folders or Hub repos) and plan the merge from headers.
+
+    Raises before anything is written.
+    """
+    base_model = load_base(resolve_source(base, "BASE", token))
+    adapter_src = resolve_source(adapter, "ADAPTER", token)
+    loaded = load_peft_adapter(adapter_src.path)
+    mismatch = _trained_on_other_base(loaded.config, base_model.source)
+    if mismatch:
+        log.warning(mismatch)
+        loaded.notes.append(mismatch)
+    plan = make_plan(base_model, loaded, dtype=dtype)
     plan.adapter_source = adapter_src
     return plan
+
+
+def _trained_on_other_base(adapter_config: dict, base) -> str | None:
+    """A warning when the adapter's base_model_name_or_path names another model than BASE."""
+    from .hub import parse_spec
+
+    named = adapter_config.get("base_model_name_or_path")
+    if not isinstance(named, str) or not named.strip():
+        return None
+    named_repo = None if Path(named).expanduser().exists() else parse_spec(named)
+    if base.repo_id and named_repo:
+        same = named_repo[0].lower() == base.repo_id.lower()
+    else:  # a local folder on either side: compare the model names
+        ours = base.repo_id or str(base.path)
+        same = Path(named.rstrip("/")).name.lower() == Path(ours.rstrip("/")).name.lower()
+        same = same or Path(named).expanduser().resolve() == base.path
+    if same:
+        return None
+    return f"the adapter was trained on {named!r} (base_model_name_or_path) but BASE is {base.repo_id or base.spec!r}"
 
 
 def _tokenizer_folder(plan: Plan, tokenizer_from: str | None) -> Path:
@@ -155,8 +183,8 @@ def finish_files(plan: Plan, folder: Path, tokenizer_from: str | None = None) ->
     written.append("config.json")
     tok_folder = _tokenizer_folder(plan, tokenizer_from)
     for path in extra_files(plan.base.path):
-        if path.name == "config.json" or (tok_folder != plan.base.path and path.name in TOKENIZER_FILES):
-            continue
+        if path.name in ("config.json", card.CARD_NAME) or (tok_folder != plan.base.path and path.name in TOKENIZER_FILES):
+            continue  # the base's model card describes the base; OUT gets its own
         shutil.copy2(path, folder / path.name)
         written.append(path.name)
     if tok_folder != plan.base.path:
@@ -179,13 +207,17 @@ def merge(
     block_bytes: int = DEFAULT_BLOCK_BYTES,
     progress_factory=None,
     options: dict | None = None,
+    token: str | None = None,
+    command: str | None = None,
+    repo_id: str | None = None,
 ) -> MergeResult:
     """Merge ADAPTER into BASE, write the result to OUT and check it.
 
-    Nothing exists at OUT unless the merge completes. OUT then holds merge_report.json; when a parity
-    check fails, OUT stays (marked failed in its report) and ParityError is raised.
+    Nothing exists at OUT unless the merge completes. OUT then holds merge_report.json and a model
+    card (README.md; ``repo_id`` is the Hub repo it is meant for, ``command`` how it was made). When a
+    parity check fails, OUT stays (marked failed in its report) and ParityError is raised.
     """
-    plan = prepare(base, adapter, dtype)
+    plan = prepare(base, adapter, dtype, token)
     out_path = check_output(Path(out), overwrite, {"BASE": plan.base.path, "ADAPTER": plan.adapter.path})
     dev = resolve_device(device)
     started = time.perf_counter()
@@ -207,20 +239,28 @@ def merge(
         prov = report.details["provenance"]
         prov["wall_seconds"] = round(time.perf_counter() - started, 3)
         prov["peak_memory_bytes"] = peak_memory_bytes()
+        prov["command"] = command or _python_call(base, adapter, out, dtype)
         report.write(staged.tmp / REPORT_NAME)
+        card.write(staged.tmp, plan, report, command=prov["command"], repo_id=repo_id)
         staged.commit()
-    result = MergeResult(plan, out_path, str(dev), merge_seconds, stats, copied + [REPORT_NAME], report)
+    result = MergeResult(plan, out_path, str(dev), merge_seconds, stats, copied + [REPORT_NAME, card.CARD_NAME], report)
     if not report.ok:
         raise parity_error(report, out_path / REPORT_NAME)
     return result
 
 
-def verify(out: str | Path, base: str, adapter: str, *, device: str = "auto", progress_factory=None) -> Report:
+def _python_call(base, adapter, out, dtype) -> str:
+    extra = f", dtype={dtype!r}" if dtype else ""
+    return f"lora_merge.merge({str(base)!r}, {str(adapter)!r}, {str(out)!r}{extra})"
+
+
+def verify(out: str | Path, base: str, adapter: str, *, device: str = "auto", progress_factory=None,
+           token: str | None = None) -> Report:
     """Check a merged folder (written by any tool, any shard layout) against BASE and ADAPTER."""
     out_src = resolve_source(str(out), "OUT")
     out_model = load_out(out_src.path)
-    base_model = load_base(resolve_source(base, "BASE"))
-    adapter_src = resolve_source(adapter, "ADAPTER")
+    base_model = load_base(resolve_source(base, "BASE", token))
+    adapter_src = resolve_source(adapter, "ADAPTER", token)
     plan = make_plan(base_model, load_peft_adapter(adapter_src.path), dtype=_output_dtype(base_model, out_model))
     plan.adapter_source = adapter_src
     dev = resolve_device(device)

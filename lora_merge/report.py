@@ -168,7 +168,7 @@ def load_out(out: Path) -> BaseModel:
 
 
 def _source_json(source: Source) -> dict:
-    return {"spec": source.spec, "path": str(source.path), "revision": source.revision}
+    return {"spec": source.spec, "repo_id": source.repo_id, "path": str(source.path), "revision": source.revision}
 
 
 # ------------------------------------------------------------------------------------------ structure
@@ -578,7 +578,8 @@ def _check_files(plan: Plan, out: Path) -> tuple[Check, dict]:
                     failures.append(f"config.json: {key} is {_show(got)!r}, expected {_show(want)!r}")
                 config_changes[key] = entry
     copied: dict[str, dict] = {}
-    base_files = {p.name: p for p in extra_files(base_dir) if p.name != "config.json"}
+    # BASE's own model card is not copied: OUT gets a card of its own
+    base_files = {p.name: p for p in extra_files(base_dir) if p.name != "config.json" and p.name not in OWN_FILES}
     # a tokenizer taken from the adapter (a resized vocabulary) replaces the base's tokenizer files as a set
     tokenizer_from_adapter = any(
         (out / n).is_file()

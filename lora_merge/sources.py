@@ -30,17 +30,33 @@ class Source:
 
     spec: str
     path: Path
-    revision: str | None = None
+    revision: str | None = None  # the commit, for a Hub repo
+    repo_id: str | None = None
+    # links may point anywhere inside this folder: the model folder itself, or for a snapshot in the
+    # huggingface_hub cache, the repo's cache folder (snapshots link into its blobs)
+    root: Path | None = None
+
+    @property
+    def link_root(self) -> Path:
+        return self.root or self.path
 
 
-def resolve_source(spec: str, role: str) -> Source:
-    """Turn BASE or ADAPTER as typed into a local folder."""
+def resolve_source(spec: str, role: str, token: str | None = None) -> Source:
+    """Turn BASE or ADAPTER as typed into a local folder: an existing path, else a Hub repo id."""
     path = Path(spec).expanduser()
     if path.is_dir():
         return Source(spec, path.resolve())
     if path.exists():
-        raise SourceNotFoundError(f"{role} {spec!r} is a file, not a folder", f"pass the folder that holds the {role.lower()}'s files")
-    raise SourceNotFoundError(f"{role} {spec!r} does not exist", "check the path")
+        raise SourceNotFoundError(
+            f"{role} {spec!r} is a file, not a folder", f"pass the folder that holds the {role.lower()}'s files"
+        )
+    from . import hub
+
+    parsed = hub.parse_spec(spec) if role in ("BASE", "ADAPTER") else None
+    if parsed is None:
+        hint = "check the path" + (", or name a Hub repo as org/name[@revision]" if role != "OUT" else "")
+        raise SourceNotFoundError(f"{role} {spec!r} does not exist", hint)
+    return hub.fetch(spec, *parsed, role, token)
 
 
 @dataclass
@@ -115,7 +131,7 @@ def load_base(source: Source, role: str = "BASE") -> BaseModel:
     tensors: dict[str, TensorInfo] = {}
     for name in shard_names:
         shard_path = folder / name
-        if not _inside(shard_path, folder):
+        if not _inside(shard_path, source.link_root):
             raise HeaderError(f"{shard_path}: a link that points outside the model folder")
         header = read_header(shard_path)
         shards.append(header)

@@ -1,0 +1,128 @@
+"""The model card, OUT/README.md: front matter the Hub understands, and what was merged, how, and checked."""
+
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+
+from .plan import Plan
+from .report import Report
+from .sources import Source
+
+log = logging.getLogger("lora_merge")
+CARD_NAME = "README.md"
+TAGS = ["lora", "merged", "lora-merge"]
+
+
+def hub_id(source: Source | None, adapter_config: dict | None = None) -> str | None:
+    """The Hub repo id a source stands for: its own, else the one the adapter was trained on."""
+    from .hub import parse_spec
+
+    if source is not None and source.repo_id:
+        return source.repo_id
+    named = (adapter_config or {}).get("base_model_name_or_path")
+    if isinstance(named, str) and not Path(named).expanduser().exists() and parse_spec(named):
+        return parse_spec(named)[0]
+    return None
+
+
+def base_license(folder: Path) -> str | None:
+    """The license in the base's own model card, when it has one."""
+    card = folder / CARD_NAME
+    if not card.is_file():
+        return None
+    try:
+        from huggingface_hub import ModelCard
+
+        return ModelCard.load(card).data.to_dict().get("license")
+    except Exception as e:  # a malformed card of the base is not a reason to fail the merge
+        log.info("could not read the base's model card: %s", e)
+        return None
+
+
+def _link(source: Source) -> str:
+    if source.repo_id:
+        return f"[{source.repo_id}](https://huggingface.co/{source.repo_id})"
+    return f"`{source.spec}` (a local folder)"
+
+
+def render(plan: Plan, report: Report, *, command: str, repo_id: str | None = None) -> str:
+    """The card's text."""
+    from huggingface_hub import ModelCard, ModelCardData
+
+    base, adapter = plan.base.source, plan.adapter_source or Source(str(plan.adapter.path), plan.adapter.path)
+    cfg = plan.adapter.config
+    base_repo = hub_id(base, cfg)
+    data = ModelCardData(
+        base_model=base_repo,
+        base_model_relation="finetune" if base_repo else None,
+        library_name="transformers",
+        license=base_license(plan.base.path),
+        tags=TAGS,
+    )
+    name = repo_id.split("/")[-1] if repo_id else Path(report.out).name
+    targets = cfg.get("target_modules")
+    targets = ", ".join(f"`{t}`" for t in targets) if isinstance(targets, list) else f"`{targets}`"
+    facts = [
+        f"- LoRA rank r={cfg.get('r', 8)}, lora_alpha={cfg.get('lora_alpha', 8)}"
+        + (" (rsLoRA)" if cfg.get("use_rslora") else "") + (" with DoRA" if cfg.get("use_dora") else ""),
+        f"- target modules: {targets}",
+    ]
+    if cfg.get("modules_to_save"):
+        facts.append(f"- saved in full: {', '.join(f'`{m}`' for m in cfg['modules_to_save'])}")
+    if cfg.get("rank_pattern") or cfg.get("alpha_pattern"):
+        facts.append(f"- per-module ranks/alphas: `{json.dumps(cfg.get('rank_pattern') or {})}` / "
+                     f"`{json.dumps(cfg.get('alpha_pattern') or {})}`")
+    counts = plan.counts()
+    facts.append(f"- {counts['merged']} tensors merged, {counts['copied']} copied unchanged, {counts['converted']} converted")
+    facts += [f"- config.json: {c}" for c in plan.config_changes]
+    load_from = repo_id or "path/to/this/folder"
+    rows = "\n".join(f"| {c.name} | {'pass' if c.ok else 'FAIL'} | {c.summary} |" for c in report.checks)
+    body = f"""
+# {name}
+
+{_link(base)} with the LoRA adapter {_link(adapter)} merged into its weights by
+[lora-merge](https://pypi.org/project/lora-merge/). The tensors have the base model's names, shapes and
+dtypes, so this model loads and runs like the base, with no adapter at inference time.
+
+## What was merged
+
+| | source | revision |
+|---|---|---|
+| base | {_link(base)} | {f"`{base.revision}`" if base.revision else "local"} |
+| adapter | {_link(adapter)} | {f"`{adapter.revision}`" if adapter.revision else "local"} |
+
+{chr(10).join(facts)}
+
+Every merged element is `W + (alpha/r)·B·A`, computed in float64 and rounded once to the output dtype.
+
+## How it was made
+
+```{"bash" if command.startswith("lora-merge") else "python"}
+{command}
+```
+
+## Parity check: {"passed" if report.ok else "FAILED"}
+
+The merged checkpoint was read back and checked against the base and the adapter
+(the full report is `merge_report.json` beside the weights):
+
+| Check | Result | Details |
+|---|---|---|
+{rows}
+
+## Use it
+
+```python
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+model = AutoModelForCausalLM.from_pretrained("{load_from}", dtype="auto")
+tokenizer = AutoTokenizer.from_pretrained("{load_from}")
+```
+"""
+    return ModelCard(f"---\n{data.to_yaml()}\n---\n{body}").content
+
+
+def write(folder: Path, plan: Plan, report: Report, *, command: str, repo_id: str | None = None) -> None:
+    (folder / CARD_NAME).write_text(render(plan, report, command=command, repo_id=repo_id))
