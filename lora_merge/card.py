@@ -66,16 +66,21 @@ def render(plan: Plan, report: Report, *, command: str, repo_id: str | None = No
     targets = ", ".join(f"`{t}`" for t in targets) if isinstance(targets, list) else f"`{targets}`"
     facts = [
         f"- LoRA rank r={cfg.get('r', 8)}, lora_alpha={cfg.get('lora_alpha', 8)}"
-        + (" (rsLoRA)" if cfg.get("use_rslora") else "") + (" with DoRA" if cfg.get("use_dora") else ""),
+        + (" (rsLoRA)" if cfg.get("use_rslora") else "")
+        + (" with DoRA" if cfg.get("use_dora") else ""),
         f"- target modules: {targets}",
     ]
     if cfg.get("modules_to_save"):
         facts.append(f"- saved in full: {', '.join(f'`{m}`' for m in cfg['modules_to_save'])}")
     if cfg.get("rank_pattern") or cfg.get("alpha_pattern"):
-        facts.append(f"- per-module ranks/alphas: `{json.dumps(cfg.get('rank_pattern') or {})}` / "
-                     f"`{json.dumps(cfg.get('alpha_pattern') or {})}`")
+        facts.append(
+            f"- per-module ranks/alphas: `{json.dumps(cfg.get('rank_pattern') or {})}` / "
+            f"`{json.dumps(cfg.get('alpha_pattern') or {})}`"
+        )
     counts = plan.counts()
-    facts.append(f"- {counts['merged']} tensors merged, {counts['copied']} copied unchanged, {counts['converted']} converted")
+    facts.append(
+        f"- {counts['merged']} tensors merged, {counts['copied']} copied unchanged, {counts['converted']} converted"
+    )
     facts += [f"- config.json: {c}" for c in plan.config_changes]
     load_from = repo_id or "path/to/this/folder"
     rows = "\n".join(f"| {c.name} | {'pass' if c.ok else 'FAIL'} | {c.summary} |" for c in report.checks)

@@ -39,7 +39,11 @@ def wanted_files(names: list[str], role: str) -> list[str]:
     top = [n for n in names if "/" not in n and not n.startswith(".")]
     if role == "ADAPTER":
         has_st = "adapter_model.safetensors" in top
-        return [n for n in top if not n.endswith(PICKLE_WEIGHTS + SKIPPED_SUFFIXES) or (n == "adapter_model.bin" and not has_st)]
+        return [
+            n
+            for n in top
+            if not n.endswith(PICKLE_WEIGHTS + SKIPPED_SUFFIXES) or (n == "adapter_model.bin" and not has_st)
+        ]
     return [n for n in top if not n.endswith(PICKLE_WEIGHTS + SKIPPED_SUFFIXES)]
 
 
@@ -115,8 +119,16 @@ def whoami(token: str | None = None) -> dict:
     return me
 
 
-def push(out: Path, repo_id: str, *, token: str | None = None, private: bool = False, revision: str | None = None,
-         create_pr: bool = False, commit_message: str | None = None) -> str:
+def push(
+    out: Path,
+    repo_id: str,
+    *,
+    token: str | None = None,
+    private: bool = False,
+    revision: str | None = None,
+    create_pr: bool = False,
+    commit_message: str | None = None,
+) -> str:
     """Upload the folder ``out`` to ``repo_id`` (created when missing); return the URL to show."""
     from huggingface_hub import HfApi, constants
 
@@ -131,12 +143,24 @@ def push(out: Path, repo_id: str, *, token: str | None = None, private: bool = F
         # for big folders; older ones offer that as upload_large_folder, which cannot open a PR.
         large = sum(p.stat().st_size for p in out.iterdir() if p.is_file()) > LARGE_FOLDER_BYTES
         if large and not create_pr and hasattr(api, "upload_large_folder"):
-            api.upload_large_folder(repo_id=repo_id, folder_path=out, repo_type="model", revision=revision,
-                                    private=private, ignore_patterns=[".*"])
+            api.upload_large_folder(
+                repo_id=repo_id,
+                folder_path=out,
+                repo_type="model",
+                revision=revision,
+                private=private,
+                ignore_patterns=[".*"],
+            )
             info = None
         else:
-            info = api.upload_folder(repo_id=repo_id, folder_path=out, revision=revision, create_pr=create_pr,
-                                     commit_message=message, ignore_patterns=[".*"])
+            info = api.upload_folder(
+                repo_id=repo_id,
+                folder_path=out,
+                revision=revision,
+                create_pr=create_pr,
+                commit_message=message,
+                ignore_patterns=[".*"],
+            )
     if info is not None and getattr(info, "pr_url", None):
         return info.pr_url
     url = f"{constants.ENDPOINT}/{repo_id}"
@@ -163,7 +187,9 @@ def hub_errors(where: str):
     except e.RevisionNotFoundError:
         raise HubError(f"{where}: no such revision", "check the branch, tag or commit after @") from None
     except e.RepositoryNotFoundError:
-        raise HubError(f"{where}: repo not found (or private)", f"check the repo id; for a private repo, {LOGIN_HINT}") from None
+        raise HubError(
+            f"{where}: repo not found (or private)", f"check the repo id; for a private repo, {LOGIN_HINT}"
+        ) from None
     except e.LocalTokenNotFoundError:
         raise HubError(f"{where}: not logged in to the Hub", LOGIN_HINT) from None
     except (e.OfflineModeIsEnabled, e.LocalEntryNotFoundError) as err:
@@ -196,8 +222,13 @@ _NETWORK_HINT = "check the network (and HF_ENDPOINT); to use only the local cach
 
 def _is_network_error(err: BaseException) -> bool:
     module = type(err).__module__.split(".")[0]
-    return isinstance(err, (ConnectionError, TimeoutError)) or module in ("httpx", "httpx2", "httpcore", "requests",
-                                                                           "urllib3")
+    return isinstance(err, (ConnectionError, TimeoutError)) or module in (
+        "httpx",
+        "httpx2",
+        "httpcore",
+        "requests",
+        "urllib3",
+    )
 
 
 def _first_line(err: BaseException) -> str:

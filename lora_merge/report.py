@@ -157,6 +157,7 @@ def verify_output(
         "coverage": coverage_data,
         "tensors": tensors,
         "files": files_data,
+        "notes": list(plan.notes),
         "provenance": prov,
     }
     return Report(shown_as or str(out), checks, details, folder=out, plan=plan)

@@ -72,8 +72,14 @@ class FakeHub:
         self.server.shutdown()
         self.server.server_close()
 
-    def add_repo(self, repo_id: str, folder: Path | None = None, files: dict[str, bytes] | None = None,
-                 private: bool = False, gated: bool = False) -> str:
+    def add_repo(
+        self,
+        repo_id: str,
+        folder: Path | None = None,
+        files: dict[str, bytes] | None = None,
+        private: bool = False,
+        gated: bool = False,
+    ) -> str:
         """A repo holding the files of ``folder`` (top level) and ``files``; returns its commit."""
         content = {p.name: p.read_bytes() for p in sorted(folder.iterdir()) if p.is_file()} if folder else {}
         content.update(files or {})
@@ -87,7 +93,7 @@ class FakeHub:
 
     def downloaded(self, repo_id: str) -> set[str]:
         prefix = f"/{repo_id}/resolve/"
-        return {unquote(p[len(prefix):]).split("/", 1)[1] for m, p in self.log if m == "GET" and p.startswith(prefix)}
+        return {unquote(p[len(prefix) :]).split("/", 1)[1] for m, p in self.log if m == "GET" and p.startswith(prefix)}
 
 
 def _handler(hub: FakeHub):
@@ -194,8 +200,15 @@ def _handler(hub: FakeHub):
             user = self._user()
             if user is None:
                 return self._error(401, None, "Invalid credentials in Authorization header")
-            self._send(200, {"type": "user", "name": user[0], "orgs": [],
-                             "auth": {"type": "access_token", "accessToken": {"displayName": "test", "role": user[1]}}})
+            self._send(
+                200,
+                {
+                    "type": "user",
+                    "name": user[0],
+                    "orgs": [],
+                    "auth": {"type": "access_token", "accessToken": {"displayName": "test", "role": user[1]}},
+                },
+            )
 
         def info(self, query, repo, rev="main"):
             r = self._readable(repo)
@@ -205,10 +218,24 @@ def _handler(hub: FakeHub):
             if sha is None:
                 return self._error(404, "RevisionNotFound", "Invalid rev id")
             files = r.commits[sha]
-            self._send(200, {"_id": repo, "id": repo, "modelId": repo, "sha": sha, "private": r.private,
-                             "gated": "auto" if r.gated else False, "disabled": False, "downloads": 0, "likes": 0,
-                             "tags": [], "lastModified": "2026-11-22T00:00:00.000Z", "createdAt": "2026-11-22T00:00:00.000Z",
-                             "siblings": [{"rfilename": p} for p in sorted(files)]})
+            self._send(
+                200,
+                {
+                    "_id": repo,
+                    "id": repo,
+                    "modelId": repo,
+                    "sha": sha,
+                    "private": r.private,
+                    "gated": "auto" if r.gated else False,
+                    "disabled": False,
+                    "downloads": 0,
+                    "likes": 0,
+                    "tags": [],
+                    "lastModified": "2026-11-22T00:00:00.000Z",
+                    "createdAt": "2026-11-22T00:00:00.000Z",
+                    "siblings": [{"rfilename": p} for p in sorted(files)],
+                },
+            )
 
         def tree(self, query, repo, rev, sub=None):
             r = self._readable(repo)
@@ -252,10 +279,15 @@ def _handler(hub: FakeHub):
             if not self._writable(repo_id):
                 return
             if repo_id in hub.repos:
-                return self._send(409, {"error": "You already created this model repo", "url": f"{hub.endpoint}/{repo_id}"},
-                                  {"X-Error-Message": "You already created this model repo"})
-            hub.repos[repo_id] = Repo(owner=repo_id.split("/")[0], private=payload.get("visibility") == "private"
-                                      or bool(payload.get("private")))
+                return self._send(
+                    409,
+                    {"error": "You already created this model repo", "url": f"{hub.endpoint}/{repo_id}"},
+                    {"X-Error-Message": "You already created this model repo"},
+                )
+            hub.repos[repo_id] = Repo(
+                owner=repo_id.split("/")[0],
+                private=payload.get("visibility") == "private" or bool(payload.get("private")),
+            )
             hub.repos[repo_id].commit({".gitattributes": b"*.safetensors filter=lfs\n"}, "main", "initial commit")
             self._send(200, {"url": f"{hub.endpoint}/{repo_id}", "name": repo_id})
 
@@ -279,8 +311,14 @@ def _handler(hub: FakeHub):
             payload = json.loads(self._body())
             if not self._writable(repo):
                 return
-            files = [{"path": f["path"], "uploadMode": "lfs" if f["path"].endswith(LFS_SUFFIXES) else "regular",
-                      "shouldIgnore": False} for f in payload["files"]]
+            files = [
+                {
+                    "path": f["path"],
+                    "uploadMode": "lfs" if f["path"].endswith(LFS_SUFFIXES) else "regular",
+                    "shouldIgnore": False,
+                }
+                for f in payload["files"]
+            ]
             self._send(200, {"files": files, "commitOid": hub.repos[repo].resolve(unquote(rev))})
 
         def lfs_batch(self, query, repo):
@@ -293,8 +331,11 @@ def _handler(hub: FakeHub):
                 if o["oid"] not in hub.lfs:
                     obj["actions"] = {"upload": {"href": f"{hub.endpoint}/lfs-upload/{o['oid']}", "header": {}}}
                 objects.append(obj)
-            self._send(200, {"transfer": "basic", "objects": objects, "hash_algo": "sha256"},
-                       {"Content-Type": "application/vnd.git-lfs+json"})
+            self._send(
+                200,
+                {"transfer": "basic", "objects": objects, "hash_algo": "sha256"},
+                {"Content-Type": "application/vnd.git-lfs+json"},
+            )
 
         def lfs_upload(self, query, oid):
             data = self._body()

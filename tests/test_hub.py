@@ -24,11 +24,15 @@ def hub(models, tmp_path_factory):
     root = tmp_path_factory.mktemp("hub")
     server = FakeHub().start()
     base = models["llama_sharded"]
-    server.add_repo("org/base", base, files={
-        "README.md": BASE_CARD,
-        "pytorch_model.bin": b"pickled weights a merge must never download",
-        "original/consolidated.pth": b"a subfolder the merge does not need",
-    })
+    server.add_repo(
+        "org/base",
+        base,
+        files={
+            "README.md": BASE_CARD,
+            "pytorch_model.bin": b"pickled weights a merge must never download",
+            "original/consolidated.pth": b"a subfolder the merge does not need",
+        },
+    )
     build_adapter(base, root / "adapter", r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"])
     config = json.loads((root / "adapter" / "adapter_config.json").read_text())
     config["base_model_name_or_path"] = "org/base"
@@ -37,7 +41,9 @@ def hub(models, tmp_path_factory):
     server.add_repo("org/pickles", files={"config.json": b"{}", "pytorch_model.bin": b"x"})
     server.add_repo("org/gated", base, gated=True)
     config["base_model_name_or_path"] = "other/model"
-    server.add_repo("org/adapter-for-other", root / "adapter", files={"adapter_config.json": json.dumps(config).encode()})
+    server.add_repo(
+        "org/adapter-for-other", root / "adapter", files={"adapter_config.json": json.dumps(config).encode()}
+    )
     server.local_adapter = root / "adapter"
     yield server
     server.stop()
@@ -46,13 +52,23 @@ def hub(models, tmp_path_factory):
 def run(hub, home: Path, *args, token="hf_write", endpoint=None, **env):
     """`lora-merge ARGS` in a child process with its own huggingface_hub cache in ``home``."""
     environ = {k: v for k, v in os.environ.items() if not k.startswith("HF_")}
-    environ.update({"HF_ENDPOINT": endpoint or hub.endpoint, "HF_HOME": str(home), "HF_HUB_OFFLINE": "0",
-                    "HF_HUB_DISABLE_XET": "1", "HF_HUB_DISABLE_TELEMETRY": "1", "HF_HUB_DISABLE_PROGRESS_BARS": "1",
-                    "TQDM_DISABLE": "1", **env})
+    environ.update(
+        {
+            "HF_ENDPOINT": endpoint or hub.endpoint,
+            "HF_HOME": str(home),
+            "HF_HUB_OFFLINE": "0",
+            "HF_HUB_DISABLE_XET": "1",
+            "HF_HUB_DISABLE_TELEMETRY": "1",
+            "HF_HUB_DISABLE_PROGRESS_BARS": "1",
+            "TQDM_DISABLE": "1",
+            **env,
+        }
+    )
     if token:
         environ["HF_TOKEN"] = token
-    return subprocess.run([sys.executable, "-m", "lora_merge", *map(str, args)], env=environ, capture_output=True,
-                          text=True, timeout=300)
+    return subprocess.run(
+        [sys.executable, "-m", "lora_merge", *map(str, args)], env=environ, capture_output=True, text=True, timeout=300
+    )
 
 
 def local_files(folder: Path) -> dict[str, bytes]:
@@ -69,8 +85,14 @@ def test_merge_from_the_hub_and_push(hub, models, tmp_path):
     assert "parity report: PASSED" in r.stdout
     # only what the merge needs was downloaded
     assert hub.downloaded("org/base") == {
-        "README.md", "config.json", "generation_config.json", "model.safetensors.index.json",
-        "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "chat_template.jinja",
+        "README.md",
+        "config.json",
+        "generation_config.json",
+        "model.safetensors.index.json",
+        "tokenizer.json",
+        "tokenizer_config.json",
+        "special_tokens_map.json",
+        "chat_template.jinja",
         *(p.name for p in models["llama_sharded"].glob("*.safetensors")),
     }
     # the same bytes as merging the local folders
@@ -102,8 +124,16 @@ def test_offline_mode_uses_the_cache(hub, tmp_path):
     home = tmp_path / "home"
     assert run(hub, home, "org/base", "org/adapter", tmp_path / "first", "-q").returncode == 0
     # offline, with the server out of reach: everything comes from the cache
-    r = run(hub, home, "org/base", "org/adapter", tmp_path / "second", "-q", HF_HUB_OFFLINE="1",
-            endpoint="http://127.0.0.1:9")
+    r = run(
+        hub,
+        home,
+        "org/base",
+        "org/adapter",
+        tmp_path / "second",
+        "-q",
+        HF_HUB_OFFLINE="1",
+        endpoint="http://127.0.0.1:9",
+    )
     assert r.returncode == 0, r.stderr
     assert local_files(tmp_path / "first").keys() == local_files(tmp_path / "second").keys()
     # and what is not cached is a clear refusal
@@ -143,11 +173,26 @@ def test_push_refuses_an_output_that_failed(hub, tmp_path):
 def test_adapter_trained_on_another_base_warns(hub, tmp_path):
     r = run(hub, tmp_path / "home", "org/base", "org/adapter-for-other", tmp_path / "out", "-q")
     assert r.returncode == 0, r.stderr
-    assert "WARNING: the adapter was trained on 'other/model' (base_model_name_or_path) but BASE is 'org/base'" in r.stderr
+    assert (
+        "WARNING: the adapter was trained on 'other/model' (base_model_name_or_path) but BASE is 'org/base'" in r.stderr
+    )
+    report = json.loads((tmp_path / "out" / "merge_report.json").read_text())
+    assert any("trained on 'other/model'" in n for n in report["notes"])
 
 
-@pytest.mark.parametrize("case", ["not_logged_in", "read_only_token", "no_write_access", "repo_not_found",
-                                  "revision_not_found", "gated", "network_down", "pickles_only"])
+@pytest.mark.parametrize(
+    "case",
+    [
+        "not_logged_in",
+        "read_only_token",
+        "no_write_access",
+        "repo_not_found",
+        "revision_not_found",
+        "gated",
+        "network_down",
+        "pickles_only",
+    ],
+)
 def test_hub_errors_are_one_line(case, hub, tmp_path):
     out = tmp_path / "out"
     args, kwargs = ["org/base", "org/adapter", out], {}
@@ -183,3 +228,28 @@ def test_hub_errors_are_one_line(case, hub, tmp_path):
         assert out.is_dir()  # the merge itself succeeded and is kept; only the push failed
     else:
         assert not out.exists()
+
+
+def test_repo_specs_and_local_paths(models, tmp_path, monkeypatch):
+    import shutil
+
+    from lora_merge.hub import parse_spec, wanted_files
+    from lora_merge.sources import resolve_source
+
+    assert parse_spec("Qwen/Qwen3-0.6B") == ("Qwen/Qwen3-0.6B", None)
+    assert parse_spec("me/my-lora@v2") == ("me/my-lora", "v2")
+    assert parse_spec("me/x@refs/pr/3") == ("me/x", "refs/pr/3")
+    for not_a_repo in ["./base", "base", "/abs/path", "a/b/c", "../x/y", "org/..", "org/name@"]:
+        assert parse_spec(not_a_repo) is None, not_a_repo
+    # an existing local folder always wins over a repo id of the same spelling
+    monkeypatch.chdir(tmp_path)
+    shutil.copytree(models["llama"], tmp_path / "org" / "base")
+    source = resolve_source("org/base", "BASE")
+    assert source.repo_id is None and source.path == (tmp_path / "org" / "base").resolve()
+    names = ["model.safetensors", "pytorch_model.bin", "config.json", "original/params.json", "model.gguf",
+             "tokenizer.model", ".gitattributes", "README.md"]
+    assert wanted_files(names, "BASE") == ["model.safetensors", "config.json", "tokenizer.model", "README.md"]
+    assert wanted_files(["adapter_model.bin", "adapter_config.json"], "ADAPTER") == ["adapter_model.bin",
+                                                                                     "adapter_config.json"]
+    assert wanted_files(["adapter_model.bin", "adapter_model.safetensors", "adapter_config.json"], "ADAPTER") == [
+        "adapter_model.safetensors", "adapter_config.json"]
