@@ -107,22 +107,16 @@ def _quiet_hub() -> None:
 
 
 def _command_line() -> str:
+    """The command as typed, for the model card and the report; a token is never written down."""
     import shlex
 
-    args = [a for a in sys.argv[1:]]
-    hidden = {"--token"}
     shown = []
-    skip = False
-    for a in args:  # never write a token into the model card
-        if skip:
-            shown.append("***")
-            skip = False
-            continue
-        if a in hidden:
-            skip = True
-        elif a.startswith("--token="):
-            a = "--token=***"
-        shown.append(a)
+    for arg in sys.argv[1:]:
+        if shown and shown[-1] == "--token":
+            arg = "***"
+        elif arg.startswith("--token="):
+            arg = "--token=***"
+        shown.append(arg)
     return "lora-merge " + shlex.join(shown)
 
 

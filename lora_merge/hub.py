@@ -54,7 +54,7 @@ def fetch(spec: str, repo_id: str, revision: str | None, role: str, token: str |
     from .sources import Source
 
     where = f"{role} {repo_id}" + (f"@{revision}" if revision else "")
-    with hub_errors(where):
+    with hub_errors(where, repo_id):
         if constants.HF_HUB_OFFLINE:
             folder = _cached_snapshot(repo_id, revision)
             if folder is None:
@@ -135,7 +135,7 @@ def push(
     api = HfApi(token=token)
     where = f"pushing to {repo_id}"
     message = commit_message or "Upload model merged with lora-merge"
-    with hub_errors(where):
+    with hub_errors(where, repo_id):
         api.create_repo(repo_id, private=private, exist_ok=True, repo_type="model")
         if revision and not create_pr:
             api.create_branch(repo_id, branch=revision, exist_ok=True, repo_type="model")
@@ -168,21 +168,18 @@ def push(
 
 
 @contextlib.contextmanager
-def hub_errors(where: str):
-    """Turn huggingface_hub's exceptions into one HubError line with the fix."""
+def hub_errors(where: str, repo_id: str | None = None):
+    """Turn huggingface_hub's exceptions into one HubError line with the fix; ``where`` starts the line."""
     from huggingface_hub import errors as e
 
     try:
         yield
-    except HubError:
-        raise
-    except SourceNotFoundError:
+    except (HubError, SourceNotFoundError):
         raise
     except e.GatedRepoError:
-        repo = where.split()[1].split("@")[0] if len(where.split()) > 1 else where
         raise HubError(
             f"{where}: the repo is gated",
-            f"accept its conditions at https://huggingface.co/{repo}, then {LOGIN_HINT}",
+            f"accept its conditions at https://huggingface.co/{repo_id}, then {LOGIN_HINT}",
         ) from None
     except e.RevisionNotFoundError:
         raise HubError(f"{where}: no such revision", "check the branch, tag or commit after @") from None

@@ -108,7 +108,7 @@ class Report:
         return "\n".join(lines)
 
 
-def file_hash(path: Path) -> str:
+def _file_hash(path: Path) -> str:
     h = hashlib.new(HASH)
     with open(path, "rb") as f:
         while chunk := f.read(CHUNK_BYTES):
@@ -145,8 +145,8 @@ def verify_output(
             **(_source_json(plan.adapter_source) if plan.adapter_source else {"path": str(plan.adapter.path)}),
             "format": plan.adapter.format,
             "config": {k: plan.adapter.config[k] for k in ADAPTER_CONFIG_KEYS if k in plan.adapter.config},
-            "files": {p.name: file_hash(p) for p in plan.adapter.files}
-            | {"adapter_config.json": file_hash(plan.adapter.path / "adapter_config.json")},
+            "files": {p.name: _file_hash(p) for p in plan.adapter.files}
+            | {"adapter_config.json": _file_hash(plan.adapter.path / "adapter_config.json")},
         },
         "verify_device": str(device),
         **(provenance or {}),
@@ -553,6 +553,13 @@ def _same_json(a: Path, b: Path) -> bool:
 
 def _check_files(plan: Plan, out: Path) -> tuple[Check, dict]:
     failures: list[str] = []
+    hashes: dict[Path, str] = {}
+
+    def file_hash(path: Path) -> str:  # each file is read once, however many comparisons it is in
+        if path not in hashes:
+            hashes[path] = _file_hash(path)
+        return hashes[path]
+
     base_dir, adapter_dir = plan.base.path, plan.adapter.path
     config_changes: dict[str, dict] = {}
     out_config = _read_json(out / "config.json")

@@ -141,6 +141,17 @@ def _handler(hub: FakeHub):
                 return None
             return repo
 
+        def _snapshot(self, repo_id: str, rev: str, head: bool = False) -> tuple[Repo, str] | None:
+            """The repo and the commit ``rev`` names, or None after answering the error."""
+            r = self._readable(repo_id, head)
+            if r is None:
+                return None
+            sha = r.resolve(rev)
+            if sha is None:
+                self._error(404, "RevisionNotFound", "Invalid rev id", head)
+                return None
+            return r, sha
+
         def _writable(self, repo_id: str) -> bool:
             user = self._user()
             if user is None:
@@ -211,12 +222,9 @@ def _handler(hub: FakeHub):
             )
 
         def info(self, query, repo, rev="main"):
-            r = self._readable(repo)
-            if r is None:
+            if (found := self._snapshot(repo, rev)) is None:
                 return
-            sha = r.resolve(rev)
-            if sha is None:
-                return self._error(404, "RevisionNotFound", "Invalid rev id")
+            r, sha = found
             files = r.commits[sha]
             self._send(
                 200,
@@ -238,12 +246,9 @@ def _handler(hub: FakeHub):
             )
 
         def tree(self, query, repo, rev, sub=None):
-            r = self._readable(repo)
-            if r is None:
+            if (found := self._snapshot(repo, rev)) is None:
                 return
-            sha = r.resolve(rev)
-            if sha is None:
-                return self._error(404, "RevisionNotFound", "Invalid rev id")
+            r, sha = found
             prefix = (sub or "").strip("/")
             entries = []
             for p, data in sorted(r.commits[sha].items()):
@@ -257,12 +262,9 @@ def _handler(hub: FakeHub):
 
         def resolve(self, query, repo, rev, file):
             head = self.command == "HEAD"
-            r = self._readable(repo, head)
-            if r is None:
+            if (found := self._snapshot(repo, rev, head)) is None:
                 return
-            sha = r.resolve(rev)
-            if sha is None:
-                return self._error(404, "RevisionNotFound", "Invalid rev id", head)
+            r, sha = found
             data = r.commits[sha].get(file)
             if data is None:
                 return self._error(404, "EntryNotFound", "Entry not found", head)
