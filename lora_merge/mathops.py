@@ -4,7 +4,7 @@ Everything is computed in float64 and rounded once to the output dtype. float64 
 of two float32 (or bfloat16/float16) factors exactly, so the only error before the final rounding is
 float64's own (about 2^-53 relative), far below half a unit in the last place of float32, bfloat16
 or float16. torch converts float64 to bfloat16/float16 through float32, which rounds twice;
-``round_to`` avoids that with round-to-odd into float32 first.
+``round_to`` finds the elements where that can differ and rounds those via round-to-odd.
 """
 
 from __future__ import annotations
@@ -23,8 +23,27 @@ def round_to(x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     x32 = x.to(torch.float32)
     if dtype == torch.float32:
         return x32
-    # Round to odd into float32: when inexact, keep the float32 neighbour whose last bit is 1. With
-    # 13+ spare bits, rounding that to nearest even is the same as rounding x directly.
+    # Rounding through float32 can only go wrong where the float32 value lands exactly on a halfway
+    # point of ``dtype``: rounding cannot carry a value across a point that float32 represents. Those
+    # few elements (and float16's subnormal range, whose halfway points sit elsewhere) are redone.
+    y = x32.to(dtype)
+    bits = x32.view(torch.int32)
+    if dtype == torch.bfloat16:
+        suspect = (bits & 0xFFFF) == 0x8000
+    elif dtype == torch.float16:
+        suspect = ((bits & 0x1FFF) == 0x1000) | (x32.abs() < 2.0**-14)
+    else:
+        raise ValueError(f"cannot round to {dtype}")
+    if bool(suspect.any()):
+        where = suspect.nonzero(as_tuple=True)
+        y[where] = _round_via_odd(x[where], dtype)
+    return y
+
+
+def _round_via_odd(x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """Round to ``dtype`` via round-to-odd in float32: with 13+ spare bits, rounding that to nearest
+    even is the same as rounding x directly. Slower; used where the plain path may round twice."""
+    x32 = x.to(torch.float32)
     back = x32.to(torch.float64)
     fix = (back != x) & ((x32.view(torch.int32) & 1) == 0)
     if bool(fix.any()):

@@ -59,3 +59,24 @@ def test_blocks_add_up_to_the_whole(transposed):
         parts.append(block)
     # float64 sums may be ordered differently by the BLAS for other sizes: equal to float64 precision
     torch.testing.assert_close(torch.cat(parts), whole, rtol=1e-14, atol=1e-14)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_fast_rounding_equals_round_to_odd_everywhere(dtype):
+    """The fast path redoes only suspected elements; it must agree with round-to-odd on all of them."""
+    from lora_merge.mathops import _round_via_odd
+
+    torch.manual_seed(3)
+    finfo = torch.finfo(dtype)
+    x = torch.cat([
+        torch.randn(300_000, dtype=torch.float64) * 0.05,
+        torch.randn(50_000, dtype=torch.float64) * finfo.max / 4,  # up to overflow
+        torch.randn(50_000, dtype=torch.float64) * finfo.tiny * 8,  # subnormals of the target
+        torch.tensor([0.0, -0.0, finfo.max, -finfo.max, finfo.max * 1.0001, finfo.tiny / 3], dtype=torch.float64),
+    ])
+    y = x.to(dtype).double()
+    up = torch.nextafter(x.to(dtype), torch.tensor(float("inf"), dtype=dtype)).double()
+    mid = (y + up) / 2  # exact halfway points, and values a hair to either side of them
+    x = torch.cat([x, mid, mid + mid.abs() * 2**-45, mid - mid.abs() * 2**-45, mid + 2**-160, mid - 2**-160])
+    x = x[torch.isfinite(x)]
+    assert torch.equal(round_to(x, dtype).view(torch.int16), _round_via_odd(x, dtype).view(torch.int16))

@@ -1,0 +1,159 @@
+"""Speed and memory of lora-merge beside `cp -r`, peft and mergekit, measured in one run.
+
+    python scripts/bench.py [--shapes 0.6b 1.7b] [--ranks 16] [--runs 3] [--device cpu] [--no-peft]
+
+On first run, it generates bf16 bases with real architectures and random weights (Qwen3-0.6B and
+Qwen3-1.7B shapes) and a peft adapter on every linear layer, with each rank asked for. Then, for
+each model, it runs the tools in alternation, `--runs` times each, under `/usr/bin/time -v`:
+- `cp -r BASE`, the I/O floor on this disk;
+- `lora-merge BASE ADAPTER OUT` (the merge and its parity report);
+- peft, as users do it: `from_pretrained` + `merge_and_unload` + `save_pretrained`;
+- mergekit's LoRA merge (`BASE+ADAPTER`), when `mergekit-yaml` is on the PATH.
+It checks every output against lora-merge's, then prints a Markdown table of medians and ratios.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import re
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).parent))
+from make_model import make  # noqa: E402
+
+PEFT_MERGE = """
+import sys, torch, transformers, peft
+base, adapter, out = sys.argv[1:4]
+model = transformers.AutoModelForCausalLM.from_pretrained(base, dtype="auto")
+merged = peft.PeftModel.from_pretrained(model, adapter).merge_and_unload()
+merged.save_pretrained(out)
+"""
+
+
+def timed(cmd: list[str]) -> dict:
+    """Wall and CPU seconds and peak resident memory of ``cmd``, from /usr/bin/time -v."""
+    with tempfile.NamedTemporaryFile("r", suffix=".time") as f:
+        r = subprocess.run(["/usr/bin/time", "-v", "-o", f.name, *cmd], capture_output=True, text=True)
+        if r.returncode != 0:
+            raise SystemExit(f"failed: {' '.join(cmd)}\n{r.stderr[-2000:]}")
+        text = f.read()
+
+    def field(name: str) -> str:
+        return re.search(rf"{re.escape(name)}: (.+)", text).group(1).strip()
+
+    wall = 0.0
+    for part in field("Elapsed (wall clock) time (h:mm:ss or m:ss)").split(":"):
+        wall = wall * 60 + float(part)
+    return {
+        "wall": wall,
+        "cpu": float(field("User time (seconds)")) + float(field("System time (seconds)")),
+        "rss_mb": int(field("Maximum resident set size (kbytes)")) / 1024,
+    }
+
+
+def tools(base: Path, adapter: Path, out: Path, device: str, peft: bool) -> dict[str, list[str]]:
+    found = {
+        "cp -r": ["cp", "-r", str(base), str(out)],
+        "lora-merge": ["lora-merge", "-q", str(base), str(adapter), str(out), "--device", device],
+    }
+    if peft:
+        found["peft"] = [sys.executable, "-c", PEFT_MERGE, str(base), str(adapter), str(out)]
+    if shutil.which("mergekit-yaml"):
+        config = out.parent / "mergekit.yml"
+        config.write_text(json.dumps({"models": [{"model": f"{base}+{adapter}"}], "merge_method": "passthrough",
+                                      "dtype": "bfloat16"}))
+        found["mergekit"] = ["mergekit-yaml", str(config), str(out)]
+    return found
+
+
+def compare(reference: Path, other: Path) -> str:
+    """How the tensors of ``other`` compare with lora-merge's output."""
+    import torch
+    from safetensors.torch import load_file
+
+    ours, theirs = {}, {}
+    for f in reference.glob("*.safetensors"):
+        ours.update(load_file(f))
+    for f in other.glob("*.safetensors"):
+        theirs.update(load_file(f))
+    names = [n for n in ours if n in theirs]
+    same = sum(1 for n in names if torch.equal(ours[n], theirs[n]))
+    worst = 0.0
+    for n in names:
+        a, b = ours[n].double(), theirs[n].double()
+        if a.shape == b.shape and not torch.equal(a, b):
+            _, exp = torch.frexp(torch.maximum(a.abs(), b.abs()))
+            ulp = torch.ldexp(torch.ones_like(a), exp - 8)  # bfloat16: 8 significant bits
+            worst = max(worst, float(((a - b).abs() / ulp).max()))
+    missing = len(ours) - len(names)
+    text = f"{same}/{len(ours)} tensors identical"
+    if worst:
+        text += f", max {worst:.0f} ulp apart"
+    if missing:
+        text += f", {missing} missing"
+    return text
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--shapes", nargs="+", default=["0.6b", "1.7b"], choices=["0.6b", "1.7b"])
+    parser.add_argument("--ranks", nargs="+", type=int, default=[16], help="adapter ranks, e.g. 16 64 256")
+    parser.add_argument("--runs", type=int, default=3)
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--no-peft", action="store_true", help="leave peft out (it needs transformers and peft)")
+    parser.add_argument("--dir", type=Path, default=Path(".bench"))
+    args = parser.parse_args()
+
+    rows = []
+    for shape in args.shapes:
+        for rank in args.ranks:
+            folder = args.dir / (f"qwen3-{shape}" if rank == 16 else f"qwen3-{shape}-r{rank}")
+            if not (folder / "base" / "model.safetensors.index.json").is_file():
+                print(f"generating {folder} …", file=sys.stderr)
+                make(shape, folder, rank=rank)
+            base, adapter = folder / "base", folder / "adapter"
+            work = folder / "runs"
+            shutil.rmtree(work, ignore_errors=True)
+            work.mkdir()
+            commands = tools(base, adapter, work / "out", args.device, not args.no_peft)
+            names = list(commands)
+            results: dict[str, list[dict]] = {n: [] for n in names}
+            kept: dict[str, Path] = {}
+            for run in range(args.runs):
+                for name in names[run % len(names):] + names[:run % len(names)]:  # alternate the order
+                    out = work / "out"
+                    shutil.rmtree(out, ignore_errors=True)
+                    results[name].append(timed(commands[name]))
+                    print(f"{shape} r={rank} run {run + 1}: {name} {results[name][-1]['wall']:.2f} s", file=sys.stderr)
+                    if run == 0 and name != "cp -r":  # keep the first output of each tool to compare
+                        kept[name] = work / name
+                        shutil.move(out, kept[name])
+            checks = {n: compare(kept["lora-merge"], p) for n, p in kept.items() if n != "lora-merge"}
+            med = {n: {k: statistics.median(r[k] for r in rs) for k in ("wall", "cpu", "rss_mb")} for n, rs in results.items()}
+            for name in names:
+                m = med[name]
+                rows.append(
+                    f"| Qwen3-{shape} shape, r={rank} | {name} | {m['wall']:.2f} | {m['cpu']:.2f} | {m['rss_mb']:,.0f} "
+                    f"| {m['wall'] / med['cp -r']['wall']:.2f}x | {m['wall'] / med['lora-merge']['wall']:.2f}x "
+                    f"| {checks.get(name, 'reference' if name == 'lora-merge' else '-')} |"
+                )
+            shutil.rmtree(work, ignore_errors=True)
+
+    import torch
+
+    print(f"{platform.machine()}, {torch.get_num_threads()} threads, torch {torch.__version__}; "
+          f"medians of {args.runs} runs, tools alternated; lora-merge --device {args.device}")
+    print("| model | tool | wall (s) | CPU (s) | peak RSS (MB) | vs cp | vs lora-merge | output vs lora-merge |")
+    print("|---|---|---|---|---|---|---|---|")
+    print("\n".join(rows))
+
+
+if __name__ == "__main__":
+    main()
