@@ -378,33 +378,45 @@ class _Factors:
 
 
 def _low_rank_rows(d: LowRank, f: _Factors, start: int, stop: int, shape: tuple[int, ...]):
-    """Rows [start, stop) of the stored tensor's s·B·A and of |s|·|B|·|A|, from the factors as peft stores them."""
+    """Rows [start, stop) of the stored tensor's s·B·A, from the factors as peft stores them, and a
+    function giving |s|·|B|·|A| at chosen elements of those rows (flat indices)."""
     a, b = f.get(d.a), f.get(d.b)
+    block = (stop - start, *shape[1:])
     if d.experts:
         e = d.experts
         a = a.reshape(e, -1, a.shape[-1])[start:stop]  # expert-major rows of A: (E, r, in)
         b = b.reshape(b.shape[0], -1, e).permute(2, 0, 1)[start:stop]  # expert index fastest in B: (E, out, r)
-        exact = torch.einsum("eor,eri->eoi", b, a)
-        bound = torch.einsum("eor,eri->eoi", b.abs(), a.abs())
+        exact = torch.einsum("eor,eri->eoi", b * d.scale, a)
+        bound = torch.einsum("eor,eri->eoi", b.abs() * abs(d.scale), a.abs())
         if d.transposed:
             exact, bound = exact.transpose(1, 2), bound.transpose(1, 2)
+        bound = bound.reshape(-1)
+        return exact.reshape(block), lambda flat: bound[flat]
+    a2, b2 = a.reshape(a.shape[0], -1), b.reshape(b.shape[0], -1)
+    width = math.prod(shape[1:])
+    if d.transposed:  # the stored tensor is (in × out): its rows are columns of B·A
+        exact = torch.einsum("or,ri->io", b2 * d.scale, a2[:, start:stop])
+
+        def bound(flat):
+            rows, cols = flat // width + start, flat % width
+            return (b2[cols].abs() * a2[:, rows].T.abs()).sum(dim=1) * abs(d.scale)
     else:
-        a2, b2 = a.reshape(a.shape[0], -1), b.reshape(b.shape[0], -1)
-        if d.transposed:  # the stored tensor is (in × out): its rows are columns of B·A
-            exact = torch.einsum("or,ri->io", b2, a2[:, start:stop])
-            bound = torch.einsum("or,ri->io", b2.abs(), a2[:, start:stop].abs())
-        else:
-            exact = torch.einsum("or,ri->oi", b2[start:stop], a2)
-            bound = torch.einsum("or,ri->oi", b2[start:stop].abs(), a2.abs())
-    block = (stop - start, *shape[1:])
-    return (d.scale * exact).reshape(block), (abs(d.scale) * bound).reshape(block)
+        exact = torch.einsum("or,ri->oi", b2[start:stop] * d.scale, a2)
+
+        def bound(flat):
+            rows, cols = flat // width + start, flat % width
+            return (b2[rows].abs() * a2[:, cols].T.abs()).sum(dim=1) * abs(d.scale)
+    return exact.reshape(block), bound
 
 
 def _expected_rows(e: Entry, ops: TargetOps | None, f: _Factors, start: int, stop: int, dora_norm):
-    """(exact value, exact delta, |factor| products, rank) for rows [start, stop) of the tensor."""
+    """Rows [start, stop) of the tensor: (exact value, exact delta or None, rank, products), where
+    ``products(flat)`` gives the |factor| products the bound needs at chosen elements."""
     source = ops.replace if ops is not None and ops.replace is not None else FileTensor(e.base)
-    w = (source.rows(start, stop) if e.shape else source.load()).to(f.device, torch.float64)
-    delta = products = None  # None: no delta (a copy, a conversion, a plain replacement)
+    # a copy: the value is built in place, and the rows may be a read-only view of the file's bytes
+    w = (source.rows(start, stop) if e.shape else source.load()).to(f.device, torch.float64, copy=True)
+    delta = None  # None: no delta (a copy, a conversion, a plain replacement)
+    parts = []
     rank = 0
     for d in ops.deltas if ops is not None else ():
         if isinstance(d, LowRank):
@@ -412,24 +424,40 @@ def _expected_rows(e: Entry, ops: TargetOps | None, f: _Factors, start: int, sto
             rank += d.rank
         else:
             exact = d.scale * f.get(d.t)[start:stop]
-            bound = exact.abs()
+            bound = exact.abs().reshape(-1).__getitem__
         delta = exact if delta is None else delta.add_(exact)
-        products = bound if products is None else products.add_(bound)
-    value = w if delta is None else w + delta
-    if delta is not None and ops.dora_magnitude is not None:
-        factor = _dora_factor(ops, f, value, start, stop, dora_norm)
-        value, delta, products = value * factor, delta * factor, (w.abs() + products) * factor.abs()
-    if products is None:
-        products = torch.zeros_like(w)
+        parts.append(bound)
+
+    def products(flat):
+        total = torch.zeros(flat.shape, dtype=torch.float64, device=w.device)
+        for part in parts:
+            total += part(flat)
+        return total
+
+    if delta is None:
+        value = w
+    elif ops.dora_magnitude is not None:
+        value = w + delta
+        factor = _dora_factor(ops, f, value, start, stop, dora_norm).expand_as(value).reshape(-1)
+        magnitude = w.abs().reshape(-1)
+        value, delta = value * factor.reshape(value.shape), delta * factor.reshape(value.shape)
+        plain = products
+        products = lambda flat: (magnitude[flat] + plain(flat)) * factor[flat].abs()  # noqa: E731
+    else:
+        value = w.add_(delta)
     if ops is not None and ops.row_indices is not None:
         rows = f.get(ops.rows)
+        replaced = torch.zeros(value.shape[0], dtype=torch.bool, device=value.device)
         for j, idx in enumerate(ops.row_indices):
             if start <= idx < stop:
                 value[idx - start] = rows[j]
-                products[idx - start] = 0
+                replaced[idx - start] = True
                 if delta is not None:
                     delta[idx - start] = 0
-    return value, delta, products, rank
+        width = math.prod(value.shape[1:])
+        unreplaced = products
+        products = lambda flat: torch.where(replaced[flat // width], 0.0, unreplaced(flat))  # noqa: E731
+    return value, delta, rank, products
 
 
 def _dora_factor(ops: TargetOps, f: _Factors, value, start: int, stop: int, column_norm):
@@ -492,7 +520,7 @@ def _check_elements(e: Entry, got: TensorInfo, fd, device) -> dict:
     finite = True
     for start in range(0, n, step):
         stop = min(n, start + step)
-        value, delta, products, rank = _expected_rows(e, ops, f, start, stop, column_norm)
+        value, delta, rank, products = _expected_rows(e, ops, f, start, stop, column_norm)
         rb = got.row_bytes if got.shape else got.nbytes
         raw = pread_exact(fd(got.path), rb * (stop - start), got.start + rb * start)
         h.update(raw)
@@ -510,7 +538,7 @@ def _check_elements(e: Entry, got: TensorInfo, fd, device) -> dict:
         have = stored[picked].to(torch.float64)
         unit = ulp(v, e.dtype)
         # ½ ulp(v) + ½ ulp(Δ) + (r + 2)·u32·|s|·|B|·|A|, plus float64 noise (and the norm for DoRA)
-        bound = products.reshape(-1)[picked] * ((rank + 2) * COMPUTE_UNIT + 2.0**-45)
+        bound = products(picked) * ((rank + 2) * COMPUTE_UNIT + 2.0**-45)
         bound.add_(
             v.abs(), alpha=2.0**-45 + (4 * COMPUTE_UNIT if ops is not None and ops.dora_magnitude is not None else 0)
         )

@@ -148,6 +148,8 @@ def main() -> None:
 
     import torch
 
+    helps = sorted(timed(["lora-merge", "--help"])["wall"] for _ in range(5))
+    print(f"`lora-merge --help`: {helps[2]:.2f} s (median of 5)")
     print(f"{platform.machine()}, {torch.get_num_threads()} threads, torch {torch.__version__}; "
           f"medians of {args.runs} runs, tools alternated; lora-merge --device {args.device}")
     print("| model | tool | wall (s) | CPU (s) | peak RSS (MB) | vs cp | vs lora-merge | output vs lora-merge |")
