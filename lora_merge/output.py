@@ -46,6 +46,14 @@ class StagedOutput:
     def __init__(self, out: Path):
         self.out = out
         self.tmp = out.parent / f".{out.name}.lora-merge-tmp-{os.getpid()}"
+        self._flushing = None
+
+    def flush_soon(self) -> None:
+        """Start flushing what is written so far on a thread, so the disk works while checks run."""
+        import threading
+
+        self._flushing = threading.Thread(target=_fsync_tree, args=(self.tmp,), daemon=True)
+        self._flushing.start()
 
     def __enter__(self) -> StagedOutput:
         if self.tmp.exists():
@@ -54,6 +62,10 @@ class StagedOutput:
         return self
 
     def commit(self) -> None:
+        """Flush every file to disk, then rename the temporary folder to OUT."""
+        if self._flushing is not None:
+            self._flushing.join()
+        _fsync_tree(self.tmp)  # what was written since (cheap for files already flushed)
         out = self.out
         old = None
         if out.exists() or out.is_symlink():
@@ -65,6 +77,7 @@ class StagedOutput:
             if old is not None:
                 os.rename(old, out)
             raise
+        _fsync_dir(out.parent)
         if old is not None:
             if old.is_dir() and not old.is_symlink():
                 shutil.rmtree(old, ignore_errors=True)
@@ -72,5 +85,27 @@ class StagedOutput:
                 old.unlink()
 
     def __exit__(self, *exc) -> None:
+        if self._flushing is not None:
+            self._flushing.join()
         if self.tmp.exists():
             shutil.rmtree(self.tmp, ignore_errors=True)
+
+
+def _fsync_tree(folder: Path) -> None:
+    """Data before names: the rename must never expose files whose bytes are not on disk yet."""
+    for path in folder.iterdir():
+        if path.is_file():
+            fd = os.open(path, os.O_RDONLY)
+            try:
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+    _fsync_dir(folder)
+
+
+def _fsync_dir(folder: Path) -> None:
+    fd = os.open(folder, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)

@@ -225,6 +225,7 @@ def merge(
         stats = _with_bar(progress_factory, plan.total_bytes, "merging",
                           lambda bar: write_shards(plan, staged.tmp, dev, block_bytes, bar))
         copied = finish_files(plan, staged.tmp, tokenizer_from)
+        staged.flush_soon()
         merge_seconds = time.perf_counter() - started
         provenance = {
             "device": str(dev),

@@ -42,7 +42,7 @@ ADAPTER_CONFIG_KEYS = (
     "base_model_name_or_path",
 )
 CHUNK_BYTES = 4 * 1024 * 1024
-BLOCK_BYTES = 1024 * 1024  # float64 bytes per row block in the element check
+BLOCK_BYTES = 2 * 1024 * 1024  # float64 bytes per row block in the element check
 COMPUTE_UNIT = 2.0**-24  # float32 unit roundoff: the bound admits a merge computed in float32
 MANTISSA_BITS = {"BF16": 7, "F16": 10, "F32": 23, "F64": 52}
 MIN_EXPONENT = {"BF16": -126, "F16": -14, "F32": -126, "F64": -1022}

@@ -124,9 +124,8 @@ def write_shards(plan: Plan, folder: Path, device, block_bytes: int = DEFAULT_BL
                     stats.bytes_written += written
                     if progress is not None:
                         progress.update(written)
-                os.fsync(fd)
             finally:
-                os.close(fd)
+                os.close(fd)  # flushed to disk when the output is committed, after its checks
             stats.files.append(shard.name)
     finally:
         for f in src_fds.values():
