@@ -17,14 +17,13 @@ TAGS = ["lora", "merged", "lora-merge"]
 
 def hub_id(source: Source | None, adapter_config: dict | None = None) -> str | None:
     """The Hub repo id a source stands for: its own, else the one the adapter was trained on."""
-    from .hub import parse_spec
+    from .hub import repo_named
 
     if source is not None and source.repo_id:
         return source.repo_id
     named = (adapter_config or {}).get("base_model_name_or_path")
-    if isinstance(named, str) and not Path(named).expanduser().exists() and parse_spec(named):
-        return parse_spec(named)[0]
-    return None
+    repo = repo_named(named) if isinstance(named, str) else None
+    return repo[0] if repo else None
 
 
 def base_license(folder: Path) -> str | None:

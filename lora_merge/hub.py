@@ -34,6 +34,11 @@ def parse_spec(spec: str) -> tuple[str, str | None] | None:
     return m["repo"], m["revision"]
 
 
+def repo_named(text: str) -> tuple[str, str | None] | None:
+    """(repo id, revision) when ``text`` names a Hub repo rather than an existing local path."""
+    return None if Path(text).expanduser().exists() else parse_spec(text)
+
+
 def wanted_files(names: list[str], role: str) -> list[str]:
     """The top-level files of a repo that a merge reads or copies; pickled weights only as a fallback."""
     top = [n for n in names if "/" not in n and not n.startswith(".")]

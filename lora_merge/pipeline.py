@@ -134,9 +134,7 @@ def prepare(base: str, adapter: str, dtype: str | None = None, token: str | None
 
     Raises before anything is written.
     """
-    base_model = load_base(resolve_source(base, "BASE", token))
-    adapter_src = resolve_source(adapter, "ADAPTER", token)
-    loaded = load_peft_adapter(adapter_src.path)
+    base_model, adapter_src, loaded = _load_inputs(base, adapter, token)
     mismatch = _trained_on_other_base(loaded.config, base_model.source)
     if mismatch:
         log.warning(mismatch)
@@ -146,14 +144,21 @@ def prepare(base: str, adapter: str, dtype: str | None = None, token: str | None
     return plan
 
 
+def _load_inputs(base: str, adapter: str, token: str | None):
+    """BASE's headers, where ADAPTER came from, and the adapter translated; nothing is planned yet."""
+    base_model = load_base(resolve_source(base, "BASE", token))
+    adapter_src = resolve_source(adapter, "ADAPTER", token)
+    return base_model, adapter_src, load_peft_adapter(adapter_src.path)
+
+
 def _trained_on_other_base(adapter_config: dict, base) -> str | None:
     """A warning when the adapter's base_model_name_or_path names another model than BASE."""
-    from .hub import parse_spec
+    from .hub import repo_named
 
     named = adapter_config.get("base_model_name_or_path")
     if not isinstance(named, str) or not named.strip():
         return None
-    named_repo = None if Path(named).expanduser().exists() else parse_spec(named)
+    named_repo = repo_named(named)
     if base.repo_id and named_repo:
         same = named_repo[0].lower() == base.repo_id.lower()
     else:  # a local folder on either side: compare the model names
@@ -260,9 +265,8 @@ def verify(out: str | Path, base: str, adapter: str, *, device: str = "auto", pr
     """Check a merged folder (written by any tool, any shard layout) against BASE and ADAPTER."""
     out_src = resolve_source(str(out), "OUT")
     out_model = load_out(out_src.path)
-    base_model = load_base(resolve_source(base, "BASE", token))
-    adapter_src = resolve_source(adapter, "ADAPTER", token)
-    plan = make_plan(base_model, load_peft_adapter(adapter_src.path), dtype=_output_dtype(base_model, out_model))
+    base_model, adapter_src, loaded = _load_inputs(base, adapter, token)
+    plan = make_plan(base_model, loaded, dtype=_output_dtype(base_model, out_model))
     plan.adapter_source = adapter_src
     dev = resolve_device(device)
     return _with_bar(progress_factory, plan.total_bytes, "verifying",

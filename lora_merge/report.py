@@ -26,6 +26,7 @@ from .mathops import all_finite
 from .plan import Entry, Plan
 from .safetensors_file import FLOAT_DTYPES, TensorInfo, pread_exact
 from .sources import TOKENIZER_FILES, BaseModel, Source, extra_files, load_base
+from .writer import rows_per_block
 
 REPORT_NAME = "merge_report.json"
 OWN_FILES = (REPORT_NAME, "README.md")  # written by lora-merge itself, not copies of BASE files
@@ -510,7 +511,7 @@ def _check_elements(e: Entry, got: TensorInfo, fd, device) -> dict:
     f = _Factors(device)
     h = hashlib.new(HASH)
     n = e.shape[0] if e.shape else 1
-    step = max(1, BLOCK_BYTES // (8 * max(math.prod(e.shape[1:]), 1)))
+    step = rows_per_block(e, BLOCK_BYTES)
     column_norm = None
     if ops is not None and ops.dora_magnitude is not None and ops.dora_transposed:
         column_norm = _column_norm(e, ops, f, step)

@@ -31,7 +31,8 @@ class WriteStats:
     files: list[str] = field(default_factory=list)
 
 
-def _rows_per_block(entry: Entry, block_bytes: int) -> int:
+def rows_per_block(entry: Entry, block_bytes: int) -> int:
+    """How many rows of ``entry`` make a float64 block of at most ``block_bytes`` (at least one)."""
     return max(1, block_bytes // (8 * max(math.prod(entry.shape[1:]), 1)))
 
 
@@ -50,7 +51,7 @@ class _Computer:
         source = ops.replace if ops is not None and ops.replace is not None else FileTensor(entry.base)
         out_dtype = torch_dtype(entry.dtype)
         n = entry.shape[0] if entry.shape else 1
-        step = _rows_per_block(entry, self.block_bytes)
+        step = rows_per_block(entry, self.block_bytes)
         cache: dict = {}
         norm = None
         if ops is not None and ops.dora_magnitude is not None:

@@ -9,7 +9,13 @@ from collections import defaultdict
 from pathlib import Path
 
 from ..adapter import Adapter, AddScaled, FileTensor, LowRank, MemoryTensor, TargetOps
-from ..errors import AdapterConfigError, HeaderError, PlanError, SourceNotFoundError, UnsupportedAdapterError
+from ..errors import (
+    AdapterConfigError,
+    HeaderError,
+    PlanError,
+    SourceNotFoundError,
+    UnsupportedAdapterError,
+)
 from ..safetensors_file import read_header
 
 PREFIX = "base_model.model."
