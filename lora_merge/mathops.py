@@ -10,7 +10,9 @@ or float16. torch converts float64 to bfloat16/float16 through float32, which ro
 from __future__ import annotations
 
 import math
+import sys
 
+import numpy as np
 import torch
 
 from .adapter import AddScaled, LowRank
@@ -27,17 +29,33 @@ def round_to(x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     # point of ``dtype``: rounding cannot carry a value across a point that float32 represents. Those
     # few elements (and float16's subnormal range, whose halfway points sit elsewhere) are redone.
     y = x32.to(dtype)
-    bits = x32.view(torch.int32)
     if dtype == torch.bfloat16:
-        suspect = (bits & 0xFFFF) == 0x8000
+        suspect = low_halves(x32) == -0x8000  # the 16 bits bfloat16 drops are exactly 0x8000
     elif dtype == torch.float16:
-        suspect = ((bits & 0x1FFF) == 0x1000) | (x32.abs() < 2.0**-14)
+        suspect = ((x32.view(torch.int32) & 0x1FFF) == 0x1000) | (x32.abs() < 2.0**-14)
     else:
         raise ValueError(f"cannot round to {dtype}")
-    if bool(suspect.any()):
-        where = suspect.nonzero(as_tuple=True)
-        y[where] = _round_via_odd(x[where], dtype)
+    where = flat_nonzero(suspect)
+    if where.numel():
+        y.view(-1)[where] = _round_via_odd(x.reshape(-1)[where], dtype)
     return y
+
+
+def low_halves(x32: torch.Tensor) -> torch.Tensor:
+    """The low 16 bits of each float32, as int16: a strided view, no copy."""
+    halves = x32.reshape(-1).view(torch.int16)
+    return halves[0::2] if sys.byteorder == "little" else halves[1::2]
+
+
+def flat_nonzero(mask: torch.Tensor) -> torch.Tensor:
+    """Flat indices of the true elements; on the CPU through numpy, several times faster than torch
+    for the usual case of a large mask with few or no true elements."""
+    if mask.device.type != "cpu":
+        return mask.reshape(-1).nonzero().reshape(-1)
+    flat = mask.reshape(-1).numpy()
+    if not flat.any():
+        return torch.empty(0, dtype=torch.int64)
+    return torch.from_numpy(np.flatnonzero(flat))
 
 
 def _round_via_odd(x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:

@@ -22,7 +22,7 @@ import torch
 
 from . import __version__
 from .adapter import FileTensor, LowRank, TargetOps, torch_dtype
-from .mathops import all_finite
+from .mathops import all_finite, flat_nonzero, low_halves
 from .plan import Entry, Plan
 from .safetensors_file import FLOAT_DTYPES, TensorInfo, pread_exact
 from .sources import TOKENIZER_FILES, BaseModel, Source, extra_files, load_base
@@ -493,11 +493,10 @@ def _not_plainly_nearest(values, stored, dtype: str):
     v32 = values.to(torch.float32)
     if dtype == "F32":
         return stored.view(torch.int32) != v32.view(torch.int32)
-    bits = v32.view(torch.int32)
     if dtype == "BF16":
-        halfway = (bits & 0xFFFF) == 0x8000
+        halfway = low_halves(v32) == -0x8000
     else:  # F16; its subnormal range has its halfway points elsewhere: all measured
-        halfway = ((bits & 0x1FFF) == 0x1000) | (v32.abs() < 2.0**-14)
+        halfway = ((v32.view(torch.int32) & 0x1FFF) == 0x1000) | (v32.abs() < 2.0**-14)
     return (v32.to(stored.dtype).view(torch.int16) != stored.view(torch.int16)) | halfway
 
 
@@ -530,7 +529,7 @@ def _check_elements(e: Entry, got: TensorInfo, fd, device) -> dict:
         stored = stored.to(device).reshape(-1)
         values = value.reshape(-1)
         full = _not_plainly_nearest(values, stored, e.dtype)
-        picked = full.nonzero(as_tuple=True)[0]
+        picked = flat_nonzero(full)
         if picked.numel() < values.numel():
             worst = max(worst, 0.5)  # the nearest value of the output dtype is within half an ulp
         if picked.numel() == 0:

@@ -1,7 +1,9 @@
 """Writing the planned output: shards front to back, one tensor (or row block) at a time.
 
 Untouched tensors are copied as bytes between files. A merged tensor is read in row blocks, moved to
-the compute device, merged in float64, rounded once and written; at most one block is in memory.
+the compute device, merged in float64, rounded once and written. Three stages overlap, one block in
+each: a thread reads the next block (into pinned memory for a GPU) while this one is merged, and
+another thread writes the last one.
 """
 
 from __future__ import annotations
@@ -9,6 +11,8 @@ from __future__ import annotations
 import json
 import math
 import os
+from collections import deque
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -39,9 +43,11 @@ def rows_per_block(entry: Entry, block_bytes: int) -> int:
 class _Computer:
     """Merges one planned tensor on one device, block by block."""
 
-    def __init__(self, device, block_bytes: int):
+    def __init__(self, device, block_bytes: int, reader: ThreadPoolExecutor):
         self.device = device
         self.block_bytes = block_bytes
+        self.reader = reader
+        self.pinned = getattr(device, "type", str(device)) == "cuda"
 
     def blocks(self, entry: Entry):
         """Yield each row block of the merged tensor, rounded to the output dtype, on the CPU."""
@@ -52,20 +58,19 @@ class _Computer:
         out_dtype = torch_dtype(entry.dtype)
         n = entry.shape[0] if entry.shape else 1
         step = rows_per_block(entry, self.block_bytes)
+        spans = [(start, min(n, start + step)) for start in range(0, n, step)]
         cache: dict = {}
         norm = None
         if ops is not None and ops.dora_magnitude is not None:
             magnitude = ops.dora_magnitude.load().reshape(-1).to(self.device, torch.float64)
             if ops.dora_transposed:  # norms run across row blocks: a first pass sums their squares
                 sumsq = torch.zeros(magnitude.shape, dtype=torch.float64, device=self.device)
-                for start in range(0, n, step):
-                    stop = min(n, start + step)
-                    sumsq += mathops.column_sumsq(self._value(source, ops, start, stop, cache))
+                for (start, stop), raw in zip(spans, self._read_ahead(source, spans)):
+                    sumsq += mathops.column_sumsq(self._value(raw, ops, start, stop, cache))
                 norm = sumsq.sqrt()
         token_rows = ops.rows.load() if ops is not None and ops.rows is not None else None
-        for start in range(0, n, step):
-            stop = min(n, start + step)
-            v = self._value(source, ops, start, stop, cache)
+        for (start, stop), raw in zip(spans, self._read_ahead(source, spans)):
+            v = self._value(raw, ops, start, stop, cache)
             if ops is not None and ops.dora_magnitude is not None:
                 if ops.dora_transposed:
                     mathops.apply_dora(v, magnitude, norm, True)
@@ -81,56 +86,68 @@ class _Computer:
                 )
             yield out.cpu()
 
-    def _value(self, source, ops, start: int, stop: int, cache: dict):
+    def _read_ahead(self, source, spans):
+        """The source rows of each span, the next one read on the reader thread meanwhile."""
+        pending = self.reader.submit(self._read, source, *spans[0]) if spans else None
+        for i in range(len(spans)):
+            raw = pending.result()
+            pending = self.reader.submit(self._read, source, *spans[i + 1]) if i + 1 < len(spans) else None
+            yield raw
+
+    def _read(self, source, start: int, stop: int):
+        raw = source.rows(start, stop) if source.shape else source.load()
+        return raw.pin_memory() if self.pinned else raw
+
+    def _value(self, raw, ops, start: int, stop: int, cache: dict):
         import torch
 
-        raw = source.rows(start, stop) if source.shape else source.load()
-        v = raw.to(self.device).to(torch.float64)
+        v = raw.to(self.device, non_blocking=self.pinned).to(torch.float64)
         for d in ops.deltas if ops is not None else ():
             mathops.add_delta(v, d, start, stop, cache)
         return v
 
 
+class _Appender:
+    """Appends to one file on a thread, in order, with at most ``depth`` pieces waiting."""
+
+    def __init__(self, pool: ThreadPoolExecutor, fd: int, depth: int = 2):
+        self.pool, self.fd, self.depth = pool, fd, depth
+        self.pending: deque = deque()
+
+    def write(self, data) -> None:
+        self._submit(write_all, self.fd, data)
+
+    def copy(self, src_fd: int, offset: int, count: int) -> None:
+        self._submit(copy_range, src_fd, self.fd, offset, count)
+
+    def _submit(self, fn, *args) -> None:
+        while len(self.pending) >= self.depth:
+            self.pending.popleft().result()
+        self.pending.append(self.pool.submit(fn, *args))
+
+    def drain(self) -> None:
+        """Wait for every piece; the first failure is raised."""
+        while self.pending:
+            self.pending.popleft().result()
+
+    def abandon(self) -> None:
+        """Wait for the pieces already handed over, their failures hidden by the one being raised."""
+        while self.pending:
+            self.pending.popleft().exception()
+
+
 def write_shards(plan: Plan, folder: Path, device, block_bytes: int = DEFAULT_BLOCK_BYTES, progress=None) -> WriteStats:
     """Write every shard of the plan (and the index) into ``folder``."""
     stats = WriteStats()
-    computer = _Computer(device, block_bytes)
     src_fds: dict[Path, int] = {}
-    try:
-        for shard in plan.shards:
-            prefix, _ = encode_header([(e.name, e.dtype, e.shape) for e in shard.entries], shard.metadata)
-            fd = os.open(folder / shard.name, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
-            try:
-                write_all(fd, prefix)
-                for entry in shard.entries:
-                    if entry.is_copy:
-                        path = entry.base.path
-                        if path not in src_fds:
-                            src_fds[path] = os.open(path, os.O_RDONLY)
-                        copy_range(src_fds[path], fd, entry.base.start, entry.nbytes)
-                        stats.copied += 1
-                        written = entry.nbytes
-                    else:
-                        written = 0
-                        for block in computer.blocks(entry):
-                            data = block.contiguous().reshape(-1).view(_uint8()).numpy()
-                            write_all(fd, data)
-                            written += len(data)
-                        if written != entry.nbytes:  # a planning bug, never a user error
-                            raise AssertionError(f"{entry.name}: wrote {written} bytes, planned {entry.nbytes}")
-                        if entry.is_merge:
-                            stats.merged += 1
-                        else:
-                            stats.converted += 1
-                    stats.bytes_written += written
-                    if progress is not None:
-                        progress.update(written)
-            finally:
-                os.close(fd)  # flushed to disk when the output is committed, after its checks
-            stats.files.append(shard.name)
-    finally:
-        for f in src_fds.values():
-            os.close(f)
+    with ThreadPoolExecutor(1, "lora-merge-read") as reader, ThreadPoolExecutor(1, "lora-merge-write") as writer:
+        computer = _Computer(device, block_bytes, reader)
+        try:
+            for shard in plan.shards:
+                _write_shard(shard, folder, computer, writer, src_fds, stats, progress)
+        finally:
+            for f in src_fds.values():
+                os.close(f)
     if plan.sharded:
         index = {
             "metadata": {**plan.base.index_metadata, "total_size": plan.total_bytes},
@@ -139,6 +156,44 @@ def write_shards(plan: Plan, folder: Path, device, block_bytes: int = DEFAULT_BL
         (folder / INDEX_NAME).write_text(json.dumps(index, indent=2) + "\n")
         stats.files.append(INDEX_NAME)
     return stats
+
+
+def _write_shard(shard, folder: Path, computer: _Computer, writer, src_fds: dict, stats: WriteStats, progress) -> None:
+    prefix, _ = encode_header([(e.name, e.dtype, e.shape) for e in shard.entries], shard.metadata)
+    fd = os.open(folder / shard.name, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+    out = _Appender(writer, fd)
+    try:
+        out.write(prefix)
+        for entry in shard.entries:
+            if entry.is_copy:
+                path = entry.base.path
+                if path not in src_fds:
+                    src_fds[path] = os.open(path, os.O_RDONLY)
+                out.copy(src_fds[path], entry.base.start, entry.nbytes)
+                stats.copied += 1
+                written = entry.nbytes
+            else:
+                written = 0
+                for block in computer.blocks(entry):
+                    data = block.contiguous().reshape(-1).view(_uint8()).numpy()
+                    out.write(data)
+                    written += len(data)
+                if written != entry.nbytes:  # a planning bug, never a user error
+                    raise AssertionError(f"{entry.name}: wrote {written} bytes, planned {entry.nbytes}")
+                if entry.is_merge:
+                    stats.merged += 1
+                else:
+                    stats.converted += 1
+            stats.bytes_written += written
+            if progress is not None:
+                progress.update(written)
+        out.drain()
+    except BaseException:
+        out.abandon()
+        raise
+    finally:
+        os.close(fd)  # flushed to disk when the output is committed, after its checks
+    stats.files.append(shard.name)
 
 
 def _uint8():
