@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 import json
 import logging
 import os
@@ -38,19 +39,27 @@ class DefaultGroup(click.Group):
         except LoraMergeError as e:
             if debug:
                 raise
-            _fail(str(e), e.hint)
-        except (KeyboardInterrupt, Terminated):
-            _fail("interrupted; the temporary output was removed and OUT was not changed", code=130)
+            _fail(str(e), _kept_hint(e) or e.hint)
+        except (KeyboardInterrupt, Terminated) as e:
+            kept = getattr(e, "kept_partial", None)
+            what = f"the finished shards are kept in {kept}" if kept else "the temporary output was removed"
+            _fail(f"interrupted; {what} and OUT was not changed", _kept_hint(e), code=130)
         except OSError as e:
             if debug:
                 raise
             where = f" ({e.filename})" if e.filename else ""
-            _fail(f"{e.strerror or e}{where}", "free some disk space or choose another OUT" if e.errno == 28 else None)
+            full = e.errno in (errno.ENOSPC, errno.EFBIG, errno.EDQUOT)
+            _fail(f"{e.strerror or e}{where}", _kept_hint(e) or ("free some disk space or choose another OUT" if full else None))
         except MemoryError:
             _fail("out of memory", "use a smaller --block-mb")
         finally:
             if previous is not None:
                 signal.signal(signal.SIGTERM, previous)
+
+
+def _kept_hint(e: BaseException) -> str | None:
+    kept = getattr(e, "kept_partial", None)
+    return f"run the same command again (with --resume) to continue from {kept}" if kept else None
 
 
 def _main_thread() -> bool:
@@ -165,12 +174,17 @@ def cli():
 @click.option("--json", "as_json", is_flag=True, help="Print the summary (or the plan) as JSON on stdout.")
 @click.option("-q", "--quiet", is_flag=True, help="No progress bar and no summary.")
 @click.option("-v", "--verbose", is_flag=True, help="Log what is decided along the way.")
+@click.option("--allow-nonfinite", is_flag=True,
+              help="Merge even when the adapter or a merged tensor holds NaN or Inf (the report says so).")
+@click.option("--resume", is_flag=True,
+              help="Keep finished shards when the run is interrupted, and continue from them on the next "
+                   "--resume run (only when their hashes and the plan still match).")
 @token_option
 @click.option("--push-to-hub", "push_to", metavar="REPO_ID", default=None,
               help="After the merge and its parity checks pass, upload OUT to this Hub repo (created if needed).")
 @push_options
 def merge_command(base, adapter, out, dtype, device, overwrite, dry_run, tokenizer_from, block_mb, as_json, quiet,
-                  verbose, token, push_to, private, revision, create_pr, commit_message):
+                  verbose, allow_nonfinite, resume, token, push_to, private, revision, create_pr, commit_message):
     """Merge ADAPTER into BASE and write the merged model to OUT.
 
     \b
@@ -200,13 +214,14 @@ def merge_command(base, adapter, out, dtype, device, overwrite, dry_run, tokeniz
 
         hub.whoami(token)  # before a long merge: logged in, with a token that can write
     options = {"dtype": dtype, "device": device, "overwrite": overwrite, "tokenizer_from": tokenizer_from,
-               "block_mb": block_mb, "push_to_hub": push_to, "private": private, "revision": revision,
-               "create_pr": create_pr}
+               "block_mb": block_mb, "allow_nonfinite": allow_nonfinite, "resume": resume, "push_to_hub": push_to,
+               "private": private, "revision": revision, "create_pr": create_pr}
     try:
         result = pipeline.merge(
             base, adapter, out, dtype=dtype, device=device, overwrite=overwrite, tokenizer_from=tokenizer_from,
             block_bytes=block_bytes, progress_factory=lambda total, label: byte_bar(total, label, not quiet),
             options=options, token=token, command=_command_line(), repo_id=push_to,
+            allow_nonfinite=allow_nonfinite, resume=resume,
         )
     except ParityError as e:
         click.echo(json.dumps(e.report.to_json(), indent=2) if as_json else e.report.table())
@@ -282,9 +297,12 @@ def push_command(out, repo_id, token, private, revision, create_pr, commit_messa
 @click.option("--runs", type=click.IntRange(2), default=10, show_default=True,
               help="Timed runs per condition, after one warm-up.")
 @click.option("--prompt", default=None, help="Prompt text (uses OUT's tokenizer). Default: 16 fixed token ids.")
+@click.option("--allow-nonfinite", is_flag=True,
+              help="Pass NaN or Inf where the exact result is NaN or Inf (a merge made with --allow-nonfinite).")
 @click.option("-q", "--quiet", is_flag=True, help="No progress bar and no table; the exit code tells.")
 @token_option
-def verify_command(out, base, adapter, json_path, device, latency, new_tokens, runs, prompt, quiet, token):
+def verify_command(out, base, adapter, json_path, device, latency, new_tokens, runs, prompt, allow_nonfinite, quiet,
+                   token):
     """Check a merged folder against BASE and ADAPTER; exit 1 when a check fails.
 
     \b
@@ -303,7 +321,7 @@ def verify_command(out, base, adapter, json_path, device, latency, new_tokens, r
 
     if quiet:
         _quiet_hub()
-    report = pipeline.verify(out, base, adapter, device=device, token=token,
+    report = pipeline.verify(out, base, adapter, device=device, token=token, allow_nonfinite=allow_nonfinite,
                              progress_factory=lambda total, label: byte_bar(total, label, not quiet))
     if latency:
         from .latency import latency_table, measure_latency
@@ -355,6 +373,8 @@ def _format_summary(s: dict) -> str:
         f"  {_mb(s['bytes'])} in {s['seconds']:.2f} s ({s['throughput_mb_s']} MB/s) on {s['device']}; "
         f"read back and checked in {s['verify_seconds']:.2f} s",
     ]
+    if s.get("shards_reused"):
+        lines.append(f"  {s['shards_reused']} shard(s) kept from the interrupted run (--resume), checked like the rest")
     lines += [f"  config: {c}" for c in s["config_changes"]]
     lines += [f"  note: {n}" for n in s["notes"]]
     return "\n".join(lines)

@@ -7,6 +7,11 @@ followed by ``hint`` when there is one; the text says what is wrong and what to 
 from __future__ import annotations
 
 
+def name_list(names: list[str], most: int = 5) -> str:
+    """The first few names for a one-line message, with a count of the rest."""
+    return ", ".join(names[:most]) + (f" and {len(names) - most} more" if len(names) > most else "")
+
+
 class LoraMergeError(Exception):
     """Base class of every error lora-merge reports to a user."""
 

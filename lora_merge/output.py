@@ -1,7 +1,14 @@
-"""OUT is written under a temporary name beside it and renamed into place only when complete."""
+"""OUT is written under a temporary name beside it and renamed into place only when complete.
+
+One run at a time writes a given OUT (a lock file beside it), only when the disk has room for it.
+With ``resume``, the temporary folder has a fixed name and survives an interruption, so that the
+next run can keep the shards already finished.
+"""
 
 from __future__ import annotations
 
+import errno
+import fcntl
 import os
 import shutil
 from pathlib import Path
@@ -40,12 +47,89 @@ def check_output(out: Path, overwrite: bool, protected: dict[str, Path]) -> Path
     return out
 
 
-class StagedOutput:
-    """A temporary folder beside OUT; ``commit`` renames it to OUT, leaving the context removes it otherwise."""
+def _size(n: int) -> str:
+    return f"{n / 1e9:,.2f} GB" if n >= 1e9 else f"{n / 1e6:,.1f} MB"
+
+
+def check_space(folder: Path, needed: int) -> None:
+    """Refuse to start when the disk holding ``folder`` has less than ``needed`` bytes free."""
+    free = shutil.disk_usage(folder).free
+    if free < needed:
+        raise OutputError(
+            f"not enough free disk for OUT: the merge writes {_size(needed)} and {_size(free)} are free in {str(folder)!r}",
+            "free some space, or choose an OUT on a disk with room",
+        )
+
+
+class OutputLock:
+    """An exclusive lock on writing OUT, held through a file beside it: a second run is refused.
+
+    The kernel releases the lock when its holder dies, so a crashed run never blocks the next one.
+    """
 
     def __init__(self, out: Path):
         self.out = out
-        self.tmp = out.parent / f".{out.name}.lora-merge-tmp-{os.getpid()}"
+        self.path = out.parent / f".{out.name}.lora-merge.lock"
+        self.fd: int | None = None
+
+    def __enter__(self) -> OutputLock:
+        while True:
+            fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except OSError as e:
+                os.close(fd)
+                if e.errno not in (errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES):
+                    raise
+                holder = _read_pid(self.path)
+                raise OutputError(
+                    f"another lora-merge run{f' (pid {holder})' if holder else ''} is writing OUT {str(self.out)!r}",
+                    "wait for it to finish, or choose another OUT",
+                ) from None
+            # the holder before us may have removed the file between our open and our lock: lock anew
+            try:
+                same = os.fstat(fd).st_ino == os.stat(self.path).st_ino
+            except FileNotFoundError:
+                same = False
+            if same:
+                break
+            os.close(fd)
+        os.ftruncate(fd, 0)
+        os.write(fd, f"{os.getpid()}\n".encode())
+        self.fd = fd
+        return self
+
+    def __exit__(self, *exc) -> None:
+        if self.fd is not None:
+            try:
+                os.unlink(self.path)
+            except FileNotFoundError:
+                pass
+            os.close(self.fd)
+            self.fd = None
+
+
+def _read_pid(path: Path) -> str | None:
+    try:
+        text = path.read_text().strip()
+    except OSError:
+        return None
+    return text if text.isdigit() else None
+
+
+class StagedOutput:
+    """A temporary folder beside OUT; ``commit`` renames it to OUT, leaving the context removes it otherwise.
+
+    With ``resume`` the folder is ``.OUT.lora-merge-partial``: what it holds is kept on entry (the
+    caller decides what to reuse) and on a failure or interruption (``kept`` is then True).
+    """
+
+    def __init__(self, out: Path, resume: bool = False):
+        self.out = out
+        self.resume = resume
+        name = "lora-merge-partial" if resume else f"lora-merge-tmp-{os.getpid()}"
+        self.tmp = out.parent / f".{out.name}.{name}"
+        self.kept = False
         self._flushing = None
 
     def flush_soon(self) -> None:
@@ -56,8 +140,10 @@ class StagedOutput:
         self._flushing.start()
 
     def __enter__(self) -> StagedOutput:
-        if self.tmp.exists():
-            shutil.rmtree(self.tmp)
+        if self.resume and self.tmp.is_dir() and not self.tmp.is_symlink():
+            return self
+        if self.tmp.exists() or self.tmp.is_symlink():
+            _remove(self.tmp)
         self.tmp.mkdir()
         return self
 
@@ -84,11 +170,22 @@ class StagedOutput:
             else:
                 old.unlink()
 
-    def __exit__(self, *exc) -> None:
+    def __exit__(self, exc_type, exc, tb) -> None:
         if self._flushing is not None:
             self._flushing.join()
-        if self.tmp.exists():
-            shutil.rmtree(self.tmp, ignore_errors=True)
+        if not self.tmp.exists():
+            return
+        if self.resume and exc_type is not None:
+            self.kept = True
+            return
+        shutil.rmtree(self.tmp, ignore_errors=True)
+
+
+def _remove(path: Path) -> None:
+    if path.is_dir() and not path.is_symlink():
+        shutil.rmtree(path)
+    else:
+        path.unlink()
 
 
 def _fsync_tree(folder: Path) -> None:

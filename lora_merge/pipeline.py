@@ -11,11 +11,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from . import card
-from .errors import DeviceError, ParityError
+from .errors import DeviceError, NonFiniteError, ParityError, name_list
 from .formats.peft import load_peft_adapter
-from .output import StagedOutput, check_output
+from .output import OutputLock, StagedOutput, check_output, check_space
 from .plan import DTYPE_CONFIG, Plan, make_plan
 from .report import REPORT_NAME, Report, load_out, verify_output
+from .resume import Journal
 from .safetensors_file import FLOAT_DTYPES
 from .sources import TOKENIZER_FILES, extra_files, load_base, resolve_source
 from .writer import DEFAULT_BLOCK_BYTES, WriteStats, write_shards
@@ -55,6 +56,7 @@ class MergeResult:
             result["seconds"] = round(self.seconds, 3)
             result["throughput_mb_s"] = round(total / 1e6 / self.seconds, 1) if self.seconds > 0 else None
             result["files"] = self.stats.files + self.files_copied
+            result["shards_reused"] = self.stats.reused
         if self.report is not None:
             result["parity"] = "passed" if self.report.ok else "failed"
             result["verify_seconds"] = self.report.details["provenance"]["verify_seconds"]
@@ -102,8 +104,9 @@ def estimate_peak_bytes(plan: Plan, block_bytes: int) -> int:
         largest_block = max(largest_block, rows * row * 8)
         if e.ops is not None:
             factors = max(factors, sum(8 * math.prod(t.shape) for t in _factor_tensors(e.ops)))
-    # block in float64, the rounding's float32/float64 temporaries, the raw read and the output bytes
-    return BASELINE_RSS + 3 * largest_block + factors
+    # block in float64, the rounding's float32/float64 temporaries, the raw reads (this block and the
+    # next) and the output blocks waiting to be written
+    return BASELINE_RSS + 4 * largest_block + factors
 
 
 def _factor_tensors(ops):
@@ -215,20 +218,55 @@ def merge(
     token: str | None = None,
     command: str | None = None,
     repo_id: str | None = None,
+    allow_nonfinite: bool = False,
+    resume: bool = False,
 ) -> MergeResult:
     """Merge ADAPTER into BASE, write the result to OUT and check it.
 
     Nothing exists at OUT unless the merge completes. OUT then holds merge_report.json and a model
     card (README.md; ``repo_id`` is the Hub repo it is meant for, ``command`` how it was made). When a
     parity check fails, OUT stays (marked failed in its report) and ParityError is raised.
+
+    NaN or Inf in the adapter or in a merged tensor is an error unless ``allow_nonfinite``. With
+    ``resume``, the temporary output survives a failure or an interruption, and a later run with
+    ``resume`` keeps the shards it finished (when their hashes and the plan still match).
     """
     plan = prepare(base, adapter, dtype, token)
-    out_path = check_output(Path(out), overwrite, {"BASE": plan.base.path, "ADAPTER": plan.adapter.path})
+    protected = {"BASE": plan.base.path, "ADAPTER": plan.adapter.path}
+    out_path = check_output(Path(out), overwrite, protected)
+    bad = nonfinite_adapter_tensors(plan)
+    if bad and not allow_nonfinite:
+        raise NonFiniteError(
+            f"the adapter holds NaN or Inf in {len(bad)} tensor(s): {name_list(bad)}",
+            "repair or retrain the adapter; --allow-nonfinite merges it anyway (the report says so)",
+        )
+    if bad:
+        plan.notes.append(f"merged with NaN or Inf in {len(bad)} adapter tensor(s) (--allow-nonfinite): {name_list(bad)}")
     dev = resolve_device(device)
+    with OutputLock(out_path):
+        check_output(out_path, overwrite, protected)  # again: a run that held the lock may have written OUT
+        staged = StagedOutput(out_path, resume=resume)
+        try:
+            return _merge_into(plan, staged, dev, base, adapter, out, dtype, device, tokenizer_from, block_bytes,
+                               progress_factory, options, command, repo_id, allow_nonfinite)
+        except BaseException as e:
+            if staged.kept:
+                e.kept_partial = staged.tmp  # the CLI says where the finished shards wait
+            raise
+
+
+def _merge_into(plan, staged, dev, base, adapter, out, dtype, device, tokenizer_from, block_bytes, progress_factory,
+                options, command, repo_id, allow_nonfinite) -> MergeResult:
+    out_path = staged.out
     started = time.perf_counter()
-    with StagedOutput(out_path) as staged:
+    with staged:
+        journal = Journal(staged.tmp, plan) if staged.resume else None
+        reuse = journal.reusable(plan) if journal is not None else set()
+        check_space(out_path.parent, _bytes_to_write(plan, reuse))
         stats = _with_bar(progress_factory, plan.total_bytes, "merging",
-                          lambda bar: write_shards(plan, staged.tmp, dev, block_bytes, bar))
+                          lambda bar: write_shards(plan, staged.tmp, dev, block_bytes, bar, reuse=reuse,
+                                                   on_shard=journal.finished if journal else None,
+                                                   allow_nonfinite=allow_nonfinite))
         copied = finish_files(plan, staged.tmp, tokenizer_from)
         staged.flush_soon()
         merge_seconds = time.perf_counter() - started
@@ -238,21 +276,49 @@ def merge(
             "options": options or {"dtype": dtype, "device": device, "tokenizer_from": tokenizer_from,
                                    "block_bytes": block_bytes},
             "merge_seconds": round(merge_seconds, 3),
+            "shards_reused": sorted(reuse),
         }
         report = _with_bar(progress_factory, plan.total_bytes, "verifying",
                            lambda bar: verify_output(staged.tmp, plan, dev, shown_as=str(out_path),
-                                                     provenance=provenance, progress=bar))
+                                                     provenance=provenance, progress=bar,
+                                                     allow_nonfinite=allow_nonfinite))
         prov = report.details["provenance"]
         prov["wall_seconds"] = round(time.perf_counter() - started, 3)
         prov["peak_memory_bytes"] = peak_memory_bytes()
         prov["command"] = command or _python_call(base, adapter, out, dtype)
         report.write(staged.tmp / REPORT_NAME)
         card.write(staged.tmp, plan, report, command=prov["command"], repo_id=repo_id)
+        if journal is not None:
+            journal.remove()
         staged.commit()
     result = MergeResult(plan, out_path, str(dev), merge_seconds, stats, copied + [REPORT_NAME, card.CARD_NAME], report)
     if not report.ok:
         raise parity_error(report, out_path / REPORT_NAME)
     return result
+
+
+def nonfinite_adapter_tensors(plan: Plan) -> list[str]:
+    """Names of the adapter tensors the merge uses that hold NaN or Inf (each read once; adapters are small)."""
+    from .mathops import all_finite
+
+    seen: dict[str, object] = {}
+    for e in plan.entries:
+        if e.ops is not None:
+            for t in _adapter_tensors(e.ops):
+                seen.setdefault(t.name, t)
+    return sorted(name for name, t in seen.items() if t.dtype in FLOAT_DTYPES and not all_finite(t.load()))
+
+
+def _adapter_tensors(ops):
+    yield from (t for t in (ops.replace, ops.dora_magnitude, ops.rows) if t is not None)
+    yield from _factor_tensors(ops)
+
+
+def _bytes_to_write(plan: Plan, reuse: set[str]) -> int:
+    """Bytes the output still needs on disk: the shards not kept from an earlier run and the other files."""
+    shards = sum(e.nbytes for s in plan.shards if s.name not in reuse for e in s.entries)
+    others = sum(p.stat().st_size for p in extra_files(plan.base.path))
+    return shards + others + 1024 * 1024  # headers, index, report and card
 
 
 def _python_call(base, adapter, out, dtype) -> str:
@@ -261,7 +327,7 @@ def _python_call(base, adapter, out, dtype) -> str:
 
 
 def verify(out: str | Path, base: str, adapter: str, *, device: str = "auto", progress_factory=None,
-           token: str | None = None) -> Report:
+           token: str | None = None, allow_nonfinite: bool = False) -> Report:
     """Check a merged folder (written by any tool, any shard layout) against BASE and ADAPTER."""
     out_src = resolve_source(str(out), "OUT")
     out_model = load_out(out_src.path)
@@ -270,7 +336,8 @@ def verify(out: str | Path, base: str, adapter: str, *, device: str = "auto", pr
     plan.adapter_source = adapter_src
     dev = resolve_device(device)
     return _with_bar(progress_factory, plan.total_bytes, "verifying",
-                     lambda bar: verify_output(out_src.path, plan, dev, out_model=out_model, progress=bar))
+                     lambda bar: verify_output(out_src.path, plan, dev, out_model=out_model, progress=bar,
+                                               allow_nonfinite=allow_nonfinite))
 
 
 def _output_dtype(base_model, out_model) -> str | None:

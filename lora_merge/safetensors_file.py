@@ -7,6 +7,7 @@ The format: 8-byte little-endian header length, a JSON header, then the data reg
 
 from __future__ import annotations
 
+import errno
 import json
 import math
 import os
@@ -76,7 +77,8 @@ def read_header(path: Path) -> SafetensorsHeader:
                 )
             raw = f.read(hlen)
     except OSError as e:
-        raise HeaderError(f"{path}: cannot read ({e.strerror or e})") from e
+        raise HeaderError(f"{path}: cannot read ({e.strerror or e})",
+                          "check that the file exists and is readable, or download the model again") from e
     try:
         header = json.loads(raw)
     except (UnicodeDecodeError, json.JSONDecodeError) as e:
@@ -171,8 +173,10 @@ def copy_range(src_fd: int, dst_fd: int, offset: int, count: int) -> None:
                     break
                 offset += n
                 remaining -= n
-        except OSError:
-            pass  # e.g. EXDEV on old kernels or unsupported filesystems: fall through to the plain copy
+        except OSError as e:
+            # old kernels and some filesystems cannot: fall through to the plain copy; a full disk is an error
+            if e.errno not in (errno.EXDEV, errno.ENOSYS, errno.EOPNOTSUPP, errno.EINVAL, errno.EBADF):
+                raise
     while remaining:
         chunk = pread_exact(src_fd, min(remaining, COPY_CHUNK), offset)
         write_all(dst_fd, chunk)

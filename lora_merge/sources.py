@@ -80,6 +80,16 @@ def _inside(path: Path, folder: Path) -> bool:
         return False
 
 
+def _no_duplicate_keys(pairs: list) -> dict:
+    """A JSON object that names a key twice (a tensor listed in two shards) is refused, not silently resolved."""
+    seen: dict = {}
+    for key, value in pairs:
+        if key in seen:
+            raise ValueError(f"{key!r} is listed twice")
+        seen[key] = value
+    return seen
+
+
 def load_base(source: Source, role: str = "BASE") -> BaseModel:
     """Read a model folder's config and every shard header; no tensor data is read."""
     folder = source.path
@@ -87,7 +97,7 @@ def load_base(source: Source, role: str = "BASE") -> BaseModel:
     index_metadata: dict = {}
     if index_path.is_file():
         try:
-            index = json.loads(index_path.read_text())
+            index = json.loads(index_path.read_text(), object_pairs_hook=_no_duplicate_keys)
             weight_map = index["weight_map"]
             index_metadata = index.get("metadata") or {}
             if not isinstance(weight_map, dict):

@@ -8,6 +8,7 @@ another thread writes the last one.
 
 from __future__ import annotations
 
+import errno
 import json
 import math
 import os
@@ -18,11 +19,13 @@ from pathlib import Path
 
 from . import mathops
 from .adapter import FileTensor, torch_dtype
-from .errors import NonFiniteError
+from .errors import NonFiniteError, OutputError, name_list
 from .plan import Entry, Plan
 from .safetensors_file import copy_range, encode_header, write_all
 from .sources import INDEX_NAME
 
+# a full disk, a file size limit, a quota
+NO_ROOM = (errno.ENOSPC, errno.EFBIG, errno.EDQUOT)
 DEFAULT_BLOCK_BYTES = 4 * 1024 * 1024  # float64 working block: a few of these are the merge's peak
 
 
@@ -31,7 +34,9 @@ class WriteStats:
     merged: int = 0
     copied: int = 0
     converted: int = 0
+    reused: int = 0  # shards kept from an interrupted run (--resume)
     bytes_written: int = 0
+    nonfinite: list[str] = field(default_factory=list)  # merged tensors holding NaN or Inf (when allowed)
     files: list[str] = field(default_factory=list)
 
 
@@ -45,6 +50,7 @@ class _Computer:
 
     def __init__(self, device, block_bytes: int, reader: ThreadPoolExecutor):
         self.device = device
+        self.nonfinite: list[str] = []
         self.block_bytes = block_bytes
         self.reader = reader
         self.pinned = getattr(device, "type", str(device)) == "cuda"
@@ -79,11 +85,8 @@ class _Computer:
             if token_rows is not None:
                 mathops.replace_rows(v, ops.row_indices, token_rows, start, stop)
             out = mathops.round_to(v, out_dtype)
-            if out.is_floating_point() and not mathops.all_finite(out):
-                raise NonFiniteError(
-                    f"{entry.name}: the merged tensor holds NaN or Inf",
-                    "the adapter is broken or its scale overflows the output dtype",
-                )
+            if out.is_floating_point() and not mathops.all_finite(out) and entry.name not in self.nonfinite:
+                self.nonfinite.append(entry.name)
             yield out.cpu()
 
     def _read_ahead(self, source, spans):
@@ -136,18 +139,45 @@ class _Appender:
             self.pending.popleft().exception()
 
 
-def write_shards(plan: Plan, folder: Path, device, block_bytes: int = DEFAULT_BLOCK_BYTES, progress=None) -> WriteStats:
-    """Write every shard of the plan (and the index) into ``folder``."""
+def write_shards(
+    plan: Plan,
+    folder: Path,
+    device,
+    block_bytes: int = DEFAULT_BLOCK_BYTES,
+    progress=None,
+    *,
+    reuse: frozenset[str] | set[str] = frozenset(),
+    on_shard=None,
+    allow_nonfinite: bool = False,
+) -> WriteStats:
+    """Write every shard of the plan (and the index) into ``folder``.
+
+    Shards named in ``reuse`` are already there (a resumed run) and are skipped; ``on_shard(name)``
+    is called as each written shard is complete. A merged tensor holding NaN or Inf is an error
+    (naming every such tensor, after all are written) unless ``allow_nonfinite``.
+    """
     stats = WriteStats()
     src_fds: dict[Path, int] = {}
     with ThreadPoolExecutor(1, "lora-merge-read") as reader, ThreadPoolExecutor(1, "lora-merge-write") as writer:
         computer = _Computer(device, block_bytes, reader)
         try:
             for shard in plan.shards:
+                if shard.name in reuse:
+                    _count_reused(shard, stats, progress)
+                    continue
                 _write_shard(shard, folder, computer, writer, src_fds, stats, progress)
+                if on_shard is not None:
+                    on_shard(shard.name)
         finally:
             for f in src_fds.values():
                 os.close(f)
+    stats.nonfinite = computer.nonfinite
+    if computer.nonfinite and not allow_nonfinite:
+        raise NonFiniteError(
+            f"the merge gives NaN or Inf in {len(computer.nonfinite)} tensor(s): {name_list(computer.nonfinite)}",
+            "the adapter's scale overflows the output dtype (try --dtype float32), or the adapter is broken; "
+            "--allow-nonfinite writes it anyway",
+        )
     if plan.sharded:
         index = {
             "metadata": {**plan.base.index_metadata, "total_size": plan.total_bytes},
@@ -156,6 +186,20 @@ def write_shards(plan: Plan, folder: Path, device, block_bytes: int = DEFAULT_BL
         (folder / INDEX_NAME).write_text(json.dumps(index, indent=2) + "\n")
         stats.files.append(INDEX_NAME)
     return stats
+
+
+def _count_reused(shard, stats: WriteStats, progress) -> None:
+    stats.reused += 1
+    for entry in shard.entries:
+        if entry.is_copy:
+            stats.copied += 1
+        elif entry.is_merge:
+            stats.merged += 1
+        else:
+            stats.converted += 1
+    if progress is not None:
+        progress.update(sum(e.nbytes for e in shard.entries))
+    stats.files.append(shard.name)
 
 
 def _write_shard(shard, folder: Path, computer: _Computer, writer, src_fds: dict, stats: WriteStats, progress) -> None:
@@ -188,8 +232,13 @@ def _write_shard(shard, folder: Path, computer: _Computer, writer, src_fds: dict
             if progress is not None:
                 progress.update(written)
         out.drain()
-    except BaseException:
+    except BaseException as e:
         out.abandon()
+        if isinstance(e, OSError) and e.errno in NO_ROOM:
+            raise OutputError(
+                f"no room left on the disk while writing {shard.name} ({e.strerror})",
+                "free some disk space (or raise the file size limit) and run again; OUT was not changed",
+            ) from e
         raise
     finally:
         os.close(fd)  # flushed to disk when the output is committed, after its checks

@@ -178,7 +178,7 @@ def test_overwrite_never_removes_inputs(models, adapter, tmp_path):
 
 
 def test_failure_midway_leaves_nothing(models, adapter, tmp_path):
-    """A damaged adapter tensor found while writing: OUT never appears, the temporary folder is gone."""
+    """A damaged adapter tensor: refused before anything is written, nothing left behind."""
     bad = tmp_path / "adapter"
     shutil.copytree(adapter, bad)
     from safetensors.torch import load_file, save_file

@@ -1,0 +1,107 @@
+"""Picking up an interrupted merge: which finished shards of the partial output can be kept.
+
+A journal in the partial folder records the plan's fingerprint and, for each shard written to the
+end and flushed, its size and sha256. A later run keeps a shard only when the fingerprint is the
+same (same lora-merge, same BASE files, same adapter bytes, same output layout and dtypes) and the
+file still has its recorded size and hash; everything else in the folder is removed and rewritten.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+from pathlib import Path
+
+from . import __version__
+from .plan import Plan
+
+JOURNAL_NAME = ".lora-merge-resume.json"
+HASH_CHUNK = 4 * 1024 * 1024
+
+log = logging.getLogger("lora_merge")
+
+
+def fingerprint(plan: Plan) -> str:
+    """What the merged bytes depend on, hashed; any change means the partial output is stale."""
+    base_files = []
+    for shard in plan.base.shards:
+        st = os.stat(shard.path)
+        base_files.append([shard.path.name, st.st_size, st.st_mtime_ns])
+    adapter_files = {p.name: file_sha256(p) for p in [*plan.adapter.files, plan.adapter.path / "adapter_config.json"]
+                     if p.is_file()}
+    layout = [[s.name, [[e.name, e.dtype, list(e.shape), e.note] for e in s.entries]] for s in plan.shards]
+    data = {"version": __version__, "base": base_files, "adapter": adapter_files, "layout": layout}
+    return hashlib.sha256(json.dumps(data, sort_keys=True).encode()).hexdigest()
+
+
+def file_sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(HASH_CHUNK):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+class Journal:
+    """The record of finished shards in a partial output folder."""
+
+    def __init__(self, folder: Path, plan: Plan):
+        self.folder = folder
+        self.path = folder / JOURNAL_NAME
+        self.fingerprint = fingerprint(plan)
+        self.done: dict[str, dict] = {}
+
+    def reusable(self, plan: Plan) -> set[str]:
+        """Shards of the partial folder that can be kept; everything else in it is removed."""
+        try:
+            recorded = json.loads(self.path.read_text())
+        except (OSError, ValueError):
+            recorded = None
+        keep: set[str] = set()
+        if isinstance(recorded, dict) and recorded.get("fingerprint") == self.fingerprint:
+            wanted = {s.name: s for s in plan.shards}
+            for name, info in (recorded.get("shards") or {}).items():
+                path = self.folder / name
+                if (
+                    name in wanted
+                    and isinstance(info, dict)
+                    and path.is_file()
+                    and not path.is_symlink()
+                    and path.stat().st_size == info.get("bytes")
+                    and file_sha256(path) == info.get("sha256")
+                ):
+                    keep.add(name)
+                    self.done[name] = info
+        elif recorded is not None:
+            log.warning("the partial output in %s was made from other inputs or options: starting over", self.folder)
+        for path in self.folder.iterdir():
+            if path.name not in keep and path.name != JOURNAL_NAME:
+                if path.is_dir() and not path.is_symlink():
+                    import shutil
+
+                    shutil.rmtree(path)
+                else:
+                    path.unlink()
+        self._save()
+        return keep
+
+    def finished(self, name: str) -> None:
+        """Record a shard written to its end: flushed to disk first, then hashed and noted."""
+        path = self.folder / name
+        fd = os.open(path, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        self.done[name] = {"bytes": path.stat().st_size, "sha256": file_sha256(path)}
+        self._save()
+
+    def remove(self) -> None:
+        self.path.unlink(missing_ok=True)
+
+    def _save(self) -> None:
+        tmp = self.path.with_name(self.path.name + ".tmp")
+        tmp.write_text(json.dumps({"fingerprint": self.fingerprint, "shards": self.done}, indent=2))
+        os.replace(tmp, self.path)
