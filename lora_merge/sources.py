@@ -43,6 +43,7 @@ class Source:
 
 def resolve_source(spec: str, role: str, token: str | None = None) -> Source:
     """Turn BASE or ADAPTER as typed into a local folder: an existing path, else a Hub repo id."""
+    spec = str(spec)  # a Path from a library caller
     path = Path(spec).expanduser()
     if path.is_dir():
         return Source(spec, path.resolve())
@@ -100,13 +101,15 @@ def load_base(source: Source, role: str = "BASE") -> BaseModel:
             index = json.loads(index_path.read_text(), object_pairs_hook=_no_duplicate_keys)
             weight_map = index["weight_map"]
             index_metadata = index.get("metadata") or {}
-            if not isinstance(weight_map, dict):
-                raise TypeError
-        except (OSError, ValueError, KeyError, TypeError) as e:
+            if not isinstance(weight_map, dict) or not all(isinstance(v, str) for v in weight_map.values()):
+                raise TypeError("weight_map must map tensor names to file names")
+            if not isinstance(index_metadata, dict):
+                raise TypeError("metadata must be a JSON object")
+        except (OSError, ValueError, KeyError, TypeError, AttributeError) as e:
             raise HeaderError(f"{index_path}: not a valid safetensors index ({e})", "re-download the base model") from e
         shard_names = list(dict.fromkeys(weight_map.values()))
         shard_names.sort()
-        bad = [n for n in shard_names if not isinstance(n, str) or "/" in n or "\\" in n or n in ("", ".", "..")]
+        bad = [n for n in shard_names if "/" in n or "\\" in n or n in ("", ".", "..")]
         if bad:
             raise HeaderError(f"{index_path}: weight_map names files outside the model folder: {bad[:5]}")
         missing = [n for n in shard_names if not (folder / n).is_file()]

@@ -1,0 +1,194 @@
+"""Property tests: many adapter configurations against peft, and many damaged headers and indexes.
+
+A damaged file may be accepted (when what is left still describes valid tensors) or refused with a
+LoraMergeError; it never raises anything else, never takes long, and never writes outside OUT.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import struct
+import tempfile
+from pathlib import Path
+
+import pytest
+import torch
+from click.testing import CliRunner
+from conftest import build_adapter, load_tensors, peft_reference
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from lora_merge import merge
+from lora_merge.cli import cli
+from lora_merge.errors import LoraMergeError
+from lora_merge.safetensors_file import read_header
+from lora_merge.sources import Source, load_base
+
+LINEAR = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+SLOW = settings(max_examples=8, deadline=None, suppress_health_check=list(HealthCheck), derandomize=True)
+FAST = settings(max_examples=300, deadline=2000, suppress_health_check=list(HealthCheck), derandomize=True)
+
+
+# ----------------------------------------------------------------------------- adapters against peft
+
+
+@st.composite
+def lora_configs(draw):
+    targets = draw(st.lists(st.sampled_from(LINEAR), min_size=1, max_size=7, unique=True))
+    config = {
+        "r": draw(st.integers(1, 8)),
+        "lora_alpha": draw(st.sampled_from([1, 2.5, 8, 16, 64])),
+        "use_rslora": draw(st.booleans()),
+        "target_modules": targets,
+    }
+    if draw(st.booleans()):
+        config["layers_to_transform"] = draw(st.sampled_from([[0], [1]]))
+    if draw(st.booleans()):
+        config["rank_pattern"] = {targets[0]: draw(st.integers(1, 8))}
+    if draw(st.booleans()):
+        config["alpha_pattern"] = {targets[-1]: draw(st.sampled_from([3, 32]))}
+    return config
+
+
+@SLOW
+@given(config=lora_configs(), seed=st.integers(0, 2**16))
+def test_any_lora_config_merges_like_peft(models, config, seed):
+    with tempfile.TemporaryDirectory() as tmp:
+        tmp = Path(tmp)
+        build_adapter(models["llama"], tmp / "adapter", seed=seed, **config)
+        result = merge(models["llama"], tmp / "adapter", tmp / "out", device="cpu")
+        assert result.report.ok, result.report.table()
+        ours = load_tensors(tmp / "out")
+        theirs = peft_reference(models["llama"], tmp / "adapter")
+        base = load_tensors(models["llama"])
+        changed = 0
+        for name, tensor in ours.items():
+            torch.testing.assert_close(tensor, theirs[name], rtol=2e-6, atol=1e-7, msg=name)
+            changed += not torch.equal(tensor, base[name])
+        assert changed == result.stats.merged > 0
+
+
+# ------------------------------------------------------------------------------- damaged safetensors
+
+
+def _valid_file() -> bytes:
+    from safetensors.torch import save
+
+    return save({"a": torch.arange(6, dtype=torch.float32).reshape(2, 3), "b": torch.ones(4, dtype=torch.bfloat16),
+                 "c": torch.zeros(0, 5)}, metadata={"format": "pt"})
+
+
+VALID = _valid_file()
+json_values = st.recursive(
+    st.none() | st.booleans() | st.integers(-(2**70), 2**70) | st.floats(allow_nan=False) | st.text(max_size=8),
+    lambda inner: st.lists(inner, max_size=4) | st.dictionaries(st.text(max_size=6), inner, max_size=4),
+    max_leaves=12,
+)
+entry = st.fixed_dictionaries({
+    "dtype": st.sampled_from(["F32", "BF16", "F16", "I8", "F12", "", 3]),
+    "shape": st.lists(st.integers(-2, 10), max_size=3) | json_values,
+    "data_offsets": st.lists(st.integers(-5, 200), min_size=0, max_size=3) | json_values,
+})
+headers = st.dictionaries(st.text(max_size=6), entry | json_values, max_size=4)
+
+
+@st.composite
+def damaged_files(draw, valid: bytes = VALID) -> bytes:
+    raw = bytearray(valid)
+    kind = draw(st.sampled_from(["truncate", "flip", "length", "header", "json"]))
+    if kind == "truncate":
+        return bytes(raw[:draw(st.integers(0, len(raw) - 1))])
+    if kind == "flip":
+        for _ in range(draw(st.integers(1, 4))):
+            raw[draw(st.integers(0, len(raw) - 1))] = draw(st.integers(0, 255))
+        return bytes(raw)
+    (n,) = struct.unpack("<Q", raw[:8])
+    data = bytes(raw[8 + n:])
+    if kind == "length":
+        return struct.pack("<Q", draw(st.integers(0, 2**64 - 1))) + bytes(raw[8:])
+    text = json.dumps(draw(headers if kind == "header" else json_values)).encode()
+    return struct.pack("<Q", len(text)) + text + data
+
+
+@FAST
+@given(blob=damaged_files())
+def test_a_damaged_header_is_read_or_refused(blob):
+    with tempfile.TemporaryDirectory() as tmp:
+        path = Path(tmp) / "model.safetensors"
+        path.write_bytes(blob)
+        try:
+            header = read_header(path)
+        except LoraMergeError:
+            return
+        for info in header.tensors.values():  # accepted: every tensor lies inside the file
+            assert 0 < info.start and info.start + info.nbytes <= len(blob)
+
+
+# ----------------------------------------------------------------------------------- damaged indexes
+
+
+shard_names = st.sampled_from(["model-00001-of-00002.safetensors", "model-00002-of-00002.safetensors",
+                               "../model-00001-of-00002.safetensors", "/etc/passwd", "", ".", "..",
+                               "sub/x.safetensors", "missing.safetensors"])
+indexes = st.one_of(
+    json_values,
+    st.fixed_dictionaries({"weight_map": st.dictionaries(st.text(max_size=40), shard_names | json_values,
+                                                         max_size=6)}),
+    st.fixed_dictionaries({"metadata": json_values, "weight_map": json_values}),
+)
+
+
+@pytest.fixture(scope="module")
+def sharded_copy(models, tmp_path_factory):
+    folder = tmp_path_factory.mktemp("index") / "base"
+    shutil.copytree(models["llama_sharded"], folder)
+    real = json.loads((folder / "model.safetensors.index.json").read_text())
+    return folder, real
+
+
+@FAST
+@given(index=indexes, keep_real=st.booleans())
+def test_a_damaged_index_is_read_or_refused(sharded_copy, index, keep_real):
+    folder, real = sharded_copy
+    if keep_real and isinstance(index, dict) and isinstance(index.get("weight_map"), dict):
+        index["weight_map"] = {**real["weight_map"], **index["weight_map"]}
+    (folder / "model.safetensors.index.json").write_text(json.dumps(index))
+    try:
+        model = load_base(Source(str(folder), folder))
+    except LoraMergeError:
+        return
+    finally:
+        (folder / "model.safetensors.index.json").write_text(json.dumps(real))
+    for info in model.tensors.values():  # accepted: only files of the folder itself
+        assert info.path.resolve().parent == folder.resolve()
+
+
+# --------------------------------------------------------------------------- the whole command line
+
+
+@pytest.fixture(scope="module")
+def real_adapter(models, tmp_path_factory):
+    folder = tmp_path_factory.mktemp("prop") / "adapter"
+    build_adapter(models["llama"], folder, r=2, lora_alpha=4, target_modules=["q_proj", "down_proj"])
+    return folder
+
+
+@settings(max_examples=30, deadline=None, suppress_health_check=list(HealthCheck), derandomize=True)
+@given(data=st.data(), which=st.sampled_from(["base", "adapter"]))
+def test_the_command_line_never_leaks_a_traceback_or_a_file(models, real_adapter, data, which):
+    with tempfile.TemporaryDirectory() as tmp:
+        tmp = Path(tmp)
+        base, adapter = tmp / "base", tmp / "adapter"
+        shutil.copytree(models["llama"], base)
+        shutil.copytree(real_adapter, adapter)
+        target = (base / "model.safetensors") if which == "base" else (adapter / "adapter_model.safetensors")
+        target.write_bytes(data.draw(damaged_files(target.read_bytes())))
+        before = set(tmp.rglob("*"))
+        r = CliRunner().invoke(cli, [str(base), str(adapter), str(tmp / "out"), "-q"])
+        assert r.exit_code in (0, 1) and "Traceback" not in r.output, r.output
+        if r.exit_code == 1:
+            assert r.output.startswith("error: ") or "parity report" in r.output, r.output
+        after = set(tmp.rglob("*")) - before
+        assert all(p == tmp / "out" or (tmp / "out") in p.parents for p in after), after
+        assert r.exit_code == 1 or (tmp / "out" / "merge_report.json").is_file()
