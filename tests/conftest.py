@@ -126,6 +126,24 @@ def unmerged_logits(base_dir: Path, adapter_dir: Path, resize_to=None) -> torch.
     return forward_logits(peft.PeftModel.from_pretrained(model, adapter_dir))
 
 
+def run_cli(*args):
+    """The command line in this process, arguments as strings."""
+    from click.testing import CliRunner
+
+    from lora_merge.cli import cli
+
+    return CliRunner().invoke(cli, [str(a) for a in args])
+
+
+def expect_error(r, *fragments, code=1):
+    """One ``error: …`` line (and a hint), the exit code, no traceback, and each fragment in the text."""
+    assert r.exit_code == code, r.output
+    lines = [line for line in r.output.splitlines() if line.strip()]
+    assert lines[0].startswith("error: ") and "Traceback" not in r.output, r.output
+    for f in fragments:
+        assert f in r.output, r.output
+
+
 @pytest.fixture(scope="session")
 def models(tmp_path_factory):
     """Base models shared by the session (read-only): name -> folder."""

@@ -7,10 +7,8 @@ import shutil
 
 import pytest
 import torch
-from click.testing import CliRunner
-from conftest import build_adapter, load_tensors
-
-from lora_merge.cli import cli
+from conftest import build_adapter, expect_error, load_tensors
+from conftest import run_cli as run
 
 
 @pytest.fixture(scope="module")
@@ -18,11 +16,6 @@ def adapter(models, tmp_path_factory):
     folder = tmp_path_factory.mktemp("cli") / "adapter"
     build_adapter(models["llama_sharded"], folder, r=4, lora_alpha=8, target_modules=["q_proj", "down_proj"])
     return folder
-
-
-def run(*args):
-    result = CliRunner().invoke(cli, [str(a) for a in args])
-    return result
 
 
 def leftovers(parent):
@@ -72,15 +65,6 @@ def test_version_and_help():
     r = run("-h")
     assert r.exit_code == 0 and "lora-merge BASE ADAPTER OUT" in r.output
     assert "--dtype" in run("merge", "--help").output
-
-
-def expect_error(r, *fragments, code=1):
-    assert r.exit_code == code, r.output
-    lines = [line for line in r.output.splitlines() if line.strip()]
-    assert lines[0].startswith("error: "), r.output
-    assert "Traceback" not in r.output
-    for f in fragments:
-        assert f in r.output, r.output
 
 
 def test_missing_base(adapter, tmp_path):

@@ -18,11 +18,9 @@ from pathlib import Path
 
 import pytest
 import torch
-from click.testing import CliRunner
-from conftest import build_adapter
+from conftest import build_adapter, expect_error
+from conftest import run_cli as run
 from safetensors.torch import load_file, save_file
-
-from lora_merge.cli import cli
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "scripts"))
 from make_model import make  # noqa: E402
@@ -33,18 +31,6 @@ def adapter(models, tmp_path_factory):
     folder = tmp_path_factory.mktemp("rel") / "adapter"
     build_adapter(models["llama"], folder, r=4, lora_alpha=8, target_modules=["q_proj", "down_proj"])
     return folder
-
-
-def run(*args):
-    return CliRunner().invoke(cli, [str(a) for a in args])
-
-
-def expect_error(r, *fragments, code=1):
-    assert r.exit_code == code, r.output
-    lines = [line for line in r.output.splitlines() if line.strip()]
-    assert lines[0].startswith("error: ") and "Traceback" not in r.output, r.output
-    for f in fragments:
-        assert f in r.output, r.output
 
 
 def nothing_left(parent: Path, out: Path):
