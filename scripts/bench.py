@@ -69,7 +69,11 @@ def tools(base: Path, adapter: Path, out: Path, device: str, peft: bool) -> dict
         config = out.parent / "mergekit.yml"
         config.write_text(json.dumps({"models": [{"model": f"{base}+{adapter}"}], "merge_method": "passthrough",
                                       "dtype": "bfloat16"}))
-        found["mergekit"] = ["mergekit-yaml", str(config), str(out)]
+        # mergekit folds the adapter in with peft into a cache folder first, then runs the merge from there
+        cache = out.parent / "mergekit-cache"
+        found["mergekit"] = ["mergekit-yaml", str(config), str(out), "--lora-merge-cache", str(cache)]
+        if device.startswith("cuda"):
+            found["mergekit"].append("--cuda")
     return found
 
 
@@ -130,6 +134,7 @@ def main() -> None:
                 for name in names[run % len(names):] + names[:run % len(names)]:  # alternate the order
                     out = work / "out"
                     shutil.rmtree(out, ignore_errors=True)
+                    shutil.rmtree(work / "mergekit-cache", ignore_errors=True)  # no run reuses another's
                     results[name].append(timed(commands[name]))
                     print(f"{shape} r={rank} run {run + 1}: {name} {results[name][-1]['wall']:.2f} s", file=sys.stderr)
                     if run == 0 and name != "cp -r":  # keep the first output of each tool to compare
