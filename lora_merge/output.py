@@ -121,7 +121,8 @@ class StagedOutput:
     """A temporary folder beside OUT; ``commit`` renames it to OUT, leaving the context removes it otherwise.
 
     With ``resume`` the folder is ``.OUT.lora-merge-partial``: what it holds is kept on entry (the
-    caller decides what to reuse) and on a failure or interruption (``kept`` is then True).
+    caller decides what to reuse) and on a failure or interruption (``kept`` is then True, and the
+    exception carries the folder as ``kept_partial``).
     """
 
     def __init__(self, out: Path, resume: bool = False):
@@ -177,6 +178,7 @@ class StagedOutput:
             return
         if self.resume and exc_type is not None:
             self.kept = True
+            exc.kept_partial = self.tmp  # the CLI says where the finished shards wait
             return
         shutil.rmtree(self.tmp, ignore_errors=True)
 

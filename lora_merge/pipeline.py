@@ -243,54 +243,41 @@ def merge(
     if bad:
         plan.notes.append(f"merged with NaN or Inf in {len(bad)} adapter tensor(s) (--allow-nonfinite): {name_list(bad)}")
     dev = resolve_device(device)
+    started = time.perf_counter()
     with OutputLock(out_path):
         check_output(out_path, overwrite, protected)  # again: a run that held the lock may have written OUT
-        staged = StagedOutput(out_path, resume=resume)
-        try:
-            return _merge_into(plan, staged, dev, base, adapter, out, dtype, device, tokenizer_from, block_bytes,
-                               progress_factory, options, command, repo_id, allow_nonfinite)
-        except BaseException as e:
-            if staged.kept:
-                e.kept_partial = staged.tmp  # the CLI says where the finished shards wait
-            raise
-
-
-def _merge_into(plan, staged, dev, base, adapter, out, dtype, device, tokenizer_from, block_bytes, progress_factory,
-                options, command, repo_id, allow_nonfinite) -> MergeResult:
-    out_path = staged.out
-    started = time.perf_counter()
-    with staged:
-        journal = Journal(staged.tmp, plan) if staged.resume else None
-        reuse = journal.reusable(plan) if journal is not None else set()
-        check_space(out_path.parent, _bytes_to_write(plan, reuse))
-        stats = _with_bar(progress_factory, plan.total_bytes, "merging",
-                          lambda bar: write_shards(plan, staged.tmp, dev, block_bytes, bar, reuse=reuse,
-                                                   on_shard=journal.finished if journal else None,
-                                                   allow_nonfinite=allow_nonfinite))
-        copied = finish_files(plan, staged.tmp, tokenizer_from)
-        staged.flush_soon()
-        merge_seconds = time.perf_counter() - started
-        provenance = {
-            "device": str(dev),
-            "dtype": dtype or "as BASE",
-            "options": options or {"dtype": dtype, "device": device, "tokenizer_from": tokenizer_from,
-                                   "block_bytes": block_bytes},
-            "merge_seconds": round(merge_seconds, 3),
-            "shards_reused": sorted(reuse),
-        }
-        report = _with_bar(progress_factory, plan.total_bytes, "verifying",
-                           lambda bar: verify_output(staged.tmp, plan, dev, shown_as=str(out_path),
-                                                     provenance=provenance, progress=bar,
-                                                     allow_nonfinite=allow_nonfinite))
-        prov = report.details["provenance"]
-        prov["wall_seconds"] = round(time.perf_counter() - started, 3)
-        prov["peak_memory_bytes"] = peak_memory_bytes()
-        prov["command"] = command or _python_call(base, adapter, out, dtype)
-        report.write(staged.tmp / REPORT_NAME)
-        card.write(staged.tmp, plan, report, command=prov["command"], repo_id=repo_id)
-        if journal is not None:
-            journal.remove()
-        staged.commit()
+        with StagedOutput(out_path, resume=resume) as staged:
+            journal = Journal(staged.tmp, plan) if staged.resume else None
+            reuse = journal.reusable(plan) if journal is not None else set()
+            check_space(out_path.parent, _bytes_to_write(plan, reuse))
+            stats = _with_bar(progress_factory, plan.total_bytes, "merging",
+                              lambda bar: write_shards(plan, staged.tmp, dev, block_bytes, bar, reuse=reuse,
+                                                       on_shard=journal.finished if journal else None,
+                                                       allow_nonfinite=allow_nonfinite))
+            copied = finish_files(plan, staged.tmp, tokenizer_from)
+            staged.flush_soon()
+            merge_seconds = time.perf_counter() - started
+            provenance = {
+                "device": str(dev),
+                "dtype": dtype or "as BASE",
+                "options": options or {"dtype": dtype, "device": device, "tokenizer_from": tokenizer_from,
+                                       "block_bytes": block_bytes},
+                "merge_seconds": round(merge_seconds, 3),
+                "shards_reused": sorted(reuse),
+            }
+            report = _with_bar(progress_factory, plan.total_bytes, "verifying",
+                               lambda bar: verify_output(staged.tmp, plan, dev, shown_as=str(out_path),
+                                                         provenance=provenance, progress=bar,
+                                                         allow_nonfinite=allow_nonfinite))
+            prov = report.details["provenance"]
+            prov["wall_seconds"] = round(time.perf_counter() - started, 3)
+            prov["peak_memory_bytes"] = peak_memory_bytes()
+            prov["command"] = command or _python_call(base, adapter, out, dtype)
+            report.write(staged.tmp / REPORT_NAME)
+            card.write(staged.tmp, plan, report, command=prov["command"], repo_id=repo_id)
+            if journal is not None:
+                journal.remove()
+            staged.commit()
     result = MergeResult(plan, out_path, str(dev), merge_seconds, stats, copied + [REPORT_NAME, card.CARD_NAME], report)
     if not report.ok:
         raise parity_error(report, out_path / REPORT_NAME)
