@@ -144,6 +144,12 @@ class TargetOps:
     fan_in_fan_out: bool = False  # the adapter's hint for square Conv1D weights
     may_resize: bool = False  # a full replacement whose first dimension may differ (resized vocabulary)
 
+    def tensors(self):
+        """Every adapter tensor this target reads."""
+        yield from (t for t in (self.replace, self.dora_magnitude, self.rows) if t is not None)
+        for d in self.deltas:
+            yield from (d.a, d.b) if isinstance(d, LowRank) else (d.t,)
+
     @property
     def kind(self) -> str:
         parts = []
@@ -181,10 +187,4 @@ class Adapter:
 
     def used_tensor_names(self) -> set[str]:
         """Names of the adapter tensors that some target consumes."""
-        used = set()
-        for op in self.targets.values():
-            parts = [op.replace, op.dora_magnitude, op.rows]
-            for d in op.deltas:
-                parts += [d.a, d.b] if isinstance(d, LowRank) else [d.t]
-            used.update(p.name for p in parts if p is not None)
-        return used
+        return {t.name for op in self.targets.values() for t in op.tensors()}

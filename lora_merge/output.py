@@ -144,7 +144,7 @@ class StagedOutput:
         if self.resume and self.tmp.is_dir() and not self.tmp.is_symlink():
             return self
         if self.tmp.exists() or self.tmp.is_symlink():
-            _remove(self.tmp)
+            remove_path(self.tmp)
         self.tmp.mkdir()
         return self
 
@@ -183,7 +183,8 @@ class StagedOutput:
         shutil.rmtree(self.tmp, ignore_errors=True)
 
 
-def _remove(path: Path) -> None:
+def remove_path(path: Path) -> None:
+    """Remove a file, a link or a whole folder."""
     if path.is_dir() and not path.is_symlink():
         shutil.rmtree(path)
     else:

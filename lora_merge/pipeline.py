@@ -288,17 +288,8 @@ def nonfinite_adapter_tensors(plan: Plan) -> list[str]:
     """Names of the adapter tensors the merge uses that hold NaN or Inf (each read once; adapters are small)."""
     from .mathops import all_finite
 
-    seen: dict[str, object] = {}
-    for e in plan.entries:
-        if e.ops is not None:
-            for t in _adapter_tensors(e.ops):
-                seen.setdefault(t.name, t)
+    seen = {t.name: t for op in plan.adapter.targets.values() for t in op.tensors()}
     return sorted(name for name, t in seen.items() if t.dtype in FLOAT_DTYPES and not all_finite(t.load()))
-
-
-def _adapter_tensors(ops):
-    yield from (t for t in (ops.replace, ops.dora_magnitude, ops.rows) if t is not None)
-    yield from _factor_tensors(ops)
 
 
 def _bytes_to_write(plan: Plan, reuse: set[str]) -> int:

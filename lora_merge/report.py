@@ -24,7 +24,7 @@ from . import __version__
 from .adapter import FileTensor, LowRank, TargetOps, torch_dtype
 from .mathops import all_finite, flat_nonzero, low_halves
 from .plan import Entry, Plan
-from .safetensors_file import FLOAT_DTYPES, TensorInfo, pread_exact
+from .safetensors_file import FLOAT_DTYPES, TensorInfo, file_sha256, pread_exact
 from .sources import TOKENIZER_FILES, BaseModel, Source, extra_files, load_base
 from .writer import rows_per_block
 
@@ -110,14 +110,6 @@ class Report:
         return "\n".join(lines)
 
 
-def _file_hash(path: Path) -> str:
-    h = hashlib.new(HASH)
-    with open(path, "rb") as f:
-        while chunk := f.read(CHUNK_BYTES):
-            h.update(chunk)
-    return h.hexdigest()
-
-
 # ---------------------------------------------------------------------------------------------- entry
 
 
@@ -148,8 +140,8 @@ def verify_output(
             **(_source_json(plan.adapter_source) if plan.adapter_source else {"path": str(plan.adapter.path)}),
             "format": plan.adapter.format,
             "config": {k: plan.adapter.config[k] for k in ADAPTER_CONFIG_KEYS if k in plan.adapter.config},
-            "files": {p.name: _file_hash(p) for p in plan.adapter.files}
-            | {"adapter_config.json": _file_hash(plan.adapter.path / "adapter_config.json")},
+            "files": {p.name: file_sha256(p) for p in plan.adapter.files}
+            | {"adapter_config.json": file_sha256(plan.adapter.path / "adapter_config.json")},
         },
         "verify_device": str(device),
         **(provenance or {}),
@@ -627,7 +619,7 @@ def _check_files(plan: Plan, out: Path) -> tuple[Check, dict]:
 
     def file_hash(path: Path) -> str:  # each file is read once, however many comparisons it is in
         if path not in hashes:
-            hashes[path] = _file_hash(path)
+            hashes[path] = file_sha256(path)
         return hashes[path]
 
     base_dir, adapter_dir = plan.base.path, plan.adapter.path

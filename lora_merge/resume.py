@@ -15,10 +15,11 @@ import os
 from pathlib import Path
 
 from . import __version__
+from .output import remove_path
 from .plan import Plan
+from .safetensors_file import file_sha256
 
 JOURNAL_NAME = ".lora-merge-resume.json"
-HASH_CHUNK = 4 * 1024 * 1024
 
 log = logging.getLogger("lora_merge")
 
@@ -34,14 +35,6 @@ def fingerprint(plan: Plan) -> str:
     layout = [[s.name, [[e.name, e.dtype, list(e.shape), e.note] for e in s.entries]] for s in plan.shards]
     data = {"version": __version__, "base": base_files, "adapter": adapter_files, "layout": layout}
     return hashlib.sha256(json.dumps(data, sort_keys=True).encode()).hexdigest()
-
-
-def file_sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while chunk := f.read(HASH_CHUNK):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 class Journal:
@@ -78,12 +71,7 @@ class Journal:
             log.warning("the partial output in %s was made from other inputs or options: starting over", self.folder)
         for path in self.folder.iterdir():
             if path.name not in keep and path.name != JOURNAL_NAME:
-                if path.is_dir() and not path.is_symlink():
-                    import shutil
-
-                    shutil.rmtree(path)
-                else:
-                    path.unlink()
+                remove_path(path)
         self._save()
         return keep
 

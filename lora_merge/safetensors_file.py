@@ -8,6 +8,7 @@ The format: 8-byte little-endian header length, a JSON header, then the data reg
 from __future__ import annotations
 
 import errno
+import hashlib
 import json
 import math
 import os
@@ -122,6 +123,15 @@ def read_header(path: Path) -> SafetensorsHeader:
         for begin, end, name, dtype, shape in entries
     }
     return SafetensorsHeader(path, tensors, {str(k): str(v) for k, v in metadata.items()})
+
+
+def file_sha256(path: Path, chunk_bytes: int = 4 * 1024 * 1024) -> str:
+    """The sha256 of a whole file, read in chunks."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(chunk_bytes):
+            h.update(chunk)
+    return h.hexdigest()
 
 
 def pread_exact(fd: int, nbytes: int, offset: int) -> bytearray:

@@ -37,6 +37,14 @@ class WriteStats:
     reused: int = 0  # shards kept from an interrupted run (--resume)
     bytes_written: int = 0
     nonfinite: list[str] = field(default_factory=list)  # merged tensors holding NaN or Inf (when allowed)
+
+    def count(self, entry: Entry) -> None:
+        if entry.is_copy:
+            self.copied += 1
+        elif entry.is_merge:
+            self.merged += 1
+        else:
+            self.converted += 1
     files: list[str] = field(default_factory=list)
 
 
@@ -191,12 +199,7 @@ def write_shards(
 def _count_reused(shard, stats: WriteStats, progress) -> None:
     stats.reused += 1
     for entry in shard.entries:
-        if entry.is_copy:
-            stats.copied += 1
-        elif entry.is_merge:
-            stats.merged += 1
-        else:
-            stats.converted += 1
+        stats.count(entry)
     if progress is not None:
         progress.update(sum(e.nbytes for e in shard.entries))
     stats.files.append(shard.name)
@@ -214,7 +217,6 @@ def _write_shard(shard, folder: Path, computer: _Computer, writer, src_fds: dict
                 if path not in src_fds:
                     src_fds[path] = os.open(path, os.O_RDONLY)
                 out.copy(src_fds[path], entry.base.start, entry.nbytes)
-                stats.copied += 1
                 written = entry.nbytes
             else:
                 written = 0
@@ -224,10 +226,7 @@ def _write_shard(shard, folder: Path, computer: _Computer, writer, src_fds: dict
                     written += len(data)
                 if written != entry.nbytes:  # a planning bug, never a user error
                     raise AssertionError(f"{entry.name}: wrote {written} bytes, planned {entry.nbytes}")
-                if entry.is_merge:
-                    stats.merged += 1
-                else:
-                    stats.converted += 1
+            stats.count(entry)
             stats.bytes_written += written
             if progress is not None:
                 progress.update(written)
