@@ -9,7 +9,7 @@ tensor is (in × out), as for GPT-2's Conv1D and for embeddings.
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 from .safetensors_file import TensorInfo, pread_exact
@@ -96,7 +96,39 @@ class MemoryTensor:
         return self.tensor
 
 
-AdapterTensor = FileTensor | MemoryTensor
+class DerivedTensor:
+    """A stored adapter tensor presented in the canonical layout (transposed, reshaped, padded),
+    computed when loaded. It keeps the stored tensor's name: coverage counts stored tensors."""
+
+    def __init__(self, source: FileTensor | MemoryTensor, shape: tuple[int, ...], make):
+        self.source = source
+        self.shape = tuple(shape)
+        self._make = make
+
+    @property
+    def name(self) -> str:
+        return self.source.name
+
+    @property
+    def dtype(self) -> str:
+        return self.source.dtype
+
+    def rows(self, start: int, stop: int):
+        return self.load()[start:stop]
+
+    def load(self):
+        t = self._make(self.source.load())
+        if tuple(t.shape) != self.shape:  # a layout rule and its declared shape disagree: never merge a guess
+            raise AssertionError(f"{self.name}: derived shape {tuple(t.shape)}, declared {self.shape}")
+        return t
+
+
+def transposed(t: FileTensor | MemoryTensor) -> DerivedTensor:
+    """The matrix transpose of a stored 2-D tensor."""
+    return DerivedTensor(t, tuple(reversed(t.shape)), lambda x: x.T)
+
+
+AdapterTensor = FileTensor | MemoryTensor | DerivedTensor
 
 
 @dataclass
@@ -172,14 +204,23 @@ class TargetOps:
 class Adapter:
     """A translated adapter: one ``TargetOps`` per base tensor it changes."""
 
-    path: Path
+    path: Path  # the adapter's folder, or its single file
     format: str
     config: dict
     targets: dict[str, TargetOps]
     tensor_names: list[str]  # every tensor in the adapter's file
-    files: list[Path] = field(default_factory=list)
+    files: list[Path] = field(default_factory=list)  # what it was read from (weights and config), for hashes
     notes: list[str] = field(default_factory=list)
     ignored: dict[str, str] = field(default_factory=dict)  # tensors knowingly not merged, with the reason
+    weight: float = 1.0  # the factor its deltas were added with (several adapters, or -1 to unmerge)
+    parts: list[Adapter] = field(default_factory=list)  # several adapters summed: each as loaded
+    source: object = None  # the Source the user named (set once resolved)
+    read_at_load: set[str] = field(default_factory=set)  # tensors folded into the scales (kohya's alpha)
+
+    @property
+    def folder(self) -> Path:
+        """Where files beside the adapter (a tokenizer) would be."""
+        return self.path if self.path.is_dir() else self.path.parent
 
     @property
     def tensor_count(self) -> int:
@@ -187,4 +228,56 @@ class Adapter:
 
     def used_tensor_names(self) -> set[str]:
         """Names of the adapter tensors that some target consumes."""
-        return {t.name for op in self.targets.values() for t in op.tensors()}
+        return {t.name for op in self.targets.values() for t in op.tensors()} | self.read_at_load
+
+    @property
+    def members(self) -> list[Adapter]:
+        """The adapters as the user named them: this one, or each of the ones it sums."""
+        return self.parts or [self]
+
+
+def combine(adapters: list[Adapter]) -> Adapter:
+    """Several adapters (each with its ``weight``) as one: per base tensor, every delta of every
+    adapter, scaled by its adapter's weight, summed in one pass.
+
+    What cannot be summed is refused: a tensor that two adapters replace (or one replaces and another
+    changes), and DoRA, whose rescaling depends on the whole sum.
+    """
+    from .errors import PlanError
+
+    if len(adapters) == 1 and adapters[0].weight == 1.0:
+        return adapters[0]
+    targets: dict[str, TargetOps] = {}
+    problems: list[str] = []
+    owners: dict[str, list[str]] = {}
+    for i, adapter in enumerate(adapters):
+        label = f"adapter {i + 1} ({adapter.path.name})"
+        for name, op in adapter.targets.items():
+            owners.setdefault(name, []).append(label)
+            if op.dora_magnitude is not None and (len(adapters) > 1 or adapter.weight != 1.0):
+                problems.append(f"{name}: {label} is DoRA, whose rescaling cannot be weighted or undone from "
+                                "the adapter alone")
+            if (op.replace is not None or op.row_indices is not None) and adapter.weight != 1.0:
+                problems.append(f"{name}: {label} replaces the tensor (or some rows), which cannot be weighted "
+                                "or undone from the adapter alone")
+            merged = targets.get(name)
+            if merged is None:
+                merged = targets[name] = TargetOps(
+                    name=name, module=op.module, replace=op.replace, dora_magnitude=op.dora_magnitude,
+                    dora_transposed=op.dora_transposed, row_indices=op.row_indices, rows=op.rows,
+                    embedding=op.embedding, fan_in_fan_out=op.fan_in_fan_out, may_resize=op.may_resize)
+            elif op.replace is not None or op.row_indices is not None or merged.replace is not None \
+                    or merged.row_indices is not None:
+                problems.append(f"{name}: replaced by one adapter and changed by another ({', '.join(owners[name])})")
+            for d in op.deltas:
+                merged.deltas.append(replace(d, scale=d.scale * adapter.weight))
+    if problems:
+        raise PlanError("these adapters cannot be combined:", problems)
+    first = adapters[0]
+    return Adapter(
+        first.path, "+".join(dict.fromkeys(a.format for a in adapters)), first.config, targets,
+        [n for a in adapters for n in a.tensor_names],
+        files=[f for a in adapters for f in a.files], notes=[n for a in adapters for n in a.notes],
+        ignored={k: v for a in adapters for k, v in a.ignored.items()}, parts=list(adapters),
+        read_at_load=set().union(*(a.read_at_load for a in adapters)),
+    )

@@ -50,8 +50,10 @@ def render(plan: Plan, report: Report, *, command: str, repo_id: str | None = No
     """The card's text."""
     from huggingface_hub import ModelCard, ModelCardData
 
-    base, adapter = plan.base.source, plan.adapter_source or Source(str(plan.adapter.path), plan.adapter.path)
-    cfg = plan.adapter.config
+    base = plan.base.source
+    members = plan.adapter.members
+    sources = [a.source or Source(str(a.path), a.path) for a in members]
+    cfg = members[0].config
     base_repo = hub_id(base, cfg)
     data = ModelCardData(
         base_model=base_repo,
@@ -63,12 +65,16 @@ def render(plan: Plan, report: Report, *, command: str, repo_id: str | None = No
     name = repo_id.split("/")[-1] if repo_id else Path(report.out).name
     targets = cfg.get("target_modules")
     targets = ", ".join(f"`{t}`" for t in targets) if isinstance(targets, list) else f"`{targets}`"
-    facts = [
-        f"- LoRA rank r={cfg.get('r', 8)}, lora_alpha={cfg.get('lora_alpha', 8)}"
-        + (" (rsLoRA)" if cfg.get("use_rslora") else "")
-        + (" with DoRA" if cfg.get("use_dora") else ""),
-        f"- target modules: {targets}",
-    ]
+    if len(members) == 1 and members[0].format == "peft":
+        facts = [
+            f"- LoRA rank r={cfg.get('r', 8)}, lora_alpha={cfg.get('lora_alpha', 8)}"
+            + (" (rsLoRA)" if cfg.get("use_rslora") else "")
+            + (" with DoRA" if cfg.get("use_dora") else ""),
+            f"- target modules: {targets}",
+        ]
+    else:
+        facts = [f"- adapter {i + 1}: {a.format} format, {len(a.targets)} base tensors"
+                 + (f", weight {a.weight:g}" if a.weight != 1.0 else "") for i, a in enumerate(members)]
     if cfg.get("modules_to_save"):
         facts.append(f"- saved in full: {', '.join(f'`{m}`' for m in cfg['modules_to_save'])}")
     if cfg.get("rank_pattern") or cfg.get("alpha_pattern"):
@@ -86,7 +92,7 @@ def render(plan: Plan, report: Report, *, command: str, repo_id: str | None = No
     body = f"""
 # {name}
 
-{_link(base)} with the LoRA adapter {_link(adapter)} merged into its weights by
+{_link(base)} with the LoRA adapter{"s" if len(sources) > 1 else ""} {", ".join(_link(a) for a in sources)} merged into its weights by
 [lora-merge](https://pypi.org/project/lora-merge/). The tensors have the base model's names, shapes and
 dtypes, so this model loads and runs like the base, with no adapter at inference time.
 
@@ -95,11 +101,11 @@ dtypes, so this model loads and runs like the base, with no adapter at inference
 | | source | revision |
 |---|---|---|
 | base | {_link(base)} | {f"`{base.revision}`" if base.revision else "local"} |
-| adapter | {_link(adapter)} | {f"`{adapter.revision}`" if adapter.revision else "local"} |
+{chr(10).join(f"| adapter | {_link(a)} | {f'`{a.revision}`' if a.revision else 'local'} |" for a in sources)}
 
 {chr(10).join(facts)}
 
-Every merged element is `W + (alpha/r)·B·A`, computed in float64 and rounded once to the output dtype.
+Every merged element is `W + Σ weight·(alpha/r)·B·A`, computed in float64 and rounded once to the output dtype.
 
 ## How it was made
 

@@ -12,7 +12,8 @@ from pathlib import Path
 
 from . import card
 from .errors import DeviceError, NonFiniteError, ParityError, name_list
-from .formats.peft import load_peft_adapter
+from .adapter import combine
+from .formats import AdapterOptions, load_adapter
 from .output import OutputLock, StagedOutput, check_output, check_space
 from .plan import DTYPE_CONFIG, Plan, make_plan
 from .report import REPORT_NAME, Report, load_out, verify_output
@@ -132,26 +133,49 @@ def describe_plan(plan: Plan, block_bytes: int = DEFAULT_BLOCK_BYTES) -> dict:
     }
 
 
-def prepare(base: str, adapter: str, dtype: str | None = None, token: str | None = None) -> Plan:
-    """Resolve both inputs (local folders or Hub repos) and plan the merge from headers.
+Adapters = "str | Path | list[str | Path | tuple[str | Path, float]]"
+
+
+def adapter_list(adapter) -> list[tuple[str, float]]:
+    """ADAPTER as given to the library: one spec, or several, each a spec or a (spec, weight) pair."""
+    items = adapter if isinstance(adapter, (list, tuple)) and not _is_pair(adapter) else [adapter]
+    return [(str(a[0]), float(a[1])) if _is_pair(a) else (str(a), 1.0) for a in items]
+
+
+def _is_pair(x) -> bool:
+    return isinstance(x, tuple) and len(x) == 2 and isinstance(x[1], (int, float)) and not isinstance(x[1], bool)
+
+
+def prepare(base: str, adapter: Adapters, dtype: str | None = None, token: str | None = None,
+            options: AdapterOptions | None = None) -> Plan:
+    """Resolve the inputs (local folders or Hub repos) and plan the merge from headers; ``adapter``
+    is one adapter, or a list of adapters (or (adapter, weight) pairs) whose deltas are summed.
 
     Raises before anything is written.
     """
-    base_model, adapter_src, loaded = _load_inputs(base, adapter, token)
-    mismatch = _trained_on_other_base(loaded.config, base_model.source)
-    if mismatch:
-        log.warning(mismatch)
-        loaded.notes.append(mismatch)
+    base_model, loaded = _load_inputs(base, adapter_list(adapter), token, options)
+    for member in loaded.members:
+        mismatch = _trained_on_other_base(member.config, base_model.source)
+        if mismatch:
+            log.warning(mismatch)
+            loaded.notes.append(mismatch)
     plan = make_plan(base_model, loaded, dtype=dtype)
-    plan.adapter_source = adapter_src
+    plan.adapter_source = loaded.members[0].source
     return plan
 
 
-def _load_inputs(base: str, adapter: str, token: str | None):
-    """BASE's headers, where ADAPTER came from, and the adapter translated; nothing is planned yet."""
-    base_model = load_base(resolve_source(base, "BASE", token))
-    adapter_src = resolve_source(adapter, "ADAPTER", token)
-    return base_model, adapter_src, load_peft_adapter(adapter_src.path)
+def _load_inputs(base: str, adapters: list[tuple[str, float]], token: str | None,
+                 options: AdapterOptions | None, role: str = "BASE"):
+    """BASE's headers and the adapters translated (summed, with their weights); nothing is planned yet."""
+    base_model = load_base(resolve_source(base, role, token), role)
+    shapes = {n: i.shape for n, i in base_model.tensors.items()}
+    loaded = []
+    for spec, weight in adapters:
+        source = resolve_source(spec, "ADAPTER", token)
+        adapter = load_adapter(source.path, shapes, options)
+        adapter.source, adapter.weight = source, weight
+        loaded.append(adapter)
+    return base_model, combine(loaded)
 
 
 def _trained_on_other_base(adapter_config: dict, base) -> str | None:
@@ -174,13 +198,14 @@ def _trained_on_other_base(adapter_config: dict, base) -> str | None:
 
 
 def _tokenizer_folder(plan: Plan, tokenizer_from: str | None) -> Path:
-    adapter_has = any((plan.adapter.path / f).is_file() for f in TOKENIZER_FILES)
+    folder = plan.adapter.folder
+    adapter_has = any((folder / f).is_file() for f in TOKENIZER_FILES)
     if tokenizer_from == "adapter":
-        return plan.adapter.path
+        return folder
     if tokenizer_from is None and adapter_has and any("resized" in n for n in plan.notes):
         # new rows in the embeddings mean new tokens: the base's tokenizer does not know them
         log.info("the vocabulary was resized: taking the tokenizer from the adapter")
-        return plan.adapter.path
+        return folder
     return plan.base.path
 
 
@@ -205,7 +230,7 @@ def finish_files(plan: Plan, folder: Path, tokenizer_from: str | None = None) ->
 
 def merge(
     base: str,
-    adapter: str,
+    adapter: Adapters,
     out: str | Path,
     *,
     dtype: str | None = None,
@@ -220,6 +245,7 @@ def merge(
     repo_id: str | None = None,
     allow_nonfinite: bool = False,
     resume: bool = False,
+    adapter_options: AdapterOptions | None = None,
 ) -> MergeResult:
     """Merge ADAPTER into BASE, write the result to OUT and check it.
 
@@ -231,8 +257,20 @@ def merge(
     ``resume``, the temporary output survives a failure or an interruption, and a later run with
     ``resume`` keeps the shards it finished (when their hashes and the plan still match).
     """
-    plan = prepare(base, adapter, dtype, token)
-    protected = {"BASE": plan.base.path, "ADAPTER": plan.adapter.path}
+    plan = prepare(base, adapter, dtype, token, adapter_options)
+    return _write(plan, out, base=base, adapter=adapter, dtype=dtype, device=device, overwrite=overwrite,
+                  tokenizer_from=tokenizer_from, block_bytes=block_bytes, progress_factory=progress_factory,
+                  options=options, command=command, repo_id=repo_id, allow_nonfinite=allow_nonfinite, resume=resume)
+
+
+def _write(plan: Plan, out, *, base, adapter, dtype, device, overwrite, tokenizer_from, block_bytes, progress_factory,
+           options, command, repo_id, allow_nonfinite, resume, check=None) -> MergeResult:
+    """Write the planned output to OUT through a staged folder, check it and commit it.
+
+    ``check(folder, plan, device, provenance, progress)`` makes the report (default: the parity report)."""
+    protected = {"BASE": plan.base.path} | {
+        f"ADAPTER {i + 1}" if len(plan.adapter.members) > 1 else "ADAPTER": a.path
+        for i, a in enumerate(plan.adapter.members)}
     out_path = check_output(Path(out), overwrite, protected)
     bad = nonfinite_adapter_tensors(plan)
     if bad and not allow_nonfinite:
@@ -265,10 +303,12 @@ def merge(
                 "merge_seconds": round(merge_seconds, 3),
                 "shards_reused": sorted(reuse),
             }
+            if check is None:
+                def check(folder, plan, dev, provenance, bar):
+                    return verify_output(folder, plan, dev, shown_as=str(out_path), provenance=provenance,
+                                         progress=bar, allow_nonfinite=allow_nonfinite)
             report = _with_bar(progress_factory, plan.total_bytes, "verifying",
-                               lambda bar: verify_output(staged.tmp, plan, dev, shown_as=str(out_path),
-                                                         provenance=provenance, progress=bar,
-                                                         allow_nonfinite=allow_nonfinite))
+                               lambda bar: check(staged.tmp, plan, dev, provenance, bar))
             prov = report.details["provenance"]
             prov["wall_seconds"] = round(time.perf_counter() - started, 3)
             prov["peak_memory_bytes"] = peak_memory_bytes()
@@ -288,8 +328,8 @@ def nonfinite_adapter_tensors(plan: Plan) -> list[str]:
     """Names of the adapter tensors the merge uses that hold NaN or Inf (each read once; adapters are small)."""
     from .mathops import all_finite
 
-    seen = {t.name: t for op in plan.adapter.targets.values() for t in op.tensors()}
-    return sorted(name for name, t in seen.items() if t.dtype in FLOAT_DTYPES and not all_finite(t.load()))
+    seen = {id(t): t for op in plan.adapter.targets.values() for t in op.tensors()}
+    return sorted({t.name for t in seen.values() if t.dtype in FLOAT_DTYPES and not all_finite(t.load())})
 
 
 def _bytes_to_write(plan: Plan, reuse: set[str]) -> int:
@@ -304,14 +344,15 @@ def _python_call(base, adapter, out, dtype) -> str:
     return f"lora_merge.merge({str(base)!r}, {str(adapter)!r}, {str(out)!r}{extra})"
 
 
-def verify(out: str | Path, base: str, adapter: str, *, device: str = "auto", progress_factory=None,
-           token: str | None = None, allow_nonfinite: bool = False) -> Report:
-    """Check a merged folder (written by any tool, any shard layout) against BASE and ADAPTER."""
+def verify(out: str | Path, base: str, adapter: Adapters, *, device: str = "auto", progress_factory=None,
+           token: str | None = None, allow_nonfinite: bool = False, adapter_options: AdapterOptions | None = None
+           ) -> Report:
+    """Check a merged folder (written by any tool, any shard layout) against BASE and ADAPTER(s)."""
     out_src = resolve_source(str(out), "OUT")
     out_model = load_out(out_src.path)
-    base_model, adapter_src, loaded = _load_inputs(base, adapter, token)
+    base_model, loaded = _load_inputs(base, adapter_list(adapter), token, adapter_options)
     plan = make_plan(base_model, loaded, dtype=_output_dtype(base_model, out_model))
-    plan.adapter_source = adapter_src
+    plan.adapter_source = loaded.members[0].source
     dev = resolve_device(device)
     return _with_bar(progress_factory, plan.total_bytes, "verifying",
                      lambda bar: verify_output(out_src.path, plan, dev, out_model=out_model, progress=bar,

@@ -41,6 +41,12 @@ ADAPTER_CONFIG_KEYS = (
     "target_modules",
     "modules_to_save",
     "base_model_name_or_path",
+    "fan_in_fan_out",
+    "enable_lora",  # loralib
+    "fine_tune_type",  # mlx-lm
+    "lora_parameters",
+    "num_layers",
+    "prefixes",  # kohya
 )
 CHUNK_BYTES = 4 * 1024 * 1024
 BLOCK_BYTES = 2 * 1024 * 1024  # float64 bytes per row block in the element check
@@ -136,13 +142,7 @@ def verify_output(
     prov = {
         "lora_merge_version": __version__,
         "base": _source_json(plan.base.source),
-        "adapter": {
-            **(_source_json(plan.adapter_source) if plan.adapter_source else {"path": str(plan.adapter.path)}),
-            "format": plan.adapter.format,
-            "config": {k: plan.adapter.config[k] for k in ADAPTER_CONFIG_KEYS if k in plan.adapter.config},
-            "files": {p.name: file_sha256(p) for p in plan.adapter.files}
-            | {"adapter_config.json": file_sha256(plan.adapter.path / "adapter_config.json")},
-        },
+        **_adapters_json(plan.adapter),
         "verify_device": str(device),
         **(provenance or {}),
         "verify_seconds": round(time.perf_counter() - started, 3),
@@ -156,6 +156,21 @@ def verify_output(
         "provenance": prov,
     }
     return Report(shown_as or str(out), checks, details, folder=out, plan=plan)
+
+
+def _adapters_json(adapter) -> dict:
+    """Where each adapter came from, its format, weight, key config and file hashes."""
+    described = [
+        {
+            **(_source_json(a.source) if a.source else {"path": str(a.path)}),
+            "format": a.format,
+            **({"weight": a.weight} if a.weight != 1.0 or len(adapter.members) > 1 else {}),
+            "config": {k: a.config[k] for k in ADAPTER_CONFIG_KEYS if k in a.config},
+            "files": {p.name: file_sha256(p) for p in a.files if p.is_file()},
+        }
+        for a in adapter.members
+    ]
+    return {"adapter": described[0]} if len(described) == 1 else {"adapters": described}
 
 
 def load_out(out: Path) -> BaseModel:
@@ -231,16 +246,37 @@ def _check_structure(plan: Plan, out_model: BaseModel) -> tuple[Check, dict]:
 
 
 def _check_coverage(plan: Plan) -> tuple[Check, dict]:
-    adapter = plan.adapter
+    """Every tensor of every adapter lands somewhere (or is ignored for a stated reason)."""
+    entries = {e.name for e in plan.entries if e.is_merge}
+    failures: list[str] = []
+    members = []
+    for i, adapter in enumerate(plan.adapter.members):
+        data, left_over = _member_coverage(adapter)
+        label = f"adapter {i + 1}: " if len(plan.adapter.members) > 1 else ""
+        failures += [f"{label}{n}: adapter tensor used by no target" for n in left_over]
+        members.append(data)
+    ops = list(plan.adapter.targets.values())
+    failures += [f"{op.name}: adapter target not written" for op in ops if op.name not in entries]
+    if len(members) == 1:
+        data = members[0]
+        summary = _coverage_line(data)
+    else:
+        data = {"adapters": members, "targets": len(ops)}
+        summary = f"{len(members)} adapters onto {len(ops)} base tensors: " + "; ".join(
+            f"{i + 1}: {_coverage_line(m)}" for i, m in enumerate(members))
+    return Check("coverage", not failures, summary, failures), data
+
+
+def _member_coverage(adapter) -> tuple[dict, list[str]]:
     ops = list(adapter.targets.values())
-    modules = sorted({op.module for op in ops})
     used = adapter.used_tensor_names()
     left_over = [n for n in adapter.tensor_names if n not in used and n not in adapter.ignored]
-    entries = {e.name for e in plan.entries if e.is_merge}
-    unplaced = [op.name for op in ops if op.name not in entries]
     data = {
+        "adapter": str(adapter.path),
+        "format": adapter.format,
+        "weight": adapter.weight,
         "adapter_tensors": adapter.tensor_count,
-        "adapter_modules": len(modules),
+        "adapter_modules": len({op.module for op in ops}),
         "targets": len(ops),
         "merged": sum(1 for op in ops if op.deltas or op.dora_magnitude is not None),
         "replaced": sum(1 for op in ops if op.replace is not None),
@@ -248,14 +284,17 @@ def _check_coverage(plan: Plan) -> tuple[Check, dict]:
         "left_over": left_over,
         "ignored": adapter.ignored,
     }
-    failures = [f"{n}: adapter tensor used by no target" for n in left_over]
-    failures += [f"{n}: adapter target not written" for n in unplaced]
-    summary = (
-        f"{data['adapter_tensors']} adapter tensors in {data['adapter_modules']} modules: {data['merged']} tensors merged, "
-        f"{data['replaced']} replaced, {data['rows_replaced']} with rows replaced, {len(left_over)} left over"
-        + (f", {len(adapter.ignored)} ignored by design" if adapter.ignored else "")
+    return data, left_over
+
+
+def _coverage_line(data: dict) -> str:
+    weight = f" (weight {data['weight']:g})" if data["weight"] != 1.0 else ""
+    return (
+        f"{data['adapter_tensors']} adapter tensors in {data['adapter_modules']} modules{weight}: "
+        f"{data['merged']} tensors merged, {data['replaced']} replaced, {data['rows_replaced']} with rows replaced, "
+        f"{len(data['left_over'])} left over"
+        + (f", {len(data['ignored'])} ignored by design" if data["ignored"] else "")
     )
-    return Check("coverage", not failures, summary, failures), data
 
 
 # -------------------------------------------------------------------------------------------- tensors
@@ -622,7 +661,7 @@ def _check_files(plan: Plan, out: Path) -> tuple[Check, dict]:
             hashes[path] = file_sha256(path)
         return hashes[path]
 
-    base_dir, adapter_dir = plan.base.path, plan.adapter.path
+    base_dir, adapter_dir = plan.base.path, plan.adapter.folder
     config_changes: dict[str, dict] = {}
     out_config = _read_json(out / "config.json")
     if (base_dir / "config.json").is_file():

@@ -30,8 +30,8 @@ def fingerprint(plan: Plan) -> str:
     for shard in plan.base.shards:
         st = os.stat(shard.path)
         base_files.append([shard.path.name, st.st_size, st.st_mtime_ns])
-    adapter_files = {p.name: file_sha256(p) for p in [*plan.adapter.files, plan.adapter.path / "adapter_config.json"]
-                     if p.is_file()}
+    adapter_files = [[a.weight, {p.name: file_sha256(p) for p in a.files if p.is_file()}]
+                     for a in plan.adapter.members]
     layout = [[s.name, [[e.name, e.dtype, list(e.shape), e.note] for e in s.entries]] for s in plan.shards]
     data = {"version": __version__, "base": base_files, "adapter": adapter_files, "layout": layout}
     return hashlib.sha256(json.dumps(data, sort_keys=True).encode()).hexdigest()

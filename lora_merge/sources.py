@@ -67,6 +67,7 @@ class BaseModel:
     tensors: dict[str, TensorInfo]
     config: dict
     index_metadata: dict
+    index_name: str = INDEX_NAME  # what the index is called (diffusers: diffusion_pytorch_model.safetensors.index.json)
 
     @property
     def path(self) -> Path:
@@ -95,6 +96,10 @@ def load_base(source: Source, role: str = "BASE") -> BaseModel:
     """Read a model folder's config and every shard header; no tensor data is read."""
     folder = source.path
     index_path = folder / INDEX_NAME
+    if not index_path.is_file():  # a diffusers component names its index after its weights
+        others = sorted(folder.glob("*.safetensors.index.json"))
+        if len(others) == 1:
+            index_path = others[0]
     index_metadata: dict = {}
     if index_path.is_file():
         try:
@@ -171,7 +176,7 @@ def load_base(source: Source, role: str = "BASE") -> BaseModel:
             config = json.loads(config_path.read_text())
         except (OSError, ValueError) as e:
             raise HeaderError(f"{config_path}: not valid JSON ({e})") from e
-    return BaseModel(source, shards, tensors, config, index_metadata)
+    return BaseModel(source, shards, tensors, config, index_metadata, index_path.name)
 
 
 def is_weight_file(name: str) -> bool:

@@ -22,7 +22,6 @@ from .adapter import FileTensor, torch_dtype
 from .errors import NonFiniteError, OutputError, name_list
 from .plan import Entry, Plan
 from .safetensors_file import copy_range, encode_header, write_all
-from .sources import INDEX_NAME
 
 # a full disk, a file size limit, a quota
 NO_ROOM = (errno.ENOSPC, errno.EFBIG, errno.EDQUOT)
@@ -191,8 +190,8 @@ def write_shards(
             "metadata": {**plan.base.index_metadata, "total_size": plan.total_bytes},
             "weight_map": {e.name: s.name for s in plan.shards for e in s.entries},
         }
-        (folder / INDEX_NAME).write_text(json.dumps(index, indent=2) + "\n")
-        stats.files.append(INDEX_NAME)
+        (folder / plan.base.index_name).write_text(json.dumps(index, indent=2) + "\n")
+        stats.files.append(plan.base.index_name)
     return stats
 
 

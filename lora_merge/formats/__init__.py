@@ -1,0 +1,107 @@
+"""Adapter formats: each is translated into the canonical ``Adapter`` at the edge.
+
+``load_adapter`` detects the format from the files (or takes ``--adapter-format``) and calls the
+format's loader; nothing past this package knows which format an adapter came in.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from ..adapter import Adapter
+from ..errors import UnsupportedAdapterError
+from .files import TENSOR_SUFFIXES
+from .loralib import LoralibOptions
+
+FORMATS = ("peft", "loralib", "mlx", "kohya")
+LAYOUTS = {
+    "peft": "a folder with adapter_config.json and adapter_model.safetensors (or .bin)",
+    "mlx": "a folder with adapters.safetensors and adapter_config.json (lora_parameters.scale)",
+    "loralib": "one tensor file of <module>.lora_A / <module>.lora_B (give --lora-alpha)",
+    "kohya": "one safetensors file of <name>.lora_down.weight / .lora_up.weight / .alpha",
+}
+
+
+@dataclass
+class AdapterOptions:
+    """What the user says about an adapter beyond its files."""
+
+    format: str = "auto"
+    loralib: LoralibOptions = field(default_factory=LoralibOptions)
+
+
+def _keys(file: Path) -> list[str]:
+    from .files import read_tensor_file
+
+    return list(read_tensor_file(file))
+
+
+def _format_of_keys(keys: list[str]) -> str | None:
+    if any(k.endswith((".lora_down.weight", ".lora_up.weight")) for k in keys):
+        return "kohya"
+    if any(k.endswith((".lora_A", ".lora_B")) for k in keys):
+        return "loralib"
+    if any(k.endswith((".lora_A.weight", ".lora_B.weight", ".lora_embedding_A")) for k in keys):
+        return "peft"
+    if any(k.endswith((".lora_a", ".lora_b")) for k in keys):
+        return "mlx"
+    return None
+
+
+def detect_format(path: Path) -> str:
+    """The format of the adapter at ``path`` (a folder or one file), or a refusal naming what was found."""
+    if path.is_dir():
+        if (path / "adapter_model.safetensors").is_file() or (path / "adapter_model.bin").is_file():
+            return "peft"
+        if (path / "adapters.safetensors").is_file():
+            return "mlx"
+        files = sorted(p for p in path.iterdir() if p.is_file() and p.suffix in TENSOR_SUFFIXES)
+        found = f"the folder holds {', '.join(p.name for p in files[:5]) or 'no tensor file'}"
+        if len(files) == 1:
+            file = files[0]
+        else:
+            _refuse(path, found)
+    else:
+        file, found = path, "a file"
+    keys = _keys(file)
+    fmt = _format_of_keys(keys)
+    if fmt in ("peft", "mlx"):
+        config = "adapter_config.json"
+        _refuse(path, f"{file.name} has {fmt} key names but the {config} that goes with them is not beside it "
+                      f"under the name {fmt} expects", fmt)
+    if fmt is None:
+        sample = ", ".join(keys[:3]) + (" …" if len(keys) > 3 else "")
+        _refuse(path, f"{found}; {file.name} holds {len(keys)} tensors ({sample or 'none'})")
+    return fmt
+
+
+def _refuse(path: Path, found: str, fmt: str | None = None):
+    layouts = "; ".join(f"{k}: {v}" for k, v in LAYOUTS.items())
+    raise UnsupportedAdapterError(
+        f"ADAPTER {str(path)!r} is not an adapter lora-merge recognises: {found}. Recognised layouts: {layouts}",
+        f"save it as {LAYOUTS[fmt]}" if fmt else "pass --adapter-format if you know its format",
+    )
+
+
+def load_adapter(path: Path, base_shapes: dict[str, tuple[int, ...]], options: AdapterOptions | None = None) -> Adapter:
+    """Translate the adapter at ``path`` against BASE's tensor shapes (some formats need them to place deltas)."""
+    options = options or AdapterOptions()
+    fmt = detect_format(path) if options.format == "auto" else options.format
+    if fmt == "peft":
+        from .peft import load_peft_adapter
+
+        return load_peft_adapter(path if path.is_dir() else path.parent)
+    if fmt == "mlx":
+        from .mlx import load_mlx_adapter
+
+        return load_mlx_adapter(path if path.is_dir() else path.parent)
+    if fmt == "loralib":
+        from .loralib import load_loralib_adapter
+
+        return load_loralib_adapter(path, base_shapes, options.loralib)
+    if fmt == "kohya":
+        from .kohya import load_kohya_adapter
+
+        return load_kohya_adapter(path, list(base_shapes))
+    raise UnsupportedAdapterError(f"--adapter-format {fmt!r} is not one of {', '.join(FORMATS)}")

@@ -8,15 +8,9 @@ import re
 from collections import defaultdict
 from pathlib import Path
 
-from ..adapter import Adapter, AddScaled, FileTensor, LowRank, MemoryTensor, TargetOps
-from ..errors import (
-    AdapterConfigError,
-    HeaderError,
-    PlanError,
-    SourceNotFoundError,
-    UnsupportedAdapterError,
-)
-from ..safetensors_file import read_header
+from ..adapter import Adapter, AddScaled, LowRank, TargetOps
+from ..errors import AdapterConfigError, PlanError, SourceNotFoundError, UnsupportedAdapterError
+from .files import read_tensor_file
 
 PREFIX = "base_model.model."
 # key suffix -> role; longest first so that "lora_magnitude_vector.weight" wins over its prefix
@@ -94,27 +88,9 @@ def read_config(folder: Path) -> dict:
 
 def read_tensors(folder: Path) -> tuple[dict, list[Path]]:
     """The adapter's tensors by key, as lazily read objects."""
-    st = folder / "adapter_model.safetensors"
-    if st.is_file():
-        header = read_header(st)
-        return {k: FileTensor(v) for k, v in header.tensors.items()}, [st]
-    binary = folder / "adapter_model.bin"
-    if binary.is_file():
-        import pickle
-
-        import torch
-
-        try:
-            state = torch.load(binary, map_location="cpu", weights_only=True)
-        except (pickle.UnpicklingError, RuntimeError, EOFError, ValueError, OSError) as e:
-            first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-            raise HeaderError(
-                f"{binary}: refused: it cannot be loaded as plain tensors ({first})",
-                "ask for a safetensors adapter; lora-merge never runs code from a pickle",
-            ) from e
-        if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
-            raise HeaderError(f"{binary}: not a dictionary of tensors")
-        return {k: MemoryTensor(k, v) for k, v in state.items()}, [binary]
+    for name in ("adapter_model.safetensors", "adapter_model.bin"):
+        if (folder / name).is_file():
+            return read_tensor_file(folder / name), [folder / name]
     raise SourceNotFoundError(
         f"ADAPTER {str(folder)!r} has no adapter_model.safetensors or adapter_model.bin",
         "pass the folder written by peft's save_pretrained",
@@ -264,5 +240,5 @@ def load_peft_adapter(folder: Path) -> Adapter:
 
     if problems:
         raise PlanError(f"ADAPTER {str(folder)!r} is inconsistent:", problems)
-    return Adapter(folder, "peft", config, targets, list(tensors), files=files, notes=notes,
-                   ignored=ignored)
+    return Adapter(folder, "peft", config, targets, list(tensors), files=[*files, folder / "adapter_config.json"],
+                   notes=notes, ignored=ignored)

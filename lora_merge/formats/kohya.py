@@ -1,0 +1,120 @@
+"""kohya / Stable Diffusion LoRA: one safetensors file of ``<name>.lora_down.weight`` (A),
+``<name>.lora_up.weight`` (B) and ``<name>.alpha`` (0-d), ``s = alpha / r`` (alpha = r when absent).
+
+``<name>`` is a module path with ``.`` replaced by ``_`` behind a prefix that names the component:
+``lora_unet_`` for the UNet (or a transformer), ``lora_te_``, ``lora_te1_``, ``lora_te2_`` for text
+encoders. BASE is one component's folder (diffusers layout), so names are matched against BASE's
+own module paths; the file's other components are left for their own folders, and say so.
+Convolutions (3×3 included) take A (r, in, k, k) and B (out, r, 1, 1), as PEFT's do.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from ..adapter import Adapter, LowRank, TargetOps
+from ..errors import PlanError, UnsupportedAdapterError
+from .files import read_tensor_file
+from .loralib import tensor_file
+
+PREFIXES = ("lora_unet_", "lora_transformer_", "lora_te1_", "lora_te2_", "lora_te3_", "lora_te_")
+ROLES = {"lora_down.weight": "a", "lora_up.weight": "b", "alpha": "alpha"}
+# other trainers' tensors in kohya-style files: what they are, for the refusal
+UNSUPPORTED_ROLES = {
+    "dora_scale": "DoRA (dora_scale)", "lora_mid.weight": "LoCon's Tucker decomposition (lora_mid)",
+    "hada_w1_a": "LoHa", "lokr_w1": "LoKr", "diff": "a full weight difference", "diff_b": "a full bias difference",
+}
+
+
+def _split(key: str) -> tuple[str, str]:
+    name, _, role = key.partition(".")
+    return name, role
+
+
+def load_kohya_adapter(path: Path, base_names: list[str]) -> Adapter:
+    file = tensor_file(path, "kohya")
+    tensors = read_tensor_file(file)
+    modules: dict[str, dict] = {}
+    problems: list[str] = []
+    unsupported: dict[str, list[str]] = {}
+    for key, t in tensors.items():
+        name, role = _split(key)
+        if role in ROLES:
+            modules.setdefault(name, {})[ROLES[role]] = t
+        elif role in UNSUPPORTED_ROLES or role.rpartition(".")[0] in UNSUPPORTED_ROLES:
+            unsupported.setdefault(UNSUPPORTED_ROLES.get(role) or UNSUPPORTED_ROLES[role.rpartition(".")[0]],
+                                   []).append(key)
+        else:
+            problems.append(f"{key}: not a kohya LoRA tensor (lora_down.weight, lora_up.weight or alpha)")
+    if unsupported:
+        what, keys = next(iter(unsupported.items()))
+        raise UnsupportedAdapterError(f"ADAPTER {str(path)!r} holds {what}, e.g. {keys[0]}; lora-merge merges "
+                                      "plain LoRA (lora_down/lora_up/alpha) only")
+
+    # BASE's module paths as kohya spells them
+    spelled: dict[str, str] = {}
+    clashes: set[str] = set()
+    for name in base_names:
+        if name.endswith(".weight"):
+            module = name[: -len(".weight")]
+            flat = module.replace(".", "_")
+            if flat in spelled and spelled[flat] != module:
+                clashes.add(flat)
+            spelled[flat] = module
+
+    by_prefix: dict[str, list[str]] = {}
+    for name in modules:
+        prefix = next((p for p in PREFIXES if name.startswith(p)), name.split("_", 2)[0] + "_")
+        by_prefix.setdefault(prefix, []).append(name)
+    matching = {p for p, names in by_prefix.items() if any(n[len(p):] in spelled for n in names)}
+    if not matching:
+        raise PlanError(
+            f"ADAPTER {str(path)!r} (kohya) names no module of BASE:",
+            [f"{p}…: {len(names)} modules, e.g. {sorted(names)[0]}" for p, names in sorted(by_prefix.items())],
+            "pass the component folder these modules belong to (e.g. the unet/ or text_encoder/ folder)",
+        )
+
+    targets: dict[str, TargetOps] = {}
+    ignored: dict[str, str] = {}
+    notes: list[str] = []
+    for prefix, names in sorted(by_prefix.items()):
+        if prefix not in matching:
+            for name in names:
+                for t in modules[name].values():
+                    ignored[t.name] = f"for another component ({prefix}…): merge it into that component's folder"
+            notes.append(f"{len(names)} {prefix}… modules are for another component and were not merged "
+                         "(merge the same file into that component's folder)")
+            continue
+        for name in sorted(names):
+            parts = modules[name]
+            flat = name[len(prefix):]
+            if flat not in spelled:
+                problems.append(f"{name}: BASE has no module spelled {flat!r}")
+                continue
+            if flat in clashes:
+                problems.append(f"{name}: more than one module of BASE is spelled {flat!r}")
+                continue
+            a, b = parts.get("a"), parts.get("b")
+            if a is None or b is None:
+                problems.append(f"{name}: has lora_{'down' if a is not None else 'up'} but not its partner")
+                continue
+            r = a.shape[0] if a.shape else 0
+            alpha = r
+            if "alpha" in parts:
+                value = parts["alpha"].load()
+                if value.numel() != 1:
+                    problems.append(f"{name}: alpha has shape {list(value.shape)}, expected a single number")
+                    continue
+                alpha = float(value.reshape(-1)[0])
+            if r <= 0:
+                problems.append(f"{name}: lora_down has shape {list(a.shape)}")
+                continue
+            module = spelled[flat]
+            op = TargetOps(name=f"{module}.weight", module=module)
+            op.deltas.append(LowRank(a, b, alpha / r))
+            targets[op.name] = op
+    if problems:
+        raise PlanError(f"ADAPTER {str(path)!r} (kohya) does not fit BASE:", problems)
+    alphas = {parts["alpha"].name for parts in modules.values() if "alpha" in parts} - set(ignored)
+    return Adapter(path, "kohya", {"prefixes": sorted(matching)}, targets, list(tensors), files=[file],
+                   notes=notes, ignored=ignored, read_at_load=alphas)
