@@ -95,6 +95,71 @@ def push_options(f):
     return f
 
 
+def adapter_format_options(f):
+    for option in reversed([
+        click.option("--adapter-format", type=click.Choice(["auto", "peft", "loralib", "mlx", "kohya"]),
+                     default="auto", show_default=True,
+                     help="The adapter's layout. auto: detected from its files and tensor names."),
+        click.option("--lora-alpha", type=float, default=None,
+                     help="loralib: the lora_alpha the layers were built with (a loralib state dict does not record it)."),
+        click.option("--fan-in-fan-out", is_flag=True,
+                     help="loralib: the layers were built with fan_in_fan_out=True (weights stored in × out)."),
+        click.option("--enable-lora", metavar="PARTS", default=None,
+                     help="loralib MergedLinear: the fused parts that have LoRA, as names among q,k,v (e.g. q,v) "
+                          "or one flag per part (e.g. 1,0,1)."),
+    ]):
+        f = option(f)
+    return f
+
+
+def parse_enable_lora(text: str | None) -> list[bool] | None:
+    """``q,v`` (of a fused q,k,v) or ``1,0,1`` / ``true,false,true``, as loralib's enable_lora list."""
+    if text is None:
+        return None
+    parts = [p.strip().lower() for p in text.split(",") if p.strip()]
+    flags = {"1": True, "true": True, "0": False, "false": False}
+    if parts and all(p in flags for p in parts):
+        return [flags[p] for p in parts]
+    if parts and set(parts) <= set("qkv") and len(set(parts)) == len(parts):
+        return [n in parts for n in "qkv"]
+    raise click.BadParameter(f"{text!r}: name parts among q,k,v (e.g. q,v) or give one flag per part (e.g. 1,0,1)",
+                             param_hint="--enable-lora")
+
+
+def make_adapter_options(adapter_format, lora_alpha, fan_in_fan_out, enable_lora):
+    from .formats import AdapterOptions
+    from .formats.loralib import LoralibOptions
+
+    return AdapterOptions(adapter_format, LoralibOptions(lora_alpha, fan_in_fan_out, parse_enable_lora(enable_lora)))
+
+
+def parse_adapter(text: str) -> tuple[str, float]:
+    """``PATH`` or ``PATH:WEIGHT`` (``./a:0.5``); a path that exists as typed is never split."""
+    import math
+
+    if Path(text).expanduser().exists() or ":" not in text:
+        return text, 1.0
+    spec, _, weight = text.rpartition(":")
+    try:
+        value = float(weight)
+    except ValueError:
+        return text, 1.0
+    if not spec or not math.isfinite(value):
+        raise click.BadParameter(f"{text!r}: the weight after ':' must be a finite number", param_hint="--adapter")
+    return spec, value
+
+
+def merge_inputs(paths: tuple[str, ...], adapters: tuple[str, ...]) -> tuple[str, list[tuple[str, float]], str]:
+    """BASE ADAPTER OUT, or BASE OUT with one or more --adapter."""
+    if adapters:
+        if len(paths) != 2:
+            raise click.UsageError("with --adapter, give BASE and OUT only: lora-merge BASE OUT --adapter A1 --adapter A2:0.5")
+        return paths[0], [parse_adapter(a) for a in adapters], paths[1]
+    if len(paths) != 3:
+        raise click.UsageError("give BASE ADAPTER OUT (or BASE OUT with --adapter, once per adapter)")
+    return paths[0], [(paths[1], 1.0)], paths[2]
+
+
 def _check_push_options(repo_id, private, revision, create_pr, commit_message) -> None:
     if not repo_id and (private or revision or create_pr or commit_message):
         raise click.UsageError("--private, --revision, --create-pr and --commit-message need --push-to-hub")
@@ -157,9 +222,11 @@ def cli():
 
 
 @cli.command("merge", context_settings=CONTEXT)
-@click.argument("base")
-@click.argument("adapter")
-@click.argument("out", type=click.Path(file_okay=False, path_type=str))
+@click.argument("paths", nargs=-1, metavar="BASE [ADAPTER] OUT")
+@click.option("--adapter", "adapters", multiple=True, metavar="ADAPTER[:WEIGHT]",
+              help="An adapter to merge, with an optional weight (default 1); repeat it to sum several adapters "
+                   "in one pass. Replaces the ADAPTER argument.")
+@adapter_format_options
 @click.option("--dtype", type=click.Choice(["bfloat16", "float16", "float32"]), default=None,
               help="Output dtype of floating-point tensors. Default: the base's.")
 @click.option("--device", default="auto", show_default=True, metavar="auto|cpu|cuda|cuda:N|mps",
@@ -183,14 +250,20 @@ def cli():
 @click.option("--push-to-hub", "push_to", metavar="REPO_ID", default=None,
               help="After the merge and its parity checks pass, upload OUT to this Hub repo (created if needed).")
 @push_options
-def merge_command(base, adapter, out, dtype, device, overwrite, dry_run, tokenizer_from, block_mb, as_json, quiet,
-                  verbose, allow_nonfinite, resume, token, push_to, private, revision, create_pr, commit_message):
+def merge_command(paths, adapters, adapter_format, lora_alpha, fan_in_fan_out, enable_lora, dtype, device, overwrite,
+                  dry_run, tokenizer_from, block_mb, as_json, quiet, verbose, allow_nonfinite, resume, token, push_to,
+                  private, revision, create_pr, commit_message):
     """Merge ADAPTER into BASE and write the merged model to OUT.
 
     \b
     Examples:
         lora-merge ./base ./adapter ./merged
         lora-merge merge ./base ./adapter ./merged --dtype float16 --overwrite
+        lora-merge ./base ./merged --adapter ./style --adapter ./task:0.5
+        lora-merge ./gpt2 ./lora.pt ./merged --lora-alpha 16 --enable-lora q,v
+
+    ADAPTER is a PEFT or mlx-lm adapter folder, or one loralib or kohya tensor file (the format is
+    detected; --adapter-format names it).
 
     OUT must not exist or be empty (else --overwrite). The output is written beside OUT under a
     temporary name and renamed at the end, so an error or Ctrl-C leaves OUT as it was.
@@ -200,11 +273,13 @@ def merge_command(base, adapter, out, dtype, device, overwrite, dry_run, tokeniz
     from .progress import byte_bar
 
     _check_push_options(push_to, private, revision, create_pr, commit_message)
+    base, adapter, out = merge_inputs(paths, adapters)
+    adapter_options = make_adapter_options(adapter_format, lora_alpha, fan_in_fan_out, enable_lora)
     if quiet:
         _quiet_hub()
     block_bytes = block_mb * 1024 * 1024
     if dry_run:
-        plan = pipeline.prepare(base, adapter, dtype, token)
+        plan = pipeline.prepare(base, adapter, dtype, token, adapter_options)
         pipeline.resolve_device(device)
         described = pipeline.describe_plan(plan, block_bytes)
         click.echo(json.dumps(described, indent=2) if as_json else _format_plan(described))
@@ -221,7 +296,7 @@ def merge_command(base, adapter, out, dtype, device, overwrite, dry_run, tokeniz
             base, adapter, out, dtype=dtype, device=device, overwrite=overwrite, tokenizer_from=tokenizer_from,
             block_bytes=block_bytes, progress_factory=lambda total, label: byte_bar(total, label, not quiet),
             options=options, token=token, command=_command_line(), repo_id=push_to,
-            allow_nonfinite=allow_nonfinite, resume=resume,
+            allow_nonfinite=allow_nonfinite, resume=resume, adapter_options=adapter_options,
         )
     except ParityError as e:
         click.echo(json.dumps(e.report.to_json(), indent=2) if as_json else e.report.table())
@@ -284,7 +359,9 @@ def push_command(out, repo_id, token, private, revision, create_pr, commit_messa
 @cli.command("verify", context_settings=CONTEXT)
 @click.argument("out", type=click.Path(file_okay=False, path_type=str))
 @click.option("--base", required=True, help="The base model the merge started from.")
-@click.option("--adapter", required=True, help="The adapter that was merged.")
+@click.option("--adapter", "adapters", required=True, multiple=True, metavar="ADAPTER[:WEIGHT]",
+              help="The adapter that was merged (repeat it for several, with their weights).")
+@adapter_format_options
 @click.option("--json", "json_path", type=click.Path(dir_okay=False, allow_dash=True), default=None,
               help="Also write the report as JSON to this file (- for stdout, instead of the table).")
 @click.option("--device", default="auto", show_default=True, metavar="auto|cpu|cuda|cuda:N",
@@ -301,7 +378,7 @@ def push_command(out, repo_id, token, private, revision, create_pr, commit_messa
               help="Pass NaN or Inf where the exact result is NaN or Inf (a merge made with --allow-nonfinite).")
 @click.option("-q", "--quiet", is_flag=True, help="No progress bar and no table; the exit code tells.")
 @token_option
-def verify_command(out, base, adapter, json_path, device, latency, new_tokens, runs, prompt, allow_nonfinite, quiet,
+def verify_command(out, base, adapters, adapter_format, lora_alpha, fan_in_fan_out, enable_lora, json_path, device, latency, new_tokens, runs, prompt, allow_nonfinite, quiet,
                    token):
     """Check a merged folder against BASE and ADAPTER; exit 1 when a check fails.
 
@@ -321,7 +398,9 @@ def verify_command(out, base, adapter, json_path, device, latency, new_tokens, r
 
     if quiet:
         _quiet_hub()
-    report = pipeline.verify(out, base, adapter, device=device, token=token, allow_nonfinite=allow_nonfinite,
+    report = pipeline.verify(out, base, [parse_adapter(a) for a in adapters], device=device, token=token,
+                             allow_nonfinite=allow_nonfinite,
+                             adapter_options=make_adapter_options(adapter_format, lora_alpha, fan_in_fan_out, enable_lora),
                              progress_factory=lambda total, label: byte_bar(total, label, not quiet))
     if latency:
         from .latency import latency_table, measure_latency
@@ -344,6 +423,55 @@ def verify_command(out, base, adapter, json_path, device, latency, new_tokens, r
         if quiet and not json_path:
             error.hint = "run without --quiet (or with --json PATH) to see the failures"
         raise error
+
+
+@cli.command("unmerge", context_settings=CONTEXT)
+@click.argument("merged")
+@click.argument("adapter")
+@click.argument("out", type=click.Path(file_okay=False, path_type=str))
+@click.option("--base", "original", default=None, metavar="ORIGINAL",
+              help="The base model the merge started from: count the elements that come back bit-identical "
+                   "and the worst error in ulp.")
+@adapter_format_options
+@click.option("--device", default="auto", show_default=True, metavar="auto|cpu|cuda|cuda:N",
+              help="Where the arithmetic runs.")
+@click.option("--overwrite", is_flag=True, help="Replace OUT if it exists (only once the new output is complete).")
+@click.option("--json", "as_json", is_flag=True, help="Print the report as JSON on stdout.")
+@click.option("-q", "--quiet", is_flag=True, help="No progress bar and no table.")
+@token_option
+def unmerge_command(merged, adapter, out, original, adapter_format, lora_alpha, fan_in_fan_out, enable_lora, device,
+                    overwrite, as_json, quiet, token):
+    """Subtract ADAPTER from the merged model MERGED and write the base back to OUT.
+
+    \b
+    Examples:
+        lora-merge unmerge ./merged ./adapter ./base-again
+        lora-merge unmerge ./merged ./adapter ./base-again --base ./Qwen3-0.6B
+
+    Rounding on the way in cannot always be undone: the report counts, per tensor and in total, the
+    elements that are certainly the original (the only value that merges to MERGED's bits) and, with
+    --base, the elements that came back bit-identical and the worst error in ulp. DoRA and adapters
+    that replace tensors outright cannot be undone from the adapter alone and are refused.
+    """
+    from . import pipeline
+    from .progress import byte_bar
+
+    if quiet:
+        _quiet_hub()
+    adapter_options = make_adapter_options(adapter_format, lora_alpha, fan_in_fan_out, enable_lora)
+    try:
+        result = pipeline.unmerge(merged, [parse_adapter(adapter)], out, original=original, device=device,
+                                  overwrite=overwrite, token=token, command=_command_line(),
+                                  adapter_options=adapter_options,
+                                  progress_factory=lambda total, label: byte_bar(total, label, not quiet))
+    except ParityError as e:
+        click.echo(json.dumps(e.report.to_json(), indent=2) if as_json else e.report.table())
+        raise
+    if as_json:
+        click.echo(json.dumps(result.report.to_json(), indent=2))
+    elif not quiet:
+        click.echo(f"unmerged {result.summary()['merged']} tensors -> {result.out}")
+        click.echo(result.report.table())
 
 
 def _mb(n: int) -> str:

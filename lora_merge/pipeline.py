@@ -165,7 +165,7 @@ def prepare(base: str, adapter: Adapters, dtype: str | None = None, token: str |
 
 
 def _load_inputs(base: str, adapters: list[tuple[str, float]], token: str | None,
-                 options: AdapterOptions | None, role: str = "BASE"):
+                 options: AdapterOptions | None, role: str = "BASE", each=None):
     """BASE's headers and the adapters translated (summed, with their weights); nothing is planned yet."""
     base_model = load_base(resolve_source(base, role, token), role)
     shapes = {n: i.shape for n, i in base_model.tensors.items()}
@@ -174,6 +174,8 @@ def _load_inputs(base: str, adapters: list[tuple[str, float]], token: str | None
         source = resolve_source(spec, "ADAPTER", token)
         adapter = load_adapter(source.path, shapes, options)
         adapter.source, adapter.weight = source, weight
+        if each is not None:
+            each(adapter)
         loaded.append(adapter)
     return base_model, combine(loaded)
 
@@ -264,7 +266,7 @@ def merge(
 
 
 def _write(plan: Plan, out, *, base, adapter, dtype, device, overwrite, tokenizer_from, block_bytes, progress_factory,
-           options, command, repo_id, allow_nonfinite, resume, check=None) -> MergeResult:
+           options, command, repo_id, allow_nonfinite, resume, check=None, model_card=True) -> MergeResult:
     """Write the planned output to OUT through a staged folder, check it and commit it.
 
     ``check(folder, plan, device, provenance, progress)`` makes the report (default: the parity report)."""
@@ -314,14 +316,56 @@ def _write(plan: Plan, out, *, base, adapter, dtype, device, overwrite, tokenize
             prov["peak_memory_bytes"] = peak_memory_bytes()
             prov["command"] = command or _python_call(base, adapter, out, dtype)
             report.write(staged.tmp / REPORT_NAME)
-            card.write(staged.tmp, plan, report, command=prov["command"], repo_id=repo_id)
+            if model_card:
+                card.write(staged.tmp, plan, report, command=prov["command"], repo_id=repo_id)
             if journal is not None:
                 journal.remove()
             staged.commit()
-    result = MergeResult(plan, out_path, str(dev), merge_seconds, stats, copied + [REPORT_NAME, card.CARD_NAME], report)
+    result = MergeResult(plan, out_path, str(dev), merge_seconds, stats,
+                         copied + [REPORT_NAME] + ([card.CARD_NAME] if model_card else []), report)
     if not report.ok:
         raise parity_error(report, out_path / REPORT_NAME)
     return result
+
+
+def unmerge(
+    merged: str,
+    adapter: Adapters,
+    out: str | Path,
+    *,
+    original: str | None = None,
+    device: str = "auto",
+    overwrite: bool = False,
+    block_bytes: int = DEFAULT_BLOCK_BYTES,
+    progress_factory=None,
+    options: dict | None = None,
+    token: str | None = None,
+    command: str | None = None,
+    adapter_options: AdapterOptions | None = None,
+) -> MergeResult:
+    """Subtract ADAPTER's delta from the merged model MERGED and write the base back to OUT.
+
+    The report (OUT/merge_report.json) checks OUT against MERGED minus the adapter like a merge's, and
+    adds the round trip: elements certainly recovered and, when ``original`` (the base model the merge
+    started from) is given, elements bit-identical to it and the worst error in ulp.
+    """
+    from .unmerge import add_round_trip, refuse_irreversible
+
+    specs = [(spec, -weight) for spec, weight in adapter_list(adapter)]
+    merged_model, loaded = _load_inputs(merged, specs, token, adapter_options, role="MERGED", each=refuse_irreversible)
+    plan = make_plan(merged_model, loaded)
+    plan.adapter_source = loaded.members[0].source
+    plan.notes.append("unmerged: the adapter's delta was subtracted")
+    original_model = load_base(resolve_source(original, "BASE")) if original is not None else None
+
+    def check(folder, plan, dev, provenance, bar):
+        report = verify_output(folder, plan, dev, provenance=provenance, progress=bar, shown_as=str(out))
+        return add_round_trip(report, folder, plan, dev, original_model)
+
+    return _write(plan, out, base=merged, adapter=adapter, dtype=None, device=device, overwrite=overwrite,
+                  tokenizer_from=None, block_bytes=block_bytes, progress_factory=progress_factory, options=options,
+                  command=command or f"lora_merge.unmerge({str(merged)!r}, {str(adapter)!r}, {str(out)!r})",
+                  repo_id=None, allow_nonfinite=False, resume=False, check=check, model_card=False)
 
 
 def nonfinite_adapter_tensors(plan: Plan) -> list[str]:

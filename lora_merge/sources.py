@@ -47,6 +47,8 @@ def resolve_source(spec: str, role: str, token: str | None = None) -> Source:
     path = Path(spec).expanduser()
     if path.is_dir():
         return Source(spec, path.resolve())
+    if path.is_file() and role == "ADAPTER":  # loralib and kohya adapters are one tensor file
+        return Source(spec, path.resolve(), root=path.resolve().parent)
     if path.exists():
         raise SourceNotFoundError(
             f"{role} {spec!r} is a file, not a folder", f"pass the folder that holds the {role.lower()}'s files"

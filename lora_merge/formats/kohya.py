@@ -50,6 +50,8 @@ def load_kohya_adapter(path: Path, base_names: list[str]) -> Adapter:
         what, keys = next(iter(unsupported.items()))
         raise UnsupportedAdapterError(f"ADAPTER {str(path)!r} holds {what}, e.g. {keys[0]}; lora-merge merges "
                                       "plain LoRA (lora_down/lora_up/alpha) only")
+    if problems:
+        raise PlanError(f"ADAPTER {str(path)!r} is not a kohya LoRA file:", problems)
 
     # BASE's module paths as kohya spells them
     spelled: dict[str, str] = {}
