@@ -124,14 +124,20 @@ The merged checkpoint was read back and checked against the base and the adapter
 
 ## Use it
 
-```python
-from transformers import AutoModelForCausalLM, AutoTokenizer
-
-model = AutoModelForCausalLM.from_pretrained("{load_from}", dtype="auto")
-tokenizer = AutoTokenizer.from_pretrained("{load_from}")
-```
+{_usage(plan, load_from)}
 """
     return ModelCard(f"---\n{data.to_yaml()}\n---\n{body}").content
+
+
+def _usage(plan: Plan, load_from: str) -> str:
+    """How to load the result: a diffusers component by its class, else a transformers causal LM."""
+    diffusers_class = plan.base.config.get("_class_name")
+    if isinstance(diffusers_class, str) and diffusers_class.isidentifier():
+        return (f"```python\nfrom diffusers import {diffusers_class}\n\n"
+                f"model = {diffusers_class}.from_pretrained(\"{load_from}\")\n```")
+    return ("```python\nfrom transformers import AutoModelForCausalLM, AutoTokenizer\n\n"
+            f"model = AutoModelForCausalLM.from_pretrained(\"{load_from}\", dtype=\"auto\")\n"
+            f"tokenizer = AutoTokenizer.from_pretrained(\"{load_from}\")\n```")
 
 
 def write(folder: Path, plan: Plan, report: Report, *, command: str, repo_id: str | None = None) -> None:

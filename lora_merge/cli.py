@@ -202,21 +202,24 @@ def cli():
     \b
         lora-merge BASE ADAPTER OUT [OPTIONS]
 
-    BASE is a model folder with safetensors weights, ADAPTER a PEFT adapter folder. The base is
-    streamed one tensor at a time: untouched tensors are copied as bytes, merged ones are computed in
-    float64 and rounded once to the output dtype. OUT gets the base's shard layout, config,
-    tokenizer and other files.
+    BASE is a model folder with safetensors weights; ADAPTER a PEFT or mlx-lm adapter folder, or a
+    loralib or kohya tensor file. The base is streamed one tensor at a time: untouched tensors are
+    copied as bytes, merged ones are computed in float64 and rounded once to the output dtype. OUT
+    gets the base's shard layout, config, tokenizer and other files.
 
     \b
     Examples:
         lora-merge ./Qwen3-0.6B ./my-adapter ./merged
         lora-merge ./Qwen3-0.6B ./my-adapter ./merged --dtype bfloat16 --device cuda
         lora-merge ./Qwen3-0.6B ./my-adapter ./merged --dry-run
+        lora-merge ./Qwen3-0.6B ./merged --adapter ./style --adapter ./task:0.5
+        lora-merge unmerge ./merged ./my-adapter ./base-again
 
     Every merge ends with a parity report (OUT/merge_report.json); `lora-merge verify OUT --base BASE
     --adapter ADAPTER` checks any merged folder the same way.
 
-    Run `lora-merge merge --help` or `lora-merge verify --help` for every option. Set
+    Run `lora-merge merge --help`, `lora-merge verify --help` or `lora-merge unmerge --help` for
+    every option. Set
     LORA_MERGE_DEBUG=1 to see tracebacks.
     """
 

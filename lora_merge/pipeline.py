@@ -11,8 +11,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from . import card
-from .errors import DeviceError, NonFiniteError, ParityError, name_list
 from .adapter import combine
+from .errors import DeviceError, NonFiniteError, ParityError, name_list
 from .formats import AdapterOptions, load_adapter
 from .output import OutputLock, StagedOutput, check_output, check_space
 from .plan import DTYPE_CONFIG, Plan, make_plan
@@ -119,7 +119,7 @@ def describe_plan(plan: Plan, block_bytes: int = DEFAULT_BLOCK_BYTES) -> dict:
     """The plan as data: what --dry-run prints."""
     return {
         "base": str(plan.base.path),
-        "adapter": str(plan.adapter.path),
+        "adapter": ", ".join(f"{a.path}" + (f" (weight {a.weight:g})" if a.weight != 1.0 else "") for a in plan.adapter.members),
         "counts": plan.counts(),
         "bytes": plan.total_bytes,
         "estimated_peak_bytes": estimate_peak_bytes(plan, block_bytes),

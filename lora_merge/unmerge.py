@@ -16,10 +16,9 @@ once on the way out, which bounds the error by one such ulp.
 from __future__ import annotations
 
 import math
+import os
 
 import torch
-
-import os
 
 from .adapter import FileTensor, torch_dtype
 from .errors import UnsupportedAdapterError
@@ -50,13 +49,17 @@ def refuse_irreversible(adapter) -> None:
         )
 
 
+def _merges_to(v: torch.Tensor, d: torch.Tensor, m: torch.Tensor) -> torch.Tensor:
+    """Where merging the delta ``d`` into ``v`` gives exactly the merged bits ``m``."""
+    return _bits(round_to(v.to(torch.float64) + d, m.dtype)) == _bits(m)
+
+
 def _bits(t: torch.Tensor) -> torch.Tensor:
     return t.view({2: torch.int16, 4: torch.int32, 8: torch.int64}[t.element_size()])
 
 
 def round_trip(folder, plan: Plan, out_model: BaseModel, device, original: BaseModel | None, progress=None) -> tuple[Check, dict]:
     """Per changed tensor: elements certainly recovered, and (with the original) bit-identical ones and the worst ulp."""
-    f = _Factors(device)
     tensors: dict[str, dict] = {}
     totals = {"elements": 0, "certain": 0}
     if original is not None:
@@ -81,6 +84,7 @@ def round_trip(folder, plan: Plan, out_model: BaseModel, device, original: BaseM
         dtype = torch_dtype(entry.dtype)
         rows = entry.shape[0] if entry.shape else 1
         step = max(1, BLOCK_ELEMENTS // max(1, math.prod(entry.shape[1:])))
+        f = _Factors(device)  # one tensor's factors at a time: memory stays flat
         stat = {"elements": 0, "certain": 0}
         if orig is not None:
             stat |= {"identical": 0, "worst_ulp": 0.0}
@@ -92,12 +96,9 @@ def round_trip(folder, plan: Plan, out_model: BaseModel, device, original: BaseM
             u = FileTensor(got).rows(start, stop).to(device)
             u64 = u.to(torch.float64)
 
-            def merges_to_m(v: torch.Tensor) -> torch.Tensor:
-                return _bits(round_to(v.to(torch.float64) + d, dtype)) == _bits(m)
-
             up = torch.nextafter(u, torch.full_like(u, math.inf))
             down = torch.nextafter(u, torch.full_like(u, -math.inf))
-            certain = merges_to_m(u) & ~merges_to_m(up) & ~merges_to_m(down)
+            certain = _merges_to(u, d, m) & ~_merges_to(up, d, m) & ~_merges_to(down, d, m)
             stat["elements"] += u.numel()
             stat["certain"] += int(certain.sum())
             if orig is not None:

@@ -12,7 +12,7 @@ from safetensors.torch import save_file
 from lora_merge.formats import detect_format
 
 # float32 bases: the libraries round s·B·A to float32 before adding it, lora-merge rounds once
-CLOSE = dict(rtol=2e-6, atol=1e-7)
+CLOSE = {"rtol": 2e-6, "atol": 1e-7}
 
 
 def assert_merged_like(out, reference: dict, base: dict):
@@ -20,7 +20,7 @@ def assert_merged_like(out, reference: dict, base: dict):
     assert set(got) == set(reference)
     changed = 0
     for name, want in reference.items():
-        torch.testing.assert_close(got[name], want, **CLOSE, msg=lambda m: f"{name}: {m}")
+        torch.testing.assert_close(got[name], want, **CLOSE, msg=lambda m, name=name: f"{name}: {m}")
         changed += not torch.equal(got[name], base[name])
     report = json.loads((out / "merge_report.json").read_text())
     assert report["status"] == "passed" and report["coverage"]["left_over"] == []

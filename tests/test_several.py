@@ -7,7 +7,7 @@ import json
 import torch
 from conftest import build_adapter, expect_error, load_tensors, run_cli
 
-CLOSE = dict(rtol=2e-6, atol=1e-7)
+CLOSE = {"rtol": 2e-6, "atol": 1e-7}
 
 
 def peft_merge_of(base, adapters: list[tuple[object, float]]) -> dict:
@@ -41,7 +41,7 @@ def test_two_adapters_with_weights_match_peft(models, tmp_path):
     base_tensors = load_tensors(base)
     changed = 0
     for name, t in got.items():
-        torch.testing.assert_close(t, want[name], **CLOSE, msg=lambda m: f"{name}: {m}")
+        torch.testing.assert_close(t, want[name], **CLOSE, msg=lambda m, name=name: f"{name}: {m}")
         changed += not torch.equal(t, base_tensors[name])
     assert changed == 6  # q_proj from both, v_proj from a1, down_proj from a2, in 2 layers
     report = json.loads((tmp_path / "out" / "merge_report.json").read_text())

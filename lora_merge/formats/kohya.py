@@ -72,7 +72,7 @@ def load_kohya_adapter(path: Path, base_names: list[str]) -> Adapter:
     if not matching:
         raise PlanError(
             f"ADAPTER {str(path)!r} (kohya) names no module of BASE:",
-            [f"{p}…: {len(names)} modules, e.g. {sorted(names)[0]}" for p, names in sorted(by_prefix.items())],
+            [f"{p}…: {len(names)} modules, e.g. {min(names)}" for p, names in sorted(by_prefix.items())],
             "pass the component folder these modules belong to (e.g. the unet/ or text_encoder/ folder)",
         )
 

@@ -14,7 +14,12 @@ import json
 from pathlib import Path
 
 from ..adapter import Adapter, DerivedTensor, LowRank, TargetOps, transposed
-from ..errors import AdapterConfigError, PlanError, SourceNotFoundError, UnsupportedAdapterError
+from ..errors import (
+    AdapterConfigError,
+    PlanError,
+    SourceNotFoundError,
+    UnsupportedAdapterError,
+)
 from .files import read_tensor_file
 
 WEIGHTS = "adapters.safetensors"

@@ -9,7 +9,12 @@ from collections import defaultdict
 from pathlib import Path
 
 from ..adapter import Adapter, AddScaled, LowRank, TargetOps
-from ..errors import AdapterConfigError, PlanError, SourceNotFoundError, UnsupportedAdapterError
+from ..errors import (
+    AdapterConfigError,
+    PlanError,
+    SourceNotFoundError,
+    UnsupportedAdapterError,
+)
 from .files import read_tensor_file
 
 PREFIX = "base_model.model."
