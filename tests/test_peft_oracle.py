@@ -6,14 +6,7 @@ import json
 
 import pytest
 import torch
-from conftest import (
-    build_adapter,
-    forward_logits,
-    load_tensors,
-    peft_reference,
-    ulps,
-    unmerged_logits,
-)
+from conftest import build_adapter, forward_logits, load_tensors, peft_reference, ulps, unmerged_logits
 
 from lora_merge import merge
 

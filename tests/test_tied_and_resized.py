@@ -6,13 +6,7 @@ import json
 
 import pytest
 import torch
-from conftest import (
-    build_adapter,
-    build_model,
-    forward_logits,
-    load_tensors,
-    unmerged_logits,
-)
+from conftest import build_adapter, build_model, forward_logits, load_tensors, unmerged_logits
 
 from lora_merge import merge
 
