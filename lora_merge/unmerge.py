@@ -20,7 +20,7 @@ import os
 
 import torch
 
-from .adapter import FileTensor, torch_dtype
+from .adapter import FileTensor
 from .errors import UnsupportedAdapterError
 from .mathops import round_to
 from .plan import Plan
@@ -81,7 +81,6 @@ def round_trip(folder, plan: Plan, out_model: BaseModel, device, original: BaseM
             failures.append(f"{entry.name}: the original is {orig.dtype} {list(orig.shape)}, OUT {entry.dtype} "
                             f"{list(entry.shape)}")
             orig = None
-        dtype = torch_dtype(entry.dtype)
         rows = entry.shape[0] if entry.shape else 1
         step = max(1, BLOCK_ELEMENTS // max(1, math.prod(entry.shape[1:])))
         f = _Factors(device)  # one tensor's factors at a time: memory stays flat

@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 from ..adapter import AdapterTensor, FileTensor, MemoryTensor
-from ..errors import HeaderError
+from ..errors import AdapterConfigError, HeaderError, SourceNotFoundError
 from ..safetensors_file import read_header
 
 TENSOR_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth")
@@ -32,3 +33,17 @@ def read_tensor_file(path: Path) -> dict[str, AdapterTensor]:
     if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
         raise HeaderError(f"{path}: not a dictionary of tensors")
     return {k: MemoryTensor(k, v) for k, v in state.items()}
+
+
+def read_adapter_config(folder: Path, missing: str, hint: str) -> dict:
+    """``folder/adapter_config.json`` as a JSON object; ``missing`` and ``hint`` say what to do without it."""
+    path = folder / "adapter_config.json"
+    if not path.is_file():
+        raise SourceNotFoundError(f"ADAPTER {str(folder)!r} {missing}", hint)
+    try:
+        config = json.loads(path.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise AdapterConfigError(f"{path}: not valid JSON ({e})") from e
+    if not isinstance(config, dict):
+        raise AdapterConfigError(f"{path}: not a JSON object")
+    return config

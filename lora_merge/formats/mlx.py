@@ -10,17 +10,15 @@ embedding (vocab × dims) that is ``W += scale · lora_a @ lora_b``. Mixture-of-
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 from ..adapter import Adapter, DerivedTensor, LowRank, TargetOps, transposed
 from ..errors import (
     AdapterConfigError,
     PlanError,
-    SourceNotFoundError,
     UnsupportedAdapterError,
 )
-from .files import read_tensor_file
+from .files import read_adapter_config, read_tensor_file
 
 WEIGHTS = "adapters.safetensors"
 CONFIG = "adapter_config.json"
@@ -29,17 +27,7 @@ EMBEDDING_SUFFIXES = ("embed_tokens", "wte", "word_embeddings", "tok_embeddings"
 
 
 def read_config(folder: Path) -> dict:
-    path = folder / CONFIG
-    if not path.is_file():
-        raise SourceNotFoundError(f"ADAPTER {str(folder)!r} has {WEIGHTS} but no {CONFIG}",
-                                  "pass the folder mlx_lm.lora wrote (it holds both)")
-    try:
-        config = json.loads(path.read_text())
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise AdapterConfigError(f"{path}: not valid JSON ({e})") from e
-    if not isinstance(config, dict):
-        raise AdapterConfigError(f"{path}: not a JSON object")
-    return config
+    return read_adapter_config(folder, f"has {WEIGHTS} but no {CONFIG}", "pass the folder mlx_lm.lora wrote (it holds both)")
 
 
 def _scale(config: dict, where: Path) -> float:

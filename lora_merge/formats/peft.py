@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import math
 import re
 from collections import defaultdict
@@ -15,7 +14,7 @@ from ..errors import (
     SourceNotFoundError,
     UnsupportedAdapterError,
 )
-from .files import read_tensor_file
+from .files import read_adapter_config, read_tensor_file
 
 PREFIX = "base_model.model."
 # key suffix -> role; longest first so that "lora_magnitude_vector.weight" wins over its prefix
@@ -76,19 +75,7 @@ def check_config(config: dict, where: Path) -> None:
 
 
 def read_config(folder: Path) -> dict:
-    path = folder / "adapter_config.json"
-    if not path.is_file():
-        raise SourceNotFoundError(
-            f"ADAPTER {str(folder)!r} has no adapter_config.json",
-            "pass the folder written by peft's save_pretrained",
-        )
-    try:
-        config = json.loads(path.read_text())
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise AdapterConfigError(f"{path}: not valid JSON ({e})") from e
-    if not isinstance(config, dict):
-        raise AdapterConfigError(f"{path}: not a JSON object")
-    return config
+    return read_adapter_config(folder, "has no adapter_config.json", "pass the folder written by peft's save_pretrained")
 
 
 def read_tensors(folder: Path) -> tuple[dict, list[Path]]:
