@@ -58,7 +58,7 @@ def _bits(t: torch.Tensor) -> torch.Tensor:
     return t.view({2: torch.int16, 4: torch.int32, 8: torch.int64}[t.element_size()])
 
 
-def round_trip(folder, plan: Plan, out_model: BaseModel, device, original: BaseModel | None, progress=None) -> tuple[Check, dict]:
+def round_trip(plan: Plan, out_model: BaseModel, device, original: BaseModel | None) -> tuple[Check, dict]:
     """Per changed tensor: elements certainly recovered, and (with the original) bit-identical ones and the worst ulp."""
     tensors: dict[str, dict] = {}
     totals = {"elements": 0, "certain": 0}
@@ -93,8 +93,6 @@ def round_trip(folder, plan: Plan, out_model: BaseModel, device, original: BaseM
             d = (-minus_delta).to(device)
             m = merged.rows(start, stop).to(device)
             u = FileTensor(got).rows(start, stop).to(device)
-            u64 = u.to(torch.float64)
-
             up = torch.nextafter(u, torch.full_like(u, math.inf))
             down = torch.nextafter(u, torch.full_like(u, -math.inf))
             certain = _merges_to(u, d, m) & ~_merges_to(up, d, m) & ~_merges_to(down, d, m)
@@ -105,11 +103,9 @@ def round_trip(folder, plan: Plan, out_model: BaseModel, device, original: BaseM
                 stat["identical"] += int((_bits(u) == _bits(w)).sum())
                 w64 = w.to(torch.float64)
                 unit = ulp(torch.maximum(w64.abs(), m.to(torch.float64).abs()), entry.dtype)
-                err = ((u64 - w64).abs() / unit).nan_to_num(nan=0.0)
+                err = ((u.to(torch.float64) - w64).abs() / unit).nan_to_num(nan=0.0)
                 if err.numel():
                     stat["worst_ulp"] = max(stat["worst_ulp"], float(err.max()))
-            if progress is not None:
-                progress.update(0)
         tensors[entry.name] = stat
         for k in totals:
             totals[k] = max(totals[k], stat[k]) if k == "worst_ulp" else totals[k] + stat[k]
@@ -139,11 +135,11 @@ def _same_bytes(a: TensorInfo, b: TensorInfo) -> bool:
         os.close(fb)
 
 
-def add_round_trip(report: Report, folder, plan: Plan, device, original: BaseModel | None, progress=None) -> Report:
+def add_round_trip(report: Report, folder, plan: Plan, device, original: BaseModel | None) -> Report:
     """The unmerge's report: the parity checks of OUT against MERGED minus the adapter, and the round trip."""
     from .report import load_out
 
-    check, data = round_trip(folder, plan, load_out(folder), device, original, progress)
+    check, data = round_trip(plan, load_out(folder), device, original)
     report.checks.append(check)
     report.details["round_trip"] = data
     return report
