@@ -8,6 +8,7 @@ tensor is (in × out), as for GPT-2's Conv1D and for embeddings.
 
 from __future__ import annotations
 
+import math
 import os
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -73,6 +74,10 @@ class FileTensor:
     def load(self):
         return self.rows(0, self.shape[0] if self.shape else 1)
 
+    @property
+    def stored(self) -> FileTensor:
+        return self
+
 
 class MemoryTensor:
     """A tensor already in memory (from a ``torch.load(weights_only=True)`` adapter file)."""
@@ -95,15 +100,24 @@ class MemoryTensor:
     def load(self):
         return self.tensor
 
+    @property
+    def stored(self) -> MemoryTensor:
+        return self
+
 
 class DerivedTensor:
-    """A stored adapter tensor presented in the canonical layout (transposed, reshaped, padded),
-    computed when loaded. It keeps the stored tensor's name: coverage counts stored tensors."""
+    """A stored adapter tensor presented in the canonical layout (transposed, reshaped, padded, sliced),
+    computed when loaded. It keeps the stored tensor's name: coverage counts stored tensors.
 
-    def __init__(self, source: FileTensor | MemoryTensor, shape: tuple[int, ...], make):
+    ``rows`` reads only that range of the stored tensor's first dimension (one expert's factor of a
+    fused parameter) instead of all of it.
+    """
+
+    def __init__(self, source, shape: tuple[int, ...], make, rows: tuple[int, int] | None = None):
         self.source = source
         self.shape = tuple(shape)
         self._make = make
+        self._rows = rows
 
     @property
     def name(self) -> str:
@@ -113,41 +127,128 @@ class DerivedTensor:
     def dtype(self) -> str:
         return self.source.dtype
 
+    @property
+    def stored(self):
+        """The tensor as stored in the adapter's file."""
+        return self.source.stored
+
     def rows(self, start: int, stop: int):
         return self.load()[start:stop]
 
     def load(self):
-        t = self._make(self.source.load())
+        raw = self.source.rows(*self._rows) if self._rows is not None else self.source.load()
+        t = self._make(raw)
         if tuple(t.shape) != self.shape:  # a layout rule and its declared shape disagree: never merge a guess
             raise AssertionError(f"{self.name}: derived shape {tuple(t.shape)}, declared {self.shape}")
         return t
 
 
-def transposed(t: FileTensor | MemoryTensor) -> DerivedTensor:
+def transposed(t) -> DerivedTensor:
     """The matrix transpose of a stored 2-D tensor."""
     return DerivedTensor(t, tuple(reversed(t.shape)), lambda x: x.T)
 
 
-AdapterTensor = FileTensor | MemoryTensor | DerivedTensor
+class SharedTensor:
+    """A stored tensor that several derived tensors slice (one fused factor, many on-disk experts): it is
+    read once and kept in a small cache shared by an adapter's tensors, not read again for each slice."""
+
+    def __init__(self, source, cache: LoadCache):
+        self.source = source
+        self.cache = cache
+
+    name = property(lambda self: self.source.name)
+    shape = property(lambda self: self.source.shape)
+    dtype = property(lambda self: self.source.dtype)
+    stored = property(lambda self: self.source.stored)
+
+    def rows(self, start: int, stop: int):
+        return self.source.rows(start, stop)
+
+    def load(self):
+        return self.cache.get(self.source)
 
 
-@dataclass
+class LoadCache:
+    """The last few stored tensors loaded, by identity: bounded, so memory stays flat however many share them."""
+
+    def __init__(self, size: int = 4):
+        self.size = size
+        self.items: dict[int, tuple[object, object]] = {}
+
+    def get(self, source):
+        key = id(source)
+        if key in self.items:
+            self.items[key] = self.items.pop(key)  # most recent last
+        else:
+            if len(self.items) >= self.size:
+                del self.items[next(iter(self.items))]
+            self.items[key] = (source, source.load())
+        return self.items[key][1]
+
+
+AdapterTensor = FileTensor | MemoryTensor | DerivedTensor | SharedTensor
+
+
+@dataclass(frozen=True)
 class LowRank:
     """``W += scale · B @ A`` in the logical orientation.
 
     ``a`` is (r·E × in…) and ``b`` (out × r·E…); for ``experts`` > 0 the target is a stacked
     (E, d1, d2) parameter and the factors are split per expert as peft's ParamWrapper does.
+    ``transposed``: True, the stored tensor is (in × out) (or (E, in, out)); False, it is (out × in);
+    None, not known yet: ``fit`` decides from the stored tensor's shape.
     """
 
     a: AdapterTensor
     b: AdapterTensor
     scale: float
-    transposed: bool | None = False  # None: the planner decides from the base tensor's shape
+    transposed: bool | None = None
     experts: int = 0  # 0: a plain matrix (or conv kernel); E: a stacked (E, ·, ·) parameter
 
     @property
     def rank(self) -> int:
         return self.a.shape[0] // max(self.experts, 1)
+
+    def fit(self, shape: tuple[int, ...], fan_in_fan_out: bool = False) -> LowRank | str:
+        """This delta with its orientation decided for a stored tensor of ``shape``, or what does not fit.
+
+        A square matrix fits both ways: ``fan_in_fan_out`` (a Conv1D layer) says it is stored in × out.
+        """
+        a_shape, b_shape, w_shape = self.a.shape, self.b.shape, tuple(shape)
+        if self.experts:
+            e = self.experts
+            out, inn = b_shape[0], a_shape[-1]
+            if len(w_shape) != 3 or w_shape[0] != e or len(a_shape) != 2 or len(b_shape) != 2:
+                return f"experts LoRA A{list(a_shape)} B{list(b_shape)} does not fit a stacked parameter {list(w_shape)}"
+            straight, turned = w_shape[1:] == (out, inn), w_shape[1:] == (inn, out)
+            if self.transposed is not None:
+                if (turned if self.transposed else straight):
+                    return self
+                want = (e, inn, out) if self.transposed else (e, out, inn)
+                return f"experts LoRA gives {list(want)} but the base has {list(w_shape)}"
+            if straight and turned:
+                return (f"experts LoRA fits the square stacked parameter {list(w_shape)} both ways round, "
+                        "and only the model class knows which")
+            if not (straight or turned):
+                return f"experts LoRA gives ({e}, {out}, {inn}) but the base has {list(w_shape)}"
+            return replace(self, transposed=turned)
+        if len(a_shape) < 2 or len(b_shape) < 2 or a_shape[0] != b_shape[1]:
+            return f"lora_A{list(a_shape)} and lora_B{list(b_shape)} do not compose"
+        out = b_shape[0]
+        if len(w_shape) > 2:  # convolution: A (r, in, k…), B (out, r, 1…)
+            if w_shape[0] != out or w_shape[1:] != tuple(a_shape[1:]) or any(x != 1 for x in b_shape[2:]):
+                return f"conv LoRA A{list(a_shape)} B{list(b_shape)} does not fit a kernel {list(w_shape)}"
+            return replace(self, transposed=False)
+        inn = math.prod(a_shape[1:])
+        straight, turned = w_shape == (out, inn), w_shape == (inn, out)
+        if self.transposed is not None:
+            straight, turned = straight and not self.transposed, turned and self.transposed
+        if straight and turned:  # square: only the layer type tells, as in peft
+            return replace(self, transposed=fan_in_fan_out)
+        if straight or turned:
+            return replace(self, transposed=turned)
+        want = (inn, out) if self.transposed else (out, inn)
+        return f"LoRA gives shape {list(want)} but the base tensor is {list(w_shape)}"
 
 
 @dataclass

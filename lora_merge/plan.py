@@ -7,7 +7,7 @@ compatible shape; all offenders are collected and reported at once, before anyth
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 from .adapter import Adapter, AddScaled, LowRank, TargetOps
 from .errors import PlanError
@@ -99,66 +99,35 @@ def _find_input_embedding(tensors: dict[str, TensorInfo]) -> str | None:
     return None
 
 
-def _choose_orientation(d: LowRank, w_shape: tuple[int, ...], op: TargetOps, model_type: str) -> str | None:
-    """Fix ``d.transposed`` (and expert layout) from the base shape; return a problem or None."""
-    a_shape, b_shape = d.a.shape, d.b.shape
-    if d.experts:
-        e = d.experts
-        out, inn = b_shape[0], a_shape[-1]
-        if len(w_shape) != 3 or w_shape[0] != e or len(a_shape) != 2 or len(b_shape) != 2:
-            return f"experts LoRA A{list(a_shape)} B{list(b_shape)} does not fit a stacked parameter {list(w_shape)}"
-        straight, transposed = w_shape[1:] == (out, inn), w_shape[1:] == (inn, out)
-        if not (straight or transposed):
-            return f"experts LoRA gives ({e}, {out}, {inn}) but the base has {list(w_shape)}"
-        d.transposed = not straight  # both fit (square): transformers' default layout is (E, out, in)
-        return None
-    if len(a_shape) < 2 or len(b_shape) < 2 or a_shape[0] != b_shape[1]:
-        return f"lora_A{list(a_shape)} and lora_B{list(b_shape)} do not compose"
-    out = b_shape[0]
-    if len(w_shape) > 2:  # convolution: A (r, in, k…), B (out, r, 1…)
-        if w_shape[0] != out or tuple(w_shape[1:]) != tuple(a_shape[1:]) or any(x != 1 for x in b_shape[2:]):
-            return f"conv LoRA A{list(a_shape)} B{list(b_shape)} does not fit a kernel {list(w_shape)}"
-        d.transposed = False
-        return None
-    inn = math.prod(a_shape[1:])
-    straight, transposed = tuple(w_shape) == (out, inn), tuple(w_shape) == (inn, out)
-    if d.transposed is True:
-        straight = False
-    if straight and transposed:  # square: only the layer type tells, as in peft
-        d.transposed = op.fan_in_fan_out or model_type in CONV1D_MODEL_TYPES
-    elif straight or transposed:
-        d.transposed = transposed
-    else:
-        want = (inn, out) if d.transposed else (out, inn)
-        return f"LoRA gives shape {list(want)} but the base tensor is {list(w_shape)}"
-    return None
-
-
-def _check_target(op: TargetOps, w_shape: tuple[int, ...], w_dtype: str, model_type: str) -> list[str]:
+def _fit_target(op: TargetOps, w_shape: tuple[int, ...], w_dtype: str, conv1d: bool) -> tuple[TargetOps, list[str]]:
+    """The target with every delta's orientation decided for the stored tensor (a copy: the adapter's
+    own objects are left as they are), and every reason it does not fit."""
     problems = []
     where = op.name
     if w_dtype not in FLOAT_DTYPES and (op.deltas or op.dora_magnitude is not None):
-        problems.append(f"{where}: base dtype {w_dtype} is not floating point; LoRA cannot be added to it")
-        return problems
-    out_dim = None
+        return op, [f"{where}: base dtype {w_dtype} is not floating point; LoRA cannot be added to it"]
+    deltas: list[LowRank | AddScaled] = []
     for d in op.deltas:
         if isinstance(d, AddScaled):
             if tuple(d.t.shape) != tuple(w_shape):
                 problems.append(f"{where}: lora_B.bias has shape {list(d.t.shape)}, expected {list(w_shape)}")
+            deltas.append(d)
             continue
-        problem = _choose_orientation(d, w_shape, op, model_type)
-        if problem:
-            problems.append(f"{where}: {problem}")
+        fitted = d.fit(w_shape, op.fan_in_fan_out or conv1d)
+        if isinstance(fitted, str):
+            problems.append(f"{where}: {fitted}")
         else:
-            out_dim = d.b.shape[0]
-    if op.dora_magnitude is not None and out_dim is not None:
+            deltas.append(fitted)
+    low_rank = [d for d in deltas if isinstance(d, LowRank)]
+    # the DoRA norm runs over each logical output row: across stored columns when transposed
+    dora_transposed = bool(low_rank[0].transposed) if low_rank else False
+    if op.dora_magnitude is not None and low_rank:
+        out_dim = low_rank[-1].b.shape[0]
         m_shape = tuple(op.dora_magnitude.shape)  # (out,), or (1, out, 1, …) for convolutions
         if math.prod(m_shape) != out_dim or max(m_shape, default=0) != out_dim:
             problems.append(
                 f"{where}: DoRA magnitude has shape {list(op.dora_magnitude.shape)}, expected [{out_dim}]"
             )
-        # the norm runs over each logical output row: across stored columns when transposed
-        op.dora_transposed = bool(op.deltas[0].transposed) if isinstance(op.deltas[0], LowRank) else False
     if op.row_indices is not None:
         rows = op.rows
         bad = [i for i in op.row_indices if not 0 <= i < (w_shape[0] if w_shape else 0)]
@@ -166,14 +135,14 @@ def _check_target(op: TargetOps, w_shape: tuple[int, ...], w_dtype: str, model_t
             problems.append(f"{where}: trainable token indices {bad[:5]} are outside 0..{w_shape[0] - 1}")
         if tuple(rows.shape[1:]) != tuple(w_shape[1:]):
             problems.append(f"{where}: trainable token rows have shape {list(rows.shape)}, expected [n, {list(w_shape[1:])}]")
-    return problems
+    return replace(op, deltas=deltas, dora_transposed=dora_transposed), problems
 
 
 def make_plan(base: BaseModel, adapter: Adapter, dtype: str | None = None) -> Plan:
     """Match the adapter against the base and lay out the output, or raise PlanError with every problem."""
     out_dtype = DTYPE_NAMES[dtype] if dtype else None
     tensors = base.tensors
-    model_type = str(base.config.get("model_type", ""))
+    conv1d = str(base.config.get("model_type", "")) in CONV1D_MODEL_TYPES
     problems: list[str] = []
     notes: list[str] = list(adapter.notes)
     tie_source = _find_input_embedding(tensors)
@@ -204,8 +173,9 @@ def make_plan(base: BaseModel, adapter: Adapter, dtype: str | None = None) -> Pl
                     continue
                 notes.append(f"{name}: resized from {w_shape[0]} to {r_shape[0]} rows by the adapter")
             w_shape = r_shape
-        problems += _check_target(op, w_shape, info.dtype, model_type)
-        resolved[name] = (op, info)
+        fitted, found = _fit_target(op, w_shape, info.dtype, conv1d)
+        problems += found
+        resolved[name] = (fitted, info)
 
     # An input embedding changed in a tied model: the output layer keeps the original, untied.
     if tie_source in resolved and not any(n in tensors for n in OUTPUT_EMBEDDINGS):

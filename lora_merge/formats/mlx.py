@@ -76,7 +76,7 @@ def load_mlx_adapter(folder: Path) -> Adapter:
         op = TargetOps(name=f"{module}.weight", module=module)
         if len(a.shape) == 3 and len(b.shape) == 3 and a.shape[0] == b.shape[0]:  # SwitchLinear experts
             fa, fb = _expert_factors(a, b)
-            op.deltas.append(LowRank(fa, fb, scale, experts=a.shape[0]))
+            op.deltas.append(LowRank(fa, fb, scale, transposed=False, experts=a.shape[0]))  # mlx stores (E, out, in)
         elif len(a.shape) == 2 and len(b.shape) == 2:
             embedding = module.rpartition(".")[2] in EMBEDDING_SUFFIXES
             op.embedding = embedding
