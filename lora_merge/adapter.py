@@ -317,6 +317,9 @@ class Adapter:
     parts: list[Adapter] = field(default_factory=list)  # several adapters summed: each as loaded
     source: object = None  # the Source the user named (set once resolved)
     read_at_load: set[str] = field(default_factory=set)  # tensors folded into the scales (kohya's alpha)
+    # where each target went when they were placed through the model's layout: in-memory name -> on-disk tensors
+    mapped: dict[str, list[str]] = field(default_factory=dict)
+    layout: str | None = None  # what told where they are (transformers' conversion for the model type)
 
     @property
     def folder(self) -> Path:
@@ -330,6 +333,11 @@ class Adapter:
     def used_tensor_names(self) -> set[str]:
         """Names of the adapter tensors that some target consumes."""
         return {t.name for op in self.targets.values() for t in op.tensors()} | self.read_at_load
+
+    @property
+    def placed_through_layout(self) -> int:
+        """Targets that name an in-memory tensor stored under another name or layout."""
+        return sum(1 for name, disk in self.mapped.items() if disk != [name])
 
     @property
     def members(self) -> list[Adapter]:

@@ -490,6 +490,8 @@ def _format_plan(d: dict) -> str:
         f"  adapter: {c['adapter_tensors']} tensors onto {c['adapter_targets']} base tensors",
         f"  estimated peak memory: {_mb(d['estimated_peak_bytes'])}",
     ]
+    lines += [f"  {n} targets named for the model in memory, placed through {how}"
+              for how, n in d["placed_through_layout"].items()]
     for t in d["targets"]:
         lines.append(f"  {t['tensor']}  [{t['dtype']} {t['shape']}]  {t['operation']}")
     lines += [f"  config: {c}" for c in d["config_changes"]]

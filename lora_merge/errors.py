@@ -54,6 +54,15 @@ class PlanError(LoraMergeError, ValueError):
         return "\n".join(lines)
 
 
+class LayoutError(PlanError):
+    """The adapter names tensors of the model in memory, and where they are in BASE's files cannot be known
+    (transformers missing or too old, a model type it does not know, a conversion lora-merge cannot follow)."""
+
+
+class LayoutNeeded(PlanError):
+    """The files alone do not say where the adapter's targets are; the model's own layout is needed."""
+
+
 class OutputError(LoraMergeError, OSError):
     """OUT cannot be written where it was asked for (exists, overlaps BASE or ADAPTER, no space)."""
 

@@ -14,6 +14,7 @@ from . import card
 from .adapter import combine
 from .errors import DeviceError, NonFiniteError, ParityError, name_list
 from .formats import AdapterOptions, load_adapter
+from .layout import Placement
 from .output import OutputLock, StagedOutput, check_output, check_space
 from .plan import DTYPE_CONFIG, Plan, make_plan
 from .report import REPORT_NAME, Report, load_out, verify_output
@@ -130,6 +131,8 @@ def describe_plan(plan: Plan, block_bytes: int = DEFAULT_BLOCK_BYTES) -> dict:
         ],
         "config_changes": plan.config_changes,
         "notes": plan.notes,
+        "placed_through_layout": {a.layout: a.placed_through_layout for a in plan.adapter.members
+                                  if a.placed_through_layout},
     }
 
 
@@ -166,13 +169,14 @@ def prepare(base: str, adapter: Adapters, dtype: str | None = None, token: str |
 
 def _load_inputs(base: str, adapters: list[tuple[str, float]], token: str | None,
                  options: AdapterOptions | None, role: str = "BASE", each=None):
-    """BASE's headers and the adapters translated (summed, with their weights); nothing is planned yet."""
+    """BASE's headers and the adapters translated onto its files (summed, with their weights); nothing is
+    planned yet."""
     base_model = load_base(resolve_source(base, role, token), role)
-    shapes = {n: i.shape for n, i in base_model.tensors.items()}
+    placement = Placement(base_model)
     loaded = []
     for spec, weight in adapters:
         source = resolve_source(spec, "ADAPTER", token)
-        adapter = load_adapter(source.path, shapes, options)
+        adapter = placement.place(source.path, options)
         adapter.source, adapter.weight = source, weight
         if each is not None:
             each(adapter)
@@ -369,11 +373,12 @@ def unmerge(
 
 
 def nonfinite_adapter_tensors(plan: Plan) -> list[str]:
-    """Names of the adapter tensors the merge uses that hold NaN or Inf (each read once; adapters are small)."""
+    """Names of the adapter tensors the merge uses that hold NaN or Inf (each stored tensor read once;
+    adapters are small)."""
     from .mathops import all_finite
 
-    seen = {id(t): t for op in plan.adapter.targets.values() for t in op.tensors()}
-    return sorted({t.name for t in seen.values() if t.dtype in FLOAT_DTYPES and not all_finite(t.load())})
+    stored = {id(t.stored): t.stored for op in plan.adapter.targets.values() for t in op.tensors()}
+    return sorted({t.name for t in stored.values() if t.dtype in FLOAT_DTYPES and not all_finite(t.load())})
 
 
 def _bytes_to_write(plan: Plan, reuse: set[str]) -> int:

@@ -283,6 +283,9 @@ def _member_coverage(adapter) -> tuple[dict, list[str]]:
         "rows_replaced": sum(1 for op in ops if op.row_indices is not None),
         "left_over": left_over,
         "ignored": adapter.ignored,
+        "direct": (len(adapter.mapped) if adapter.mapped else len(ops)) - adapter.placed_through_layout,
+        "through_mapping": adapter.placed_through_layout,
+        "mapping": adapter.layout,
     }
     return data, left_over
 
@@ -294,6 +297,8 @@ def _coverage_line(data: dict) -> str:
         f"{data['merged']} tensors merged, {data['replaced']} replaced, {data['rows_replaced']} with rows replaced, "
         f"{len(data['left_over'])} left over"
         + (f", {len(data['ignored'])} ignored by design" if data["ignored"] else "")
+        + (f"; {data['through_mapping']} named for the model in memory, placed through {data['mapping']}"
+           if data["through_mapping"] else "")
     )
 
 

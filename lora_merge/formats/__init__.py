@@ -84,14 +84,15 @@ def _refuse(path: Path, found: str, fmt: str | None = None):
     )
 
 
-def load_adapter(path: Path, base_shapes: dict[str, tuple[int, ...]], options: AdapterOptions | None = None) -> Adapter:
-    """Translate the adapter at ``path`` against BASE's tensor shapes (some formats need them to place deltas)."""
+def load_adapter(path: Path, layout, options: AdapterOptions | None = None) -> Adapter:
+    """Translate the adapter at ``path`` against the model's tensors (``layout``: their names and shapes,
+    from BASE's files or the model class; some formats need them to place deltas)."""
     options = options or AdapterOptions()
     fmt = detect_format(path) if options.format == "auto" else options.format
     if fmt == "peft":
         from .peft import load_peft_adapter
 
-        return load_peft_adapter(path if path.is_dir() else path.parent)
+        return load_peft_adapter(path if path.is_dir() else path.parent, layout)
     if fmt == "mlx":
         from .mlx import load_mlx_adapter
 
@@ -99,9 +100,9 @@ def load_adapter(path: Path, base_shapes: dict[str, tuple[int, ...]], options: A
     if fmt == "loralib":
         from .loralib import load_loralib_adapter
 
-        return load_loralib_adapter(path, base_shapes, options.loralib)
+        return load_loralib_adapter(path, layout.shapes, options.loralib)
     if fmt == "kohya":
         from .kohya import load_kohya_adapter
 
-        return load_kohya_adapter(path, list(base_shapes))
+        return load_kohya_adapter(path, list(layout.shapes))
     raise UnsupportedAdapterError(f"--adapter-format {fmt!r} is not one of {', '.join(FORMATS)}")

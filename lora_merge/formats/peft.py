@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import math
 import re
 from collections import defaultdict
@@ -10,6 +11,7 @@ from pathlib import Path
 from ..adapter import Adapter, AddScaled, LowRank, TargetOps
 from ..errors import (
     AdapterConfigError,
+    LayoutNeeded,
     PlanError,
     SourceNotFoundError,
     UnsupportedAdapterError,
@@ -98,17 +100,126 @@ def _split_key(key: str) -> tuple[str, str]:
     return path, "full"
 
 
-def _param_targets(config: dict, module: str) -> list[str]:
-    """Parameter names of ``module`` that ``target_parameters`` names, in config order."""
-    names = []
+def _unwrap(module: str) -> tuple[str, int]:
+    """A nested ParamWrapper's module path and depth: ``experts.base_layer`` is ``experts`` at depth 1."""
+    depth = 0
+    while module.endswith(".base_layer"):
+        module, depth = module[: -len(".base_layer")], depth + 1
+    return module, depth
+
+
+def _wrapped(config: dict, module: str, layout) -> list[str]:
+    """The parameters of ``module`` that peft wraps, matched as peft matches them (``module.param`` equal to
+    a ``target_parameters`` entry or ending with ``.entry``), in the layout's order of them."""
+    targets = config.get("target_parameters") or []
+    params, _ = layout.parameters(module)
+    return [p for p in params if any(f"{module}.{p}" == t or f"{module}.{p}".endswith("." + t) for t in targets)]
+
+
+def _could_name(config: dict, module: str) -> bool:
+    """Whether some ``target_parameters`` entry can name a parameter of ``module``, by its path alone."""
     for target in config.get("target_parameters") or []:
-        mod, _, param = target.rpartition(".")
-        if not mod or module == mod or module.endswith("." + mod):
-            names.append(param)
-    return names
+        owner = target.rpartition(".")[0]
+        if not owner or module == owner or module.endswith("." + owner):
+            return True
+    return False
 
 
-def load_peft_adapter(folder: Path) -> Adapter:
+def _take_wrappers(config: dict, groups: dict, layout) -> dict[str, dict[int, dict]]:
+    """The groups of ParamWrapper layers (target_parameters), taken out of ``groups``: module -> depth -> tensors."""
+    if not config.get("target_parameters"):
+        return {}
+    unwrapped = {m: _unwrap(m) for m in groups}
+    nested = {base for base, depth in unwrapped.values() if depth}
+    wrappers: dict[str, dict[int, dict]] = defaultdict(dict)
+    unknown = []
+    for module, (base, depth) in unwrapped.items():
+        params, ordered = layout.parameters(base)
+        if base in nested or _wrapped(config, base, layout):
+            wrappers[base][depth] = groups.pop(module)
+        elif _could_name(config, base) and not params and not ordered:
+            unknown.append(f"{base}: not in the files, and target_parameters may name one of its parameters")
+    if unknown:
+        raise LayoutNeeded("the files alone do not say what the adapter's modules are:", unknown)
+    return dict(sorted(wrappers.items()))
+
+
+class _Wrappers:
+    """peft's ParamWrapper layers on one module, one per wrapped parameter, nested as ``.base_layer``.
+
+    peft wraps a module's parameters in the order the module registered them, each wrapper around the
+    last, so the first one wrapped ends up innermost: with k wrapped, parameter i is at depth k-1-i.
+    That order is the model's; from the files alone, the one assignment the tensors' shapes allow is taken.
+    """
+
+    def __init__(self, config: dict, module: str, by_depth: dict[int, dict], layout):
+        self.config, self.module, self.by_depth, self.layout = config, module, by_depth, layout
+
+    def targets(self, scale_of) -> tuple[list[TargetOps], list[str]]:
+        module, layout = self.module, self.layout
+        ordered = layout.parameters(module)[1]
+        wrapped = _wrapped(self.config, module, layout)
+        depths = sorted(self.by_depth)
+        if depths != list(range(len(wrapped))):
+            if not ordered:
+                raise LayoutNeeded("the files alone do not say which parameters the adapter wraps:", [
+                    f"{module}: {len(depths)} nested LoRA wrapper(s), and the files hold "
+                    f"{len(wrapped) or 'none'} of its parameters that target_parameters names"])
+            return [], [f"{module}: the adapter nests {len(depths)} LoRA wrapper(s) but target_parameters names "
+                        f"{len(wrapped)} of its parameters ({', '.join(wrapped) or 'none'})"]
+        if ordered:
+            params = [wrapped[len(wrapped) - 1 - d] for d in depths]
+        else:
+            fitting = [list(c) for c in itertools.permutations(wrapped) if self._fits(c, scale_of)]
+            if len(fitting) != 1:
+                raise LayoutNeeded("the files alone do not say which parameter each nested LoRA wrapper holds:", [
+                    f"{module}: {len(fitting)} ways of giving {', '.join(wrapped)} to the wrappers fit the shapes"])
+            params = fitting[0]
+        out, problems = [], []
+        for depth, param in zip(depths, params):
+            parts = self.by_depth[depth]
+            a, b = parts.pop("a", None), parts.pop("b", None)
+            if a is None or b is None or parts:
+                problems.append(f"{module} (depth {depth}): a ParamWrapper holds lora_A and lora_B only, found "
+                                f"{sorted(['a'] * (a is not None) + ['b'] * (b is not None) + list(parts))}")
+                continue
+            shape = layout.shapes[f"{module}.{param}"]
+            r, scale = scale_of(f"{module}.{param}")
+            op = TargetOps(name=f"{module}.{param}", module=module)
+            if len(shape) == 3:
+                op.deltas.append(LowRank(a, b, scale, transposed=layout.experts_transposed(module), experts=shape[0]))
+            else:  # a 2-D parameter: peft's delta is (out, in) as stored, whatever the layer
+                op.deltas.append(LowRank(a, b, scale, transposed=False))
+            if a.shape[0] != r * (shape[0] if len(shape) == 3 else 1):
+                problems.append(f"{module}.{param}: lora_A has {a.shape[0]} rows, not r={r} per expert "
+                                "from adapter_config.json")
+            out.append(op)
+        return out, problems
+
+    def _fits(self, params, scale_of) -> bool:
+        for depth, param in zip(sorted(self.by_depth), params):
+            parts = self.by_depth[depth]
+            a, b = parts.get("a"), parts.get("b")
+            shape = self.layout.shapes.get(f"{self.module}.{param}")
+            if a is None or b is None or shape is None or len(a.shape) != 2 or len(b.shape) != 2:
+                return False
+            r, _ = scale_of(f"{self.module}.{param}")
+            if len(shape) == 3:
+                e, ways = shape[0], [(shape[1], shape[2]), (shape[2], shape[1])]
+                if shape[1] == shape[2] and self.layout.experts_transposed(self.module) is None:
+                    return False  # square: only the model class knows which way round
+            elif len(shape) == 2:
+                e, ways = 1, [(shape[0], shape[1])]
+            else:
+                return False
+            if not any(tuple(b.shape) == (out, r * e) and tuple(a.shape) == (r * e, inn) for out, inn in ways):
+                return False
+        return True
+
+
+def load_peft_adapter(folder: Path, layout) -> Adapter:
+    """The adapter in ``folder`` as canonical targets; ``layout`` says which parameters the model's
+    modules have (for target_parameters), from the files or from the model class."""
     config = read_config(folder)
     check_config(config, folder / "adapter_config.json")
     tensors, files = read_tensors(folder)
@@ -157,10 +268,20 @@ def load_peft_adapter(folder: Path) -> Adapter:
         op.replace = t
         op.may_resize = True
 
+    def scale_of(path: str) -> tuple[int, float]:
+        """r and the scale for a module (or a wrapped ``module.param``), as peft picks them by pattern."""
+        r = pattern_value(rank_pattern, path, r_default)
+        alpha = pattern_value(alpha_pattern, path, alpha_default)
+        return r, alpha / math.sqrt(r) if rslora else alpha / r
+
+    for module, by_depth in _take_wrappers(config, groups, layout).items():
+        placed, found = _Wrappers(config, module, by_depth, layout).targets(scale_of)
+        problems += found
+        for op in placed:
+            targets[op.name] = op
+
     for module, parts in sorted(groups.items()):
-        r = pattern_value(rank_pattern, module, r_default)
-        alpha = pattern_value(alpha_pattern, module, alpha_default)
-        scale = alpha / math.sqrt(r) if rslora else alpha / r
+        r, scale = scale_of(module)
 
         if "rows" in parts:
             rows = parts.pop("rows")
@@ -194,25 +315,6 @@ def load_peft_adapter(folder: Path) -> Adapter:
         if a is None:
             if magnitude is not None or b_bias is not None:
                 problems.append(f"{module}: DoRA magnitude or LoRA bias without lora_A/lora_B")
-            continue
-
-        # ParamWrapper (target_parameters): one wrapper per parameter, nested as `.base_layer`.
-        base_module, depth = module, 0
-        while base_module.endswith(".base_layer"):
-            base_module, depth = base_module[: -len(".base_layer")], depth + 1
-        params = _param_targets(config, base_module) if config.get("target_parameters") else []
-        if params:
-            if depth >= len(params):
-                problems.append(f"{module}: nested deeper than target_parameters {params} allows")
-                continue
-            param = params[len(params) - 1 - depth]
-            if a.shape[0] % r:
-                problems.append(
-                    f"{module}: lora_A has {a.shape[0]} rows, not a multiple of r={r} from adapter_config.json"
-                )
-                continue
-            op = target(f"{base_module}.{param}", base_module)
-            op.deltas.append(LowRank(a, b, scale, experts=a.shape[0] // r))
             continue
 
         if a.shape[0] != r or b.shape[1] != r:

@@ -1,0 +1,342 @@
+"""transformers' conversion tables followed on names and shapes: the model in memory, as made from the files.
+
+transformers 5 loads a checkpoint through a list of renamings and converters (``get_model_conversion_mapping``):
+per-expert tensors stacked into one parameter (``MergeModulelist``), gate and up joined (``Concatenate``),
+fused tensors cut (``Chunk``, ``Split``), axes swapped (``Transpose``), halves interleaved. Here the same
+list is taken from the model class itself (built on the meta device: no memory, no weights) and run
+on index vectors instead of tensors, so that each in-memory tensor is known as pieces of on-disk tensors.
+This module is imported only when an adapter's names do not match BASE's files.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import warnings
+from dataclasses import dataclass
+
+import numpy as np
+
+from .errors import LayoutError
+from .layout import Along, Fixed, ModelLayout, ModelTensor, Piece
+from .sources import BaseModel
+
+log = logging.getLogger("lora_merge")
+EXTRA = "pip install 'lora-merge[transformers]'"
+
+
+def model_layout(base: BaseModel) -> ModelLayout:
+    """Where every tensor of the model transformers builds from BASE comes from in BASE's files."""
+    transformers = _import_transformers()
+    from transformers.conversion_mapping import get_model_conversion_mapping
+    from transformers.core_model_loading import WeightConverter, WeightRenaming, dot_natural_key, rename_source_key
+
+    model = _meta_model(transformers, base)
+    mapping = get_model_conversion_mapping(model)
+    renamings = [w for w in mapping if isinstance(w, WeightRenaming)]
+    converters = [w for w in mapping if isinstance(w, WeightConverter)]
+    by_pattern = {p: c for c in converters for p in c.source_patterns}
+    memory = {n: tuple(t.shape) for n, t in model.state_dict().items()}
+    renamed: dict[str, str] = {}
+    groups: dict[str, tuple[object, dict[str, list[str]]]] = {}
+    for key in sorted(base.tensors, key=dot_natural_key):  # the order transformers reads them in
+        name, pattern = rename_source_key(key, renamings, converters, model.base_model_prefix, memory)
+        if name not in memory and key in memory:  # as transformers does: keep the name, adjusting the prefix only
+            name, pattern = rename_source_key(key, [], [], model.base_model_prefix, memory)
+        if name not in memory:
+            continue  # not part of the model (a buffer, an unused head): copied as it is
+        if pattern is None:
+            renamed[name] = key
+        else:
+            groups.setdefault(name, (by_pattern[pattern], {}))[1].setdefault(pattern, []).append(key)
+
+    tensors: dict[str, ModelTensor] = {}
+    for name, key in renamed.items():
+        tensors[name] = ModelTensor(name, base.tensors[key].shape, [_leaf(key, base.tensors[key].shape).pieces[0]])
+    for first, (converter, collected) in groups.items():
+        try:
+            made = _convert(converter, first, collected, base, memory, model.config)
+        except _CannotFollow as e:
+            for target in _targets_of(converter, first):
+                tensors[target] = ModelTensor(target, memory.get(target, ()), [], why_not=str(e))
+            continue
+        for target, sym in made.items():
+            tensors[target] = ModelTensor(target, sym.shape, sym.pieces)
+    for name, t in tensors.items():  # where this reading of the tables and the model disagree, never guess
+        if t.why_not:
+            continue
+        if memory.get(name) != t.shape:
+            t.why_not = f"transformers' conversion gives {list(t.shape)} but the model has {list(memory.get(name, ()))}"
+        elif not _covers(t):
+            t.why_not = "transformers' conversion does not make each of its elements from exactly one stored element"
+    params: dict[str, list[str]] = {}
+    turned: dict[str, bool] = {}
+    for module_name, module in model.named_modules():
+        names = [n for n, _ in module.named_parameters(recurse=False)]
+        if names:
+            params[module_name] = names
+            turned[module_name] = bool(getattr(module, "is_transposed", False))  # peft's own default
+    return ModelLayout(_describe(transformers, base), tensors, memory, params, turned)
+
+
+def _describe(transformers, base: BaseModel) -> str:
+    return f"transformers {transformers.__version__}'s conversion for {base.config.get('model_type')!r}"
+
+
+def _import_transformers():
+    try:
+        import transformers
+    except ImportError:
+        raise LayoutError(
+            "the adapter names tensors of the model transformers builds in memory, which BASE's files store "
+            "under other names or layouts, and transformers is not installed to say how",
+            [], f"install it: {EXTRA}") from None
+    major = int(transformers.__version__.split(".")[0])
+    if major < 5:
+        raise LayoutError(f"transformers {transformers.__version__} has no conversion tables (they came with 5.0)",
+                          [], f"upgrade it: {EXTRA}")
+    return transformers
+
+
+def _meta_model(transformers, base: BaseModel):
+    """The model class BASE's config names, built on the meta device: its parameters' names and shapes, no data."""
+    import torch
+
+    model_type = base.config.get("model_type")
+    if not (base.path / "config.json").is_file() or not model_type:
+        raise LayoutError("BASE has no config.json with a model_type, so the model in memory is unknown", [],
+                          "add the config.json the model was published with")
+    quiet = transformers.utils.logging.get_verbosity()
+    transformers.utils.logging.set_verbosity_error()
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            try:
+                config = transformers.AutoConfig.from_pretrained(base.path)
+            except (ValueError, KeyError, OSError) as e:
+                raise LayoutError(f"transformers {transformers.__version__} does not know model_type {model_type!r} "
+                                  f"({_first_line(e)})", [], "upgrade transformers, or merge into a model it knows") from None
+            classes = [getattr(transformers, a, None) for a in (getattr(config, "architectures", None) or [])]
+            cls = next((c for c in classes if c is not None), None) or _auto_class(transformers, config)
+            try:
+                with torch.device("meta"):
+                    return cls(config)
+            except Exception as e:  # a model class fails in many ways; the user needs its name and the first line
+                raise LayoutError(f"transformers cannot build {cls.__name__} for {model_type!r}: {_first_line(e)}", [],
+                                  "check that config.json is the one the model was published with") from e
+    finally:
+        transformers.utils.logging.set_verbosity(quiet)
+
+
+def _auto_class(transformers, config):
+    for auto in ("AutoModelForCausalLM", "AutoModelForImageTextToText", "AutoModel"):
+        mapping = getattr(transformers, auto)._model_mapping
+        if type(config) in mapping:
+            return mapping[type(config)]
+    raise LayoutError(f"transformers has no model class for {type(config).__name__}", [],
+                      "merge into a model transformers can load")
+
+
+def _first_line(e: BaseException) -> str:
+    text = str(e).strip()
+    return text.splitlines()[0] if text else type(e).__name__
+
+
+# --------------------------------------------------------------------------- tensors as index vectors
+
+
+@dataclass
+class _Sym:
+    """A tensor under conversion, as its shape and the on-disk pieces it is made of."""
+
+    shape: tuple[int, ...]
+    pieces: list[Piece]
+
+
+class _CannotFollow(Exception):
+    """A conversion this module does not know how to follow; the tensors it makes cannot take an adapter."""
+
+
+def _arange(n: int) -> np.ndarray:
+    return np.arange(n, dtype=np.int64)
+
+
+def _leaf(name: str, shape: tuple[int, ...]) -> _Sym:
+    return _Sym(tuple(shape), [Piece(name, tuple(Along(i, _arange(n), _arange(n)) for i, n in enumerate(shape)))])
+
+
+def _moved(axis: Along | Fixed, change) -> Along | Fixed | None:
+    """An axis with its in-memory positions passed through ``change`` (positions -> positions, -1 dropped)."""
+    if isinstance(axis, Fixed):
+        (position,) = change(np.array([axis.position]))
+        return Fixed(int(position)) if position >= 0 else None
+    positions = change(axis.memory)
+    keep = positions >= 0
+    if not keep.any():
+        return None
+    return Along(axis.axis, positions[keep], axis.disk[keep])
+
+
+def _map_axis(sym: _Sym, dim: int, size: int, change) -> _Sym:
+    pieces = []
+    for p in sym.pieces:
+        moved = _moved(p.axes[dim], change)
+        if moved is not None:
+            pieces.append(Piece(p.disk, p.axes[:dim] + (moved,) + p.axes[dim + 1:]))
+    return _Sym(sym.shape[:dim] + (size,) + sym.shape[dim + 1:], pieces)
+
+
+def _stack(syms: list[_Sym], dim: int) -> _Sym:
+    shapes = {s.shape for s in syms}
+    if len(shapes) != 1:
+        raise _CannotFollow(f"stacking tensors of different shapes {sorted(shapes)}")
+    (shape,) = shapes
+    pieces = [Piece(p.disk, p.axes[:dim] + (Fixed(i),) + p.axes[dim:]) for i, s in enumerate(syms) for p in s.pieces]
+    return _Sym(shape[:dim] + (len(syms),) + shape[dim:], pieces)
+
+
+def _cat(syms: list[_Sym], dim: int) -> _Sym:
+    if len({s.shape[:dim] + s.shape[dim + 1:] for s in syms}) != 1:
+        raise _CannotFollow(f"joining tensors of shapes {[list(s.shape) for s in syms]} along axis {dim}")
+    pieces, offset = [], 0
+    for s in syms:
+        pieces += _map_axis(s, dim, 0, lambda x, o=offset: x + o).pieces
+        offset += s.shape[dim]
+    shape = syms[0].shape
+    return _Sym(shape[:dim] + (offset,) + shape[dim + 1:], pieces)
+
+
+def _narrow(sym: _Sym, dim: int, start: int, length: int) -> _Sym:
+    return _map_axis(sym, dim, length, lambda x: np.where((x >= start) & (x < start + length), x - start, -1))
+
+
+def _transpose(sym: _Sym, d0: int, d1: int) -> _Sym:
+    def swap(seq):
+        seq = list(seq)
+        seq[d0], seq[d1] = seq[d1], seq[d0]
+        return tuple(seq)
+
+    return _Sym(swap(sym.shape), [Piece(p.disk, swap(p.axes)) for p in sym.pieces])
+
+
+def _permute(sym: _Sym, dim: int, order: np.ndarray) -> _Sym:
+    """Position j of the result is position ``order[j]`` of ``sym`` along ``dim``."""
+    inverse = np.empty_like(order)
+    inverse[order] = _arange(len(order))
+    return _map_axis(sym, dim, sym.shape[dim], lambda x: inverse[x])
+
+
+def _one(value) -> _Sym:
+    return value[0] if isinstance(value, list) else value
+
+
+def _convert(converter, first: str, collected: dict[str, list[str]], base: BaseModel, memory: dict, config) -> dict:
+    """``converter``'s operations on the collected on-disk tensors, as transformers' ``WeightConverter.convert``
+    runs them; returns each in-memory tensor it makes by full name."""
+    from transformers import core_model_loading as c
+
+    def op_is(kind, *names) -> bool:  # by the classes this transformers has (older ones lack Interleave)
+        return any(getattr(c, n, None) is kind for n in names)
+
+    sources, targets = list(converter.source_patterns), list(converter.target_patterns)
+    state: dict[str, object] = {p: [_leaf(k, base.tensors[k].shape) for k in keys] for p, keys in collected.items()}
+    for op in converter.operations:
+        kind = type(op)
+        if op_is(kind, "MergeModulelist"):
+            if len(state) == 1 and len(targets) != 1:
+                raise _CannotFollow(f"{op!r} onto several targets")
+            state = {(targets[0] if len(state) == 1 else p): (_stack(v, op.dim) if isinstance(v, list) else v)
+                     for p, v in state.items()}
+        elif op_is(kind, "Concatenate"):
+            if len(targets) != 1:
+                raise _CannotFollow(f"{op!r} onto several targets")
+            parts = [x for p in sources if p in state for x in (state[p] if isinstance(state[p], list) else [state[p]])]
+            state = {targets[0]: _cat(parts, op.dim)}
+        elif op_is(kind, "Chunk", "Split"):
+            (value,) = state.values()
+            sym = _one(value)
+            if op_is(kind, "Split"):
+                sizes = [memory[first.replace(targets[0], t)][op.dim] for t in targets]
+                names = targets
+            else:
+                names = op.get_target_patterns(targets, config=config)
+                step = -(-sym.shape[op.dim] // len(names))  # torch.chunk's chunk size
+                sizes = [max(0, min(step, sym.shape[op.dim] - i * step)) for i in range(len(names))]
+            starts = np.cumsum([0] + sizes[:-1])
+            state = {t: _narrow(sym, op.dim, int(s), n) for t, s, n in zip(names, starts, sizes) if n}
+        elif op_is(kind, "Transpose"):
+            (key, value), = state.items()
+            target = targets[0] if len(targets) == 1 else sources[0] if len(sources) == 1 else None
+            if target is None:
+                raise _CannotFollow(f"{op!r} in a chain of several sources and targets")
+            sym = _one(value)
+            if op.check_dims and sym.shape == memory.get(first):
+                state = {target: sym}
+            else:
+                state = {target: _transpose(sym, op.dim0, op.dim1)}
+        elif op_is(kind, "Interleave", "PermuteForRope"):
+            state = _permutations(op, state, sources, targets, config)
+        else:
+            raise _CannotFollow(f"transformers makes it with {kind.__name__}, which lora-merge cannot follow")
+    # the targets' full names: the first target's name around each pattern, as transformers names them
+    full = first.replace("*.", "0.") if "*." in first else first
+    prefix, _, suffix = next((full.partition(k) for k in state if k in full), ("", "", ""))
+    return {prefix + key + suffix: _one(value) for key, value in state.items()}
+
+
+def _permutations(op, state: dict, sources: list[str], targets: list[str], config) -> dict:
+    """Operations that only reorder one axis: transformers' own code run on one index vector per tensor
+    (the probe is long along that axis and 1 wide elsewhere) gives the order."""
+    import torch
+
+    dim = getattr(op, "dim", 0)
+    probes = {}
+    for key, value in state.items():
+        sym = _one(value)
+        shape = [1] * len(sym.shape)
+        shape[dim] = sym.shape[dim]
+        probes[key] = torch.arange(sym.shape[dim]).reshape(shape) if len(shape) > 1 else torch.arange(sym.shape[0])
+    out = op.convert(probes, source_patterns=sources, target_patterns=targets, config=config)
+    if len(out) != len(state):
+        raise _CannotFollow(f"{op!r} onto {len(out)} tensors from {len(state)}")
+    result = {}
+    for (target, order), value in zip(out.items(), state.values()):
+        order = (order[0] if isinstance(order, list) else order).reshape(-1).numpy().astype(np.int64)
+        result[target] = _permute(_one(value), dim, order)
+    return result
+
+
+def _targets_of(converter, first: str) -> list[str]:
+    """The in-memory names a converter makes, without running it (for a refusal that names them)."""
+    targets = list(converter.target_patterns)
+    return [first.replace(targets[0], t) for t in targets] if targets else [first]
+
+
+def _covers(t: ModelTensor) -> bool:
+    """Each element of the in-memory tensor comes from exactly one stored element: the pieces' sizes add
+    up to the tensor's, and no two pieces share an element."""
+    sizes = [math.prod(len(a.memory) if isinstance(a, Along) else 1 for a in p.axes) for p in t.pieces]
+    if sum(sizes) != math.prod(t.shape):
+        return False
+    if any(isinstance(a, Along) and len(np.unique(a.memory)) != len(a.memory) for p in t.pieces for a in p.axes):
+        return False
+    # pieces at different positions of the same stacking axes cannot share an element: compare within each
+    groups: dict[tuple, list[Piece]] = {}
+    for p in t.pieces:
+        groups.setdefault(tuple(a.position if isinstance(a, Fixed) else None for a in p.axes), []).append(p)
+    if len({tuple(k is None for k in key) for key in groups}) > 1:
+        groups = {(): t.pieces}  # stacked along different axes: compare them all
+    for pieces in groups.values():
+        for i, p in enumerate(pieces):
+            if any(all(_meet(a, b) for a, b in zip(p.axes, q.axes)) for q in pieces[i + 1:]):
+                return False
+    return True
+
+
+def _meet(a: Along | Fixed, b: Along | Fixed) -> bool:
+    if isinstance(a, Fixed) and isinstance(b, Fixed):
+        return a.position == b.position
+    if isinstance(a, Fixed) or isinstance(b, Fixed):
+        fixed, other = (a, b) if isinstance(a, Fixed) else (b, a)
+        return bool(np.isin(fixed.position, other.memory))
+    return bool(np.intersect1d(a.memory, b.memory, assume_unique=True).size)
