@@ -13,30 +13,8 @@ import os
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
+from .dtypes import from_torch, torch_dtype
 from .safetensors_file import TensorInfo, pread_exact
-
-_TORCH_DTYPES = {
-    "F64": "float64", "F32": "float32", "F16": "float16", "BF16": "bfloat16",
-    "I64": "int64", "I32": "int32", "I16": "int16", "I8": "int8", "U8": "uint8", "BOOL": "bool",
-}
-
-
-def torch_dtype(st_dtype: str):
-    import torch
-
-    try:
-        return getattr(torch, _TORCH_DTYPES[st_dtype])
-    except KeyError:
-        raise ValueError(f"tensors of dtype {st_dtype} cannot be computed on") from None
-
-
-def st_dtype(dtype) -> str:
-    name = str(dtype).removeprefix("torch.")
-    for k, v in _TORCH_DTYPES.items():
-        if v == name:
-            return k
-    raise ValueError(f"dtype {dtype} has no safetensors name")
-
 
 class FileTensor:
     """A tensor in a safetensors file, read on demand (whole or by rows of its first dimension)."""
@@ -92,7 +70,7 @@ class MemoryTensor:
 
     @property
     def dtype(self) -> str:
-        return st_dtype(self.tensor.dtype)
+        return from_torch(self.tensor.dtype)
 
     def rows(self, start: int, stop: int):
         return self.tensor[start:stop]

@@ -16,10 +16,10 @@ from .errors import DeviceError, NonFiniteError, ParityError, name_list
 from .formats import AdapterOptions, load_adapter
 from .layout import Placement
 from .output import OutputLock, StagedOutput, check_output, check_space
-from .plan import DTYPE_CONFIG, Plan, make_plan
+from .plan import Plan, make_plan
 from .report import REPORT_NAME, Report, load_out, verify_output
 from .resume import Journal
-from .safetensors_file import FLOAT_DTYPES
+from .dtypes import DTYPES, FLOAT_DTYPES
 from .sources import TOKENIZER_FILES, extra_files, load_base, resolve_source
 from .writer import DEFAULT_BLOCK_BYTES, WriteStats, write_shards
 
@@ -413,7 +413,7 @@ def _output_dtype(base_model, out_model) -> str | None:
     out_floats = {i.dtype for i in out_model.tensors.values() if i.dtype in FLOAT_DTYPES}
     base_floats = {i.dtype for i in base_model.tensors.values() if i.dtype in FLOAT_DTYPES}
     if len(out_floats) == 1 and out_floats != base_floats:
-        return DTYPE_CONFIG.get(next(iter(out_floats)))
+        return DTYPES[next(iter(out_floats))].config_name
     return None
 
 

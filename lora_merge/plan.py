@@ -11,7 +11,8 @@ from dataclasses import dataclass, field, replace
 
 from .adapter import Adapter, AddScaled, LowRank, TargetOps
 from .errors import PlanError
-from .safetensors_file import DTYPE_SIZES, FLOAT_DTYPES, TensorInfo
+from .dtypes import DTYPES, FLOAT_DTYPES, OUTPUT_DTYPES
+from .safetensors_file import TensorInfo
 from .sources import BaseModel, Source
 
 OUTPUT_EMBEDDINGS = ("lm_head.weight", "embed_out.weight", "output.weight")
@@ -22,8 +23,6 @@ INPUT_EMBEDDING_SUFFIXES = (
 # Models whose linear layers are transformers' Conv1D (weights stored in × out); peft forces
 # fan_in_fan_out for them.
 CONV1D_MODEL_TYPES = {"gpt2", "openai-gpt", "imagegpt", "decision_transformer"}
-DTYPE_NAMES = {"bfloat16": "BF16", "float16": "F16", "float32": "F32"}
-DTYPE_CONFIG = {v: k for k, v in DTYPE_NAMES.items()}
 
 
 @dataclass
@@ -39,7 +38,7 @@ class Entry:
 
     @property
     def nbytes(self) -> int:
-        return math.prod(self.shape) * DTYPE_SIZES[self.dtype]
+        return math.prod(self.shape) * DTYPES[self.dtype].size
 
     @property
     def is_copy(self) -> bool:
@@ -140,7 +139,7 @@ def _fit_target(op: TargetOps, w_shape: tuple[int, ...], w_dtype: str, conv1d: b
 
 def make_plan(base: BaseModel, adapter: Adapter, dtype: str | None = None) -> Plan:
     """Match the adapter against the base and lay out the output, or raise PlanError with every problem."""
-    out_dtype = DTYPE_NAMES[dtype] if dtype else None
+    out_dtype = OUTPUT_DTYPES[dtype] if dtype else None
     tensors = base.tensors
     conv1d = str(base.config.get("model_type", "")) in CONV1D_MODEL_TYPES
     problems: list[str] = []
@@ -253,7 +252,7 @@ def _new_config(config: dict, shards: list[OutputShard], out_dtype: str | None, 
     new = copy.deepcopy(config)
     changes: list[str] = []
     if out_dtype:
-        name = DTYPE_CONFIG[out_dtype]
+        name = DTYPES[out_dtype].config_name
         keys = [k for k in ("dtype", "torch_dtype") if k in new] or ["torch_dtype"]
         for k in keys:
             _set_config(new, k, name, changes)

@@ -21,10 +21,11 @@ from pathlib import Path
 import torch
 
 from . import __version__
-from .adapter import FileTensor, LowRank, TargetOps, torch_dtype
+from .adapter import FileTensor, LowRank, TargetOps
+from .dtypes import DTYPES, FLOAT_DTYPES, torch_dtype
 from .mathops import all_finite, flat_nonzero, low_halves
 from .plan import Entry, Plan
-from .safetensors_file import FLOAT_DTYPES, TensorInfo, file_sha256, pread_exact
+from .safetensors_file import TensorInfo, file_sha256, pread_exact
 from .sources import TOKENIZER_FILES, BaseModel, Source, extra_files, load_base
 from .writer import rows_per_block
 
@@ -51,9 +52,6 @@ ADAPTER_CONFIG_KEYS = (
 CHUNK_BYTES = 4 * 1024 * 1024
 BLOCK_BYTES = 2 * 1024 * 1024  # float64 bytes per row block in the element check
 COMPUTE_UNIT = 2.0**-24  # float32 unit roundoff: the bound admits a merge computed in float32
-MANTISSA_BITS = {"BF16": 7, "F16": 10, "F32": 23, "F64": 52}
-MIN_EXPONENT = {"BF16": -126, "F16": -14, "F32": -126, "F64": -1022}
-MAX_EXPONENT = {"BF16": 127, "F16": 15, "F32": 127, "F64": 1023}
 MAX_LISTED = 20  # failures listed per check on the terminal (the JSON has them all)
 
 
@@ -401,12 +399,13 @@ def ulp(x, dtype: str):
     """The unit in the last place of ``dtype`` at each |x| (x float64), subnormals included."""
     # keeping only the exponent bits of a float64 gives 2^floor(log2|x|) (0 for 0, inf for inf/NaN)
     power = (x.view(torch.int64) & 0x7FF0000000000000).view(torch.float64)
-    return power.mul_(2.0 ** -MANTISSA_BITS[dtype]).clamp_(min=2.0 ** (MIN_EXPONENT[dtype] - MANTISSA_BITS[dtype]))
+    d = DTYPES[dtype]
+    return power.mul_(2.0 ** -d.mantissa).clamp_(min=2.0 ** (d.min_exponent - d.mantissa))
 
 
 def overflow_threshold(dtype: str) -> float:
     """The magnitude from which rounding to nearest in ``dtype`` gives infinity: max + ½ ulp(max)."""
-    top, bits = MAX_EXPONENT[dtype], MANTISSA_BITS[dtype]
+    top, bits = DTYPES[dtype].max_exponent, DTYPES[dtype].mantissa
     largest = (2.0 - 2.0**-bits) * 2.0**top
     return largest + 2.0 ** (top - bits - 1)
 

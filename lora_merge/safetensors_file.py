@@ -16,16 +16,9 @@ import struct
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from .dtypes import DTYPES
 from .errors import HeaderError
 
-# safetensors dtype name -> bytes per element
-DTYPE_SIZES = {
-    "F64": 8, "F32": 4, "F16": 2, "BF16": 2,
-    "I64": 8, "I32": 4, "I16": 2, "I8": 1,
-    "U64": 8, "U32": 4, "U16": 2, "U8": 1,
-    "BOOL": 1, "F8_E4M3": 1, "F8_E5M2": 1, "F8_E8M0": 1,
-}
-FLOAT_DTYPES = {"F64", "F32", "F16", "BF16"}
 # A header past this is not a model header but a damaged or hostile file.
 MAX_HEADER_BYTES = 100 * 1024 * 1024
 COPY_CHUNK = 64 * 1024 * 1024
@@ -99,11 +92,11 @@ def read_header(path: Path) -> SafetensorsHeader:
             begin, end = (int(x) for x in entry["data_offsets"])
         except (KeyError, TypeError, ValueError) as e:
             raise HeaderError(f"{path}: tensor {name!r} has a malformed header entry") from e
-        if dtype not in DTYPE_SIZES:
+        if dtype not in DTYPES:
             raise HeaderError(f"{path}: tensor {name!r} has unknown dtype {dtype!r}")
         if any(d < 0 for d in shape):
             raise HeaderError(f"{path}: tensor {name!r} has a negative dimension {list(shape)}")
-        expected = math.prod(shape) * DTYPE_SIZES[dtype]
+        expected = math.prod(shape) * DTYPES[dtype].size
         if not 0 <= begin <= end or end - begin != expected:
             raise HeaderError(
                 f"{path}: tensor {name!r} spans bytes [{begin}, {end}) but {dtype}{list(shape)} needs {expected}"
@@ -156,7 +149,7 @@ def encode_header(entries: list[tuple[str, str, tuple[int, ...]]], metadata: dic
     offset = 0
     sizes = []
     for name, dtype, shape in entries:
-        nbytes = math.prod(shape) * DTYPE_SIZES[dtype]
+        nbytes = math.prod(shape) * DTYPES[dtype].size
         header[name] = {"dtype": dtype, "shape": list(shape), "data_offsets": [offset, offset + nbytes]}
         offset += nbytes
         sizes.append(nbytes)

@@ -25,7 +25,8 @@ from .errors import UnsupportedAdapterError
 from .mathops import round_to
 from .plan import Plan
 from .report import Check, Report, _compare_copy, _expected_rows, _Factors, ulp
-from .safetensors_file import FLOAT_DTYPES, TensorInfo
+from .dtypes import FLOAT_DTYPES
+from .safetensors_file import TensorInfo
 from .sources import BaseModel
 
 BLOCK_ELEMENTS = 1 << 18
