@@ -133,6 +133,14 @@ def make_adapter_options(adapter_format, lora_alpha, fan_in_fan_out, enable_lora
     return AdapterOptions(adapter_format, LoralibOptions(lora_alpha, fan_in_fan_out, parse_enable_lora(enable_lora)))
 
 
+def make_options(adapter_format, lora_alpha, fan_in_fan_out, enable_lora, **settings):
+    """The one MergeOptions of a command, from its parsed options."""
+    from .options import MergeOptions
+
+    return MergeOptions(adapter_options=make_adapter_options(adapter_format, lora_alpha, fan_in_fan_out, enable_lora),
+                        **settings)
+
+
 def parse_adapter(text: str) -> tuple[str, float]:
     """``PATH`` or ``PATH:WEIGHT`` (``./a:0.5``); a path that exists as typed is never split."""
     import math
@@ -273,49 +281,44 @@ def merge_command(paths, adapters, adapter_format, lora_alpha, fan_in_fan_out, e
     """
     logging.basicConfig(level=logging.INFO if verbose else logging.WARNING, format="%(levelname)s: %(message)s")
     from . import pipeline
+    from .options import PushOptions
     from .progress import byte_bar
 
     _check_push_options(push_to, private, revision, create_pr, commit_message)
     base, adapter, out = merge_inputs(paths, adapters)
-    adapter_options = make_adapter_options(adapter_format, lora_alpha, fan_in_fan_out, enable_lora)
+    push = PushOptions(push_to, private, revision, create_pr, commit_message) if push_to else None
+    options = make_options(adapter_format, lora_alpha, fan_in_fan_out, enable_lora, dtype=dtype, device=device,
+                           overwrite=overwrite, tokenizer_from=tokenizer_from, block_bytes=block_mb * 1024 * 1024,
+                           allow_nonfinite=allow_nonfinite, resume=resume, push=push)
     if quiet:
         _quiet_hub()
-    block_bytes = block_mb * 1024 * 1024
     if dry_run:
-        plan = pipeline.prepare(base, adapter, dtype, token, adapter_options)
+        plan = pipeline.prepare(base, adapter, options, token=token)
         pipeline.resolve_device(device)
-        described = pipeline.describe_plan(plan, block_bytes)
+        described = pipeline.describe_plan(plan, options.block_bytes)
         click.echo(json.dumps(described, indent=2) if as_json else _format_plan(described))
         return
-    if push_to:
+    if push:
         from . import hub
 
         hub.whoami(token)  # before a long merge: logged in, with a token that can write
-    options = {"dtype": dtype, "device": device, "overwrite": overwrite, "tokenizer_from": tokenizer_from,
-               "block_mb": block_mb, "allow_nonfinite": allow_nonfinite, "resume": resume, "push_to_hub": push_to,
-               "private": private, "revision": revision, "create_pr": create_pr}
     try:
-        result = pipeline.merge(
-            base, adapter, out, dtype=dtype, device=device, overwrite=overwrite, tokenizer_from=tokenizer_from,
-            block_bytes=block_bytes, progress_factory=lambda total, label: byte_bar(total, label, not quiet),
-            options=options, token=token, command=_command_line(), repo_id=push_to,
-            allow_nonfinite=allow_nonfinite, resume=resume, adapter_options=adapter_options,
-        )
+        result = pipeline.merge(base, adapter, out, options, token=token, command=_command_line(),
+                                progress=lambda total, label: byte_bar(total, label, not quiet))
     except ParityError as e:
         click.echo(json.dumps(e.report.to_json(), indent=2) if as_json else e.report.table())
         raise
     summary = result.summary()
-    if push_to:
+    if push:
         from . import hub
 
-        summary["pushed_to"] = hub.push(result.out, push_to, token=token, private=private, revision=revision,
-                                        create_pr=create_pr, commit_message=commit_message)
+        summary["pushed_to"] = hub.push(result.out, push, token=token)
     if as_json:
         click.echo(json.dumps(summary, indent=2))
     elif not quiet:
         click.echo(_format_summary(summary))
         click.echo(result.report.table())
-    if push_to and not as_json:
+    if push and not as_json:
         click.echo(f"pushed to {summary['pushed_to']}")
 
 
@@ -353,9 +356,10 @@ def push_command(out, repo_id, token, private, revision, create_pr, commit_messa
             f"OUT {out!r} {what}; only a checked merge is pushed",
             f"merge again, or check it: lora-merge verify {out} --base BASE --adapter ADAPTER --json {report_path}",
         )
+    from .options import PushOptions
+
     hub.whoami(token)
-    url = hub.push(folder, repo_id, token=token, private=private, revision=revision, create_pr=create_pr,
-                   commit_message=commit_message)
+    url = hub.push(folder, PushOptions(repo_id, private, revision, create_pr, commit_message), token=token)
     click.echo(f"pushed to {url}")
 
 
@@ -401,10 +405,10 @@ def verify_command(out, base, adapters, adapter_format, lora_alpha, fan_in_fan_o
 
     if quiet:
         _quiet_hub()
-    report = pipeline.verify(out, base, [parse_adapter(a) for a in adapters], device=device, token=token,
-                             allow_nonfinite=allow_nonfinite,
-                             adapter_options=make_adapter_options(adapter_format, lora_alpha, fan_in_fan_out, enable_lora),
-                             progress_factory=lambda total, label: byte_bar(total, label, not quiet))
+    options = make_options(adapter_format, lora_alpha, fan_in_fan_out, enable_lora, device=device,
+                           allow_nonfinite=allow_nonfinite)
+    report = pipeline.verify(out, base, [parse_adapter(a) for a in adapters], options, token=token,
+                             progress=lambda total, label: byte_bar(total, label, not quiet))
     if latency:
         from .latency import latency_table, measure_latency
 
@@ -461,12 +465,12 @@ def unmerge_command(merged, adapter, out, original, adapter_format, lora_alpha, 
 
     if quiet:
         _quiet_hub()
-    adapter_options = make_adapter_options(adapter_format, lora_alpha, fan_in_fan_out, enable_lora)
+    options = make_options(adapter_format, lora_alpha, fan_in_fan_out, enable_lora, device=device,
+                           overwrite=overwrite)
     try:
-        result = pipeline.unmerge(merged, [parse_adapter(adapter)], out, original=original, device=device,
-                                  overwrite=overwrite, token=token, command=_command_line(),
-                                  adapter_options=adapter_options,
-                                  progress_factory=lambda total, label: byte_bar(total, label, not quiet))
+        result = pipeline.unmerge(merged, [parse_adapter(adapter)], out, options, original=original, token=token,
+                                  command=_command_line(),
+                                  progress=lambda total, label: byte_bar(total, label, not quiet))
     except ParityError as e:
         click.echo(json.dumps(e.report.to_json(), indent=2) if as_json else e.report.table())
         raise

@@ -11,8 +11,12 @@ import contextlib
 import logging
 import re
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from .errors import HubError, SourceNotFoundError
+
+if TYPE_CHECKING:
+    from .options import PushOptions
 
 log = logging.getLogger("lora_merge")
 
@@ -124,36 +128,28 @@ def whoami(token: str | None = None) -> dict:
     return me
 
 
-def push(
-    out: Path,
-    repo_id: str,
-    *,
-    token: str | None = None,
-    private: bool = False,
-    revision: str | None = None,
-    create_pr: bool = False,
-    commit_message: str | None = None,
-) -> str:
-    """Upload the folder ``out`` to ``repo_id`` (created when missing); return the URL to show."""
+def push(out: Path, push: PushOptions, *, token: str | None = None) -> str:
+    """Upload the folder ``out`` as ``push`` (PushOptions) says, creating the repo when missing; return the URL
+    to show."""
     from huggingface_hub import HfApi, constants
-
+    repo_id, revision = push.repo_id, push.revision
     api = HfApi(token=token)
     where = f"pushing to {repo_id}"
-    message = commit_message or "Upload model merged with lora-merge"
+    message = push.commit_message or "Upload model merged with lora-merge"
     with hub_errors(where, repo_id):
-        api.create_repo(repo_id, private=private, exist_ok=True, repo_type="model")
-        if revision and not create_pr:
+        api.create_repo(repo_id, private=push.private, exist_ok=True, repo_type="model")
+        if revision and not push.create_pr:
             api.create_branch(repo_id, branch=revision, exist_ok=True, repo_type="model")
         # Recent huggingface_hub versions make upload_folder itself the resumable, multi-commit uploader
         # for big folders; older ones offer that as upload_large_folder, which cannot open a PR.
         large = sum(p.stat().st_size for p in out.iterdir() if p.is_file()) > LARGE_FOLDER_BYTES
-        if large and not create_pr and hasattr(api, "upload_large_folder"):
+        if large and not push.create_pr and hasattr(api, "upload_large_folder"):
             api.upload_large_folder(
                 repo_id=repo_id,
                 folder_path=out,
                 repo_type="model",
                 revision=revision,
-                private=private,
+                private=push.private,
                 ignore_patterns=[".*"],
             )
             info = None
@@ -162,7 +158,7 @@ def push(
                 repo_id=repo_id,
                 folder_path=out,
                 revision=revision,
-                create_pr=create_pr,
+                create_pr=push.create_pr,
                 commit_message=message,
                 ignore_patterns=[".*"],
             )

@@ -15,13 +15,14 @@ from .adapter import combine
 from .errors import DeviceError, NonFiniteError, ParityError, name_list
 from .formats import AdapterOptions, load_adapter
 from .layout import Placement
+from .options import DEFAULT_BLOCK_BYTES, MergeOptions
 from .output import OutputLock, StagedOutput, check_output, check_space
 from .plan import Plan, make_plan
 from .report import REPORT_NAME, Report, load_out, verify_output
 from .resume import Journal
 from .dtypes import DTYPES, FLOAT_DTYPES
 from .sources import TOKENIZER_FILES, extra_files, load_base, resolve_source
-from .writer import DEFAULT_BLOCK_BYTES, WriteStats, write_shards
+from .writer import WriteStats, write_shards
 
 log = logging.getLogger("lora_merge")
 
@@ -149,22 +150,22 @@ def _is_pair(x) -> bool:
     return isinstance(x, tuple) and len(x) == 2 and isinstance(x[1], (int, float)) and not isinstance(x[1], bool)
 
 
-def prepare(base: str, adapter: Adapters, dtype: str | None = None, token: str | None = None,
-            options: AdapterOptions | None = None) -> Plan:
+def prepare(base: str, adapter: Adapters, options: MergeOptions | None = None, *, token: str | None = None,
+            **settings) -> Plan:
     """Resolve the inputs (local folders or Hub repos) and plan the merge from headers; ``adapter``
     is one adapter, or a list of adapters (or (adapter, weight) pairs) whose deltas are summed.
+    ``settings`` change single fields of ``options`` (see MergeOptions).
 
     Raises before anything is written.
     """
-    base_model, loaded = _load_inputs(base, adapter_list(adapter), token, options)
+    options = MergeOptions.make(options, **settings)
+    base_model, loaded = _load_inputs(base, adapter_list(adapter), token, options.adapter_options)
     for member in loaded.members:
         mismatch = _trained_on_other_base(member.config, base_model.source)
         if mismatch:
             log.warning(mismatch)
             loaded.notes.append(mismatch)
-    plan = make_plan(base_model, loaded, dtype=dtype)
-    plan.adapter_source = loaded.members[0].source
-    return plan
+    return make_plan(base_model, loaded, dtype=options.dtype)
 
 
 def _load_inputs(base: str, adapters: list[tuple[str, float]], token: str | None,
@@ -234,94 +235,78 @@ def finish_files(plan: Plan, folder: Path, tokenizer_from: str | None = None) ->
     return written
 
 
-def merge(
-    base: str,
-    adapter: Adapters,
-    out: str | Path,
-    *,
-    dtype: str | None = None,
-    device: str = "auto",
-    overwrite: bool = False,
-    tokenizer_from: str | None = None,
-    block_bytes: int = DEFAULT_BLOCK_BYTES,
-    progress_factory=None,
-    options: dict | None = None,
-    token: str | None = None,
-    command: str | None = None,
-    repo_id: str | None = None,
-    allow_nonfinite: bool = False,
-    resume: bool = False,
-    adapter_options: AdapterOptions | None = None,
-) -> MergeResult:
+def merge(base: str, adapter: Adapters, out: str | Path, options: MergeOptions | None = None, *,
+          token: str | None = None, progress=None, command: str | None = None, **settings) -> MergeResult:
     """Merge ADAPTER into BASE, write the result to OUT and check it.
 
-    Nothing exists at OUT unless the merge completes. OUT then holds merge_report.json and a model
-    card (README.md; ``repo_id`` is the Hub repo it is meant for, ``command`` how it was made). When a
-    parity check fails, OUT stays (marked failed in its report) and ParityError is raised.
+    ``options`` says how (MergeOptions; ``settings`` change single fields of it: ``device="cpu"``),
+    ``progress(total, label)`` makes a progress bar, ``command`` says how the merge was asked for (the
+    model card and the report show it).
 
-    NaN or Inf in the adapter or in a merged tensor is an error unless ``allow_nonfinite``. With
-    ``resume``, the temporary output survives a failure or an interruption, and a later run with
+    Nothing exists at OUT unless the merge completes. OUT then holds merge_report.json and a model
+    card (README.md). When a parity check fails, OUT stays (marked failed in its report) and ParityError
+    is raised. NaN or Inf in the adapter or in a merged tensor is an error unless ``allow_nonfinite``.
+    With ``resume``, the temporary output survives a failure or an interruption, and a later run with
     ``resume`` keeps the shards it finished (when their hashes and the plan still match).
     """
-    plan = prepare(base, adapter, dtype, token, adapter_options)
-    return _write(plan, out, base=base, adapter=adapter, dtype=dtype, device=device, overwrite=overwrite,
-                  tokenizer_from=tokenizer_from, block_bytes=block_bytes, progress_factory=progress_factory,
-                  options=options, command=command, repo_id=repo_id, allow_nonfinite=allow_nonfinite, resume=resume)
+    options = MergeOptions.make(options, **settings)
+    plan = prepare(base, adapter, options, token=token)
+    return _write(plan, out, options, progress=progress, command=command or _python_call("merge", base, adapter, out))
 
 
-def _write(plan: Plan, out, *, base, adapter, dtype, device, overwrite, tokenizer_from, block_bytes, progress_factory,
-           options, command, repo_id, allow_nonfinite, resume, check=None, model_card=True) -> MergeResult:
+def _write(plan: Plan, out, options: MergeOptions, *, progress, command: str, check=None,
+           model_card: bool = True) -> MergeResult:
     """Write the planned output to OUT through a staged folder, check it and commit it.
 
     ``check(folder, plan, device, provenance, progress)`` makes the report (default: the parity report)."""
     protected = {"BASE": plan.base.path} | {
         f"ADAPTER {i + 1}" if len(plan.adapter.members) > 1 else "ADAPTER": a.path
         for i, a in enumerate(plan.adapter.members)}
-    out_path = check_output(Path(out), overwrite, protected)
+    out_path = check_output(Path(out), options.overwrite, protected)
     bad = nonfinite_adapter_tensors(plan)
-    if bad and not allow_nonfinite:
+    if bad and not options.allow_nonfinite:
         raise NonFiniteError(
             f"the adapter holds NaN or Inf in {len(bad)} tensor(s): {name_list(bad)}",
             "repair or retrain the adapter; --allow-nonfinite merges it anyway (the report says so)",
         )
     if bad:
         plan.notes.append(f"merged with NaN or Inf in {len(bad)} adapter tensor(s) (--allow-nonfinite): {name_list(bad)}")
-    dev = resolve_device(device)
+    dev = resolve_device(options.device)
     started = time.perf_counter()
     with OutputLock(out_path):
-        check_output(out_path, overwrite, protected)  # again: a run that held the lock may have written OUT
-        with StagedOutput(out_path, resume=resume) as staged:
+        check_output(out_path, options.overwrite, protected)  # again: a run that held the lock may have written OUT
+        with StagedOutput(out_path, resume=options.resume) as staged:
             journal = Journal(staged.tmp, plan) if staged.resume else None
             reuse = journal.reusable(plan) if journal is not None else set()
             check_space(out_path.parent, _bytes_to_write(plan, reuse))
-            stats = _with_bar(progress_factory, plan.total_bytes, "merging",
-                              lambda bar: write_shards(plan, staged.tmp, dev, block_bytes, bar, reuse=reuse,
+            stats = _with_bar(progress, plan.total_bytes, "merging",
+                              lambda bar: write_shards(plan, staged.tmp, dev, options.block_bytes, bar, reuse=reuse,
                                                        on_shard=journal.finished if journal else None,
-                                                       allow_nonfinite=allow_nonfinite))
-            copied = finish_files(plan, staged.tmp, tokenizer_from)
+                                                       allow_nonfinite=options.allow_nonfinite))
+            copied = finish_files(plan, staged.tmp, options.tokenizer_from)
             staged.flush_soon()
             merge_seconds = time.perf_counter() - started
             provenance = {
                 "device": str(dev),
-                "dtype": dtype or "as BASE",
-                "options": options or {"dtype": dtype, "device": device, "tokenizer_from": tokenizer_from,
-                                       "block_bytes": block_bytes},
+                "dtype": options.dtype or "as BASE",
+                "options": options.to_json(),
                 "merge_seconds": round(merge_seconds, 3),
                 "shards_reused": sorted(reuse),
             }
             if check is None:
                 def check(folder, plan, dev, provenance, bar):
                     return verify_output(folder, plan, dev, shown_as=str(out_path), provenance=provenance,
-                                         progress=bar, allow_nonfinite=allow_nonfinite)
-            report = _with_bar(progress_factory, plan.total_bytes, "verifying",
+                                         progress=bar, allow_nonfinite=options.allow_nonfinite)
+            report = _with_bar(progress, plan.total_bytes, "verifying",
                                lambda bar: check(staged.tmp, plan, dev, provenance, bar))
             prov = report.details["provenance"]
             prov["wall_seconds"] = round(time.perf_counter() - started, 3)
             prov["peak_memory_bytes"] = peak_memory_bytes()
-            prov["command"] = command or _python_call(base, adapter, out, dtype)
+            prov["command"] = command
             report.write(staged.tmp / REPORT_NAME)
             if model_card:
-                card.write(staged.tmp, plan, report, command=prov["command"], repo_id=repo_id)
+                card.write(staged.tmp, plan, report, command=command,
+                           repo_id=options.push.repo_id if options.push else None)
             if journal is not None:
                 journal.remove()
             staged.commit()
@@ -332,21 +317,9 @@ def _write(plan: Plan, out, *, base, adapter, dtype, device, overwrite, tokenize
     return result
 
 
-def unmerge(
-    merged: str,
-    adapter: Adapters,
-    out: str | Path,
-    *,
-    original: str | None = None,
-    device: str = "auto",
-    overwrite: bool = False,
-    block_bytes: int = DEFAULT_BLOCK_BYTES,
-    progress_factory=None,
-    options: dict | None = None,
-    token: str | None = None,
-    command: str | None = None,
-    adapter_options: AdapterOptions | None = None,
-) -> MergeResult:
+def unmerge(merged: str, adapter: Adapters, out: str | Path, options: MergeOptions | None = None, *,
+            original: str | None = None, token: str | None = None, progress=None, command: str | None = None,
+            **settings) -> MergeResult:
     """Subtract ADAPTER's delta from the merged model MERGED and write the base back to OUT.
 
     The report (OUT/merge_report.json) checks OUT against MERGED minus the adapter like a merge's, and
@@ -355,10 +328,13 @@ def unmerge(
     """
     from .unmerge import add_round_trip, refuse_irreversible
 
+    options = MergeOptions.make(options, **settings)
+    if options.dtype or options.resume or options.allow_nonfinite or options.push:
+        raise ValueError("unmerge writes MERGED's dtypes, all at once, with finite values only, and pushes nothing")
     specs = [(spec, -weight) for spec, weight in adapter_list(adapter)]
-    merged_model, loaded = _load_inputs(merged, specs, token, adapter_options, role="MERGED", each=refuse_irreversible)
+    merged_model, loaded = _load_inputs(merged, specs, token, options.adapter_options, role="MERGED",
+                                        each=refuse_irreversible)
     plan = make_plan(merged_model, loaded)
-    plan.adapter_source = loaded.members[0].source
     plan.notes.append("unmerged: the adapter's delta was subtracted")
     original_model = load_base(resolve_source(original, "BASE")) if original is not None else None
 
@@ -366,10 +342,8 @@ def unmerge(
         report = verify_output(folder, plan, dev, provenance=provenance, progress=bar, shown_as=str(out))
         return add_round_trip(report, folder, plan, dev, original_model)
 
-    return _write(plan, out, base=merged, adapter=adapter, dtype=None, device=device, overwrite=overwrite,
-                  tokenizer_from=None, block_bytes=block_bytes, progress_factory=progress_factory, options=options,
-                  command=command or f"lora_merge.unmerge({str(merged)!r}, {str(adapter)!r}, {str(out)!r})",
-                  repo_id=None, allow_nonfinite=False, resume=False, check=check, model_card=False)
+    return _write(plan, out, options, progress=progress, check=check, model_card=False,
+                  command=command or _python_call("unmerge", merged, adapter, out))
 
 
 def nonfinite_adapter_tensors(plan: Plan) -> list[str]:
@@ -388,24 +362,22 @@ def _bytes_to_write(plan: Plan, reuse: set[str]) -> int:
     return shards + others + 1024 * 1024  # headers, index, report and card
 
 
-def _python_call(base, adapter, out, dtype) -> str:
-    extra = f", dtype={dtype!r}" if dtype else ""
-    return f"lora_merge.merge({str(base)!r}, {str(adapter)!r}, {str(out)!r}{extra})"
+def _python_call(function: str, base, adapter, out) -> str:
+    return f"lora_merge.{function}({str(base)!r}, {str(adapter)!r}, {str(out)!r})"
 
 
-def verify(out: str | Path, base: str, adapter: Adapters, *, device: str = "auto", progress_factory=None,
-           token: str | None = None, allow_nonfinite: bool = False, adapter_options: AdapterOptions | None = None
-           ) -> Report:
+def verify(out: str | Path, base: str, adapter: Adapters, options: MergeOptions | None = None, *,
+           token: str | None = None, progress=None, **settings) -> Report:
     """Check a merged folder (written by any tool, any shard layout) against BASE and ADAPTER(s)."""
+    options = MergeOptions.make(options, **settings)
     out_src = resolve_source(str(out), "OUT")
     out_model = load_out(out_src.path)
-    base_model, loaded = _load_inputs(base, adapter_list(adapter), token, adapter_options)
+    base_model, loaded = _load_inputs(base, adapter_list(adapter), token, options.adapter_options)
     plan = make_plan(base_model, loaded, dtype=_output_dtype(base_model, out_model))
-    plan.adapter_source = loaded.members[0].source
-    dev = resolve_device(device)
-    return _with_bar(progress_factory, plan.total_bytes, "verifying",
+    dev = resolve_device(options.device)
+    return _with_bar(progress, plan.total_bytes, "verifying",
                      lambda bar: verify_output(out_src.path, plan, dev, out_model=out_model, progress=bar,
-                                               allow_nonfinite=allow_nonfinite))
+                                               allow_nonfinite=options.allow_nonfinite))
 
 
 def _output_dtype(base_model, out_model) -> str | None:

@@ -13,7 +13,7 @@ from .adapter import Adapter, AddScaled, LowRank, TargetOps
 from .errors import PlanError
 from .dtypes import DTYPES, FLOAT_DTYPES, OUTPUT_DTYPES
 from .safetensors_file import TensorInfo
-from .sources import BaseModel, Source
+from .sources import BaseModel
 
 OUTPUT_EMBEDDINGS = ("lm_head.weight", "embed_out.weight", "output.weight")
 INPUT_EMBEDDING_SUFFIXES = (
@@ -69,7 +69,6 @@ class Plan:
     config_changes: list[str]
     notes: list[str] = field(default_factory=list)
     sharded: bool = True
-    adapter_source: Source | None = None  # what the user named as ADAPTER (set by prepare)
 
     @property
     def entries(self) -> list[Entry]:

@@ -26,7 +26,6 @@ from .safetensors_file import copy_range, encode_header, write_all
 
 # a full disk, a file size limit, a quota
 NO_ROOM = (errno.ENOSPC, errno.EFBIG, errno.EDQUOT)
-DEFAULT_BLOCK_BYTES = 4 * 1024 * 1024  # float64 working block: a few of these are the merge's peak
 
 
 @dataclass
@@ -151,7 +150,7 @@ def write_shards(
     plan: Plan,
     folder: Path,
     device,
-    block_bytes: int = DEFAULT_BLOCK_BYTES,
+    block_bytes: int,
     progress=None,
     *,
     reuse: frozenset[str] | set[str] = frozenset(),
