@@ -247,8 +247,9 @@ def cli():
 @click.option("--tokenizer-from", type=click.Choice(["base", "adapter"]), default=None,
               help="Where the tokenizer files come from. Default: the base, or the adapter when it "
                    "resized the vocabulary and carries a tokenizer.")
-@click.option("--block-mb", type=click.IntRange(1, 65536), default=4, show_default=True,
-              help="Size of the float64 block a large tensor is merged in; bounds peak memory.")
+@click.option("--block-mb", type=click.IntRange(1, 65536), default=None,
+              help="Size of the float64 block a large tensor is merged in (default: 8 on a CPU, 256 on a GPU); "
+                   "bounds peak memory.")
 @click.option("--json", "as_json", is_flag=True, help="Print the summary (or the plan) as JSON on stdout.")
 @click.option("-q", "--quiet", is_flag=True, help="No progress bar and no summary.")
 @click.option("-v", "--verbose", is_flag=True, help="Log what is decided along the way.")
@@ -288,14 +289,14 @@ def merge_command(paths, adapters, adapter_format, lora_alpha, fan_in_fan_out, e
     base, adapter, out = merge_inputs(paths, adapters)
     push = PushOptions(push_to, private, revision, create_pr, commit_message) if push_to else None
     options = make_options(adapter_format, lora_alpha, fan_in_fan_out, enable_lora, dtype=dtype, device=device,
-                           overwrite=overwrite, tokenizer_from=tokenizer_from, block_bytes=block_mb * 1024 * 1024,
+                           overwrite=overwrite, tokenizer_from=tokenizer_from,
+                           block_bytes=block_mb * 1024 * 1024 if block_mb else None,
                            allow_nonfinite=allow_nonfinite, resume=resume, push=push)
     if quiet:
         _quiet_hub()
     if dry_run:
         plan = pipeline.prepare(base, adapter, options, token=token)
-        pipeline.resolve_device(device)
-        described = pipeline.describe_plan(plan, options.block_bytes)
+        described = pipeline.describe_plan(plan, options)
         click.echo(json.dumps(described, indent=2) if as_json else _format_plan(described))
         return
     if push:
@@ -492,7 +493,7 @@ def _format_plan(d: dict) -> str:
         f"  {c['merged']} tensors merged, {c['copied']} copied as bytes, {c['converted']} converted "
         f"({c['tensors']} in all, {len(d['shards'])} shard{'s' if len(d['shards']) != 1 else ''}, {_mb(d['bytes'])})",
         f"  adapter: {c['adapter_tensors']} tensors onto {c['adapter_targets']} base tensors",
-        f"  estimated peak memory: {_mb(d['estimated_peak_bytes'])}",
+        _memory_line(d["memory"]),
     ]
     lines += [f"  {n} targets named for the model in memory, placed through {how}"
               for how, n in d["placed_through_layout"].items()]
@@ -504,11 +505,22 @@ def _format_plan(d: dict) -> str:
     return "\n".join(lines)
 
 
+def _memory_line(m: dict) -> str:
+    line = (f"  estimated peak memory: {_mb(m['estimated_peak_bytes'])} (this process holds {_mb(m['baseline_bytes'])} "
+            f"now; the merge adds about {_mb(m['estimated_added_bytes'])})")
+    if m.get("estimated_gpu_bytes"):
+        line += f", and about {_mb(m['estimated_gpu_bytes'])} on the GPU"
+    return line
+
+
 def _format_summary(s: dict) -> str:
+    m = s["memory"]
     lines = [
         f"merged {s['merged']} tensors, copied {s['copied']}, converted {s['converted']} -> {s['out']}",
-        f"  {_mb(s['bytes'])} in {s['seconds']:.2f} s ({s['throughput_mb_s']} MB/s) on {s['device']}; "
-        f"read back and checked in {s['verify_seconds']:.2f} s",
+        f"  {_mb(s['bytes'])} in {s['seconds']:.2f} s ({s['throughput_mb_s']} MB/s) on {s['device']}, every merged "
+        "block checked as it was made and read back as it was written",
+        f"  peak memory {_mb(m['peak_bytes'])}: {_mb(m['added_bytes'])} above the {_mb(m['baseline_bytes'])} the "
+        "process held before the merge" + (f"; {_mb(m['gpu_peak_bytes'])} on the GPU" if m.get("gpu_peak_bytes") else ""),
     ]
     if s.get("shards_reused"):
         lines.append(f"  {s['shards_reused']} shard(s) kept from the interrupted run (--resume), checked like the rest")

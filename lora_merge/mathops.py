@@ -16,25 +16,32 @@ import numpy as np
 import torch
 
 from .adapter import AddScaled, LowRank
+from .buffers import Buffers
 
 
-def round_to(x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    """Round a float64 tensor to ``dtype`` once, to nearest even."""
+def round_to(x: torch.Tensor, dtype: torch.dtype, out: torch.Tensor | None = None,
+             buffers: Buffers | None = None) -> torch.Tensor:
+    """Round a float64 tensor to ``dtype`` once, to nearest even (into ``out`` when given; ``buffers`` holds
+    the float32 step, reused from call to call)."""
     if dtype == torch.float64:
-        return x
-    x32 = x.to(torch.float32)
+        return out.copy_(x) if out is not None else x
+    x32 = buffers.take("round32", tuple(x.shape), torch.float32) if buffers is not None else None
+    x32 = x32.copy_(x) if x32 is not None else x.to(torch.float32)
     if dtype == torch.float32:
-        return x32
+        return out.copy_(x32) if out is not None else x32
+    if dtype not in (torch.bfloat16, torch.float16):
+        raise ValueError(f"cannot round to {dtype}")
+    if x.device.type != "cpu":  # on a GPU every element goes through round-to-odd: no host round trip
+        y = _round_via_odd(x, dtype)
+        return out.copy_(y) if out is not None else y
     # Rounding through float32 can only go wrong where the float32 value lands exactly on a halfway
     # point of ``dtype``: rounding cannot carry a value across a point that float32 represents. Those
     # few elements (and float16's subnormal range, whose halfway points sit elsewhere) are redone.
-    y = x32.to(dtype)
+    y = out.copy_(x32) if out is not None else x32.to(dtype)
     if dtype == torch.bfloat16:
         suspect = low_halves(x32) == -0x8000  # the 16 bits bfloat16 drops are exactly 0x8000
-    elif dtype == torch.float16:
-        suspect = ((x32.view(torch.int32) & 0x1FFF) == 0x1000) | (x32.abs() < 2.0**-14)
     else:
-        raise ValueError(f"cannot round to {dtype}")
+        suspect = ((x32.view(torch.int32) & 0x1FFF) == 0x1000) | (x32.abs() < 2.0**-14)
     where = flat_nonzero(suspect)
     if where.numel():
         y.view(-1)[where] = _round_via_odd(x.reshape(-1)[where], dtype)

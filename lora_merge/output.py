@@ -131,14 +131,26 @@ class StagedOutput:
         name = "lora-merge-partial" if resume else f"lora-merge-tmp-{os.getpid()}"
         self.tmp = out.parent / f".{out.name}.{name}"
         self.kept = False
-        self._flushing = None
+        self._flusher = None
+        self._flushes: list = []
 
-    def flush_soon(self) -> None:
-        """Start flushing what is written so far on a thread, so the disk works while checks run."""
-        import threading
+    def flush(self, name: str, then=None) -> None:
+        """Flush one finished file to disk on a thread, files in the order given, then call ``then()``: the
+        disk works while the next file is made, and the rename at the end waits for little."""
+        from concurrent.futures import ThreadPoolExecutor
 
-        self._flushing = threading.Thread(target=_fsync_tree, args=(self.tmp,), daemon=True)
-        self._flushing.start()
+        if self._flusher is None:
+            self._flusher = ThreadPoolExecutor(1, "lora-merge-flush")
+        self._flushes.append(self._flusher.submit(_flush_file, self.tmp / name, then))
+
+    def _flushed(self, raise_errors: bool) -> None:
+        """Wait for the flushes started; the first failure is raised when asked."""
+        pending, self._flushes = self._flushes, []
+        for f in pending:
+            f.result() if raise_errors else f.exception()
+        if self._flusher is not None:
+            self._flusher.shutdown()
+            self._flusher = None
 
     def __enter__(self) -> StagedOutput:
         if self.resume and self.tmp.is_dir() and not self.tmp.is_symlink():
@@ -150,9 +162,8 @@ class StagedOutput:
 
     def commit(self) -> None:
         """Flush every file to disk, then rename the temporary folder to OUT."""
-        if self._flushing is not None:
-            self._flushing.join()
-        _fsync_tree(self.tmp)  # what was written since (cheap for files already flushed)
+        self._flushed(raise_errors=True)
+        _fsync_tree(self.tmp)  # the files not flushed yet (cheap for those that were)
         out = self.out
         old = None
         if out.exists() or out.is_symlink():
@@ -172,8 +183,7 @@ class StagedOutput:
                 old.unlink()
 
     def __exit__(self, exc_type, exc, tb) -> None:
-        if self._flushing is not None:
-            self._flushing.join()
+        self._flushed(raise_errors=False)
         if not self.tmp.exists():
             return
         if self.resume and exc_type is not None:
@@ -189,6 +199,16 @@ def remove_path(path: Path) -> None:
         shutil.rmtree(path)
     else:
         path.unlink()
+
+
+def _flush_file(path: Path, then=None) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+    if then is not None:
+        then()
 
 
 def _fsync_tree(folder: Path) -> None:

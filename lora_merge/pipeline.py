@@ -15,20 +15,17 @@ from .adapter import combine
 from .errors import DeviceError, NonFiniteError, ParityError, name_list
 from .formats import AdapterOptions, load_adapter
 from .layout import Placement
-from .options import DEFAULT_BLOCK_BYTES, MergeOptions
+from .options import MergeOptions
 from .output import OutputLock, StagedOutput, check_output, check_space
 from .plan import Plan, make_plan
-from .report import REPORT_NAME, Report, load_out, verify_output
+from .report import REPORT_NAME, Found, Report, load_out, verify_output
 from .resume import Journal
 from .dtypes import DTYPES, FLOAT_DTYPES
 from .sources import TOKENIZER_FILES, extra_files, load_base, resolve_source
-from .writer import WriteStats, write_shards
+from .memory import measure, resident_bytes
+from .writer import WriteStats, working_set, write_shards
 
 log = logging.getLogger("lora_merge")
-
-# Resident memory of the process before any tensor: the interpreter with torch imported (measured, CPU).
-BASELINE_RSS = 230 * 1024 * 1024
-
 
 @dataclass
 class MergeResult:
@@ -63,6 +60,7 @@ class MergeResult:
         if self.report is not None:
             result["parity"] = "passed" if self.report.ok else "failed"
             result["verify_seconds"] = self.report.details["provenance"]["verify_seconds"]
+            result["memory"] = self.report.details["provenance"]["memory"]
             result["report"] = str(self.out / REPORT_NAME) if self.out else None
         return result
 
@@ -95,36 +93,19 @@ def resolve_device(spec: str):
     raise DeviceError(f"--device {spec!r} is not one of auto, cpu, cuda, cuda:N, mps")
 
 
-def estimate_peak_bytes(plan: Plan, block_bytes: int) -> int:
-    """Rough peak resident memory: baseline + the largest float64 block with its temporaries + adapter factors."""
-    largest_block = 0
-    factors = 0
-    for e in plan.entries:
-        if e.is_copy:
-            continue
-        row = math.prod(e.shape[1:])
-        rows = min(e.shape[0] if e.shape else 1, max(1, block_bytes // (8 * row)))
-        largest_block = max(largest_block, rows * row * 8)
-        if e.ops is not None:
-            factors = max(factors, sum(8 * math.prod(t.shape) for t in _factor_tensors(e.ops)))
-    # block in float64, the rounding's float32/float64 temporaries, the raw reads (this block and the
-    # next) and the output blocks waiting to be written
-    return BASELINE_RSS + 4 * largest_block + factors
-
-
-def _factor_tensors(ops):
-    for d in ops.deltas:
-        yield from (d.a, d.b) if hasattr(d, "a") else (d.t,)
-
-
-def describe_plan(plan: Plan, block_bytes: int = DEFAULT_BLOCK_BYTES) -> dict:
+def describe_plan(plan: Plan, options: MergeOptions | None = None) -> dict:
     """The plan as data: what --dry-run prints."""
+    options = options or MergeOptions()
+    device = resolve_device(options.device)
+    host, gpu = working_set(plan, device, options.block_bytes)
+    baseline = resident_bytes()
     return {
         "base": str(plan.base.path),
         "adapter": ", ".join(f"{a.path}" + (f" (weight {a.weight:g})" if a.weight != 1.0 else "") for a in plan.adapter.members),
         "counts": plan.counts(),
         "bytes": plan.total_bytes,
-        "estimated_peak_bytes": estimate_peak_bytes(plan, block_bytes),
+        "memory": {"baseline_bytes": baseline, "estimated_added_bytes": host,
+                   "estimated_peak_bytes": baseline + host, "estimated_gpu_bytes": gpu or None},
         "shards": [s.name for s in plan.shards],
         "targets": [
             {"tensor": e.name, "shard": s.name, "operation": e.note, "shape": list(e.shape), "dtype": e.dtype}
@@ -258,63 +239,95 @@ def _write(plan: Plan, out, options: MergeOptions, *, progress, command: str, ch
            model_card: bool = True) -> MergeResult:
     """Write the planned output to OUT through a staged folder, check it and commit it.
 
-    ``check(folder, plan, device, provenance, progress)`` makes the report (default: the parity report)."""
-    protected = {"BASE": plan.base.path} | {
-        f"ADAPTER {i + 1}" if len(plan.adapter.members) > 1 else "ADAPTER": a.path
-        for i, a in enumerate(plan.adapter.members)}
-    out_path = check_output(Path(out), options.overwrite, protected)
-    bad = nonfinite_adapter_tensors(plan)
-    if bad and not options.allow_nonfinite:
-        raise NonFiniteError(
-            f"the adapter holds NaN or Inf in {len(bad)} tensor(s): {name_list(bad)}",
-            "repair or retrain the adapter; --allow-nonfinite merges it anyway (the report says so)",
-        )
-    if bad:
-        plan.notes.append(f"merged with NaN or Inf in {len(bad)} adapter tensor(s) (--allow-nonfinite): {name_list(bad)}")
-    dev = resolve_device(options.device)
-    started = time.perf_counter()
-    with OutputLock(out_path):
-        check_output(out_path, options.overwrite, protected)  # again: a run that held the lock may have written OUT
-        with StagedOutput(out_path, resume=options.resume) as staged:
-            journal = Journal(staged.tmp, plan) if staged.resume else None
-            reuse = journal.reusable(plan) if journal is not None else set()
-            check_space(out_path.parent, _bytes_to_write(plan, reuse))
-            stats = _with_bar(progress, plan.total_bytes, "merging",
-                              lambda bar: write_shards(plan, staged.tmp, dev, options.block_bytes, bar, reuse=reuse,
-                                                       on_shard=journal.finished if journal else None,
-                                                       allow_nonfinite=options.allow_nonfinite))
-            copied = finish_files(plan, staged.tmp, options.tokenizer_from)
-            staged.flush_soon()
-            merge_seconds = time.perf_counter() - started
-            provenance = {
-                "device": str(dev),
-                "dtype": options.dtype or "as BASE",
-                "options": options.to_json(),
-                "merge_seconds": round(merge_seconds, 3),
-                "shards_reused": sorted(reuse),
-            }
-            if check is None:
-                def check(folder, plan, dev, provenance, bar):
-                    return verify_output(folder, plan, dev, shown_as=str(out_path), provenance=provenance,
-                                         progress=bar, allow_nonfinite=options.allow_nonfinite)
-            report = _with_bar(progress, plan.total_bytes, "verifying",
-                               lambda bar: check(staged.tmp, plan, dev, provenance, bar))
-            prov = report.details["provenance"]
-            prov["wall_seconds"] = round(time.perf_counter() - started, 3)
-            prov["peak_memory_bytes"] = peak_memory_bytes()
-            prov["command"] = command
-            report.write(staged.tmp / REPORT_NAME)
-            if model_card:
-                card.write(staged.tmp, plan, report, command=command,
-                           repo_id=options.push.repo_id if options.push else None)
-            if journal is not None:
-                journal.remove()
-            staged.commit()
-    result = MergeResult(plan, out_path, str(dev), merge_seconds, stats,
-                         copied + [REPORT_NAME] + ([card.CARD_NAME] if model_card else []), report)
-    if not report.ok:
-        raise parity_error(report, out_path / REPORT_NAME)
-    return result
+    ``check(folder, plan, device, provenance, progress, found)`` makes the report (default: the parity report;
+    ``found`` is what the merge's own checks found as it wrote)."""
+    return _Run(plan, options, progress, command, check, model_card).write(out)
+
+
+@dataclass
+class _Run:
+    """One merge (or unmerge) from plan to committed OUT."""
+
+    plan: Plan
+    options: MergeOptions
+    progress: object
+    command: str
+    check: object
+    model_card: bool
+
+    def write(self, out) -> MergeResult:
+        plan, options = self.plan, self.options
+        protected = {"BASE": plan.base.path} | {
+            f"ADAPTER {i + 1}" if len(plan.adapter.members) > 1 else "ADAPTER": a.path
+            for i, a in enumerate(plan.adapter.members)}
+        out_path = check_output(Path(out), options.overwrite, protected)
+        self._refuse_nonfinite_adapter()
+        dev = resolve_device(options.device)
+        started = time.perf_counter()
+        with OutputLock(out_path):
+            check_output(out_path, options.overwrite, protected)  # again: a run that held the lock may have written OUT
+            with StagedOutput(out_path, resume=options.resume) as staged:
+                with measure(dev) as usage:
+                    stats, copied, report = self._merge_and_check(staged, out_path, dev)
+                prov = report.details["provenance"]
+                prov["wall_seconds"] = round(time.perf_counter() - started, 3)
+                prov["memory"] = usage.to_json()
+                prov["command"] = self.command
+                report.write(staged.tmp / REPORT_NAME)
+                if self.model_card:
+                    card.write(staged.tmp, plan, report, command=self.command,
+                               repo_id=options.push.repo_id if options.push else None)
+                staged.commit()
+        result = MergeResult(plan, out_path, str(dev), prov["merge_seconds"], stats,
+                             copied + [REPORT_NAME] + ([card.CARD_NAME] if self.model_card else []), report)
+        if not report.ok:
+            raise parity_error(report, out_path / REPORT_NAME)
+        return result
+
+    def _refuse_nonfinite_adapter(self) -> None:
+        bad = nonfinite_adapter_tensors(self.plan)
+        if bad and not self.options.allow_nonfinite:
+            raise NonFiniteError(
+                f"the adapter holds NaN or Inf in {len(bad)} tensor(s): {name_list(bad)}",
+                "repair or retrain the adapter; --allow-nonfinite merges it anyway (the report says so)",
+            )
+        if bad:
+            self.plan.notes.append(f"merged with NaN or Inf in {len(bad)} adapter tensor(s) (--allow-nonfinite): "
+                                   f"{name_list(bad)}")
+
+    def _merge_and_check(self, staged: StagedOutput, out_path: Path, dev):
+        """The shards written (each block checked as it is made, each shard flushed as it is finished), the other
+        files, and the report; shards kept from an interrupted run are read back and checked."""
+        plan, options = self.plan, self.options
+        journal = Journal(staged.tmp, plan) if staged.resume else None
+        reuse = journal.reusable(plan) if journal is not None else set()
+        check_space(out_path.parent, _bytes_to_write(plan, reuse))
+
+        def finished(shard: str, sha256: str) -> None:  # on disk before the journal says so
+            staged.flush(shard, then=(lambda: journal.finished(shard, sha256)) if journal else None)
+
+        started = time.perf_counter()
+        stats = _with_bar(self.progress, plan.total_bytes, "merging",
+                          lambda bar: write_shards(plan, staged.tmp, dev, options.block_bytes, bar, reuse=reuse,
+                                                   on_shard=finished, allow_nonfinite=options.allow_nonfinite))
+        copied = finish_files(plan, staged.tmp, options.tokenizer_from)
+        provenance = {
+            "device": str(dev),
+            "dtype": options.dtype or "as BASE",
+            "options": options.to_json(),
+            "merge_seconds": round(time.perf_counter() - started, 3),
+            "shards_reused": sorted(reuse),
+        }
+        found = Found(stats.tensors, stats.digests)  # checked as written; kept shards are read back
+        check = self.check or (lambda folder, plan, dev, provenance, bar, found: verify_output(
+            folder, plan, dev, found=found, shown_as=str(out_path), provenance=provenance, progress=bar,
+            allow_nonfinite=options.allow_nonfinite))
+        kept = sum(e.nbytes for s in plan.shards if s.name in reuse for e in s.entries)
+        report = _with_bar(self.progress, kept, "verifying",
+                           lambda bar: check(staged.tmp, plan, dev, provenance, bar, found))
+        if journal is not None:
+            journal.remove()
+        return stats, copied, report
 
 
 def unmerge(merged: str, adapter: Adapters, out: str | Path, options: MergeOptions | None = None, *,
@@ -338,8 +351,8 @@ def unmerge(merged: str, adapter: Adapters, out: str | Path, options: MergeOptio
     plan.notes.append("unmerged: the adapter's delta was subtracted")
     original_model = load_base(resolve_source(original, "BASE")) if original is not None else None
 
-    def check(folder, plan, dev, provenance, bar):
-        report = verify_output(folder, plan, dev, provenance=provenance, progress=bar, shown_as=str(out))
+    def check(folder, plan, dev, provenance, bar, found):
+        report = verify_output(folder, plan, dev, found=found, provenance=provenance, progress=bar, shown_as=str(out))
         return add_round_trip(report, folder, plan, dev, original_model)
 
     return _write(plan, out, options, progress=progress, check=check, model_card=False,
@@ -398,12 +411,6 @@ def parity_error(report: Report, where: Path | None = None) -> ParityError:
         report,
         f"the output was kept and marked failed; see {where}" if where else "the failures are listed above",
     )
-
-
-def peak_memory_bytes() -> int:
-    import resource
-
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # kilobytes on Linux
 
 
 def _with_bar(factory, total: int, label: str, work):

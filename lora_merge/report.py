@@ -1,11 +1,11 @@
-"""The parity report: read a merged folder back and check it against BASE and ADAPTER.
+"""The parity report: a merged folder against BASE and ADAPTER.
 
-Nothing here trusts the merge. Every tensor is read back from OUT and matched by name, whatever the
-shard layout. Untouched tensors must hash like the base's. Each merged element must lie within a
-rounding bound of the exact value W + s·B·A, which is computed here from the adapter's factors in
-float64 and never rounded. The bound allows one rounding of the sum and one of the delta, plus
-float32 arithmetic error. A correct merge passes it, peft's float32 merge_and_unload included;
-any element moved one unit in the last place beyond it fails.
+Nothing here trusts the merge. Every merged element must lie within a rounding bound of its exact
+value W + s·B·A, computed by the check's own code (``exact``); untouched tensors must be BASE's bytes.
+During a merge each block is checked before it is written and read back from the file right after,
+so that the file is known to hold the checked bytes (``writer``); ``verify`` reads any folder back and
+runs the same element checks on what it finds, tensors matched by name, whatever the shard layout.
+Then names, shapes and dtypes, the adapter's coverage, NaN/Inf, config.json and the other files.
 """
 
 from __future__ import annotations
@@ -18,16 +18,12 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import torch
-
 from . import __version__
-from .adapter import FileTensor, LowRank, TargetOps
-from .dtypes import DTYPES, FLOAT_DTYPES, torch_dtype
-from .mathops import all_finite, flat_nonzero, low_halves
+from .dtypes import DTYPES, torch_dtype
+from .exact import CHECK_BLOCK_BYTES, ElementCheck, rows_per_block
 from .plan import Entry, Plan
 from .safetensors_file import TensorInfo, file_sha256, pread_exact
 from .sources import TOKENIZER_FILES, BaseModel, Source, extra_files, load_base
-from .writer import rows_per_block
 
 REPORT_NAME = "merge_report.json"
 OWN_FILES = (REPORT_NAME, "README.md")  # written by lora-merge itself, not copies of BASE files
@@ -49,9 +45,7 @@ ADAPTER_CONFIG_KEYS = (
     "num_layers",
     "prefixes",  # kohya
 )
-CHUNK_BYTES = 4 * 1024 * 1024
-BLOCK_BYTES = 2 * 1024 * 1024  # float64 bytes per row block in the element check
-COMPUTE_UNIT = 2.0**-24  # float32 unit roundoff: the bound admits a merge computed in float32
+CHUNK_BYTES = 4 * 1024 * 1024  # copied tensors are read and compared in pieces of this size
 MAX_LISTED = 20  # failures listed per check on the terminal (the JSON has them all)
 
 
@@ -117,25 +111,41 @@ class Report:
 # ---------------------------------------------------------------------------------------------- entry
 
 
+@dataclass
+class Found:
+    """What the checks found in the weights files: per tensor, and each weights file's sha256."""
+
+    tensors: dict[str, dict] = field(default_factory=dict)
+    digests: dict[str, str] = field(default_factory=dict)
+
+
 def verify_output(
     out: Path,
     plan: Plan,
     device,
     *,
     out_model: BaseModel | None = None,
+    found: Found | None = None,
     shown_as: str | None = None,
     provenance: dict | None = None,
     progress=None,
     allow_nonfinite: bool = False,
 ) -> Report:
-    """Check the merged folder ``out`` against the plan of BASE + ADAPTER; a failed check does not raise."""
+    """Check the merged folder ``out`` against the plan of BASE + ADAPTER; a failed check does not raise.
+
+    ``found``: what the merge's own checks found as it wrote (the shards they cover are not read again;
+    any other shard, one kept from an interrupted run say, is read back and checked here)."""
     started = time.perf_counter()
     out_model = out_model or load_out(out)
-    tensors: dict[str, dict] = {}
+    found = found or Found()
+    unread = {h.path.name for h in out_model.shards} - set(found.digests)
+    if unread:
+        read = read_back(out_model, plan, device, progress, allow_nonfinite, unread)
+        found = Found({**found.tensors, **read.tensors}, {**found.digests, **read.digests})
     structure, structure_data = _check_structure(plan, out_model)
     coverage, coverage_data = _check_coverage(plan)
-    untouched, merged, finite = _check_tensors(plan, out_model, device, tensors, progress, allow_nonfinite)
-    files, files_data = _check_files(plan, out)
+    untouched, merged, finite = _check_tensors(plan, out_model, found.tensors, allow_nonfinite)
+    files, files_data = _check_files(plan, out, found.digests)
     checks = [structure, coverage, untouched, merged, finite, files]
     prov = {
         "lora_merge_version": __version__,
@@ -148,12 +158,66 @@ def verify_output(
     details = {
         "structure": structure_data,
         "coverage": coverage_data,
-        "tensors": tensors,
+        "tensors": found.tensors,
         "files": files_data,
         "notes": list(plan.notes),
         "provenance": prov,
     }
     return Report(shown_as or str(out), checks, details, folder=out, plan=plan)
+
+
+def read_back(out_model: BaseModel, plan: Plan, device, progress=None, allow_nonfinite: bool = False,
+              only: set[str] | None = None) -> Found:
+    """Read the weights files of a folder front to back (``only``: these files), hashing each, checking
+    every tensor the plan has: copies byte for byte against BASE, the others element by element."""
+    entries = {e.name: e for e in plan.entries}
+    found = Found()
+    for header in out_model.shards:
+        if only is not None and header.path.name not in only:
+            continue
+        digest = hashlib.sha256()
+        fd = os.open(header.path, os.O_RDONLY)
+        try:
+            at = 0
+            for info in sorted(header.tensors.values(), key=lambda i: i.start):
+                _hash_range(fd, digest, at, info.start)  # the header (and any gap)
+                e = entries.get(info.name)
+                if e is None or e.shape != info.shape or e.dtype != info.dtype:  # the structure check says so
+                    _hash_range(fd, digest, info.start, info.start + info.nbytes)
+                elif e.is_copy:
+                    found.tensors[e.name] = compare_copy(fd, info, e.base, digest)
+                else:
+                    found.tensors[e.name] = _check_stored(fd, info, e, device, allow_nonfinite, digest)
+                at = info.start + info.nbytes
+                if progress is not None:
+                    progress.update(info.nbytes)
+            _hash_range(fd, digest, at, os.fstat(fd).st_size)
+        finally:
+            os.close(fd)
+        found.digests[header.path.name] = digest.hexdigest()
+    return found
+
+
+def _hash_range(fd: int, digest, start: int, stop: int) -> None:
+    for at in range(start, stop, CHUNK_BYTES):
+        digest.update(pread_exact(fd, min(CHUNK_BYTES, stop - at), at))
+
+
+def _check_stored(fd: int, got: TensorInfo, e: Entry, device, allow_nonfinite: bool, digest) -> dict:
+    """Every element of a merged or converted tensor, as stored, against its exact value."""
+    import torch
+
+    check = ElementCheck(e, device, allow_nonfinite)
+    n = e.shape[0] if e.shape else 1
+    step = rows_per_block(e, CHECK_BLOCK_BYTES)
+    row = got.row_bytes if got.shape else got.nbytes
+    for start in range(0, n, step):
+        stop = min(n, start + step)
+        raw = pread_exact(fd, row * (stop - start), got.start + row * start)
+        digest.update(raw)
+        shape = (stop - start, *e.shape[1:]) if e.shape else ()
+        check.block(start, stop, torch.frombuffer(raw, dtype=torch_dtype(got.dtype)).reshape(shape))
+    return check.result()
 
 
 def _adapters_json(adapter) -> dict:
@@ -303,55 +367,42 @@ def _coverage_line(data: dict) -> str:
 # -------------------------------------------------------------------------------------------- tensors
 
 
-def _check_tensors(plan: Plan, out_model: BaseModel, device, tensors: dict, progress, allow_nonfinite: bool):
+def _check_tensors(plan: Plan, out_model: BaseModel, tensors: dict, allow_nonfinite: bool):
+    """The untouched, merged and finite checks, from what was found for each tensor."""
     same_failures, merge_failures, finite_failures = [], [], []
     identical = checked = correctly_rounded = 0
     worst = worst_of_bound = 0.0
-    fds: dict[Path, int] = {}
-
-    def fd(path: Path) -> int:
-        if path not in fds:
-            fds[path] = os.open(path, os.O_RDONLY)
-        return fds[path]
-
-    try:
-        for e in plan.entries:
-            got = out_model.tensors.get(e.name)
-            if got is None or got.shape != e.shape or got.dtype != e.dtype:
-                continue  # reported by the structure check
-            if e.is_copy:
-                digest, differs, finite = _compare_copy(fd(got.path), got, fd(e.base.path), e.base)
-                tensors[e.name] = {"check": "identical", "ok": differs is None and finite, HASH: digest}
-                identical += differs is None
-                if differs is not None:
-                    same_failures.append(f"{e.name}: bytes differ from BASE, first at byte {differs} of the tensor")
-            else:
-                result = _check_elements(e, got, fd, device, allow_nonfinite)
-                tensors[e.name] = result
-                finite = result.pop("finite")
-                checked += 1
-                worst = max(worst, result["max_error_ulp"])
-                worst_of_bound = max(worst_of_bound, result["max_error_of_bound"])
-                correctly_rounded += result["correctly_rounded"]
-                if not result["ok"]:
-                    i = result["first_failure"]
-                    merge_failures.append(
-                        f"{e.name}: {result['failed_elements']} element(s) outside the rounding bound, "
-                        f"first at {i['index']}: {i['value']!r}, expected {i['expected']!r} ± {i['bound']:.3g}"
-                    )
-            if not finite:
-                tensors[e.name]["ok"] = tensors[e.name]["ok"] and allow_nonfinite
-                finite_failures.append(f"{e.name}: holds NaN or Inf")
-            if progress is not None:
-                progress.update(e.nbytes)
-    finally:
-        for f in fds.values():
-            os.close(f)
+    for e in plan.entries:
+        result = tensors.get(e.name)
+        if result is None:
+            continue  # not in OUT as planned: the structure check says so
+        if e.is_copy:
+            identical += result["ok"]
+            if not result["ok"]:
+                same_failures.append(f"{e.name}: bytes differ from BASE, first at byte {result['differs_at']} "
+                                     "of the tensor")
+        else:
+            checked += 1
+            worst = max(worst, result["max_error_ulp"])
+            worst_of_bound = max(worst_of_bound, result["max_error_of_bound"])
+            correctly_rounded += result["correctly_rounded"]
+            if result.get("on_disk_differs_at") is not None:
+                merge_failures.append(f"{e.name}: the file does not hold the bytes that were checked, first "
+                                      f"at byte {result['on_disk_differs_at']} of the tensor")
+            if result["failed_elements"]:
+                i = result["first_failure"]
+                merge_failures.append(
+                    f"{e.name}: {result['failed_elements']} element(s) outside the rounding bound, "
+                    f"first at {i['index']}: {i['value']!r}, expected {i['expected']!r} ± {i['bound']:.3g}"
+                )
+        if not result["finite"]:
+            result["ok"] = result["ok"] and allow_nonfinite
+            finite_failures.append(f"{e.name}: holds NaN or Inf")
     copies = sum(1 for e in plan.entries if e.is_copy)
     untouched = Check(
         "untouched",
         not same_failures,
-        f"{identical} of {copies} tensors byte-identical to BASE ({HASH})",
+        f"{identical} of {copies} tensors byte-identical to BASE",
         same_failures,
     )
     converted = sum(1 for e in plan.entries if not e.is_copy and not e.is_merge)
@@ -373,258 +424,30 @@ def _check_tensors(plan: Plan, out_model: BaseModel, device, tensors: dict, prog
     return untouched, merged, finite
 
 
-def _compare_copy(out_fd: int, got: TensorInfo, base_fd: int, base: TensorInfo) -> tuple[str, int | None, bool]:
-    """OUT's hash of a copied tensor, the first byte where it differs from BASE (None: identical), finiteness."""
-    h = hashlib.new(HASH)
-    finite = True
-    differs = None
-    is_float = got.dtype in FLOAT_DTYPES
-    # whole rows per chunk, so that a chunk can be viewed as floats
-    row = got.row_bytes if got.shape else got.nbytes
-    step = max(1, CHUNK_BYTES // max(row, 1)) * max(row, 1)
-    for offset in range(0, got.nbytes, step):
-        n = min(step, got.nbytes - offset)
-        chunk = pread_exact(out_fd, n, got.start + offset)
-        h.update(chunk)
-        if differs is None:
-            theirs = pread_exact(base_fd, n, base.start + offset)
-            if chunk != theirs:
-                differs = offset + next(i for i in range(n) if chunk[i] != theirs[i])
-        if is_float and finite:
-            finite = all_finite(torch.frombuffer(chunk, dtype=torch_dtype(got.dtype)))
-    return h.hexdigest(), differs, finite
+def compare_copy(out_fd: int, got: TensorInfo, base: TensorInfo, digest=None) -> dict:
+    """A copied tensor in OUT against BASE's: the first byte where it differs (None: identical), finiteness."""
+    import torch
 
-
-def ulp(x, dtype: str):
-    """The unit in the last place of ``dtype`` at each |x| (x float64), subnormals included."""
-    # keeping only the exponent bits of a float64 gives 2^floor(log2|x|) (0 for 0, inf for inf/NaN)
-    power = (x.view(torch.int64) & 0x7FF0000000000000).view(torch.float64)
-    d = DTYPES[dtype]
-    return power.mul_(2.0 ** -d.mantissa).clamp_(min=2.0 ** (d.min_exponent - d.mantissa))
-
-
-def overflow_threshold(dtype: str) -> float:
-    """The magnitude from which rounding to nearest in ``dtype`` gives infinity: max + ½ ulp(max)."""
-    top, bits = DTYPES[dtype].max_exponent, DTYPES[dtype].mantissa
-    largest = (2.0 - 2.0**-bits) * 2.0**top
-    return largest + 2.0 ** (top - bits - 1)
-
-
-class _Factors:
-    """The adapter's factors in float64 on the device, read once per tensor."""
-
-    def __init__(self, device):
-        self.device = device
-        self.cache: dict[int, object] = {}
-
-    def get(self, t):
-        if id(t) not in self.cache:
-            self.cache[id(t)] = t.load().to(device=self.device, dtype=torch.float64)
-        return self.cache[id(t)]
-
-
-def _low_rank_rows(d: LowRank, f: _Factors, start: int, stop: int, shape: tuple[int, ...]):
-    """Rows [start, stop) of the stored tensor's s·B·A, from the factors as peft stores them, and a
-    function giving |s|·|B|·|A| at chosen elements of those rows (flat indices)."""
-    a, b = f.get(d.a), f.get(d.b)
-    block = (stop - start, *shape[1:])
-    if d.experts:
-        e = d.experts
-        a = a.reshape(e, -1, a.shape[-1])[start:stop]  # expert-major rows of A: (E, r, in)
-        b = b.reshape(b.shape[0], -1, e).permute(2, 0, 1)[start:stop]  # expert index fastest in B: (E, out, r)
-        exact = torch.einsum("eor,eri->eoi", b * d.scale, a)
-        bound = torch.einsum("eor,eri->eoi", b.abs() * abs(d.scale), a.abs())
-        if d.transposed:
-            exact, bound = exact.transpose(1, 2), bound.transpose(1, 2)
-        bound = bound.reshape(-1)
-        return exact.reshape(block), lambda flat: bound[flat]
-    a2, b2 = a.reshape(a.shape[0], -1), b.reshape(b.shape[0], -1)
-    width = math.prod(shape[1:])
-    if d.transposed:  # the stored tensor is (in × out): its rows are columns of B·A
-        exact = torch.einsum("or,ri->io", b2 * d.scale, a2[:, start:stop])
-
-        def bound(flat):
-            rows, cols = flat // width + start, flat % width
-            return (b2[cols].abs() * a2[:, rows].T.abs()).sum(dim=1) * abs(d.scale)
-    else:
-        exact = torch.einsum("or,ri->oi", b2[start:stop] * d.scale, a2)
-
-        def bound(flat):
-            rows, cols = flat // width + start, flat % width
-            return (b2[rows].abs() * a2[:, cols].T.abs()).sum(dim=1) * abs(d.scale)
-    return exact.reshape(block), bound
-
-
-def _expected_rows(e: Entry, ops: TargetOps | None, f: _Factors, start: int, stop: int, dora_norm):
-    """Rows [start, stop) of the tensor: (exact value, exact delta or None, rank, products), where
-    ``products(flat)`` gives the |factor| products the bound needs at chosen elements."""
-    source = ops.replace if ops is not None and ops.replace is not None else FileTensor(e.base)
-    # a copy: the value is built in place, and the rows may be a read-only view of the file's bytes
-    w = (source.rows(start, stop) if e.shape else source.load()).to(f.device, torch.float64, copy=True)
-    delta = None  # None: no delta (a copy, a conversion, a plain replacement)
-    parts = []
-    rank = 0
-    for d in ops.deltas if ops is not None else ():
-        if isinstance(d, LowRank):
-            exact, bound = _low_rank_rows(d, f, start, stop, e.shape)
-            rank += d.rank
-        else:
-            exact = d.scale * f.get(d.t)[start:stop]
-            bound = exact.abs().reshape(-1).__getitem__
-        delta = exact if delta is None else delta.add_(exact)
-        parts.append(bound)
-
-    def products(flat):
-        total = torch.zeros(flat.shape, dtype=torch.float64, device=w.device)
-        for part in parts:
-            total += part(flat)
-        return total
-
-    if delta is None:
-        value = w
-    elif ops.dora_magnitude is not None:
-        value = w + delta
-        factor = _dora_factor(ops, f, value, start, stop, dora_norm).expand_as(value).reshape(-1)
-        magnitude = w.abs().reshape(-1)
-        value, delta = value * factor.reshape(value.shape), delta * factor.reshape(value.shape)
-        plain = products
-        products = lambda flat: (magnitude[flat] + plain(flat)) * factor[flat].abs()  # noqa: E731
-    else:
-        value = w.add_(delta)
-    if ops is not None and ops.row_indices is not None:
-        rows = f.get(ops.rows)
-        replaced = torch.zeros(value.shape[0], dtype=torch.bool, device=value.device)
-        for j, idx in enumerate(ops.row_indices):
-            if start <= idx < stop:
-                value[idx - start] = rows[j]
-                replaced[idx - start] = True
-                if delta is not None:
-                    delta[idx - start] = 0
-        width = math.prod(value.shape[1:])
-        unreplaced = products
-        products = lambda flat: torch.where(replaced[flat // width], 0.0, unreplaced(flat))  # noqa: E731
-    return value, delta, rank, products
-
-
-def _dora_factor(ops: TargetOps, f: _Factors, value, start: int, stop: int, column_norm):
-    """m / ‖W + ΔW‖ along each logical output row, shaped to multiply the stored rows."""
-    m = f.get(ops.dora_magnitude).reshape(-1)
-    if ops.dora_transposed:
-        return (m / column_norm).reshape(1, -1)
-    norm = torch.linalg.vector_norm(value.reshape(value.shape[0], -1), dim=1)
-    return (m[start:stop] / norm).reshape(-1, *([1] * (value.dim() - 1)))
-
-
-def _column_norm(e: Entry, ops: TargetOps, f: _Factors, step: int):
-    """For a transposed DoRA target the norms run down the stored columns: a first pass over all rows."""
-    total = None
-    plain = TargetOps(ops.name, ops.module, ops.replace, ops.deltas)
-    for start in range(0, e.shape[0], step):
-        value = _expected_rows(e, plain, f, start, min(e.shape[0], start + step), None)[0]
-        part = value.square().sum(dim=0)
-        total = part if total is None else total + part
-    return torch.sqrt(total)
-
-
-def _not_plainly_nearest(values, stored, dtype: str):
-    """Elements to measure against the bound: all but those that are plainly the nearest value.
-
-    torch's float64 conversion rounds through float32, so it gives the nearest value of a narrower
-    dtype except where the float32 value lies exactly halfway between two of its values; where the
-    stored element equals that conversion elsewhere, it is within half an ulp of the exact value.
-    """
-    if dtype == "F64":
-        return stored != values
-    v32 = values.to(torch.float32)
-    if dtype == "F32":
-        return stored.view(torch.int32) != v32.view(torch.int32)
-    if dtype == "BF16":
-        halfway = low_halves(v32) == -0x8000
-    else:  # F16; its subnormal range has its halfway points elsewhere: all measured
-        halfway = ((v32.view(torch.int32) & 0x1FFF) == 0x1000) | (v32.abs() < 2.0**-14)
-    return (v32.to(stored.dtype).view(torch.int16) != stored.view(torch.int16)) | halfway
-
-
-def _nan_is_inf(x: float) -> float:
-    return math.inf if math.isnan(x) else x
-
-
-def _check_elements(e: Entry, got: TensorInfo, fd, device, allow_nonfinite: bool = False) -> dict:
-    """Every element of a merged or converted tensor against its exact value and rounding bound."""
-    ops = e.ops
-    f = _Factors(device)
-    h = hashlib.new(HASH)
-    n = e.shape[0] if e.shape else 1
-    step = rows_per_block(e, BLOCK_BYTES)
-    column_norm = None
-    if ops is not None and ops.dora_magnitude is not None and ops.dora_transposed:
-        column_norm = _column_norm(e, ops, f, step)
-    worst = worst_of_bound = 0.0
-    failed = 0
-    first = None
-    finite = True
-    for start in range(0, n, step):
-        stop = min(n, start + step)
-        value, delta, rank, products = _expected_rows(e, ops, f, start, stop, column_norm)
-        rb = got.row_bytes if got.shape else got.nbytes
-        raw = pread_exact(fd(got.path), rb * (stop - start), got.start + rb * start)
-        h.update(raw)
-        stored = torch.frombuffer(raw, dtype=torch_dtype(got.dtype)).reshape(value.shape)
-        finite = finite and all_finite(stored)
-        stored = stored.to(device).reshape(-1)
-        values = value.reshape(-1)
-        full = _not_plainly_nearest(values, stored, e.dtype)
-        picked = flat_nonzero(full)
-        if picked.numel() < values.numel():
-            worst = max(worst, 0.5)  # the nearest value of the output dtype is within half an ulp
-        if picked.numel() == 0:
-            continue
-        v = values[picked]
-        have = stored[picked].to(torch.float64)
-        unit = ulp(v, e.dtype)
-        # ½ ulp(v) + ½ ulp(Δ) + (r + 2)·u32·|s|·|B|·|A|, plus float64 noise (and the norm for DoRA)
-        bound = products(picked) * ((rank + 2) * COMPUTE_UNIT + 2.0**-45)
-        bound.add_(
-            v.abs(), alpha=2.0**-45 + (4 * COMPUTE_UNIT if ops is not None and ops.dora_magnitude is not None else 0)
-        )
-        bound.add_(unit, alpha=0.5)
-        if delta is not None:
-            bound.add_(ulp(delta.reshape(-1)[picked], e.dtype), alpha=0.5)
-        error = (have - v).abs_()
-        # past the largest finite value by half an ulp or more, the nearest value is the infinity itself
-        overflow = have.isinf() & (v.abs() >= overflow_threshold(e.dtype)) & ((have > 0) == (v > 0))
-        error[overflow] = 0.0
-        bad = ~(error <= bound)  # NaN fails too
-        if allow_nonfinite:  # NaN where the exact value is NaN, or the very infinity it is
-            same = (have == v) | (have.isnan() & v.isnan())
-            bad &= ~same
-            error[same] = 0.0
-        worst = max(worst, _nan_is_inf(float((error / unit).max())))
-        worst_of_bound = max(worst_of_bound, _nan_is_inf(float((error / bound).nan_to_num(0.0).max())))
-        count = int(bad.sum())
-        if count:
-            failed += count
-            if first is None:
-                i = int(bad.nonzero()[0])
-                flat = int(picked[i])
-                index = [int(x) for x in torch.unravel_index(torch.tensor(flat), value.shape)]
-                if value.dim():
-                    index[0] += start
-                first = {"index": index, "value": float(have[i]), "expected": float(v[i]), "bound": float(bound[i])}
-    # float64 noise on an exact tie can read as a hair above 0.5
-    result = {
-        "check": "merged" if e.is_merge else "converted",
-        "ok": failed == 0,
-        "max_error_ulp": round(worst, 4),
-        "max_error_of_bound": round(worst_of_bound, 4),
-        "correctly_rounded": worst <= 0.5 + 1e-6,
-        "failed_elements": failed,
-        HASH: h.hexdigest(),
-        "finite": finite,
-    }
-    if first is not None:
-        result["first_failure"] = first
-    return result
+    finite, differs = True, None
+    d = DTYPES[got.dtype]
+    piece = max(d.size, CHUNK_BYTES // d.size * d.size)  # whole elements, to be viewed as numbers
+    base_fd = os.open(base.path, os.O_RDONLY)
+    try:
+        for offset in range(0, got.nbytes, piece):
+            n = min(piece, got.nbytes - offset)
+            chunk = pread_exact(out_fd, n, got.start + offset)
+            if digest is not None:
+                digest.update(chunk)
+            if differs is None:
+                theirs = pread_exact(base_fd, n, base.start + offset)
+                if chunk != theirs:
+                    differs = offset + next(i for i in range(n) if chunk[i] != theirs[i])
+            if d.computed and finite:
+                low, high = torch.aminmax(torch.frombuffer(chunk, dtype=torch_dtype(got.dtype)))
+                finite = math.isfinite(float(low)) and math.isfinite(float(high))
+    finally:
+        os.close(base_fd)
+    return {"check": "identical", "ok": differs is None, "differs_at": differs, "finite": finite}
 
 
 # ---------------------------------------------------------------------------------------------- files
@@ -656,7 +479,7 @@ def _same_json(a: Path, b: Path) -> bool:
     return strip(ja) == strip(jb)
 
 
-def _check_files(plan: Plan, out: Path) -> tuple[Check, dict]:
+def _check_files(plan: Plan, out: Path, weights: dict[str, str]) -> tuple[Check, dict]:
     failures: list[str] = []
     hashes: dict[Path, str] = {}
 
@@ -731,8 +554,10 @@ def _check_files(plan: Plan, out: Path) -> tuple[Check, dict]:
         f"config.json: {expected} expected change{'s' if expected != 1 else ''}, {unexpected} unexpected; "
         f"{sum(1 for c in copied.values() if c['from'] != 'differs')} of {len(base_files)} other files accounted for"
         + (f"; {len(added)} added" if added else "")
+        + f"; {len(weights)} weights file{'s' if len(weights) != 1 else ''} hashed ({HASH})"
     )
-    data = {"config_changes": config_changes, "copied": copied, "added": added}
+    data = {"config_changes": config_changes, "copied": copied, "added": added,
+            "weights": {name: {HASH: digest} for name, digest in sorted(weights.items())}}
     return Check("files", not failures, summary, failures), data
 
 

@@ -75,15 +75,9 @@ class Journal:
         self._save()
         return keep
 
-    def finished(self, name: str) -> None:
-        """Record a shard written to its end: flushed to disk first, then hashed and noted."""
-        path = self.folder / name
-        fd = os.open(path, os.O_RDONLY)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-        self.done[name] = {"bytes": path.stat().st_size, "sha256": file_sha256(path)}
+    def finished(self, name: str, sha256: str) -> None:
+        """Record a shard written to its end and flushed to disk (``sha256``: of what was written)."""
+        self.done[name] = {"bytes": (self.folder / name).stat().st_size, "sha256": sha256}
         self._save()
 
     def remove(self) -> None:

@@ -130,14 +130,19 @@ def file_sha256(path: Path, chunk_bytes: int = 4 * 1024 * 1024) -> str:
 def pread_exact(fd: int, nbytes: int, offset: int) -> bytearray:
     """Read exactly ``nbytes`` at ``offset`` into a fresh buffer."""
     buf = bytearray(nbytes)
-    view = memoryview(buf)
-    done = 0
+    pread_into(fd, memoryview(buf), offset)
+    return buf
+
+
+def pread_into(fd: int, view: memoryview, offset: int) -> None:
+    """Fill ``view`` (a writable buffer of bytes) from ``offset``."""
+    view = view.cast("B")
+    nbytes, done = len(view), 0
     while done < nbytes:
         n = os.preadv(fd, [view[done:]], offset + done)
         if n == 0:
             raise HeaderError(f"unexpected end of file while reading {nbytes} bytes at offset {offset}")
         done += n
-    return buf
 
 
 def encode_header(entries: list[tuple[str, str, tuple[int, ...]]], metadata: dict[str, str]) -> tuple[bytes, list[int]]:

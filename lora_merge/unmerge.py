@@ -24,7 +24,8 @@ from .adapter import FileTensor
 from .errors import UnsupportedAdapterError
 from .mathops import round_to
 from .plan import Plan
-from .report import Check, Report, _compare_copy, _expected_rows, _Factors, ulp
+from .exact import Factors, expected_rows, ulp
+from .report import Check, Report, compare_copy
 from .dtypes import FLOAT_DTYPES
 from .safetensors_file import TensorInfo
 from .sources import BaseModel
@@ -84,15 +85,14 @@ def round_trip(plan: Plan, out_model: BaseModel, device, original: BaseModel | N
             orig = None
         rows = entry.shape[0] if entry.shape else 1
         step = max(1, BLOCK_ELEMENTS // max(1, math.prod(entry.shape[1:])))
-        f = _Factors(device)  # one tensor's factors at a time: memory stays flat
+        f = Factors(device)  # one tensor's factors at a time: memory stays flat
         stat = {"elements": 0, "certain": 0}
         if orig is not None:
             stat |= {"identical": 0, "worst_ulp": 0.0}
         for start in range(0, rows, step):
             stop = min(rows, start + step)
-            _, minus_delta, _, _ = _expected_rows(entry, entry.ops, f, start, stop, None)
-            d = (-minus_delta).to(device)
             m = merged.rows(start, stop).to(device)
+            d = m.to(torch.float64) - expected_rows(entry, f, start, stop).value  # the adapter's delta, back
             u = FileTensor(got).rows(start, stop).to(device)
             up = torch.nextafter(u, torch.full_like(u, math.inf))
             down = torch.nextafter(u, torch.full_like(u, -math.inf))
@@ -128,12 +128,11 @@ def round_trip(plan: Plan, out_model: BaseModel, device, original: BaseModel | N
 def _same_bytes(a: TensorInfo, b: TensorInfo) -> bool:
     if a.shape != b.shape or a.dtype != b.dtype:
         return False
-    fa, fb = os.open(a.path, os.O_RDONLY), os.open(b.path, os.O_RDONLY)
+    fd = os.open(a.path, os.O_RDONLY)
     try:
-        return _compare_copy(fa, a, fb, b)[1] is None
+        return compare_copy(fd, a, b)["ok"]
     finally:
-        os.close(fa)
-        os.close(fb)
+        os.close(fd)
 
 
 def add_round_trip(report: Report, folder, plan: Plan, device, original: BaseModel | None) -> Report:

@@ -1,13 +1,15 @@
 """Speed and memory of lora-merge beside `cp -r`, peft and mergekit, measured in one run.
 
-    python scripts/bench.py [--shapes 0.6b 1.7b] [--ranks 16] [--runs 3] [--device cpu] [--no-peft]
+    python scripts/bench.py [--shapes 0.6b 1.7b 8b] [--ranks 16] [--runs 3] [--device cpu|cuda] [--no-peft]
 
-On first run, it generates bf16 bases with real architectures and random weights (Qwen3-0.6B and
-Qwen3-1.7B shapes) and a peft adapter on every linear layer, with each rank asked for. Then, for
-each model, it runs the tools in alternation, `--runs` times each, under `/usr/bin/time -v`:
+On first run, it generates bf16 bases with real architectures and random weights (Qwen3-0.6B,
+Qwen3-1.7B and Llama-3-8B shapes; on a GPU when ``--device cuda``) and a peft adapter on every linear
+layer, with each rank asked for. Then, for each model, it runs the tools in alternation, `--runs`
+times each, under `/usr/bin/time -v`:
 - `cp -r BASE`, the I/O floor on this disk;
-- `lora-merge BASE ADAPTER OUT` (the merge and its parity report);
-- peft, as users do it: `from_pretrained` + `merge_and_unload` + `save_pretrained`;
+- `lora-merge BASE ADAPTER OUT --device DEVICE` (the merge and its parity check);
+- peft, as users do it, on the same device: `from_pretrained` (with `device_map` on a GPU) +
+  `merge_and_unload` + `save_pretrained`;
 - mergekit's LoRA merge (`BASE+ADAPTER`), when `mergekit-yaml` is on the PATH.
 It checks every output against lora-merge's, then prints a Markdown table of medians and ratios.
 """
@@ -26,12 +28,13 @@ import tempfile
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).parent))
-from make_model import make  # noqa: E402
+from make_model import SHAPES, make  # noqa: E402
 
 PEFT_MERGE = """
 import sys, torch, transformers, peft
-base, adapter, out = sys.argv[1:4]
-model = transformers.AutoModelForCausalLM.from_pretrained(base, dtype="auto")
+base, adapter, out, device = sys.argv[1:5]
+where = {} if device == "cpu" else {"device_map": device}
+model = transformers.AutoModelForCausalLM.from_pretrained(base, dtype="auto", **where)
 merged = peft.PeftModel.from_pretrained(model, adapter).merge_and_unload()
 merged.save_pretrained(out)
 """
@@ -64,7 +67,7 @@ def tools(base: Path, adapter: Path, out: Path, device: str, peft: bool) -> dict
         "lora-merge": ["lora-merge", "-q", str(base), str(adapter), str(out), "--device", device],
     }
     if peft:
-        found["peft"] = [sys.executable, "-c", PEFT_MERGE, str(base), str(adapter), str(out)]
+        found["peft"] = [sys.executable, "-c", PEFT_MERGE, str(base), str(adapter), str(out), device]
     if shutil.which("mergekit-yaml"):
         config = out.parent / "mergekit.yml"
         config.write_text(json.dumps({"models": [{"model": f"{base}+{adapter}"}], "merge_method": "passthrough",
@@ -107,7 +110,7 @@ def compare(reference: Path, other: Path) -> str:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--shapes", nargs="+", default=["0.6b", "1.7b"], choices=["0.6b", "1.7b"])
+    parser.add_argument("--shapes", nargs="+", default=["0.6b", "1.7b"], choices=["0.6b", "1.7b", "8b"])
     parser.add_argument("--ranks", nargs="+", type=int, default=[16], help="adapter ranks, e.g. 16 64 256")
     parser.add_argument("--runs", type=int, default=3)
     parser.add_argument("--device", default="cpu")
@@ -118,10 +121,11 @@ def main() -> None:
     rows = []
     for shape in args.shapes:
         for rank in args.ranks:
-            folder = args.dir / (f"qwen3-{shape}" if rank == 16 else f"qwen3-{shape}-r{rank}")
+            name = f"{SHAPES[shape]['arch']}-{shape}"
+            folder = args.dir / (name if rank == 16 else f"{name}-r{rank}")
             if not (folder / "base" / "model.safetensors.index.json").is_file():
                 print(f"generating {folder} …", file=sys.stderr)
-                make(shape, folder, rank=rank)
+                make(shape, folder, rank=rank, device="cuda" if args.device.startswith("cuda") else "cpu")
             base, adapter = folder / "base", folder / "adapter"
             work = folder / "runs"
             shutil.rmtree(work, ignore_errors=True)
@@ -145,7 +149,7 @@ def main() -> None:
             for name in names:
                 m = med[name]
                 rows.append(
-                    f"| Qwen3-{shape} shape, r={rank} | {name} | {m['wall']:.2f} | {m['cpu']:.2f} | {m['rss_mb']:,.0f} "
+                    f"| {SHAPES[shape]['arch'].capitalize()}-{shape} shape, r={rank} | {name} | {m['wall']:.2f} | {m['cpu']:.2f} | {m['rss_mb']:,.0f} "
                     f"| {m['wall'] / med['cp -r']['wall']:.2f}x | {m['wall'] / med['lora-merge']['wall']:.2f}x "
                     f"| {checks.get(name, 'reference' if name == 'lora-merge' else '-')} |"
                 )

@@ -1,9 +1,11 @@
-"""Generate a Qwen3-shaped bf16 base (random weights, real tensor names and shapes) and a PEFT adapter.
+"""Generate a bf16 base with real tensor names and shapes and random weights, and a PEFT adapter.
 
-    python scripts/make_model.py 0.6b DIR [--rank 16] [--shards 3]
+    python scripts/make_model.py 0.6b DIR [--rank 16] [--shards 3] [--device cuda]
 
-Writes DIR/base (sharded safetensors, index, config.json) and DIR/adapter (LoRA on every linear layer
-of the decoder). Only torch and safetensors are needed; one shard is in memory at a time.
+Shapes: Qwen3-0.6B and Qwen3-1.7B (tied embeddings), Llama-3-8B (untied). Writes DIR/base (sharded
+safetensors, index, config.json) and DIR/adapter (LoRA on every linear layer of the decoder). Only
+torch and safetensors are needed; one shard is in memory at a time. ``--device cuda`` draws the
+random numbers on a GPU (an 8B base in seconds).
 """
 
 from __future__ import annotations
@@ -16,14 +18,20 @@ import torch
 from safetensors.torch import save_file
 
 SHAPES = {
-    "0.6b": dict(hidden=1024, inter=3072, layers=28, heads=16, kv=8, head_dim=128, vocab=151936),
-    "1.7b": dict(hidden=2048, inter=6144, layers=28, heads=16, kv=8, head_dim=128, vocab=151936),
+    "0.6b": dict(arch="qwen3", hidden=1024, inter=3072, layers=28, heads=16, kv=8, head_dim=128, vocab=151936),
+    "1.7b": dict(arch="qwen3", hidden=2048, inter=6144, layers=28, heads=16, kv=8, head_dim=128, vocab=151936),
+    "8b": dict(arch="llama", hidden=4096, inter=14336, layers=32, heads=32, kv=8, head_dim=128, vocab=128256),
+}
+ARCH = {  # model type, class, tied embeddings, per-head q/k norms
+    "qwen3": ("qwen3", "Qwen3ForCausalLM", True, True),
+    "llama": ("llama", "LlamaForCausalLM", False, False),
 }
 LINEAR = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 
 
 def tensor_shapes(c: dict):
     h, hd = c["hidden"], c["head_dim"]
+    _, _, tied, qk_norm = ARCH[c.get("arch", "qwen3")]
     yield "model.embed_tokens.weight", (c["vocab"], h)
     for i in range(c["layers"]):
         p = f"model.layers.{i}."
@@ -33,17 +41,21 @@ def tensor_shapes(c: dict):
         yield p + "self_attn.k_proj.weight", (c["kv"] * hd, h)
         yield p + "self_attn.v_proj.weight", (c["kv"] * hd, h)
         yield p + "self_attn.o_proj.weight", (h, c["heads"] * hd)
-        yield p + "self_attn.q_norm.weight", (hd,)
-        yield p + "self_attn.k_norm.weight", (hd,)
+        if qk_norm:
+            yield p + "self_attn.q_norm.weight", (hd,)
+            yield p + "self_attn.k_norm.weight", (hd,)
         yield p + "mlp.gate_proj.weight", (c["inter"], h)
         yield p + "mlp.up_proj.weight", (c["inter"], h)
         yield p + "mlp.down_proj.weight", (h, c["inter"])
     yield "model.norm.weight", (h,)
+    if not tied:
+        yield "lm_head.weight", (c["vocab"], h)
 
 
-def make(shape: str | dict, folder: Path, rank: int = 16, shards: int = 3, seed: int = 0) -> None:
+def make(shape: str | dict, folder: Path, rank: int = 16, shards: int = 3, seed: int = 0, device: str = "cpu") -> None:
     c = SHAPES[shape] if isinstance(shape, str) else shape
-    g = torch.Generator().manual_seed(seed)
+    model_type, architecture, tied, _ = ARCH[c.get("arch", "qwen3")]
+    g = torch.Generator(device).manual_seed(seed)
     base, adapter = folder / "base", folder / "adapter"
     base.mkdir(parents=True, exist_ok=True)
     adapter.mkdir(parents=True, exist_ok=True)
@@ -62,7 +74,7 @@ def make(shape: str | dict, folder: Path, rank: int = 16, shards: int = 3, seed:
             current, size, index = {}, 0, index + 1
 
     for name, s in items:
-        t = (torch.randn(s, generator=g) * 0.02).to(torch.bfloat16)
+        t = (torch.randn(s, generator=g, device=device) * 0.02).to(torch.bfloat16).cpu()
         current[name] = t
         size += t.numel() * 2
         names.append(name)
@@ -72,11 +84,11 @@ def make(shape: str | dict, folder: Path, rank: int = 16, shards: int = 3, seed:
     (base / "model.safetensors.index.json").write_text(
         json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map}, indent=2))
     (base / "config.json").write_text(json.dumps({
-        "architectures": ["Qwen3ForCausalLM"], "model_type": "qwen3", "hidden_size": c["hidden"],
+        "architectures": [architecture], "model_type": model_type, "hidden_size": c["hidden"],
         "intermediate_size": c["inter"], "num_hidden_layers": c["layers"], "num_attention_heads": c["heads"],
         "num_key_value_heads": c["kv"], "head_dim": c["head_dim"], "vocab_size": c["vocab"],
         "max_position_embeddings": 40960, "rms_norm_eps": 1e-6, "rope_theta": 1000000,
-        "tie_word_embeddings": True, "torch_dtype": "bfloat16", "hidden_act": "silu",
+        "tie_word_embeddings": tied, "torch_dtype": "bfloat16", "hidden_act": "silu",
     }, indent=2))
     (base / "generation_config.json").write_text(json.dumps({"do_sample": True, "temperature": 0.6}))
 
@@ -85,8 +97,8 @@ def make(shape: str | dict, folder: Path, rank: int = 16, shards: int = 3, seed:
         module = name.removesuffix(".weight")
         if module.rsplit(".", 1)[-1] in LINEAR:
             out, inn = s
-            lora[f"base_model.model.{module}.lora_A.weight"] = torch.randn(rank, inn, generator=g) * 0.01
-            lora[f"base_model.model.{module}.lora_B.weight"] = torch.randn(out, rank, generator=g) * 0.01
+            lora[f"base_model.model.{module}.lora_A.weight"] = (torch.randn(rank, inn, generator=g, device=device) * 0.01).cpu()
+            lora[f"base_model.model.{module}.lora_B.weight"] = (torch.randn(out, rank, generator=g, device=device) * 0.01).cpu()
     save_file(lora, adapter / "adapter_model.safetensors", metadata={"format": "pt"})
     (adapter / "adapter_config.json").write_text(json.dumps({
         "peft_type": "LORA", "r": rank, "lora_alpha": 2 * rank, "target_modules": LINEAR, "bias": "none",
@@ -100,8 +112,9 @@ def main() -> None:
     parser.add_argument("folder", type=Path)
     parser.add_argument("--rank", type=int, default=16)
     parser.add_argument("--shards", type=int, default=3)
+    parser.add_argument("--device", default="cpu", help="where the random numbers are drawn (cuda: much faster)")
     args = parser.parse_args()
-    make(args.shape, args.folder, args.rank, args.shards)
+    make(args.shape, args.folder, args.rank, args.shards, device=args.device)
 
 
 if __name__ == "__main__":

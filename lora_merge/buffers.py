@@ -1,0 +1,31 @@
+"""Work buffers reused block after block.
+
+A fresh multi-megabyte tensor for every block of every tensor costs a page fault per page on common
+systems (the allocator hands large blocks back to the kernel), more than the arithmetic done in it.
+"""
+
+from __future__ import annotations
+
+import math
+
+
+class Buffers:
+    """Named buffers on one device, each grown to the largest size asked for and reused."""
+
+    def __init__(self, device, pinned: bool = False):
+        self.device = device
+        self.pinned = pinned  # page-locked host memory, for copies to and from a GPU without a stop
+        self.held: dict[str, object] = {}
+
+    def take(self, name: str, shape: tuple[int, ...], dtype):
+        """A tensor of ``shape`` and ``dtype`` whose contents are undefined, valid until ``name`` is taken again."""
+        import torch
+
+        n = math.prod(shape)
+        held = self.held.get(name)
+        if held is None or held.dtype != dtype or held.numel() < n:
+            held = self.held[name] = torch.empty(max(n, 1), dtype=dtype, device=self.device, pin_memory=self.pinned)
+        return held[:n].view(shape)
+
+    def nbytes(self) -> int:
+        return sum(t.numel() * t.element_size() for t in self.held.values())
