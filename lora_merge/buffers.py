@@ -16,16 +16,23 @@ class Buffers:
         self.device = device
         self.pinned = pinned  # page-locked host memory, for copies to and from a GPU without a stop
         self.held: dict[str, object] = {}
+        self.views: dict[tuple, object] = {}  # the last view asked for, per name: blocks repeat their shapes
 
     def take(self, name: str, shape: tuple[int, ...], dtype):
         """A tensor of ``shape`` and ``dtype`` whose contents are undefined, valid until ``name`` is taken again."""
+        key = (name, shape, dtype)
+        view = self.views.get(key)
+        if view is not None:
+            return view
         import torch
 
         n = math.prod(shape)
         held = self.held.get(name)
         if held is None or held.dtype != dtype or held.numel() < n:
             held = self.held[name] = torch.empty(max(n, 1), dtype=dtype, device=self.device, pin_memory=self.pinned)
-        return held[:n].view(shape)
+            self.views = {k: v for k, v in self.views.items() if k[0] != name}
+        view = self.views[key] = held[:n].view(shape)
+        return view
 
     def nbytes(self) -> int:
         return sum(t.numel() * t.element_size() for t in self.held.values())

@@ -20,8 +20,9 @@ import torch
 
 from .adapter import FileTensor, LowRank, TargetOps
 from .buffers import Buffers
-from .dtypes import DTYPES
+from .dtypes import DTYPES, torch_dtype
 from .plan import Entry
+from .safetensors_file import pread_into
 
 COMPUTE_UNIT = 2.0**-24  # float32 unit roundoff: the bound admits a merge computed in float32
 CHECK_BLOCK_BYTES = 6 * 1024 * 1024  # float64 bytes per row block when reading back
@@ -76,8 +77,13 @@ def expected_rows(e: Entry, f: Factors, start: int, stop: int, buffers: Buffers 
     """The exact value of rows [start, stop) of the planned tensor ``e``, from BASE's bytes and the adapter's
     factors (``buffers``: reuse its float64 buffer for the value, for plain deltas)."""
     ops = e.ops
-    source = ops.replace if ops is not None and ops.replace is not None else FileTensor(e.base)
-    raw = (source.rows(start, stop) if e.shape else source.load()).to(f.device)
+    if ops is not None and ops.replace is not None:
+        raw = ops.replace.rows(start, stop) if e.shape else ops.replace.load()
+    elif buffers is not None:  # BASE's rows, read into a reused buffer
+        raw = _read_rows(e.base, start, stop, buffers)
+    else:
+        raw = FileTensor(e.base).rows(start, stop) if e.shape else FileTensor(e.base).load()
+    raw = raw.to(f.device)
     if _plain(ops) and buffers is not None:
         value = buffers.take("exact", tuple(raw.shape), torch.float64)
         value.copy_(raw)
@@ -86,6 +92,22 @@ def expected_rows(e: Entry, f: Factors, start: int, stop: int, buffers: Buffers 
         delta_at = (lambda flat: flat_value[flat] - flat_raw[flat].to(torch.float64)) if parts else None
         return Rows(value, rank, _summed(parts, f.device), delta_at)
     return _general_rows(e, ops, f, raw, start, stop, dora_norm)
+
+
+def _read_rows(info, start: int, stop: int, buffers: Buffers):
+    """Rows [start, stop) of a stored tensor, into the buffers' "base" bytes."""
+    import os
+
+    row = info.row_bytes if info.shape else info.nbytes
+    count = row * (stop - start) if info.shape else info.nbytes
+    raw = buffers.take("base", (count,), torch.uint8)
+    fd = os.open(info.path, os.O_RDONLY)
+    try:
+        pread_into(fd, memoryview(raw.numpy()), info.start + row * start)
+    finally:
+        os.close(fd)
+    shape = (stop - start, *info.shape[1:]) if info.shape else ()
+    return raw.view(torch_dtype(info.dtype)).reshape(shape)
 
 
 def _add_deltas(value, ops: TargetOps | None, f: Factors, start: int, stop: int, shape) -> tuple[int, list]:
