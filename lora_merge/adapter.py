@@ -16,6 +16,7 @@ from pathlib import Path
 from .dtypes import from_torch, torch_dtype
 from .safetensors_file import TensorInfo, pread_exact
 
+
 class FileTensor:
     """A tensor in a safetensors file, read on demand (whole or by rows of its first dimension)."""
 

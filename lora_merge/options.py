@@ -11,7 +11,6 @@ from .dtypes import OUTPUT_DTYPES
 from .formats import AdapterOptions
 
 
-
 @dataclass(frozen=True)
 class PushOptions:
     """Where and how OUT goes to the Hub after its checks pass."""

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import logging
-import math
 import shutil
 import time
 from dataclasses import dataclass, field
@@ -12,17 +11,17 @@ from pathlib import Path
 
 from . import card
 from .adapter import combine
+from .dtypes import DTYPES, FLOAT_DTYPES
 from .errors import DeviceError, NonFiniteError, ParityError, name_list
-from .formats import AdapterOptions, load_adapter
+from .formats import AdapterOptions
 from .layout import Placement
+from .memory import measure, resident_bytes
 from .options import MergeOptions
 from .output import OutputLock, StagedOutput, check_output, check_space
 from .plan import Plan, make_plan
 from .report import REPORT_NAME, Found, Report, load_out, verify_output
 from .resume import Journal
-from .dtypes import DTYPES, FLOAT_DTYPES
 from .sources import TOKENIZER_FILES, extra_files, load_base, resolve_source
-from .memory import measure, resident_bytes
 from .writer import WriteStats, working_set, write_shards
 
 log = logging.getLogger("lora_merge")

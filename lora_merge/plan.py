@@ -10,8 +10,8 @@ import math
 from dataclasses import dataclass, field, replace
 
 from .adapter import Adapter, AddScaled, LowRank, TargetOps
-from .errors import PlanError
 from .dtypes import DTYPES, FLOAT_DTYPES, OUTPUT_DTYPES
+from .errors import PlanError
 from .safetensors_file import TensorInfo
 from .sources import BaseModel
 

@@ -21,12 +21,12 @@ import os
 import torch
 
 from .adapter import FileTensor
+from .dtypes import FLOAT_DTYPES
 from .errors import UnsupportedAdapterError
+from .exact import Factors, expected_rows, ulp
 from .mathops import round_to
 from .plan import Plan
-from .exact import Factors, expected_rows, ulp
 from .report import Check, Report, compare_copy
-from .dtypes import FLOAT_DTYPES
 from .safetensors_file import TensorInfo
 from .sources import BaseModel
 

@@ -22,7 +22,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from . import mathops
-from .adapter import FileTensor
 from .buffers import Buffers
 from .dtypes import DTYPES, torch_dtype
 from .errors import NonFiniteError, OutputError, name_list

@@ -8,7 +8,7 @@ import pytest
 import torch
 from conftest import build_adapter, run_cli
 
-from lora_merge import merge, mathops, writer
+from lora_merge import mathops, merge, writer
 from lora_merge.errors import ParityError
 
 TARGETS = ["q_proj", "v_proj", "down_proj"]
