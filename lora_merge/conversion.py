@@ -265,7 +265,7 @@ def _convert(converter, first: str, collected: dict[str, list[str]], base: BaseM
             starts = np.cumsum([0] + sizes[:-1])
             state = {t: _narrow(sym, op.dim, int(s), n) for t, s, n in zip(names, starts, sizes) if n}
         elif op_is(kind, "Transpose"):
-            (key, value), = state.items()
+            (value,) = state.values()
             target = targets[0] if len(targets) == 1 else sources[0] if len(sources) == 1 else None
             if target is None:
                 raise _CannotFollow(f"{op!r} in a chain of several sources and targets")

@@ -214,8 +214,8 @@ def _split(op: TargetOps, tensor: ModelTensor, disk_shapes, cache: LoadCache) ->
     if not _only_deltas(op):
         what = "a full replacement" if op.replace is not None else "DoRA" if op.dora_magnitude is not None \
             else "trainable tokens"
-        return [], [f"{name}: {what} cannot be split across the on-disk tensors "
-                    f"{name_list([p.disk for p in tensor.pieces])}"]
+        return [], [(f"{name}: {what} cannot be split across the on-disk tensors "
+                     f"{name_list([p.disk for p in tensor.pieces])}")]
     fitted: list[LowRank | AddScaled] = []
     for d in op.deltas:
         if isinstance(d, AddScaled):

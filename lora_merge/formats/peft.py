@@ -163,10 +163,10 @@ class _Wrappers:
         if depths != list(range(len(wrapped))):
             if not ordered:
                 raise LayoutNeeded("the files alone do not say which parameters the adapter wraps:", [
-                    f"{module}: {len(depths)} nested LoRA wrapper(s), and the files hold "
-                    f"{len(wrapped) or 'none'} of its parameters that target_parameters names"])
-            return [], [f"{module}: the adapter nests {len(depths)} LoRA wrapper(s) but target_parameters names "
-                        f"{len(wrapped)} of its parameters ({', '.join(wrapped) or 'none'})"]
+                    (f"{module}: {len(depths)} nested LoRA wrapper(s), and the files hold "
+                     f"{len(wrapped) or 'none'} of its parameters that target_parameters names")])
+            return [], [(f"{module}: the adapter nests {len(depths)} LoRA wrapper(s) but target_parameters names "
+                         f"{len(wrapped)} of its parameters ({', '.join(wrapped) or 'none'})")]
         if ordered:
             params = [wrapped[len(wrapped) - 1 - d] for d in depths]
         else:
