@@ -13,7 +13,9 @@ class Buffers:
     """Named buffers on one device, each grown to the largest size asked for and reused."""
 
     def __init__(self, device, pinned: bool = False):
-        self.device = device
+        import torch
+
+        self.device = torch.device(device)
         self.pinned = pinned  # page-locked host memory, for copies to and from a GPU without a stop
         self.held: dict[str, object] = {}
         self.views: dict[tuple, object] = {}  # the last view asked for, per name: blocks repeat their shapes

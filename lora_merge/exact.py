@@ -79,7 +79,7 @@ def expected_rows(e: Entry, f: Factors, start: int, stop: int, buffers: Buffers 
     ops = e.ops
     if ops is not None and ops.replace is not None:
         raw = ops.replace.rows(start, stop) if e.shape else ops.replace.load()
-    elif buffers is not None:  # BASE's rows, read into a reused buffer
+    elif buffers is not None and buffers.device.type == "cpu":  # BASE's rows, into a reused buffer
         raw = _read_rows(e.base, start, stop, buffers)
     else:
         raw = FileTensor(e.base).rows(start, stop) if e.shape else FileTensor(e.base).load()

@@ -80,3 +80,18 @@ def test_fast_rounding_equals_round_to_odd_everywhere(dtype):
     x = torch.cat([x, mid, mid + mid.abs() * 2**-45, mid - mid.abs() * 2**-45, mid + 2**-160, mid - 2**-160])
     x = x[torch.isfinite(x)]
     assert torch.equal(round_to(x, dtype).view(torch.int16), _round_via_odd(x, dtype).view(torch.int16))
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
+def test_rounding_into_reused_buffers_gives_the_same_bits(dtype):
+    """The writer rounds into buffers it keeps from block to block, of changing shapes."""
+    from lora_merge.buffers import Buffers
+
+    torch.manual_seed(4)
+    buffers, outs = Buffers("cpu"), Buffers("cpu")
+    bits = {torch.bfloat16: torch.int16, torch.float16: torch.int16, torch.float32: torch.int32}[dtype]
+    for shape in [(64, 33), (7, 5), (64, 33), (200, 40), (1,), ()]:
+        x = torch.randn(shape, dtype=torch.float64) * 0.3
+        y = round_to(x, dtype, out=outs.take("out", shape, dtype), buffers=buffers)
+        assert y.shape == x.shape and y.data_ptr() == outs.take("out", shape, dtype).data_ptr()
+        assert torch.equal(y.view(bits), round_to(x, dtype).view(bits))
