@@ -63,6 +63,11 @@ class LayoutNeeded(PlanError):
     """The files alone do not say where the adapter's targets are; the model's own layout is needed."""
 
 
+class QuantizationError(PlanError):
+    """BASE is quantized in a way lora-merge cannot read or write back (a method it does not know, files
+    that do not hold what the method stores, a bitsandbytes base without --dtype)."""
+
+
 class OutputError(LoraMergeError, OSError):
     """OUT cannot be written where it was asked for (exists, overlaps BASE or ADAPTER, no space)."""
 

@@ -22,6 +22,7 @@ from .adapter import FileTensor, LowRank, TargetOps
 from .buffers import Buffers
 from .dtypes import DTYPES, torch_dtype
 from .plan import Entry
+from .quant.base import QuantizedTensor
 from .safetensors_file import pread_into
 
 COMPUTE_UNIT = 2.0**-24  # float32 unit roundoff: the bound admits a merge computed in float32
@@ -79,6 +80,8 @@ def expected_rows(e: Entry, f: Factors, start: int, stop: int, buffers: Buffers 
     ops = e.ops
     if ops is not None and ops.replace is not None:
         raw = ops.replace.rows(start, stop) if e.shape else ops.replace.load()
+    elif isinstance(e.base, QuantizedTensor):  # decoded exactly
+        raw = e.base.rows(start, stop)
     elif buffers is not None and buffers.device.type == "cpu":  # BASE's rows, into a reused buffer
         raw = _read_rows(e.base, start, stop, buffers)
     else:
@@ -214,8 +217,24 @@ def dora_column_norm(e: Entry, f: Factors, step: int):
 
 
 def rows_per_block(entry: Entry, block_bytes: int) -> int:
-    """How many rows of ``entry`` make a float64 block of at most ``block_bytes`` (at least one)."""
-    return max(1, block_bytes // (8 * max(math.prod(entry.shape[1:]), 1)))
+    """How many rows of ``entry`` make a float64 block of at most ``block_bytes`` (at least one). A tensor
+    written in a quantized format is taken in whole rows of its scale blocks where that costs at most
+    four times as much (``needs_prepass`` says when it does not)."""
+    width = max(math.prod(entry.shape[1:]), 1)
+    step = max(1, block_bytes // (8 * width))
+    if entry.requantized:
+        unit = entry.base.row_unit
+        if unit <= step:
+            step -= step % unit
+        elif unit * width * 8 <= 4 * block_bytes:
+            step = unit
+    return step
+
+
+def needs_prepass(entry: Entry, step: int) -> bool:
+    """A tensor written in a quantized format whose scale blocks span more rows than a block of ``step``:
+    each block's scale must be found over all of its rows first."""
+    return entry.requantized and step % entry.base.row_unit != 0 and step < entry.shape[0]
 
 
 class ElementCheck:

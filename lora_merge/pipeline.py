@@ -12,7 +12,7 @@ from pathlib import Path
 from . import card
 from .adapter import combine
 from .dtypes import DTYPES, FLOAT_DTYPES
-from .errors import DeviceError, NonFiniteError, ParityError, name_list
+from .errors import DeviceError, NonFiniteError, ParityError, QuantizationError, name_list
 from .formats import AdapterOptions
 from .layout import Placement
 from .memory import measure, resident_bytes
@@ -346,6 +346,11 @@ def unmerge(merged: str, adapter: Adapters, out: str | Path, options: MergeOptio
     specs = [(spec, -weight) for spec, weight in adapter_list(adapter)]
     merged_model, loaded = _load_inputs(merged, specs, token, options.adapter_options, role="MERGED",
                                         each=refuse_irreversible)
+    if merged_model.quantization is not None:
+        raise QuantizationError(
+            f"MERGED is stored quantized ({merged_model.quantization.description}): its merged weights were rounded "
+            "to that format, so subtracting the adapter cannot give back BASE's", [],
+            "unmerge a merge written with --dtype, whose weights keep W + ΔW to the dtype's precision")
     plan = make_plan(merged_model, loaded)
     plan.notes.append("unmerged: the adapter's delta was subtracted")
     original_model = load_base(resolve_source(original, "BASE")) if original is not None else None
@@ -393,7 +398,13 @@ def verify(out: str | Path, base: str, adapter: Adapters, options: MergeOptions 
 
 
 def _output_dtype(base_model, out_model) -> str | None:
-    """The --dtype a merged folder was written with: one float dtype throughout that BASE does not have."""
+    """The --dtype a merged folder was written with: one float dtype throughout that BASE does not have, or
+    for a quantized BASE written dequantized, the dtype of its dequantized tensors."""
+    quant = base_model.quantization
+    if quant is not None and out_model.quantization is None:
+        found = {out_model.tensors[n].dtype for n in quant.tensors if n in out_model.tensors}
+        single = next(iter(found)) if len(found) == 1 else None
+        return DTYPES[single].config_name if single in FLOAT_DTYPES else None
     out_floats = {i.dtype for i in out_model.tensors.values() if i.dtype in FLOAT_DTYPES}
     base_floats = {i.dtype for i in base_model.tensors.values() if i.dtype in FLOAT_DTYPES}
     if len(out_floats) == 1 and out_floats != base_floats:

@@ -11,7 +11,8 @@ from dataclasses import dataclass, field, replace
 
 from .adapter import Adapter, AddScaled, LowRank, TargetOps
 from .dtypes import DTYPES, FLOAT_DTYPES, OUTPUT_DTYPES
-from .errors import PlanError
+from .errors import PlanError, QuantizationError
+from .quant import QuantizedTensor, sixteen_bit_original
 from .safetensors_file import TensorInfo
 from .sources import BaseModel
 
@@ -32,13 +33,25 @@ class Entry:
     name: str
     dtype: str
     shape: tuple[int, ...]
-    base: TensorInfo | None  # the base tensor it starts from (None: entirely from the adapter)
+    base: TensorInfo | QuantizedTensor | None  # the base tensor it starts from (None: entirely from the adapter)
     ops: TargetOps | None = None  # None: the base tensor as it is (copied, or converted)
     note: str = ""
 
     @property
+    def requantized(self) -> bool:
+        """Written in BASE's quantized format (its codes and scales), not as one tensor of a float dtype."""
+        return isinstance(self.base, QuantizedTensor) and self.dtype == self.base.dtype
+
+    @property
+    def stored(self) -> list[tuple[str, str, tuple[int, ...]]]:
+        """The tensors written for it, in order: (name, dtype, shape)."""
+        if self.requantized:
+            return [(p.name, p.dtype, p.shape) for p in self.base.parts]
+        return [(self.name, self.dtype, self.shape)]
+
+    @property
     def nbytes(self) -> int:
-        return math.prod(self.shape) * DTYPES[self.dtype].size
+        return sum(math.prod(shape) * DTYPES[dtype].size for _, dtype, shape in self.stored)
 
     @property
     def is_copy(self) -> bool:
@@ -97,13 +110,14 @@ def _find_input_embedding(tensors: dict[str, TensorInfo]) -> str | None:
     return None
 
 
-def _fit_target(op: TargetOps, w_shape: tuple[int, ...], w_dtype: str, conv1d: bool) -> tuple[TargetOps, list[str]]:
+def _fit_target(op: TargetOps, w_shape: tuple[int, ...], info, conv1d: bool) -> tuple[TargetOps, list[str]]:
     """The target with every delta's orientation decided for the stored tensor (a copy: the adapter's
     own objects are left as they are), and every reason it does not fit."""
     problems = []
     where = op.name
-    if w_dtype not in FLOAT_DTYPES and (op.deltas or op.dora_magnitude is not None):
-        return op, [f"{where}: base dtype {w_dtype} is not floating point; LoRA cannot be added to it"]
+    numbers = info.dtype in FLOAT_DTYPES or isinstance(info, QuantizedTensor)
+    if not numbers and (op.deltas or op.dora_magnitude is not None):
+        return op, [f"{where}: base dtype {info.dtype} is not floating point; LoRA cannot be added to it"]
     deltas: list[LowRank | AddScaled] = []
     for d in op.deltas:
         if isinstance(d, AddScaled):
@@ -141,8 +155,15 @@ def make_plan(base: BaseModel, adapter: Adapter, dtype: str | None = None) -> Pl
     out_dtype = OUTPUT_DTYPES[dtype] if dtype else None
     tensors = base.tensors
     conv1d = str(base.config.get("model_type", "")) in CONV1D_MODEL_TYPES
+    quant = base.quantization
+    keep = quant is not None and out_dtype is None  # merged tensors written back in BASE's quantized format
+    if keep and not quant.requantizable:
+        raise QuantizationError(
+            f"BASE is {quant.description}: lora-merge merges it into a dequantized checkpoint only (requantizing "
+            "would change the weights more than the adapter does), and --dtype says into which dtype", [],
+            "pass --dtype bfloat16 (or float16, float32)")
     problems: list[str] = []
-    notes: list[str] = list(adapter.notes)
+    notes: list[str] = list(adapter.notes) + _quantization_notes(base, adapter, out_dtype)
     tie_source = _find_input_embedding(tensors)
     added: dict[str, Entry] = {}  # tensors the base does not store (an untied lm_head)
     resolved: dict[str, tuple[TargetOps, TensorInfo]] = {}
@@ -169,9 +190,13 @@ def make_plan(base: BaseModel, adapter: Adapter, dtype: str | None = None) -> Pl
                 if not resizable:
                     problems.append(f"{name}: the adapter's full tensor has shape {list(r_shape)}, the base {list(w_shape)}")
                     continue
+                if keep and isinstance(info, QuantizedTensor):
+                    problems.append(f"{name}: resized by the adapter, which BASE's {info.dtype} format cannot "
+                                    "follow; merge with --dtype")
+                    continue
                 notes.append(f"{name}: resized from {w_shape[0]} to {r_shape[0]} rows by the adapter")
             w_shape = r_shape
-        fitted, found = _fit_target(op, w_shape, info.dtype, conv1d)
+        fitted, found = _fit_target(op, w_shape, info, conv1d)
         problems += found
         resolved[name] = (fitted, info)
 
@@ -181,7 +206,10 @@ def make_plan(base: BaseModel, adapter: Adapter, dtype: str | None = None) -> Pl
         changes_values = op.replace is not None or op.deltas or op.dora_magnitude is not None
         head = next((n for n in OUTPUT_EMBEDDINGS if n in resolved), None)
         if changes_values and head is None:
-            if base.config.get("tie_word_embeddings", _nested_get(base.config, "tie_word_embeddings")) is not False:
+            if keep and isinstance(info, QuantizedTensor):
+                problems.append(f"{tie_source}: changed, and tied to the output layer, which would need an untied "
+                                f"copy in BASE's {info.dtype} format; merge with --dtype")
+            elif base.config.get("tie_word_embeddings", _nested_get(base.config, "tie_word_embeddings")) is not False:
                 head = OUTPUT_EMBEDDINGS[0]
                 added[head] = Entry(head, out_dtype or info.dtype, info.shape, info, None,
                                     note=f"untied copy of {tie_source}")
@@ -203,6 +231,14 @@ def make_plan(base: BaseModel, adapter: Adapter, dtype: str | None = None) -> Pl
     for header in base.shards:
         entries = []
         for name, info in header.tensors.items():
+            group = quant.owner(name) if quant else None
+            if group is not None and (group.name in resolved or not keep):  # written as one entry, at its codes
+                if name == group.parts[0].name:
+                    op = resolved[group.name][0] if group.name in resolved else None
+                    entries.append(Entry(group.name, out_dtype or group.dtype, group.shape, group, op,
+                                         note=op.kind if op else "dequantize"))
+                    tensor_shard[group.name] = header.path.name
+                continue
             dt = final_dtype(info.dtype)
             if name in resolved:
                 op, _ = resolved[name]
@@ -224,9 +260,38 @@ def make_plan(base: BaseModel, adapter: Adapter, dtype: str | None = None) -> Pl
         next(s for s in shards if s.name == shard_name).entries.append(entry)
 
     config, changes = _new_config(base.config, shards, out_dtype, untie, tie_source)
+    if quant is not None and out_dtype is not None:
+        _drop_quantization(config, changes, quant.method)
     plan = Plan(base, adapter, shards, config, changes, notes, sharded=len(base.shards) > 1 or base.index_metadata != {})
     _check_vocab(plan, tie_source)
     return plan
+
+
+def _quantization_notes(base: BaseModel, adapter: Adapter, out_dtype: str | None) -> list[str]:
+    """What happens to a quantized BASE, and the 16-bit model behind a 4-bit one, when it can be named."""
+    quant = base.quantization
+    notes = []
+    if quant is not None and out_dtype is None:
+        notes.append(f"BASE is {quant.description}: merged tensors are written back in that format, with fresh "
+                     "scales for the blocks whose values changed; the other tensors are copied as stored")
+    elif quant is not None:
+        notes.append(f"BASE is {quant.description}: its {len(quant.tensors)} quantized tensors are dequantized to "
+                     f"{DTYPES[out_dtype].config_name}, and config.json loses its quantization_config")
+    if quant is not None and quant.method == "bitsandbytes":
+        names = [m.config.get("base_model_name_or_path") for m in adapter.members] + [base.source.repo_id]
+        original = next((o for o in (sixteen_bit_original(n) for n in names if isinstance(n, str)) if o), None)
+        where = f" ({original!r})" if original else ""
+        bits = "4-bit" if any(t.dtype != "INT8" for t in quant.tensors.values()) else "8-bit"
+        notes.append(f"the adapter was trained against a {bits} quantization of a 16-bit model{where}: merged into that "
+                     "16-bit model, it gives the weights before quantization plus the adapter, as QLoRA fine-tunes are "
+                     f"usually deployed; merged here into the dequantized {bits} weights, the quantization's error stays")
+    return notes
+
+
+def _drop_quantization(config: dict, changes: list[str], method: str) -> None:
+    for holder, where in ((config, ""), (config.get("text_config"), "text_config.")):
+        if isinstance(holder, dict) and holder.pop("quantization_config", None) is not None:
+            changes.append(f"{where}quantization_config: {method} -> removed (dequantized)")
 
 
 def _nested_get(config: dict, key: str):

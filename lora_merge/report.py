@@ -15,13 +15,15 @@ import json
 import math
 import os
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 from . import __version__
 from .dtypes import DTYPES, torch_dtype
 from .exact import CHECK_BLOCK_BYTES, ElementCheck, rows_per_block
 from .plan import Entry, Plan
+from .quant import QuantizedTensor
+from .quant.check import GridCheck
 from .safetensors_file import TensorInfo, file_sha256, pread_exact
 from .sources import TOKENIZER_FILES, BaseModel, Source, extra_files, load_base
 
@@ -171,6 +173,7 @@ def read_back(out_model: BaseModel, plan: Plan, device, progress=None, allow_non
     """Read the weights files of a folder front to back (``only``: these files), hashing each, checking
     every tensor the plan has: copies byte for byte against BASE, the others element by element."""
     entries = {e.name: e for e in plan.entries}
+    parts = {p.name: e for e in plan.entries if e.requantized for p in e.base.parts}
     found = Found()
     for header in out_model.shards:
         if only is not None and header.path.name not in only:
@@ -182,7 +185,14 @@ def read_back(out_model: BaseModel, plan: Plan, device, progress=None, allow_non
             for info in sorted(header.tensors.values(), key=lambda i: i.start):
                 _hash_range(fd, digest, at, info.start)  # the header (and any gap)
                 e = entries.get(info.name)
-                if e is None or e.shape != info.shape or e.dtype != info.dtype:  # the structure check says so
+                if info.name in parts:  # a quantized format's codes or scales: checked all together, once
+                    _hash_range(fd, digest, info.start, info.start + info.nbytes)
+                    e = parts[info.name]
+                    if info.name == e.base.parts[0].name:
+                        result = _check_requantized(out_model, e, device)
+                        if result is not None:
+                            found.tensors[e.name] = result
+                elif e is None or e.shape != info.shape or e.dtype != info.dtype:  # the structure check says so
                     _hash_range(fd, digest, info.start, info.start + info.nbytes)
                 elif e.is_copy:
                     found.tensors[e.name] = compare_copy(fd, info, e.base, digest)
@@ -217,6 +227,21 @@ def _check_stored(fd: int, got: TensorInfo, e: Entry, device, allow_nonfinite: b
         digest.update(raw)
         shape = (stop - start, *e.shape[1:]) if e.shape else ()
         check.block(start, stop, torch.frombuffer(raw, dtype=torch_dtype(got.dtype)).reshape(shape))
+    return check.result()
+
+
+def _check_requantized(out_model: BaseModel, e: Entry, device) -> dict | None:
+    """A tensor stored in BASE's quantized format, its parts read from OUT (None: OUT does not store them as
+    planned; the structure check says so)."""
+    got = [out_model.stored.get(p.name) for p in e.base.parts]
+    if any(g is None or (g.dtype, g.shape) != (p.dtype, p.shape) for g, p in zip(got, e.base.parts)):
+        return None
+    stored = replace(e.base, parts=tuple(got))
+    check = GridCheck(e, device)
+    n = e.shape[0]
+    step = rows_per_block(e, CHECK_BLOCK_BYTES)
+    for start in range(0, n, step):
+        check.block(start, min(n, start + step), stored.read(start, min(n, start + step)))
     return check.result()
 
 
@@ -257,12 +282,12 @@ def _count(infos) -> dict:
 
 
 def _check_structure(plan: Plan, out_model: BaseModel) -> tuple[Check, dict]:
-    expected = {e.name: e for e in plan.entries}
-    actual = out_model.tensors
+    expected = {name: (dtype, shape) for e in plan.entries for name, dtype, shape in e.stored}
+    actual = out_model.stored
     base = plan.base.tensors
     differences = []
-    for e in expected.values():
-        if e.name not in base:
+    for e in plan.entries:
+        if e.name not in base and e.name not in plan.base.stored:
             differences.append({"tensor": e.name, "what": "not stored in BASE", "cause": f"untied from {e.base.name}"})
             continue
         if e.shape != e.base.shape:
@@ -274,23 +299,25 @@ def _check_structure(plan: Plan, out_model: BaseModel) -> tuple[Check, dict]:
                 }
             )
         if e.dtype != e.base.dtype:
+            dequantized = isinstance(e.base, QuantizedTensor)
             differences.append(
-                {"tensor": e.name, "what": f"dtype {e.base.dtype} -> {e.dtype}", "cause": "--dtype conversion"}
+                {"tensor": e.name, "what": f"dtype {e.base.dtype} -> {e.dtype}",
+                 "cause": f"--dtype: dequantized from {e.base.description}" if dequantized else "--dtype conversion"}
             )
     failures = []
-    for name, e in expected.items():
+    for name, (dtype, shape) in expected.items():
         got = actual.get(name)
         if got is None:
             failures.append(f"{name}: missing from OUT")
             continue
-        if got.shape != e.shape:
-            failures.append(f"{name}: shape {list(got.shape)}, expected {list(e.shape)}")
-        if got.dtype != e.dtype:
-            failures.append(f"{name}: dtype {got.dtype}, expected {e.dtype}")
+        if got.shape != shape:
+            failures.append(f"{name}: shape {list(got.shape)}, expected {list(shape)}")
+        if got.dtype != dtype:
+            failures.append(f"{name}: dtype {got.dtype}, expected {dtype}")
     failures += [
         f"{name}: in OUT but neither in BASE nor made by the adapter" for name in sorted(set(actual) - set(expected))
     ]
-    out_counts, base_counts = _count(actual.values()), _count(base.values())
+    out_counts, base_counts = _count(actual.values()), _count(plan.base.stored.values())
     summary = (
         f"{out_counts['tensors']} tensors, {out_counts['parameters']:,} parameters, {out_counts['bytes'] / 1e6:,.1f} MB; "
         + (
@@ -367,11 +394,27 @@ def _coverage_line(data: dict) -> str:
 # -------------------------------------------------------------------------------------------- tensors
 
 
+@dataclass
+class _Rounding:
+    """How close a set of checked tensors came to their exact values (in ulp, or in steps of a quantized format)."""
+
+    checked: int = 0
+    correctly_rounded: int = 0
+    worst: float = 0.0
+    worst_of_bound: float = 0.0
+
+    def add(self, result: dict) -> None:
+        self.checked += 1
+        self.correctly_rounded += result["correctly_rounded"]
+        self.worst = max(self.worst, result["max_error_ulp"])
+        self.worst_of_bound = max(self.worst_of_bound, result["max_error_of_bound"])
+
+
 def _check_tensors(plan: Plan, out_model: BaseModel, tensors: dict, allow_nonfinite: bool):
     """The untouched, merged and finite checks, from what was found for each tensor."""
     same_failures, merge_failures, finite_failures = [], [], []
-    identical = checked = correctly_rounded = 0
-    worst = worst_of_bound = 0.0
+    identical = 0
+    dense, requantized = _Rounding(), _Rounding()
     for e in plan.entries:
         result = tensors.get(e.name)
         if result is None:
@@ -382,19 +425,8 @@ def _check_tensors(plan: Plan, out_model: BaseModel, tensors: dict, allow_nonfin
                 same_failures.append(f"{e.name}: bytes differ from BASE, first at byte {result['differs_at']} "
                                      "of the tensor")
         else:
-            checked += 1
-            worst = max(worst, result["max_error_ulp"])
-            worst_of_bound = max(worst_of_bound, result["max_error_of_bound"])
-            correctly_rounded += result["correctly_rounded"]
-            if result.get("on_disk_differs_at") is not None:
-                merge_failures.append(f"{e.name}: the file does not hold the bytes that were checked, first "
-                                      f"at byte {result['on_disk_differs_at']} of the tensor")
-            if result["failed_elements"]:
-                i = result["first_failure"]
-                merge_failures.append(
-                    f"{e.name}: {result['failed_elements']} element(s) outside the rounding bound, "
-                    f"first at {i['index']}: {i['value']!r}, expected {i['expected']!r} ± {i['bound']:.3g}"
-                )
+            (requantized if e.requantized else dense).add(result)
+            merge_failures += _merge_failures(e, result)
         if not result["finite"]:
             result["ok"] = result["ok"] and allow_nonfinite
             finite_failures.append(f"{e.name}: holds NaN or Inf")
@@ -406,14 +438,17 @@ def _check_tensors(plan: Plan, out_model: BaseModel, tensors: dict, allow_nonfin
         same_failures,
     )
     converted = sum(1 for e in plan.entries if not e.is_copy and not e.is_merge)
-    what = f"{checked - converted} merged" + (f" and {converted} converted" if converted else "")
-    merged = Check(
-        "merged",
-        not merge_failures,
-        f"{what} tensors within the rounding bound of W + s·B·A (max {worst_of_bound:.0%} of it); "
-        f"max error {worst:.2f} ulp, {correctly_rounded} of {checked} correctly rounded (≤ 0.5 ulp)",
-        merge_failures,
-    )
+    what = f"{dense.checked - converted} merged" + (f" and {converted} converted" if converted else "")
+    summary = (f"{what} tensors within the rounding bound of W + s·B·A (max {dense.worst_of_bound:.0%} of it); "
+               f"max error {dense.worst:.2f} ulp, {dense.correctly_rounded} of {dense.checked} correctly rounded "
+               "(≤ 0.5 ulp)")
+    if requantized.checked:
+        formats = ", ".join(sorted({e.base.description for e in plan.entries if e.requantized}))
+        summary = (f"{requantized.checked} merged tensors written as {formats}: every element within half a step of "
+                   f"W + s·B·A at its block's scale (max {requantized.worst:.2f} step), "
+                   f"{requantized.correctly_rounded} of {requantized.checked} correctly rounded, every changed block "
+                   "scaled as the format defines" + (f"; {summary}" if dense.checked else ""))
+    merged = Check("merged", not merge_failures, summary, merge_failures)
     finite = Check(
         "finite",
         not finite_failures or allow_nonfinite,
@@ -422,6 +457,24 @@ def _check_tensors(plan: Plan, out_model: BaseModel, tensors: dict, allow_nonfin
         finite_failures,
     )
     return untouched, merged, finite
+
+
+def _merge_failures(e: Entry, result: dict) -> list[str]:
+    failures = []
+    if result.get("on_disk_differs_at") is not None:
+        failures.append(f"{e.name}: the file does not hold the bytes that were checked, first "
+                        f"at byte {result['on_disk_differs_at']} of the tensor")
+    if result["failed_elements"]:
+        i = result["first_failure"]
+        failures.append(
+            f"{e.name}: {result['failed_elements']} element(s) outside the rounding bound, "
+            f"first at {i['index']}: {i['value']!r}, expected {i['expected']!r} ± {i['bound']:.3g}"
+        )
+    if result.get("scale_failures"):
+        b = result["first_scale_failure"]
+        failures.append(f"{e.name}: {result['scale_failures']} block(s) not scaled as {result['format']} defines, "
+                        f"first block {b['block']}: scale {b['scale']!r}, expected {b['expected']!r}")
+    return failures
 
 
 def compare_copy(out_fd: int, got: TensorInfo, base: TensorInfo, digest=None) -> dict:

@@ -11,6 +11,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from .errors import HeaderError, SourceNotFoundError
+from .quant import Quantization, find_quantization
 from .safetensors_file import SafetensorsHeader, TensorInfo, read_header
 
 INDEX_NAME = "model.safetensors.index.json"
@@ -66,10 +67,15 @@ def resolve_source(spec: str, role: str, token: str | None = None) -> Source:
 class BaseModel:
     source: Source
     shards: list[SafetensorsHeader]  # in shard order
-    tensors: dict[str, TensorInfo]
+    stored: dict[str, TensorInfo]  # every tensor of the files
     config: dict
     index_metadata: dict
     index_name: str = INDEX_NAME  # what the index is called (diffusers: diffusion_pytorch_model.safetensors.index.json)
+    quantization: Quantization | None = None
+
+    def __post_init__(self):
+        # the tensors as the model computes with them: a quantized weight's codes and scales are one dense tensor
+        self.tensors = self.quantization.view(self.stored) if self.quantization else self.stored
 
     @property
     def path(self) -> Path:
@@ -178,7 +184,8 @@ def load_base(source: Source, role: str = "BASE") -> BaseModel:
             config = json.loads(config_path.read_text())
         except (OSError, ValueError) as e:
             raise HeaderError(f"{config_path}: not valid JSON ({e})") from e
-    return BaseModel(source, shards, tensors, config, index_metadata, index_path.name)
+    return BaseModel(source, shards, tensors, config, index_metadata, index_path.name,
+                     find_quantization(config, tensors, role))
 
 
 def is_weight_file(name: str) -> bool:

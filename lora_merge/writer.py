@@ -25,9 +25,17 @@ from . import mathops
 from .buffers import Buffers
 from .dtypes import DTYPES, torch_dtype
 from .errors import NonFiniteError, OutputError, name_list
-from .exact import ElementCheck
+from .exact import ElementCheck, needs_prepass, rows_per_block
 from .plan import Entry, Plan
-from .safetensors_file import copy_range, encode_header, pread_exact, pread_into, write_all
+from .quant import QuantizedTensor
+from .quant.check import GridCheck
+from .safetensors_file import (
+    copy_range,
+    encode_header,
+    pread_exact,
+    pread_into,
+    write_all,
+)
 
 # a full disk, a file size limit, a quota
 NO_ROOM = (errno.ENOSPC, errno.EFBIG, errno.EDQUOT)
@@ -76,23 +84,25 @@ def working_set(plan: Plan, device, block_bytes: int | None) -> tuple[int, int]:
         if e.is_copy:
             continue
         n = min(math.prod(e.shape), rows_per_block(e, block_bytes) * math.prod(e.shape[1:]))
-        base = DTYPES[e.base.dtype].size if e.base is not None else 8
-        out = DTYPES[e.dtype].size
+        if isinstance(e.base, QuantizedTensor):  # read decoded to float64, beside its stored bytes
+            base = 8 + math.ceil(e.base.nbytes / max(e.base.numel, 1))
+        else:
+            base = DTYPES[e.base.dtype].size if e.base is not None else 8
+        out = math.ceil(e.nbytes / max(math.prod(e.shape), 1)) if e.requantized else DTYPES[e.dtype].size
         factors = 2 * sum(8 * math.prod(t.shape) for t in e.ops.tensors()) if e.ops is not None else 0
         rings = 2 * base * n + 4 * out * n  # blocks read ahead, and blocks made (checked and written)
         merge = 8 * n + 4 * n  # the float64 block and its float32 step
         check = 8 * n + 4 * n + out * n + 2 * n + base * n  # float64 block, float32 step, nearest, masks, own read
+        scales = 0
+        if e.requantized:  # encoding, and the check's decoding, steps and bounds: float64 temporaries on each side
+            merge, check = merge + 6 * 8 * n, check + 6 * 8 * n
+            scales = sum(p.nbytes for p in e.base.parts[1:])  # held until the codes are written
         if cuda:  # on a GPU every element is rounded through round-to-odd: a few float64 temporaries more
-            host = max(host, THREADS_ALLOWANCE + rings + out * n + 2 * COMPARE_BYTES)
+            host = max(host, THREADS_ALLOWANCE + rings + out * n + 2 * COMPARE_BYTES + scales)
             gpu = max(gpu, merge + 3 * 8 * n + 4 * out * n + check + factors)
         else:
-            host = max(host, THREADS_ALLOWANCE + rings + merge + check + out * n + 2 * COMPARE_BYTES + factors)
+            host = max(host, THREADS_ALLOWANCE + rings + merge + check + out * n + 2 * COMPARE_BYTES + factors + scales)
     return host, gpu
-
-
-def rows_per_block(entry: Entry, block_bytes: int) -> int:
-    """How many rows of ``entry`` make a float64 block of at most ``block_bytes`` (at least one)."""
-    return max(1, block_bytes // (8 * max(math.prod(entry.shape[1:]), 1)))
 
 
 @dataclass
@@ -130,14 +140,25 @@ class _Ring:
 
 @dataclass
 class _Block:
-    """Rows [start, stop) of a merged tensor, rounded: ``device`` to check, ``host`` to write once ``ready``."""
+    """Rows [start, stop) of a merged tensor as written (the rounded rows, or a quantized format's parts):
+    ``device`` to check, ``host`` to write once ``ready``."""
 
     start: int
     stop: int
-    device: object
-    host: object
+    device: tuple
+    host: tuple
     ready: object
     slot: _Slot
+
+
+@dataclass
+class _Read:
+    """BASE's rows for a block: ``values`` as stored (or decoded), in ``slot``'s buffer when one holds them,
+    and a quantized format's ``stored`` parts when the block is encoded again."""
+
+    values: object
+    slot: _Slot | None
+    stored: tuple | None
 
 
 class _Computer:
@@ -158,25 +179,42 @@ class _Computer:
         self.nonfinite: list[str] = []
 
     def blocks(self, entry: Entry):
-        """Each row block of the merged tensor, rounded to the output dtype (a ``_Block``)."""
-        torch = self.torch
-        ops = entry.ops
-        out_dtype = torch_dtype(entry.dtype)
+        """Each row block of the tensor as it is written (a ``_Block``): rounded to the output dtype, or encoded
+        in BASE's quantized format."""
         n = entry.shape[0] if entry.shape else 1
         step = rows_per_block(entry, self.block_bytes)
         spans = [(start, min(n, start + step)) for start in range(0, n, step)]
+        prepared = self._prepare(entry, spans) if needs_prepass(entry, step) else None
+        for start, stop, v, read in self._merged(entry, spans):
+            slot = self.out.next()
+            if entry.requantized:
+                made = self._encode(entry, v, read.stored, start, stop, prepared)
+            else:
+                out_dtype = torch_dtype(entry.dtype)
+                y = mathops.round_to(v, out_dtype, out=slot.device.take("out", tuple(v.shape), out_dtype),
+                                     buffers=self.work)
+                if y.is_floating_point() and not mathops.all_finite(y) and entry.name not in self.nonfinite:
+                    self.nonfinite.append(entry.name)
+                made = (y,)
+            host, ready = self._to_host(made, slot)
+            yield _Block(start, stop, made, host, ready, slot)
+
+    def _merged(self, entry: Entry, spans):
+        """(start, stop, merged float64 rows, what was read) for each span, in order."""
+        torch = self.torch
+        ops = entry.ops
         cache: dict = {}
         norm = magnitude = None
         if ops is not None and ops.dora_magnitude is not None:
             magnitude = ops.dora_magnitude.load().reshape(-1).to(self.device, torch.float64)
             if ops.dora_transposed:  # norms run across row blocks: a first pass sums their squares
                 sumsq = torch.zeros(magnitude.shape, dtype=torch.float64, device=self.device)
-                for (start, stop), raw in zip(spans, self._read_ahead(entry, spans)):
-                    sumsq += mathops.column_sumsq(self._value(raw, ops, start, stop, cache))
+                for (start, stop), read in zip(spans, self._read_ahead(entry, spans)):
+                    sumsq += mathops.column_sumsq(self._value(read, ops, start, stop, cache))
                 norm = sumsq.sqrt()
         token_rows = ops.rows.load() if ops is not None and ops.rows is not None else None
-        for (start, stop), raw in zip(spans, self._read_ahead(entry, spans)):
-            v = self._value(raw, ops, start, stop, cache)
+        for (start, stop), read in zip(spans, self._read_ahead(entry, spans)):
+            v = self._value(read, ops, start, stop, cache)
             if magnitude is not None:
                 if ops.dora_transposed:
                     mathops.apply_dora(v, magnitude, norm, True)
@@ -184,19 +222,48 @@ class _Computer:
                     mathops.apply_dora(v, magnitude[start:stop], mathops.row_norms(v), False)
             if token_rows is not None:
                 mathops.replace_rows(v, ops.row_indices, token_rows, start, stop)
-            slot = self.out.next()
-            shape = tuple(v.shape)
-            y = mathops.round_to(v, out_dtype, out=slot.device.take("out", shape, out_dtype), buffers=self.work)
-            ready = None
-            host = y
-            if self.cuda:
-                host = slot.host.take("out", shape, out_dtype)
-                host.copy_(y, non_blocking=True)
-                ready = self._event()
-                slot.waits.append(ready)
-            if y.is_floating_point() and not mathops.all_finite(y) and entry.name not in self.nonfinite:
-                self.nonfinite.append(entry.name)
-            yield _Block(start, stop, y, host, ready, slot)
+            yield start, stop, v, read
+
+    def _prepare(self, entry: Entry, spans):
+        """For a quantized format whose scale blocks span several row blocks: each scale block's largest merged
+        |value| and whether it changed, over all of its rows, before anything is encoded (a first pass)."""
+        q = entry.base
+        grid = None
+        for start, stop, v, read in self._merged(entry, spans):
+            largest, changed = q.prepare(v, self._on_device(read.stored), start, stop)
+            first, last = q.part_rows(1, start, stop)
+            if grid is None:
+                rows = q.part_rows(1, 0, q.shape[0])[1]
+                grid = (largest.new_zeros((rows, *largest.shape[1:])), changed.new_zeros((rows, *changed.shape[1:])))
+            grid[0][first:last] = self.torch.maximum(grid[0][first:last], largest)
+            grid[1][first:last] |= changed
+        return grid
+
+    def _encode(self, entry: Entry, v, stored, start: int, stop: int, prepared):
+        q = entry.base
+        if not mathops.all_finite(v):
+            raise NonFiniteError(f"the merge gives NaN or Inf in {entry.name}, which {q.dtype} cannot store",
+                                 "merge with --dtype to write a dequantized checkpoint, or repair the adapter")
+        if prepared is not None:
+            first, last = q.part_rows(1, start, stop)
+            prepared = (prepared[0][first:last], prepared[1][first:last])
+        return q.encode(v, self._on_device(stored), start, stop, prepared)
+
+    def _on_device(self, parts):
+        return tuple(t.to(self.device) for t in parts)
+
+    def _to_host(self, made, slot):
+        """The block's tensors where the writer reads them, and the event that says they are there (None: now)."""
+        if not self.cuda:
+            return made, None
+        host = []
+        for i, t in enumerate(made):
+            h = slot.host.take(f"out{i}", tuple(t.shape), t.dtype)
+            h.copy_(t, non_blocking=True)
+            host.append(h)
+        ready = self._event()
+        slot.waits.append(ready)
+        return tuple(host), ready
 
     def _read_ahead(self, entry: Entry, spans):
         """The source rows of each span, the next one read on the reader thread meanwhile."""
@@ -206,12 +273,14 @@ class _Computer:
             pending = self.reader.submit(self._read, entry, *spans[i + 1]) if i + 1 < len(spans) else None
             yield raw
 
-    def _read(self, entry: Entry, start: int, stop: int):
-        ops = entry.ops
+    def _read(self, entry: Entry, start: int, stop: int) -> _Read:
+        ops, info = entry.ops, entry.base
+        stored = info.read(start, stop) if entry.requantized else None  # kept where the values do not change
         if ops is not None and ops.replace is not None:  # an adapter tensor: small, read as it is
             source = ops.replace
-            return source.rows(start, stop) if source.shape else source.load(), None
-        info = entry.base
+            return _Read(source.rows(start, stop) if source.shape else source.load(), None, stored)
+        if isinstance(info, QuantizedTensor):
+            return _Read(info.decode(stored, start, stop) if stored else info.rows(start, stop), None, stored)
         row = info.row_bytes if info.shape else info.nbytes
         count = row * (stop - start) if info.shape else info.nbytes
         slot = self.raw.next()
@@ -222,14 +291,13 @@ class _Computer:
         finally:
             os.close(fd)
         shape = (stop - start, *info.shape[1:]) if info.shape else ()
-        return raw.view(torch_dtype(info.dtype)).reshape(shape), slot
+        return _Read(raw.view(torch_dtype(info.dtype)).reshape(shape), slot, None)
 
-    def _value(self, read, ops, start: int, stop: int, cache: dict):
-        raw, slot = read
-        v = self.work.take("value", tuple(raw.shape), self.torch.float64)
-        v.copy_(raw, non_blocking=self.cuda)
-        if self.cuda and slot is not None:  # the pinned read may be reused once the copy has left it
-            slot.waits.append(self._event())
+    def _value(self, read: _Read, ops, start: int, stop: int, cache: dict):
+        v = self.work.take("value", tuple(read.values.shape), self.torch.float64)
+        v.copy_(read.values, non_blocking=self.cuda)
+        if self.cuda and read.slot is not None:  # the pinned read may be reused once the copy has left it
+            read.slot.waits.append(self._event())
         for d in ops.deltas if ops is not None else ():
             mathops.add_delta(v, d, start, stop, cache)
         return v
@@ -267,6 +335,10 @@ class _ShardFile:
         """``data`` (the bytes of a block being checked, ``at`` bytes into tensor ``name``) once ``ready``;
         the future of its writing."""
         return self._submit(self._write_checked, name, at, data, ready)
+
+    def later(self, fn, *args):
+        """Run ``fn(*args)`` on the write thread, after the pieces handed over before it; its future."""
+        return self._submit(fn, *args)
 
     def copy(self, name: str, src_fd: int, offset: int, count: int, dtype: str) -> None:
         self._submit(self._copy_checked, name, src_fd, offset, count, dtype)
@@ -384,7 +456,7 @@ def write_shards(plan: Plan, folder: Path, device, block_bytes: int | None = Non
     if plan.sharded:
         index = {
             "metadata": {**plan.base.index_metadata, "total_size": plan.total_bytes},
-            "weight_map": {e.name: s.name for s in plan.shards for e in s.entries},
+            "weight_map": {name: s.name for s in plan.shards for e in s.entries for name, _, _ in e.stored},
         }
         (folder / plan.base.index_name).write_text(json.dumps(index, indent=2) + "\n")
         stats.files.append(plan.base.index_name)
@@ -412,7 +484,7 @@ class _Writing:
 
     def shard(self, shard) -> str:
         """Write, check and read back one shard; its sha256."""
-        prefix, _ = encode_header([(e.name, e.dtype, e.shape) for e in shard.entries], shard.metadata)
+        prefix, _ = encode_header([stored for e in shard.entries for stored in e.stored], shard.metadata)
         try:
             out = _ShardFile(self.writer, self.folder / shard.name, len(prefix) + shard.nbytes)
         except OSError as e:
@@ -461,13 +533,24 @@ class _Writing:
 
     def _merge(self, entry: Entry, out: _ShardFile) -> int:
         """Each block is checked on the check thread while the write thread writes it and reads it back: the
-        file is then known to hold the bytes that were checked."""
+        file is then known to hold the bytes that were checked. A quantized format's scales follow its codes."""
         written = 0
-        check = ElementCheck(entry, self.device, self.allow_nonfinite, buffers=self.check_buffers)
+        if entry.requantized:
+            check = GridCheck(entry, self.device, self.check_buffers)
+            scales = _Scales(entry)
+        else:
+            check = ElementCheck(entry, self.device, self.allow_nonfinite, buffers=self.check_buffers)
+            scales = None
         for b in self.computer.blocks(entry):
-            b.slot.waits.append(self.checker.submit(check.block, b.start, b.stop, b.device))
-            b.slot.waits.append(out.block(entry.name, written, b.host, b.ready))
-            written += b.device.numel() * b.device.element_size()
+            stored = b.device if scales is not None else b.device[0]
+            b.slot.waits.append(self.checker.submit(check.block, b.start, b.stop, stored))
+            b.slot.waits.append(out.block(entry.name, written, b.host[0], b.ready))
+            written += b.host[0].numel() * b.host[0].element_size()
+            if scales is not None:
+                b.slot.waits.append(out.later(scales.fill, b.start, b.stop, b.host[1:], b.ready))
+        for data in scales.buffers if scales is not None else ():
+            out.block(entry.name, written, data, None)
+            written += data.numel()
         if written != entry.nbytes:  # a planning bug, never a user error
             raise AssertionError(f"{entry.name}: wrote {written} bytes, planned {entry.nbytes}")
         self.checked.append(self.checker.submit(lambda: (entry.name, check.result())))
@@ -481,6 +564,25 @@ class _Writing:
         self.computer.close()
         for f in self.src_fds.values():
             os.close(f)
+
+
+class _Scales:
+    """The scale parts of a tensor written in a quantized format: filled block by block on the write thread,
+    written after the codes."""
+
+    def __init__(self, entry: Entry):
+        import torch
+
+        self.tensor = entry.base
+        self.buffers = [torch.empty(p.nbytes, dtype=torch.uint8) for p in self.tensor.parts[1:]]
+
+    def fill(self, start: int, stop: int, pieces, ready) -> None:
+        if ready is not None:
+            ready.synchronize()
+        for i, (buffer, piece) in enumerate(zip(self.buffers, pieces), start=1):
+            first, last = self.tensor.part_rows(i, start, stop)
+            row = self.tensor.parts[i].row_bytes
+            buffer[first * row:last * row] = piece.reshape(-1).view(_uint8())
 
 
 def _no_room(e: OSError, shard: str) -> None:

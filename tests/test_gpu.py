@@ -48,3 +48,16 @@ def test_cuda_report_and_latency(models, tmp_path):
                                  "--runs", "2", "--json", "-"])
     assert r.exit_code == 0, r.output
     assert json.loads(r.output)["latency"]["device"].startswith("cuda")
+
+
+def test_cuda_quantized_equals_cpu(models, tmp_path):
+    """FP8 written back in its format, encoded on the GPU: the same bytes, and its check passes there."""
+    from quantized import to_fp8
+
+    base = to_fp8(models["llama_bf16"], tmp_path / "fp8", block=(16, 16))
+    build_adapter(models["llama_bf16"], tmp_path / "adapter", r=4, target_modules=["q_proj", "down_proj"])
+    merge(str(base), str(tmp_path / "adapter"), tmp_path / "cpu", device="cpu")
+    result = merge(str(base), str(tmp_path / "adapter"), tmp_path / "gpu", device="cuda", block_bytes=4096)
+    assert result.report.ok
+    for f in sorted((tmp_path / "cpu").glob("*.safetensors")):
+        assert f.read_bytes() == (tmp_path / "gpu" / f.name).read_bytes(), f.name

@@ -1,0 +1,141 @@
+"""Quantized bases: which stored tensors make which dense tensor, by the method config.json names.
+
+``find_quantization`` reads ``quantization_config`` and groups the stored tensors (codes and scales)
+into ``QuantizedTensor`` views: the dense tensors the model computes with, under the names and shapes
+the model gives them, so that placing an adapter and planning the merge see an ordinary model. The
+writer and the check decode and encode through these views; nothing else knows the formats.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+
+from ..errors import QuantizationError
+from .base import QuantizedTensor
+from .bnb import bnb_tensors
+from .fp8 import fp8_tensor
+from .mxfp4 import mxfp4_tensor
+
+__all__ = ["Quantization", "QuantizedTensor", "find_quantization", "sixteen_bit_original"]
+
+READ = ("fp8", "mxfp4", "bitsandbytes")
+ORIGINAL = "merge into the unquantized model it was made from, and quantize the merged model again if you need to"
+
+
+@dataclass
+class Quantization:
+    """BASE's quantization: its method and every dense tensor it stores quantized (by dense name)."""
+
+    method: str
+    tensors: dict[str, QuantizedTensor]
+
+    def __post_init__(self):
+        self.owners = {p.name: t for t in self.tensors.values() for p in t.parts}
+
+    @property
+    def requantizable(self) -> bool:
+        return all(t.requantizable for t in self.tensors.values())
+
+    @property
+    def description(self) -> str:
+        return "; ".join(sorted({t.description for t in self.tensors.values()}))
+
+    def owner(self, stored_name: str) -> QuantizedTensor | None:
+        """The dense tensor a stored tensor is part of (None: stored as it is)."""
+        return self.owners.get(stored_name)
+
+    def view(self, stored: dict) -> dict:
+        """The stored tensors with each quantized group replaced by its dense tensor, at its codes' place."""
+        seen = {}
+        for name, info in stored.items():
+            owner = self.owners.get(name)
+            if owner is None:
+                seen[name] = info
+            elif name == owner.parts[0].name:
+                seen[owner.name] = owner
+        return seen
+
+
+def quantization_config(config: dict) -> dict | None:
+    found = config.get("quantization_config")
+    if found is None and isinstance(config.get("text_config"), dict):
+        found = config["text_config"].get("quantization_config")
+    return found if isinstance(found, dict) else None
+
+
+def find_quantization(config: dict, stored: dict, role: str = "BASE") -> Quantization | None:
+    """BASE's quantization from config.json and the stored tensors (None: not quantized); a method that
+    cannot be read, or files that do not hold what the method stores, are refused."""
+    qc = quantization_config(config)
+    if qc is None:
+        return None
+    method = str(qc.get("quant_method", "")).lower()
+    if method not in READ:
+        detail = f" ({qc['format']})" if isinstance(qc.get("format"), str) else ""
+        raise QuantizationError(
+            f"{role} is quantized with {method or 'an unnamed method'!r}{detail}, which lora-merge cannot "
+            "dequantize or requantize (it reads fp8, mxfp4 and bitsandbytes checkpoints)", [], ORIGINAL)
+    tensors, problems = _GROUPS[method](stored, qc)
+    if problems:
+        raise QuantizationError(f"{role}'s {method} tensors are not stored as {method} stores them "
+                                f"({len(problems)} problem{'s' if len(problems) > 1 else ''}):", problems,
+                                "re-download the base model")
+    if not tensors:
+        raise QuantizationError(
+            f"{role}'s config.json names {method} quantization but no tensor is stored that way", [],
+            "remove quantization_config from config.json if the weights are not quantized")
+    return Quantization(method, tensors)
+
+
+def _fp8(stored: dict, qc: dict):
+    tensors, problems = {}, []
+    block = qc.get("weight_block_size")
+    power_of_two = qc.get("scale_fmt") == "ue8m0"
+    for name, info in stored.items():
+        if info.dtype == "F8_E5M2":
+            problems.append(f"{name}: float8_e5m2 weights; the fp8 method stores float8_e4m3fn")
+        if info.dtype != "F8_E4M3":
+            continue
+        scale_name = name[: -len("weight")] + "weight_scale_inv" if name.endswith(".weight") else name + "_scale_inv"
+        scale = stored.get(scale_name)
+        if scale is None or scale.dtype not in ("F32", "F8_E8M0"):
+            problems.append(f"{name}: no float32 or ue8m0 scale {scale_name}" if scale is None else
+                            f"{scale_name}: scales of dtype {scale.dtype}, not float32 or float8_e8m0fnu")
+            continue
+        made = fp8_tensor(name, info, scale, block, power_of_two or scale.dtype == "F8_E8M0")
+        if isinstance(made, str):
+            problems.append(made)
+        else:
+            tensors[name] = made
+    return tensors, problems
+
+
+def _mxfp4(stored: dict, qc: dict):
+    tensors, problems = {}, []
+    for name, info in stored.items():
+        if not name.endswith("_blocks"):
+            continue
+        dense = name[: -len("_blocks")]
+        scales = stored.get(dense + "_scales")
+        made = mxfp4_tensor(dense, info, scales) if scales is not None else f"{name}: no {dense}_scales beside it"
+        if isinstance(made, str):
+            problems.append(made)
+        else:
+            tensors[dense] = made
+    return tensors, problems
+
+
+def _bnb(stored: dict, qc: dict):
+    return bnb_tensors(stored)
+
+
+_GROUPS = {"fp8": _fp8, "mxfp4": _mxfp4, "bitsandbytes": _bnb}
+
+_FOUR_BIT_SUFFIX = re.compile(r"[-_.](?:unsloth[-_])?(?:bnb[-_])?(?:4bit|nf4|fp4|4-bit)(?:[-_]smashed)?$", re.IGNORECASE)
+
+
+def sixteen_bit_original(name: str) -> str | None:
+    """The repo a 4-bit repo was made from, when its name says so ("org/Model-bnb-4bit" -> "org/Model")."""
+    stripped = _FOUR_BIT_SUFFIX.sub("", name.rstrip("/"))
+    return stripped if stripped != name.rstrip("/") and stripped else None

@@ -1,0 +1,120 @@
+"""A tensor the files store quantized, as the dense tensor the model computes with.
+
+Each format is a codec over a group of stored tensors (the codes and their scales): ``rows`` decodes
+rows of the dense tensor exactly, in float64; formats that can be written back (``requantizable``)
+also read the stored rows as they are (``read``), decode them (``decode``), and encode merged rows
+(``encode``): fresh scales for each block whose values changed, each element rounded once to the
+nearest value of the format, and the stored bytes of every block whose values did not change.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from dataclasses import dataclass
+
+import torch
+
+from ..dtypes import DTYPES, torch_dtype
+from ..safetensors_file import TensorInfo, pread_into
+
+
+@dataclass(frozen=True)
+class QuantizedTensor:
+    """The dense tensor ``name`` of ``shape`` that the stored ``parts`` (codes first) make."""
+
+    name: str
+    shape: tuple[int, ...]
+    parts: tuple[TensorInfo, ...]
+
+    dtype = "quantized"  # the format's name (F8_E4M3, MXFP4, NF4, ...): what the report calls it
+    requantizable = False
+    row_unit = 1  # rows of the dense tensor that share scales: the blocks a merge encodes are multiples of it
+
+    @property
+    def nbytes(self) -> int:
+        return sum(p.nbytes for p in self.parts)
+
+    @property
+    def numel(self) -> int:
+        return math.prod(self.shape)
+
+    @property
+    def description(self) -> str:
+        """The format in words, for the report."""
+        return self.dtype
+
+    def rows(self, start: int, stop: int) -> torch.Tensor:
+        """Rows [start, stop) of the dense tensor, exactly, as float64 on the CPU."""
+        return self.decode(self.read(start, stop), start, stop)
+
+    # --- requantizable formats
+
+    def read(self, start: int, stop: int) -> tuple[torch.Tensor, ...]:
+        """Each part's rows that hold dense rows [start, stop) (``part_rows``), as stored."""
+        return tuple(read_rows(p, *self.part_rows(i, start, stop)) for i, p in enumerate(self.parts))
+
+    def part_rows(self, part: int, start: int, stop: int) -> tuple[int, int]:
+        """The rows of part ``part`` that hold dense rows [start, stop)."""
+        raise NotImplementedError
+
+    def decode(self, stored: tuple[torch.Tensor, ...], start: int, stop: int) -> torch.Tensor:
+        """The float64 values of dense rows [start, stop) from their stored parts (any device)."""
+        raise NotImplementedError
+
+    def encode(self, values: torch.Tensor, original: tuple[torch.Tensor, ...], start: int, stop: int,
+               prepared: tuple[torch.Tensor, torch.Tensor] | None = None) -> tuple[torch.Tensor, ...]:
+        """The stored parts of merged rows [start, stop) (float64 ``values``): each block whose values
+        differ from ``original``'s gets a fresh scale and its elements rounded to nearest; the others keep
+        ``original``'s bytes. ``prepared``: ``prepare``'s findings over all of each block's rows, gathered
+        beforehand when a block spans more rows than one call sees."""
+        raise NotImplementedError
+
+    def prepare(self, values, original, start: int, stop: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """For each block with elements in rows [start, stop), shaped as the scale rows: the largest |value| of
+        its merged ``values`` there, and whether any of them differs from ``original``'s."""
+        changed = self.block_any(values != self.decode(original, start, stop), start, stop)
+        return self.block_max(values.abs(), start, stop), changed
+
+    # --- what the check needs: the format's grid, scales and blocks
+
+    def spacing(self, stored: tuple[torch.Tensor, ...], exact: torch.Tensor, start: int, stop: int) -> torch.Tensor:
+        """The distance between neighbouring stored values at each exact value (float64, per element)."""
+        raise NotImplementedError
+
+    def block_max(self, values: torch.Tensor, start: int, stop: int) -> torch.Tensor:
+        """The largest |value| of each scale block within rows [start, stop), shaped as the scale rows."""
+        raise NotImplementedError
+
+    def block_any(self, mask: torch.Tensor, start: int, stop: int) -> torch.Tensor:
+        """Whether any element of each scale block within rows [start, stop) is set."""
+        return self.block_max(mask.to(torch.float64), start, stop) > 0
+
+    def stored_scales(self, stored: tuple[torch.Tensor, ...]) -> torch.Tensor:
+        """The scale of each block (float64), as stored for the rows."""
+        raise NotImplementedError
+
+    def fresh_scales(self, largest: torch.Tensor) -> torch.Tensor:
+        """The scale the format defines for blocks whose largest |value| is ``largest`` (float64)."""
+        raise NotImplementedError
+
+
+def read_rows(info: TensorInfo, start: int, stop: int) -> torch.Tensor:
+    """Rows [start, stop) of a stored tensor (the whole of a scalar), in its dtype."""
+    if not info.shape:
+        return read_flat(info, 0, 1).reshape(())
+    width = math.prod(info.shape[1:])
+    return read_flat(info, start * width, stop * width).reshape(stop - start, *info.shape[1:])
+
+
+def read_flat(info: TensorInfo, first: int, last: int) -> torch.Tensor:
+    """Elements [first, last) of a stored tensor, flattened, in its dtype."""
+    size = DTYPES[info.dtype].size
+    raw = torch.empty((last - first) * size, dtype=torch.uint8)
+    if raw.numel():
+        fd = os.open(info.path, os.O_RDONLY)
+        try:
+            pread_into(fd, memoryview(raw.numpy()), info.start + first * size)
+        finally:
+            os.close(fd)
+    return raw.view(torch_dtype(info.dtype))

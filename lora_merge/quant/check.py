@@ -1,0 +1,135 @@
+"""The check of a tensor written back in BASE's quantized format, against its exact merged value.
+
+The exact value comes from the check's own computation (``exact.expected_rows``: BASE decoded exactly,
+plus W + s·B·A in float64). What is stored must then be, element by element, the nearest value of the
+format's grid at the stored scale (within half a step, the step being the grid's spacing at the exact
+value), and each block whose stored values are not exactly the merged ones must carry the scale the
+format defines for its largest |value|. Blocks stored exactly (those whose values the adapter did not
+change keep BASE's bytes) need no particular scale. Errors are reported in steps of the format.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from ..exact import COMPUTE_UNIT, Factors, expected_rows
+from ..mathops import flat_nonzero
+from .base import QuantizedTensor
+
+HALF = 0.5
+NOISE = 2.0**-45  # float64's own error in the exact value, relative
+# a scale within this of the format's is that scale (float32 rounding, computed in either order)
+SCALE_TOLERANCE = 2.0**-22
+
+
+class GridCheck:
+    """Every element and every scale of one merged tensor stored in a quantized format.
+
+    Feed it the stored parts in row blocks, in order (``block``), then read ``result()``.
+    """
+
+    def __init__(self, e, device, buffers=None):
+        self.e, self.q, self.device, self.buffers = e, e.base, device, buffers
+        assert isinstance(self.q, QuantizedTensor)
+        self.factors = Factors(device)
+        self.worst = self.worst_of_bound = 0.0
+        self.failed = 0
+        self.first = None
+        self.finite = True
+        self.blocks = self.exact_blocks = self.bad_scales = 0
+        self.first_bad_scale = None
+        self.pending = None  # a row of scale blocks begun in an earlier block: (index, largest, differs, scales)
+
+    def block(self, start: int, stop: int, stored) -> None:
+        """Check dense rows [start, stop) from their stored parts (any device)."""
+        q = self.q
+        stored = tuple(t.to(self.device) for t in stored)
+        rows = expected_rows(self.e, self.factors, start, stop, self.buffers)
+        exact = rows.value
+        got = q.decode(stored, start, stop)
+        self.finite = self.finite and bool(torch.isfinite(got).all())
+        error = (got - exact).abs_()
+        spacing = q.spacing(stored, exact, start, stop)
+        bound = spacing * HALF + exact.abs() * NOISE
+        picked = flat_nonzero(~(error <= bound))
+        if picked.numel():  # another tool's float32 merge may round the other way near a halfway point
+            flat = bound.reshape(-1)
+            flat[picked] += rows.products(picked) * ((rows.rank + 2) * COMPUTE_UNIT + NOISE)
+        steps = torch.where(spacing > 0, error / spacing, torch.where(error > 0, torch.inf, 0.0))
+        self.worst = max(self.worst, _largest(steps))
+        self.worst_of_bound = max(self.worst_of_bound, _largest(torch.where(bound > 0, error / bound, steps)))
+        bad = ~(error <= bound)
+        count = int(bad.sum())
+        if count:
+            self.failed += count
+            if self.first is None:
+                i = int(flat_nonzero(bad)[0])
+                index = [int(x) for x in torch.unravel_index(torch.tensor(i), exact.shape)]
+                index[0] += start
+                self.first = {"index": index, "value": float(got.reshape(-1)[i]),
+                              "expected": float(exact.reshape(-1)[i]), "bound": float(bound.reshape(-1)[i])}
+        self._scales(start, stop, q.block_max(exact.abs(), start, stop), q.block_any(got != exact, start, stop),
+                     q.stored_scales(stored))
+
+    def _scales(self, start: int, stop: int, largest, differs, scales) -> None:
+        """Each row of scale blocks once all of its dense rows have been seen."""
+        q = self.q
+        first, last = q.part_rows(1, start, stop)
+        if self.pending is not None and self.pending[0] == first:
+            _, p_largest, p_differs, _ = self.pending
+            largest[0] = torch.maximum(largest[0], p_largest)
+            differs[0] |= p_differs
+        self.pending = None
+        done = last - first
+        if min(q.shape[0], last * q.row_unit) > stop:  # the last row of blocks goes on in the next rows
+            done -= 1
+            self.pending = (last - 1, largest[done], differs[done], scales[done])
+        self._judge(largest[:done], differs[:done], scales[:done], first)
+
+    def _judge(self, largest, differs, scales, first_row: int) -> None:
+        q = self.q
+        right = torch.zeros_like(differs)
+        for nudge in (0.0, -NOISE, NOISE):  # a largest |value| on a rounding boundary of the scale
+            fresh = q.fresh_scales(largest * (1 + nudge))
+            right |= (scales - fresh).abs() <= fresh * SCALE_TOLERANCE
+        wrong = differs & ~right
+        self.blocks += differs.numel()
+        self.exact_blocks += int((~differs).sum())
+        count = int(wrong.sum())
+        if count:
+            self.bad_scales += count
+            if self.first_bad_scale is None:
+                i = int(flat_nonzero(wrong)[0])
+                index = [int(x) for x in torch.unravel_index(torch.tensor(i), wrong.shape)]
+                index[0] += first_row
+                self.first_bad_scale = {"block": index, "scale": float(scales.reshape(-1)[i]),
+                                        "expected": float(q.fresh_scales(largest.reshape(-1)[i:i + 1])[0])}
+
+    def result(self) -> dict:
+        if self.pending is not None:  # the tensor's last rows were never given: judge what was seen
+            _, largest, differs, scales = self.pending
+            self._judge(largest[None], differs[None], scales[None], self.pending[0])
+            self.pending = None
+        result = {
+            "check": "requantized",
+            "format": self.q.description,
+            "ok": self.failed == 0 and self.bad_scales == 0,
+            "max_error_ulp": round(self.worst, 4),  # in steps of the format at the block's scale
+            "bound_ulp": HALF,
+            "max_error_of_bound": round(self.worst_of_bound, 4),
+            "correctly_rounded": self.worst <= HALF + 1e-6,
+            "failed_elements": self.failed,
+            "scale_blocks": self.blocks,
+            "scale_blocks_exact": self.exact_blocks,
+            "scale_failures": self.bad_scales,
+            "finite": self.finite,
+        }
+        if self.first is not None:
+            result["first_failure"] = self.first
+        if self.first_bad_scale is not None:
+            result["first_scale_failure"] = self.first_bad_scale
+        return result
+
+
+def _largest(x) -> float:
+    return float(x.max()) if x.numel() else 0.0

@@ -1,0 +1,154 @@
+"""FP8 checkpoints (``quant_method: fp8``, DeepSeek-V3 and Qwen3 FP8 releases, transformers' FineGrainedFP8).
+
+A weight is stored as float8_e4m3fn codes with a companion ``weight_scale_inv``: one scale for each
+``weight_block_size`` block (e.g. 128×128, the grid rounded up at the edges), for each row, or for the
+whole tensor, in float32 or as power-of-two exponents (``ue8m0``). The dense value is code × scale. A
+fresh scale is the block's largest |value| / 448 in float32 (or the smallest power of two at least that),
+so that the largest value lands on e4m3's largest, 448.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+
+from .base import QuantizedTensor
+from .grid import E4M3, smallest_power_of_two
+
+
+@dataclass(frozen=True)
+class Fp8Tensor(QuantizedTensor):
+    block: tuple[int, int]  # rows × columns of the dense matrix that share a scale
+    power_of_two: bool  # ue8m0 scales: powers of two (stored as float8_e8m0fnu or float32)
+
+    dtype = "F8_E4M3"
+    requantizable = True
+
+    @property
+    def description(self) -> str:
+        rows, cols = self.shape[-2:]
+        bm, bn = self.block
+        kind = "one per tensor" if (bm, bn) == (rows, cols) else "one per row" if (bm, bn) == (1, cols) \
+            else f"{bm}×{bn} blocks"
+        return f"FP8 e4m3, {'power-of-two' if self.power_of_two else 'float32'} scales {kind}"
+
+    @property
+    def stacked(self) -> bool:
+        """Experts stacked on a first axis: the rows of the dense tensor are whole matrices."""
+        return len(self.shape) == 3
+
+    @property
+    def row_unit(self) -> int:
+        return 1 if self.stacked else self.block[0]
+
+    def part_rows(self, part: int, start: int, stop: int) -> tuple[int, int]:
+        if part == 0 or self.stacked:
+            return start, stop
+        if not self.parts[1].shape:  # one scalar scale
+            return 0, 1
+        return start // self.block[0], -(-stop // self.block[0])
+
+    # ------------------------------------------------------------------------------ decode, encode
+
+    def decode(self, stored, start: int, stop: int) -> torch.Tensor:
+        return stored[0].to(torch.float64).mul_(self._per_element(self.stored_scales(stored), start, stop))
+
+    def encode(self, values, original, start: int, stop: int, prepared=None):
+        codes, old_scales = original
+        largest, changed = prepared or self.prepare(values, original, start, stop)
+        chosen = torch.where(changed, self.fresh_scales(largest), self.stored_scales(original))
+        new = E4M3.nearest(values / self._per_element(chosen, start, stop)).to(torch.float8_e4m3fn)
+        keep = ~self._per_element(changed, start, stop)
+        new = torch.where(keep, codes.view(torch.uint8), new.view(torch.uint8)).view(codes.dtype)
+        if old_scales.element_size() == 1:  # float8_e8m0fnu: the exponent + 127
+            exponents = (torch.frexp(chosen)[1] - 1 + 127).to(torch.uint8)
+            return new, exponents.reshape(old_scales.shape).view(old_scales.dtype)
+        return new, chosen.to(old_scales.dtype).reshape(old_scales.shape)
+
+    # ------------------------------------------------------------------------------------ the check
+
+    def spacing(self, stored, exact, start: int, stop: int) -> torch.Tensor:
+        scale = self._per_element(self.stored_scales(stored), start, stop)
+        return scale * E4M3.spacing(exact / scale)
+
+    def block_max(self, values, start: int, stop: int) -> torch.Tensor:
+        blocks = self._blocks(values, start, stop)  # (k, sr, bm, sc, bn)
+        return blocks.amax(dim=(2, 4)) if self.stacked else blocks.amax(dim=(2, 4))[0]
+
+    def stored_scales(self, stored) -> torch.Tensor:
+        scales = stored[1]
+        if scales.element_size() == 1:  # float8_e8m0fnu: 2^(byte - 127)
+            values = torch.ldexp(torch.ones(scales.shape, dtype=torch.float64, device=scales.device),
+                                 scales.view(torch.uint8).to(torch.int64) - 127)
+        else:
+            values = scales.to(torch.float64)
+        return values.reshape(self._grid_rows(values))
+
+    def fresh_scales(self, largest) -> torch.Tensor:
+        if self.power_of_two:
+            scales = torch.ldexp(torch.ones_like(largest), smallest_power_of_two(largest, E4M3.largest))
+        else:
+            scales = (largest / E4M3.largest).to(torch.float32).to(torch.float64)
+        return torch.where(largest > 0, scales, 1.0)  # an all-zero block: any scale; 1, as transformers uses
+
+    # ------------------------------------------------------------------------------------- geometry
+
+    def _grid_rows(self, scales) -> tuple[int, ...]:
+        """The shape of stored scale rows as a grid: (rows, columns) of blocks, per expert when stacked."""
+        rows, cols = self.shape[-2:]
+        bm, bn = self.block
+        sc = -(-cols // bn)
+        if self.stacked:
+            return scales.shape[0], -(-rows // bm), sc
+        return scales.numel() // sc, sc
+
+    def _per_element(self, grid, start: int, stop: int):
+        """Block values (scales, or flags) spread over the dense rows [start, stop)."""
+        bm, bn = self.block
+        cols = self.shape[-1]
+        if self.stacked:
+            return grid.repeat_interleave(bm, 1)[:, :self.shape[1]].repeat_interleave(bn, 2)[:, :, :cols]
+        first = start - start // bm * bm
+        return grid.repeat_interleave(bm, 0)[first:first + stop - start].repeat_interleave(bn, 1)[:, :cols]
+
+    def _blocks(self, values, start: int, stop: int):
+        """``values`` of rows [start, stop), zero-padded to whole blocks: (k, block rows, bm, block cols, bn)."""
+        bm, bn = self.block
+        cols = self.shape[-1]
+        sc = -(-cols // bn)
+        if self.stacked:
+            k, rows = values.shape[0], self.shape[1]
+            sr, first = -(-rows // bm), 0
+        else:
+            values, k = values.unsqueeze(0), 1
+            first = start - start // bm * bm
+            sr, rows = -(-(first + stop - start) // bm), stop - start
+        padded = values.new_zeros((k, sr * bm, sc * bn))
+        padded[:, first:first + rows, :cols] = values
+        return padded.reshape(k, sr, bm, sc, bn)
+
+
+def fp8_tensor(name: str, codes, scale, block_size, power_of_two: bool) -> Fp8Tensor | str:
+    """The dense view of FP8 ``codes`` with ``scale`` (TensorInfos), or why they do not fit together."""
+    shape = codes.shape
+    if len(shape) not in (2, 3):
+        return f"{name}: FP8 tensors of {len(shape)} dimensions are not supported"
+    rows, cols = shape[-2:]
+    grid = scale.shape[len(shape) - 2:] if len(scale.shape) == len(shape) else scale.shape
+    if len(shape) == 3 and (len(scale.shape) != 3 or scale.shape[0] != shape[0]):
+        return f"{name}: stacked FP8 experts need a scale per expert, got {list(scale.shape)}"
+    count = math.prod(grid)
+    if count == 1:
+        block = (rows, cols)
+    elif tuple(grid) in ((rows,), (rows, 1)):
+        block = (1, cols)
+    elif block_size and len(grid) == 2 and tuple(grid) == (-(-rows // block_size[0]), -(-cols // block_size[1])):
+        block = (int(block_size[0]), int(block_size[1]))
+    elif len(grid) == 2 and rows % grid[0] == 0 and cols % grid[1] == 0:
+        block = (rows // grid[0], cols // grid[1])
+    else:
+        return (f"{name}: scales of shape {list(scale.shape)} do not tile a {rows}×{cols} weight "
+                f"(weight_block_size {block_size})")
+    return Fp8Tensor(name, tuple(shape), (codes, scale), block, power_of_two)

@@ -1,0 +1,65 @@
+"""The small floating-point formats quantized checkpoints store their elements in, as grids of values.
+
+A format is its sign, mantissa bits, smallest normal exponent and largest value (the FN formats have no
+infinity). Its values at a scale ``s`` are the grid ``s·q``; the nearest grid value to ``x`` is computed
+exactly in float64: the spacing of the grid at ``|x|`` is a power of two, so ``x / spacing`` is exact and
+rounding it to the nearest integer (ties to even) is rounding to the nearest value of the format.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+_EXPONENT_BITS = 0x7FF0000000000000  # of a float64
+
+
+@dataclass(frozen=True)
+class Grid:
+    name: str
+    mantissa: int  # explicit mantissa bits
+    min_exponent: int  # of the smallest normal value
+    largest: float
+
+    def spacing(self, x: torch.Tensor) -> torch.Tensor:
+        """The distance between neighbouring values of the format at each ``|x|`` (x float64, finite)."""
+        # keeping only the exponent bits of a float64 gives 2^floor(log2|x|) (0 for 0)
+        power = (x.view(torch.int64) & _EXPONENT_BITS).view(torch.float64)
+        return power.mul(2.0 ** -self.mantissa).clamp_(min=2.0 ** (self.min_exponent - self.mantissa))
+
+    def nearest(self, x: torch.Tensor) -> torch.Tensor:
+        """Each element of ``x`` (float64) rounded to the nearest value of the format, ties to even, values
+        beyond the largest saturating to it."""
+        step = self.spacing(x.clamp(-self.largest, self.largest))
+        return torch.round(x / step).mul_(step).clamp_(-self.largest, self.largest)
+
+
+E4M3 = Grid("e4m3", 3, -6, 448.0)  # float8_e4m3fn
+E2M1 = Grid("e2m1", 1, 0, 6.0)  # fp4, as MX formats store it
+
+# The e2m1 values of the sixteen 4-bit codes: the high bit is the sign.
+E2M1_VALUES = (0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0, -0.0, -0.5, -1.0, -1.5, -2.0, -3.0, -4.0, -6.0)
+# Twice each magnitude, as an index into the code: 2|v| in {0, 1, 2, 3, 4, 6, 8, 12} -> 0..7
+_E2M1_CODE_OF_TWICE = (0, 1, 2, 3, 4, -1, 5, -1, 6, -1, -1, -1, 7)
+
+
+def e2m1_codes(values: torch.Tensor) -> torch.Tensor:
+    """The 4-bit codes (uint8, 0..15) of values already on the e2m1 grid."""
+    table = torch.tensor(_E2M1_CODE_OF_TWICE, dtype=torch.uint8, device=values.device)
+    magnitude = table[(values.abs() * 2).to(torch.int64)]
+    return magnitude | (torch.signbit(values).to(torch.uint8) << 3)
+
+
+def e2m1_values(codes: torch.Tensor) -> torch.Tensor:
+    """The float64 values of 4-bit codes."""
+    table = torch.tensor(E2M1_VALUES, dtype=torch.float64, device=codes.device)
+    return table[codes.to(torch.int64)]
+
+
+def smallest_power_of_two(x: torch.Tensor, top: float) -> torch.Tensor:
+    """The exponent of the smallest power of two ``s`` with ``x <= top·s`` (x float64, positive)."""
+    _, e = torch.frexp(x / top)  # x/top = m·2^e, m in [0.5, 1): 2^(e-1) < x/top <= 2^e (up to rounding)
+    e = e.to(torch.int64)
+    below = x <= top * torch.ldexp(torch.ones_like(x), e - 1)  # x/top was exactly 2^(e-1), or rounded up to it
+    return torch.where(below, e - 1, e)

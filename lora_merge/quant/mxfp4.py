@@ -1,0 +1,87 @@
+"""MXFP4 checkpoints (``quant_method: mxfp4``, gpt-oss): experts stored as e2m1 codes with e8m0 scales.
+
+``<name>_blocks`` (uint8, experts × out × groups × 16) packs two 4-bit e2m1 codes per byte, the even
+element in the low nibble; ``<name>_scales`` (uint8, experts × out × groups) holds one exponent per group
+of 32 elements along the input axis: the group's scale is 2^(byte − 127). transformers dequantizes to
+``<name>`` of shape experts × in × out (the stored matrices transposed), and so does this codec. A fresh
+scale is the smallest power of two at least the group's largest |value| / 6 (e2m1's largest value), as
+gpt-oss's quantizer rounds it.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from .base import QuantizedTensor
+from .grid import E2M1, e2m1_codes, e2m1_values, smallest_power_of_two
+
+GROUP = 32
+BIAS = 127
+
+
+@dataclass(frozen=True)
+class Mxfp4Tensor(QuantizedTensor):
+    dtype = "MXFP4"
+    requantizable = True
+    description = "MXFP4 (e2m1, a power-of-two scale per 32 elements)"
+
+    def part_rows(self, part: int, start: int, stop: int) -> tuple[int, int]:
+        return start, stop  # experts
+
+    def decode(self, stored, start: int, stop: int) -> torch.Tensor:
+        blocks, _ = stored
+        codes = torch.stack((blocks & 0x0F, blocks >> 4), dim=-1).reshape(*blocks.shape[:-1], 2 * blocks.shape[-1])
+        values = e2m1_values(codes).mul_(self._scale_values(stored[1]).unsqueeze(-1))  # (k, out, G, 32)
+        return values.reshape(values.shape[0], values.shape[1], -1).transpose(1, 2).contiguous()
+
+    def encode(self, values, original, start: int, stop: int, prepared=None):
+        blocks, scale_bytes = original
+        largest, changed = prepared or self.prepare(values, original, start, stop)
+        chosen = torch.where(changed, self.fresh_scales(largest), self._scale_values(scale_bytes))
+        grouped = _grouped(values)  # (k, out, G, 32)
+        codes = e2m1_codes(E2M1.nearest(grouped / chosen.unsqueeze(-1)))
+        packed = codes[..., 0::2] | (codes[..., 1::2] << 4)
+        new_blocks = torch.where(changed.unsqueeze(-1), packed, blocks)
+        exponents = (torch.frexp(chosen)[1] - 1 + BIAS).to(torch.uint8)
+        return new_blocks, torch.where(changed, exponents, scale_bytes)
+
+    def spacing(self, stored, exact, start: int, stop: int) -> torch.Tensor:
+        scale = self._scale_values(stored[1]).unsqueeze(-1)  # (k, out, G, 1)
+        grouped = _grouped(exact)
+        spacing = scale * E2M1.spacing(grouped / scale)
+        return spacing.reshape(spacing.shape[0], spacing.shape[1], -1).transpose(1, 2)
+
+    def block_max(self, values, start: int, stop: int) -> torch.Tensor:
+        return _grouped(values).amax(dim=-1)
+
+    def stored_scales(self, stored) -> torch.Tensor:
+        return self._scale_values(stored[1])
+
+    def fresh_scales(self, largest) -> torch.Tensor:
+        exponent = smallest_power_of_two(largest, E2M1.largest).clamp_(-BIAS, BIAS)
+        exponent = torch.where(largest > 0, exponent, -BIAS)  # an all-zero group: exponent byte 0, as gpt-oss's
+        return torch.ldexp(torch.ones_like(largest), exponent)
+
+    @staticmethod
+    def _scale_values(scale_bytes) -> torch.Tensor:
+        ones = torch.ones(scale_bytes.shape, dtype=torch.float64, device=scale_bytes.device)
+        return torch.ldexp(ones, scale_bytes.to(torch.int64) - BIAS)
+
+
+def _grouped(dense):
+    """Dense rows (k, in, out) as the stored layout's groups: (k, out, in / 32, 32)."""
+    k, inner, out = dense.shape
+    return dense.transpose(1, 2).reshape(k, out, inner // GROUP, GROUP)
+
+
+def mxfp4_tensor(name: str, blocks, scales) -> Mxfp4Tensor | str:
+    """The dense view of ``<name>_blocks`` with ``<name>_scales`` (TensorInfos), or why they do not fit."""
+    if blocks.dtype != "U8" or scales.dtype != "U8":
+        return f"{name}: MXFP4 blocks and scales are uint8, found {blocks.dtype} and {scales.dtype}"
+    if len(blocks.shape) != 4 or blocks.shape[-1] != GROUP // 2 or tuple(scales.shape) != tuple(blocks.shape[:-1]):
+        return (f"{name}: MXFP4 blocks {list(blocks.shape)} with scales {list(scales.shape)} are not "
+                "experts × out × groups × 16 with a scale per group")
+    experts, out, groups, _ = blocks.shape
+    return Mxfp4Tensor(name, (experts, groups * GROUP, out), (blocks, scales))
