@@ -188,7 +188,7 @@ class _Computer:
         for start, stop, v, read in self._merged(entry, spans):
             slot = self.out.next()
             if entry.requantized:
-                made = self._encode(entry, v, read.stored, start, stop, prepared)
+                made = self._encode(entry, v, read, start, stop, prepared)
             else:
                 out_dtype = torch_dtype(entry.dtype)
                 y = mathops.round_to(v, out_dtype, out=slot.device.take("out", tuple(v.shape), out_dtype),
@@ -230,7 +230,7 @@ class _Computer:
         q = entry.base
         grid = None
         for start, stop, v, read in self._merged(entry, spans):
-            largest, changed = q.prepare(v, self._on_device(read.stored), start, stop)
+            largest, changed = q.prepare(v, self._decoded(entry, read, start, stop), start, stop)
             first, last = q.part_rows(1, start, stop)
             if grid is None:
                 rows = q.part_rows(1, 0, q.shape[0])[1]
@@ -239,15 +239,23 @@ class _Computer:
             grid[1][first:last] |= changed
         return grid
 
-    def _encode(self, entry: Entry, v, stored, start: int, stop: int, prepared):
+    def _encode(self, entry: Entry, v, read: _Read, start: int, stop: int, prepared):
         q = entry.base
         if not mathops.all_finite(v):
             raise NonFiniteError(f"the merge gives NaN or Inf in {entry.name}, which {q.dtype} cannot store",
                                  "merge with --dtype to write a dequantized checkpoint, or repair the adapter")
-        if prepared is not None:
+        if prepared is None:
+            prepared = q.prepare(v, self._decoded(entry, read, start, stop), start, stop)
+        else:
             first, last = q.part_rows(1, start, stop)
             prepared = (prepared[0][first:last], prepared[1][first:last])
-        return q.encode(v, self._on_device(stored), start, stop, prepared)
+        return q.encode(v, self._on_device(read.stored), start, stop, prepared)
+
+    def _decoded(self, entry: Entry, read: _Read, start: int, stop: int):
+        """BASE's values of the rows, where the merge computes: as read (on the CPU), or decoded there again."""
+        if not self.cuda and entry.ops.replace is None:
+            return read.values
+        return entry.base.decode(self._on_device(read.stored), start, stop)
 
     def _on_device(self, parts):
         return tuple(t.to(self.device) for t in parts)

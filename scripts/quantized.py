@@ -10,7 +10,8 @@ On first run it generates the bases, with real names and shapes and random weigh
   MXFP4 like the gpt-oss release) and an adapter (r=16) on the attention and on both expert parameters.
 Then it runs, under `/usr/bin/time -v`: `cp -r BASE`; lora-merge writing the merge in BASE's format; lora-merge
 with ``--dtype bfloat16``; and peft as users do it (transformers dequantizing on load, ``merge_and_unload``,
-``save_pretrained``), whose output is compared with lora-merge's bfloat16 one.
+``save_pretrained``, which writes FP8 back as FP8 and MXFP4 as bfloat16), whose output is compared with
+lora-merge's in the same format.
 """
 
 from __future__ import annotations
@@ -133,29 +134,36 @@ def mxfp4_base(layers: int, folder: Path, rank: int = 16) -> None:
     }, indent=2))
 
 
-def _names(folder: Path) -> set[str]:
-    return {n for f in folder.glob("*.safetensors") for n in load_file(f)}
-
-
 def compare_any(reference: Path, other: Path) -> str:
-    """Tensors identical to lora-merge's, and the largest distance of the others in steps of their own dtype
-    (FP8 codes: 4 significant bits)."""
+    """Tensors of ``other`` identical to lora-merge's, the largest distance of the others in steps of their own
+    dtype (FP8 codes: 4 significant bits), and the tensors only one of them has."""
     ours, theirs = {}, {}
     for f in reference.glob("*.safetensors"):
         ours.update(load_file(f))
     for f in other.glob("*.safetensors"):
         theirs.update(load_file(f))
     bits = {torch.float8_e4m3fn: 4, torch.bfloat16: 8, torch.float16: 11, torch.float32: 24}
-    same, worst = 0, 0.0
-    for n, a in ours.items():
-        b = theirs[n]
-        if a.dtype == b.dtype and torch.equal(a.view(torch.uint8), b.view(torch.uint8)):
+    same, worst, retyped = 0, 0.0, 0
+    for n in ours.keys() & theirs.keys():
+        a, b = ours[n], theirs[n]
+        if a.dtype != b.dtype:
+            retyped += 1
+        elif torch.equal(a.view(torch.uint8), b.view(torch.uint8)):
             same += 1
         elif a.dtype in bits:
             x, y = a.double(), b.double()
             _, exp = torch.frexp(torch.maximum(x.abs(), y.abs()))
             worst = max(worst, float(((x - y).abs() / torch.ldexp(torch.ones_like(x), exp - bits[a.dtype])).max()))
-    return f"{same}/{len(ours)} tensors identical" + (f", max {worst:.0f} steps apart" if worst else "")
+    words = [f"{same}/{len(ours)} tensors identical"]
+    if worst:
+        words.append(f"max {worst:.0f} steps apart")
+    if retyped:
+        words.append(f"{retyped} in another dtype")
+    for label, names in (("only in lora-merge's", ours.keys() - theirs.keys()),
+                         ("added", theirs.keys() - ours.keys())):
+        if names:
+            words.append(f"{len(names)} {label} ({min(names)}{', …' if len(names) > 1 else ''})")
+    return ", ".join(words)
 
 
 MODELS = {
@@ -193,7 +201,7 @@ def main() -> None:
                                             "--dtype", "bfloat16"],
         }
         if not args.no_peft:
-            commands["peft (dequantized)"] = [sys.executable, "-c", PEFT_MERGE, str(base), str(adapter), str(out), method]
+            commands["peft"] = [sys.executable, "-c", PEFT_MERGE, str(base), str(adapter), str(out), method]
         results: dict[str, list[dict]] = {n: [] for n in commands}
         kept: dict[str, Path] = {}
         names = list(commands)
@@ -207,9 +215,9 @@ def main() -> None:
                     shutil.move(out, kept[name])
         med = {n: {k: statistics.median(r[k] for r in rs) for k in ("wall", "cpu", "rss_mb")} for n, rs in results.items()}
         versus = {}
-        if "peft (dequantized)" in kept:  # transformers saves FP8 back as FP8, MXFP4 as bfloat16
-            ours = next(n for n in kept if n.startswith("lora-merge") and _names(kept[n]) == _names(kept["peft (dequantized)"]))
-            versus = {ours: "reference", "peft (dequantized)": compare_any(kept[ours], kept["peft (dequantized)"])}
+        if "peft" in kept:  # transformers saves FP8 back as FP8, MXFP4 as bfloat16
+            ours = "lora-merge (kept format)" if method == "fp8" else "lora-merge --dtype bfloat16"
+            versus = {ours: "reference", "peft": compare_any(kept[ours], kept["peft"])}
         for name in names:
             m = med[name]
             rows.append(f"| {label} | {name} | {m['wall']:.2f} | {m['cpu']:.2f} | {m['rss_mb']:,.0f} "
@@ -218,7 +226,7 @@ def main() -> None:
 
     print(f"{platform.machine()}, {torch.get_num_threads()} threads, torch {torch.__version__}; medians of {args.runs} "
           "run(s), tools alternated")
-    print("| base | tool | wall (s) | CPU (s) | peak RSS (MB) | vs cp | bfloat16 output vs lora-merge's |")
+    print("| base | tool | wall (s) | CPU (s) | peak RSS (MB) | vs cp | output vs lora-merge's in its format |")
     print("|---|---|---|---|---|---|---|")
     print("\n".join(rows))
 

@@ -105,6 +105,18 @@ def test_fp8_keeps_its_format(qwen3, tmp_path):
     assert torch.equal(w, exact.float())
 
 
+def test_fp8_layer_saved_whole_by_the_adapter(qwen3, tmp_path):
+    """modules_to_save on an FP8 layer: its new values, not BASE's, decide which blocks change."""
+    build_adapter(qwen3 / "bf16", tmp_path / "adapter", r=4, target_modules=["q_proj"], modules_to_save=["o_proj"])
+    base = to_fp8(qwen3 / "bf16", tmp_path / "fp8")
+    result = merge(base, tmp_path / "adapter", tmp_path / "out", device="cpu")
+    assert result.report.ok
+    out, before = load_tensors(tmp_path / "out"), load_tensors(base)
+    assert assert_fp8_nearest(out, before, oracle(base, tmp_path / "adapter", tmp_path), (32, 32)) > 0
+    name = "model.layers.0.self_attn.o_proj.weight"
+    assert not torch.equal(out[name].view(torch.uint8), before[name].view(torch.uint8))
+
+
 def test_fp8_dequantized_is_the_correctly_rounded_merge(qwen3, tmp_path):
     base = to_fp8(qwen3 / "bf16", tmp_path / "fp8", shards=3)
     result = merge(base, qwen3 / "adapter", tmp_path / "out", device="cpu", dtype="float32")

@@ -63,18 +63,17 @@ class QuantizedTensor:
         raise NotImplementedError
 
     def encode(self, values: torch.Tensor, original: tuple[torch.Tensor, ...], start: int, stop: int,
-               prepared: tuple[torch.Tensor, torch.Tensor] | None = None) -> tuple[torch.Tensor, ...]:
-        """The stored parts of merged rows [start, stop) (float64 ``values``): each block whose values
-        differ from ``original``'s gets a fresh scale and its elements rounded to nearest; the others keep
-        ``original``'s bytes. ``prepared``: ``prepare``'s findings over all of each block's rows, gathered
-        beforehand when a block spans more rows than one call sees."""
+               prepared: tuple[torch.Tensor, torch.Tensor]) -> tuple[torch.Tensor, ...]:
+        """The stored parts of merged rows [start, stop) (float64 ``values``): each block that ``prepared`` (see
+        ``prepare``) marks changed gets a fresh scale for its largest |value| and its elements rounded to nearest;
+        the others keep ``original``'s bytes."""
         raise NotImplementedError
 
-    def prepare(self, values, original, start: int, stop: int) -> tuple[torch.Tensor, torch.Tensor]:
+    def prepare(self, values, decoded, start: int, stop: int) -> tuple[torch.Tensor, torch.Tensor]:
         """For each block with elements in rows [start, stop), shaped as the scale rows: the largest |value| of
-        its merged ``values`` there, and whether any of them differs from ``original``'s."""
-        changed = self.block_any(values != self.decode(original, start, stop), start, stop)
-        return self.block_max(values.abs(), start, stop), changed
+        its merged ``values`` there, and whether any of them differs from BASE's (``decoded``). A block that
+        spans more rows than one call sees takes the maximum and the or of every call's findings."""
+        return self.block_max(values.abs(), start, stop), self.block_any(values != decoded, start, stop)
 
     # --- what the check needs: the format's grid, scales and blocks
 

@@ -10,6 +10,8 @@ change keep BASE's bytes) need no particular scale. Errors are reported in steps
 
 from __future__ import annotations
 
+import math
+
 import torch
 
 from ..exact import COMPUTE_UNIT, Factors, expected_rows
@@ -50,15 +52,16 @@ class GridCheck:
         self.finite = self.finite and bool(torch.isfinite(got).all())
         error = (got - exact).abs_()
         spacing = q.spacing(stored, exact, start, stop)
-        bound = spacing * HALF + exact.abs() * NOISE
-        picked = flat_nonzero(~(error <= bound))
-        if picked.numel():  # another tool's float32 merge may round the other way near a halfway point
-            flat = bound.reshape(-1)
-            flat[picked] += rows.products(picked) * ((rows.rank + 2) * COMPUTE_UNIT + NOISE)
-        steps = torch.where(spacing > 0, error / spacing, torch.where(error > 0, torch.inf, 0.0))
-        self.worst = max(self.worst, _largest(steps))
-        self.worst_of_bound = max(self.worst_of_bound, _largest(torch.where(bound > 0, error / bound, steps)))
+        size = exact.abs()
+        bound = size.mul(NOISE).add_(spacing, alpha=HALF)
         bad = ~(error <= bound)
+        if bad.any():  # another tool's float32 merge may round the other way near a halfway point
+            flat = bound.reshape(-1)
+            picked = flat_nonzero(bad)
+            flat[picked] += rows.products(picked) * ((rows.rank + 2) * COMPUTE_UNIT + NOISE)
+            bad = ~(error <= bound)
+        self.worst = max(self.worst, _largest(error / spacing))
+        self.worst_of_bound = max(self.worst_of_bound, _largest(error / bound))
         count = int(bad.sum())
         if count:
             self.failed += count
@@ -68,7 +71,7 @@ class GridCheck:
                 index[0] += start
                 self.first = {"index": index, "value": float(got.reshape(-1)[i]),
                               "expected": float(exact.reshape(-1)[i]), "bound": float(bound.reshape(-1)[i])}
-        self._scales(start, stop, q.block_max(exact.abs(), start, stop), q.block_any(got != exact, start, stop),
+        self._scales(start, stop, q.block_max(size, start, stop), q.block_any(got != exact, start, stop),
                      q.stored_scales(stored))
 
     def _scales(self, start: int, stop: int, largest, differs, scales) -> None:
@@ -131,5 +134,6 @@ class GridCheck:
         return result
 
 
-def _largest(x) -> float:
-    return float(x.max()) if x.numel() else 0.0
+def _largest(ratio) -> float:
+    """The largest of error / step ratios, where 0 / 0 (an exact zero in a block of scale 0) counts as 0."""
+    return float(ratio.nan_to_num_(nan=0.0, posinf=math.inf).max()) if ratio.numel() else 0.0

@@ -53,29 +53,37 @@ class Fp8Tensor(QuantizedTensor):
     # ------------------------------------------------------------------------------ decode, encode
 
     def decode(self, stored, start: int, stop: int) -> torch.Tensor:
-        return stored[0].to(torch.float64).mul_(self._per_element(self.stored_scales(stored), start, stop))
+        return self._spread(stored[0].to(torch.float64), self.stored_scales(stored), start, stop, torch.mul)
 
-    def encode(self, values, original, start: int, stop: int, prepared=None):
+    def encode(self, values, original, start: int, stop: int, prepared):
         codes, old_scales = original
-        largest, changed = prepared or self.prepare(values, original, start, stop)
+        largest, changed = prepared
         chosen = torch.where(changed, self.fresh_scales(largest), self.stored_scales(original))
-        new = E4M3.nearest(values / self._per_element(chosen, start, stop)).to(torch.float8_e4m3fn)
-        keep = ~self._per_element(changed, start, stop)
-        new = torch.where(keep, codes.view(torch.uint8), new.view(torch.uint8)).view(codes.dtype)
+        new = E4M3.nearest(self._spread(values, chosen, start, stop, torch.div)).to(torch.float8_e4m3fn)
+        written = self._spread(new.view(torch.uint8), changed, start, stop,
+                               lambda made, fresh: torch.where(fresh, made, self._columns(codes.view(torch.uint8))))
         if old_scales.element_size() == 1:  # float8_e8m0fnu: the exponent + 127
             exponents = (torch.frexp(chosen)[1] - 1 + 127).to(torch.uint8)
-            return new, exponents.reshape(old_scales.shape).view(old_scales.dtype)
-        return new, chosen.to(old_scales.dtype).reshape(old_scales.shape)
+            return written.view(codes.dtype), exponents.reshape(old_scales.shape).view(old_scales.dtype)
+        return written.view(codes.dtype), chosen.to(old_scales.dtype).reshape(old_scales.shape)
 
     # ------------------------------------------------------------------------------------ the check
 
     def spacing(self, stored, exact, start: int, stop: int) -> torch.Tensor:
-        scale = self._per_element(self.stored_scales(stored), start, stop)
-        return scale * E4M3.spacing(exact / scale)
+        return self._spread(exact, self.stored_scales(stored), start, stop,
+                            lambda x, scale: E4M3.spacing(x / scale).mul_(scale))
 
     def block_max(self, values, start: int, stop: int) -> torch.Tensor:
-        blocks = self._blocks(values, start, stop)  # (k, sr, bm, sc, bn)
-        return blocks.amax(dim=(2, 4)) if self.stacked else blocks.amax(dim=(2, 4))[0]
+        per_row = self._columns(values).amax(dim=-1)  # (..., rows, column blocks)
+        bm = self.block[0]
+        first = 0 if self.stacked else start % bm
+        rows = per_row.shape[-2]
+        sr = -(-(first + rows) // bm)
+        if first or rows != sr * bm:  # rows of a block outside [start, stop): they count as zeros
+            padded = per_row.new_zeros((*per_row.shape[:-2], sr * bm, per_row.shape[-1]))
+            padded[..., first:first + rows, :] = per_row
+            per_row = padded
+        return per_row.reshape(*per_row.shape[:-2], sr, bm, per_row.shape[-1]).amax(dim=-2)
 
     def stored_scales(self, stored) -> torch.Tensor:
         scales = stored[1]
@@ -94,6 +102,8 @@ class Fp8Tensor(QuantizedTensor):
         return torch.where(largest > 0, scales, 1.0)  # an all-zero block: any scale; 1, as transformers uses
 
     # ------------------------------------------------------------------------------------- geometry
+    # Column blocks are a view of the dense rows ((..., rows, column blocks, bn), padded only where the columns
+    # do not fill the last block); row blocks are spread over the rows in the (bn times smaller) grid itself.
 
     def _grid_rows(self, scales) -> tuple[int, ...]:
         """The shape of stored scale rows as a grid: (rows, columns) of blocks, per expert when stacked."""
@@ -104,30 +114,25 @@ class Fp8Tensor(QuantizedTensor):
             return scales.shape[0], -(-rows // bm), sc
         return scales.numel() // sc, sc
 
-    def _per_element(self, grid, start: int, stop: int):
-        """Block values (scales, or flags) spread over the dense rows [start, stop)."""
-        bm, bn = self.block
-        cols = self.shape[-1]
+    def _spread(self, x, grid, start: int, stop: int, op):
+        """``op(x, the grid value of each element's block)`` for dense rows [start, stop), shaped as ``x``."""
+        bm = self.block[0]
         if self.stacked:
-            return grid.repeat_interleave(bm, 1)[:, :self.shape[1]].repeat_interleave(bn, 2)[:, :, :cols]
-        first = start - start // bm * bm
-        return grid.repeat_interleave(bm, 0)[first:first + stop - start].repeat_interleave(bn, 1)[:, :cols]
-
-    def _blocks(self, values, start: int, stop: int):
-        """``values`` of rows [start, stop), zero-padded to whole blocks: (k, block rows, bm, block cols, bn)."""
-        bm, bn = self.block
-        cols = self.shape[-1]
-        sc = -(-cols // bn)
-        if self.stacked:
-            k, rows = values.shape[0], self.shape[1]
-            sr, first = -(-rows // bm), 0
+            rows = grid.repeat_interleave(bm, 1)[:, :self.shape[1]]
         else:
-            values, k = values.unsqueeze(0), 1
-            first = start - start // bm * bm
-            sr, rows = -(-(first + stop - start) // bm), stop - start
-        padded = values.new_zeros((k, sr * bm, sc * bn))
-        padded[:, first:first + rows, :cols] = values
-        return padded.reshape(k, sr, bm, sc, bn)
+            first = start % bm
+            rows = grid.repeat_interleave(bm, 0)[first:first + stop - start]
+        out = op(self._columns(x), rows.unsqueeze(-1))
+        return out.reshape(*out.shape[:-2], -1)[..., :x.shape[-1]]
+
+    def _columns(self, x):
+        """``x`` (..., columns) as (..., column blocks, bn): a view unless the last block needs padding."""
+        bn = self.block[1]
+        cols = x.shape[-1]
+        sc = -(-cols // bn)
+        if cols != sc * bn:
+            x = torch.nn.functional.pad(x, (0, sc * bn - cols))
+        return x.reshape(*x.shape[:-1], sc, bn)
 
 
 def fp8_tensor(name: str, codes, scale, block_size, power_of_two: bool) -> Fp8Tensor | str:

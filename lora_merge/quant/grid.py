@@ -8,6 +8,7 @@ rounding it to the nearest integer (ties to even) is rounding to the nearest val
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
@@ -23,38 +24,40 @@ class Grid:
     largest: float
 
     def spacing(self, x: torch.Tensor) -> torch.Tensor:
-        """The distance between neighbouring values of the format at each ``|x|`` (x float64, finite)."""
+        """The distance between neighbouring values of the format at each ``|x|`` (x float64, finite); beyond
+        the largest value, the distance below it."""
         # keeping only the exponent bits of a float64 gives 2^floor(log2|x|) (0 for 0)
         power = (x.view(torch.int64) & _EXPONENT_BITS).view(torch.float64)
-        return power.mul(2.0 ** -self.mantissa).clamp_(min=2.0 ** (self.min_exponent - self.mantissa))
+        top = 2.0 ** (math.floor(math.log2(self.largest)) - self.mantissa)
+        return power.mul_(2.0 ** -self.mantissa).clamp_(2.0 ** (self.min_exponent - self.mantissa), top)
 
     def nearest(self, x: torch.Tensor) -> torch.Tensor:
         """Each element of ``x`` (float64) rounded to the nearest value of the format, ties to even, values
         beyond the largest saturating to it."""
-        step = self.spacing(x.clamp(-self.largest, self.largest))
-        return torch.round(x / step).mul_(step).clamp_(-self.largest, self.largest)
+        step = self.spacing(x)
+        return x.div(step).round_().mul_(step).clamp_(-self.largest, self.largest)
 
 
 E4M3 = Grid("e4m3", 3, -6, 448.0)  # float8_e4m3fn
 E2M1 = Grid("e2m1", 1, 0, 6.0)  # fp4, as MX formats store it
 
-# The e2m1 values of the sixteen 4-bit codes: the high bit is the sign.
-E2M1_VALUES = (0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0, -0.0, -0.5, -1.0, -1.5, -2.0, -3.0, -4.0, -6.0)
-# Twice each magnitude, as an index into the code: 2|v| in {0, 1, 2, 3, 4, 6, 8, 12} -> 0..7
-_E2M1_CODE_OF_TWICE = (0, 1, 2, 3, 4, -1, 5, -1, 6, -1, -1, -1, 7)
+# e2m1 and float16 share their layout but for widths and bias: the code's three magnitude bits, placed at
+# the top of float16's exponent and mantissa (and its sign at float16's), give the value times 2^-14
+# (normal or subnormal alike), so codes and values convert through float16 without a table.
+_E2M1_IN_FP16 = 2.0**-14
 
 
 def e2m1_codes(values: torch.Tensor) -> torch.Tensor:
-    """The 4-bit codes (uint8, 0..15) of values already on the e2m1 grid."""
-    table = torch.tensor(_E2M1_CODE_OF_TWICE, dtype=torch.uint8, device=values.device)
-    magnitude = table[(values.abs() * 2).to(torch.int64)]
-    return magnitude | (torch.signbit(values).to(torch.uint8) << 3)
+    """The 4-bit codes (uint8, 0..15) of values already on the e2m1 grid (the high bit is the sign)."""
+    bits = values.mul(_E2M1_IN_FP16).to(torch.float16).view(torch.int16)  # exact: 2 significant bits at most
+    return (((bits >> 9) & 7) | ((bits >> 12) & 8)).to(torch.uint8)
 
 
 def e2m1_values(codes: torch.Tensor) -> torch.Tensor:
-    """The float64 values of 4-bit codes."""
-    table = torch.tensor(E2M1_VALUES, dtype=torch.float64, device=codes.device)
-    return table[codes.to(torch.int64)]
+    """The float64 values of 4-bit codes (uint8, 0..15)."""
+    c = codes.to(torch.int16)
+    bits = ((c & 7) << 9) | ((c & 8) << 12)
+    return bits.view(torch.float16).to(torch.float64).mul_(1 / _E2M1_IN_FP16)
 
 
 def smallest_power_of_two(x: torch.Tensor, top: float) -> torch.Tensor:

@@ -31,30 +31,31 @@ class Mxfp4Tensor(QuantizedTensor):
         return start, stop  # experts
 
     def decode(self, stored, start: int, stop: int) -> torch.Tensor:
-        blocks, _ = stored
-        codes = torch.stack((blocks & 0x0F, blocks >> 4), dim=-1).reshape(*blocks.shape[:-1], 2 * blocks.shape[-1])
-        values = e2m1_values(codes).mul_(self._scale_values(stored[1]).unsqueeze(-1))  # (k, out, G, 32)
-        return values.reshape(values.shape[0], values.shape[1], -1).transpose(1, 2).contiguous()
+        blocks, scale_bytes = stored
+        pairs = blocks.permute(0, 2, 3, 1)  # (k, G, 16, out): the dense layout's order, 1 byte per pair
+        codes = torch.stack((pairs & 0x0F, pairs >> 4), dim=3)  # (k, G, 16, 2, out): even element first
+        values = e2m1_values(codes).reshape(blocks.shape[0], -1, blocks.shape[1])  # (k, in, out)
+        return _spread(values, self._scale_values(scale_bytes), torch.mul)
 
-    def encode(self, values, original, start: int, stop: int, prepared=None):
+    def encode(self, values, original, start: int, stop: int, prepared):
         blocks, scale_bytes = original
-        largest, changed = prepared or self.prepare(values, original, start, stop)
+        largest, changed = prepared
         chosen = torch.where(changed, self.fresh_scales(largest), self._scale_values(scale_bytes))
-        grouped = _grouped(values)  # (k, out, G, 32)
-        codes = e2m1_codes(E2M1.nearest(grouped / chosen.unsqueeze(-1)))
-        packed = codes[..., 0::2] | (codes[..., 1::2] << 4)
+        codes = e2m1_codes(E2M1.nearest(_spread(values, chosen, torch.div)))  # (k, in, out)
+        codes = codes.reshape(codes.shape[0], -1, GROUP // 2, 2, codes.shape[2])  # (k, G, 16, 2, out)
+        packed = (codes[:, :, :, 0] | (codes[:, :, :, 1] << 4)).permute(0, 3, 1, 2)  # (k, out, G, 16)
         new_blocks = torch.where(changed.unsqueeze(-1), packed, blocks)
         exponents = (torch.frexp(chosen)[1] - 1 + BIAS).to(torch.uint8)
-        return new_blocks, torch.where(changed, exponents, scale_bytes)
+        return new_blocks.contiguous(), torch.where(changed, exponents, scale_bytes)
 
     def spacing(self, stored, exact, start: int, stop: int) -> torch.Tensor:
-        scale = self._scale_values(stored[1]).unsqueeze(-1)  # (k, out, G, 1)
-        grouped = _grouped(exact)
-        spacing = scale * E2M1.spacing(grouped / scale)
-        return spacing.reshape(spacing.shape[0], spacing.shape[1], -1).transpose(1, 2)
+        return _spread(exact, self._scale_values(stored[1]), lambda x, scale: E2M1.spacing(x / scale).mul_(scale))
 
     def block_max(self, values, start: int, stop: int) -> torch.Tensor:
-        return _grouped(values).amax(dim=-1)
+        return _groups(values).amax(dim=2).transpose(1, 2)
+
+    def block_any(self, mask, start: int, stop: int) -> torch.Tensor:
+        return _groups(mask).any(dim=2).transpose(1, 2)
 
     def stored_scales(self, stored) -> torch.Tensor:
         return self._scale_values(stored[1])
@@ -70,10 +71,16 @@ class Mxfp4Tensor(QuantizedTensor):
         return torch.ldexp(ones, scale_bytes.to(torch.int64) - BIAS)
 
 
-def _grouped(dense):
-    """Dense rows (k, in, out) as the stored layout's groups: (k, out, in / 32, 32)."""
+def _groups(dense):
+    """Dense rows (k, in, out) as groups of 32 along the input axis: a view (k, in / 32, 32, out)."""
     k, inner, out = dense.shape
-    return dense.transpose(1, 2).reshape(k, out, inner // GROUP, GROUP)
+    return dense.reshape(k, inner // GROUP, GROUP, out)
+
+
+def _spread(dense, grid, op):
+    """``op(dense, each element's group value)``: ``grid`` (k, out, G) is the stored layout's, ``dense`` (k, in, out)."""
+    out = op(_groups(dense), grid.transpose(1, 2).unsqueeze(2))
+    return out.reshape(dense.shape)
 
 
 def mxfp4_tensor(name: str, blocks, scales) -> Mxfp4Tensor | str:
