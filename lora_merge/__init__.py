@@ -1,19 +1,43 @@
-"""lora-merge: fold a LoRA adapter into its base model, streaming, exactly rounded."""
+"""lora-merge: fold a LoRA adapter into its base model, streaming, exactly rounded.
+
+The public names are listed here for readers and type checkers; the functions and result types are
+imported from their modules on first use, so that importing lora_merge (and `lora-merge --help`) does not
+import torch.
+"""
 
 from importlib.metadata import PackageNotFoundError, version
+from typing import TYPE_CHECKING
+
+from .errors import LoraMergeError, ParityError
+from .formats import AdapterOptions
+from .options import MergeOptions, PushOptions
 
 try:
     __version__ = version("lora-merge")
 except PackageNotFoundError:  # running from a source tree that is not installed
     __version__ = "0.0.0+unknown"
 
-__all__ = ["__version__", "merge", "prepare", "unmerge", "verify"]
+if TYPE_CHECKING:
+    from .pipeline import MergeResult, merge, prepare, unmerge, verify
+    from .report import Report
+
+__all__ = [
+    "AdapterOptions", "LoraMergeError", "MergeOptions", "MergeResult", "ParityError", "PushOptions", "Report",
+    "__version__", "merge", "prepare", "unmerge", "verify",
+]
+
+_LAZY = {"merge": "pipeline", "prepare": "pipeline", "unmerge": "pipeline", "verify": "pipeline",
+         "MergeResult": "pipeline", "Report": "report"}
 
 
 def __getattr__(name):
-    # torch is imported only when a merge is asked for, so that `lora-merge --help` stays fast
-    if name in ("merge", "prepare", "unmerge", "verify"):
-        from . import pipeline as _pipeline
+    module = _LAZY.get(name)
+    if module is None:
+        raise AttributeError(f"module 'lora_merge' has no attribute {name!r}")
+    from importlib import import_module
 
-        return getattr(_pipeline, name)
-    raise AttributeError(name)
+    return getattr(import_module(f".{module}", __name__), name)
+
+
+def __dir__():
+    return sorted(set(globals()) | set(__all__))

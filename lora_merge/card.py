@@ -6,6 +6,7 @@ import json
 import logging
 from pathlib import Path
 
+from . import __version__
 from .plan import Plan
 from .report import Report
 from .sources import Source
@@ -93,7 +94,7 @@ def render(plan: Plan, report: Report, *, command: str, repo_id: str | None = No
 # {name}
 
 {_link(base)} with the LoRA adapter{"s" if len(sources) > 1 else ""} {", ".join(_link(a) for a in sources)} merged into its weights by
-[lora-merge](https://pypi.org/project/lora-merge/). The tensors have the base model's names, shapes and
+lora-merge {__version__}. The tensors have the base model's names, shapes and
 dtypes, so this model loads and runs like the base, with no adapter at inference time.
 
 ## What was merged
@@ -116,7 +117,7 @@ Every merged element is `W + Σ weight·(alpha/r)·B·A`, computed in float64 an
 ## Parity check: {"passed" if report.ok else "FAILED"}
 
 The merged checkpoint was read back and checked against the base and the adapter
-(the full report is `merge_report.json` beside the weights):
+(the full report is [merge_report.json](merge_report.json), beside the weights):
 
 | Check | Result | Details |
 |---|---|---|

@@ -8,6 +8,7 @@ rotation, after a discarded warm-up. It needs transformers and peft (the ``laten
 from __future__ import annotations
 
 import statistics
+import sys
 import time
 import warnings
 from pathlib import Path
@@ -19,15 +20,15 @@ PROMPT_TOKENS = 16
 
 
 def _imports():
-    try:
-        import peft
-        import transformers
-    except ImportError as e:
-        raise LatencyError(
-            f"--latency needs transformers and peft ({e.name} is not installed)",
-            "pip install 'lora-merge[latency]'",
-        ) from None
-    return transformers, peft
+    import importlib
+    import importlib.util
+
+    missing = [name for name in ("transformers", "peft")  # (None in sys.modules: blocked, as if absent)
+               if sys.modules.get(name, True) is None or importlib.util.find_spec(name) is None]
+    if missing:
+        raise LatencyError(f"--latency needs transformers and peft ({' and '.join(missing)} "
+                           f"{'is' if len(missing) == 1 else 'are'} not installed)", "pip install 'lora-merge[latency]'")
+    return importlib.import_module("transformers"), importlib.import_module("peft")
 
 
 def _load(transformers, folder: Path, device, vocab: int | None = None):

@@ -27,8 +27,7 @@ import sys
 import tempfile
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).parent))
-from make_model import SHAPES, make  # noqa: E402
+from make_model import SHAPES, make
 
 PEFT_MERGE = """
 import sys, torch, transformers, peft

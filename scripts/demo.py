@@ -15,10 +15,8 @@ import tempfile
 from pathlib import Path
 
 import torch
+from make_model import make
 from safetensors.torch import load_file
-
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from make_model import make  # noqa: E402
 
 SMALL = dict(hidden=256, inter=512, layers=4, heads=4, kv=2, head_dim=64, vocab=1000)
 
@@ -34,7 +32,13 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--keep", type=Path, help="build and merge in this folder and keep it")
     args = parser.parse_args()
-    root = args.keep or Path(tempfile.mkdtemp(prefix="lora-merge-demo-"))
+    if args.keep:
+        return run(args.keep, keep=True)
+    with tempfile.TemporaryDirectory(prefix="lora-merge-demo-") as root:
+        return run(Path(root), keep=False)
+
+
+def run(root: Path, keep: bool) -> int:
     make(SMALL, root, rank=8, shards=2)
     base, adapter, out = root / "base", root / "adapter", root / "merged"
     cmd = [sys.executable, "-m", "lora_merge", str(base), str(adapter), str(out), "--overwrite"]
@@ -54,7 +58,7 @@ def main() -> int:
     same = sum(torch.equal(merged[n], original[n]) for n in original if "norm" in n or "embed" in n)
     print(f"{name}: largest relative error after rounding to bf16: {worst:.2e} (at most 2^-8 = 3.9e-03)")
     print(f"norms and embeddings identical to the base: {same}")
-    print(f"output: {out}" + ("" if args.keep else " (a temporary folder)"))
+    print(f"output: {out}" if keep else "output: removed with its temporary folder (--keep DIR keeps it)")
     return 0 if worst <= 2**-8 else 1
 
 

@@ -16,8 +16,7 @@ import platform
 import sys
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).parent))
-from make_model import SHAPES, make  # noqa: E402
+from make_model import SHAPES, make
 
 
 def main() -> None:

@@ -25,11 +25,9 @@ import sys
 from pathlib import Path
 
 import torch
-from safetensors.torch import load_file, save_file
-
-sys.path.insert(0, str(Path(__file__).parent))
 from bench import timed
 from make_model import make
+from safetensors.torch import load_file, save_file
 
 PEFT_MERGE = """
 import sys, torch, transformers, peft

@@ -2,10 +2,8 @@
 
 from __future__ import annotations
 
-import json
 import os
 import warnings
-from pathlib import Path
 
 import pytest
 import torch
@@ -16,132 +14,7 @@ os.environ.setdefault("TQDM_DISABLE", "1")
 warnings.filterwarnings("ignore")
 torch.set_num_threads(2)
 
-transformers = pytest.importorskip("transformers")
-peft = pytest.importorskip("peft")
-
-SMALL = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
-             num_key_value_heads=2, vocab_size=96, max_position_embeddings=64)
-
-
-def model_config(kind: str, **overrides):
-    if kind == "llama":
-        cfg = transformers.LlamaConfig(**SMALL, tie_word_embeddings=False)
-    elif kind == "qwen3":  # tied embeddings
-        cfg = transformers.Qwen3Config(**SMALL, head_dim=8, tie_word_embeddings=True)
-    elif kind == "qwen2":  # attention biases
-        cfg = transformers.Qwen2Config(**SMALL, tie_word_embeddings=False)
-    elif kind == "gpt2":  # Conv1D layers (weights stored in × out)
-        cfg = transformers.GPT2Config(n_embd=32, n_layer=2, n_head=4, vocab_size=96, n_positions=64)
-    else:
-        raise ValueError(kind)
-    for k, v in overrides.items():
-        setattr(cfg, k, v)
-    return cfg
-
-
-def build_model(kind: str, folder: Path, *, sharded: bool = False, dtype=torch.float32, seed: int = 0, **overrides):
-    """A random tiny model saved like a Hub checkpoint, with tokenizer-like files beside it."""
-    torch.manual_seed(seed)
-    model = transformers.AutoModelForCausalLM.from_config(model_config(kind, **overrides))
-    with torch.no_grad():  # norms and biases away from their 1/0 init, so that copies are checked for real
-        for name, p in model.named_parameters():
-            if p.dim() == 1:
-                p.add_(torch.randn_like(p) * 0.1)
-    model = model.to(dtype)
-    model.save_pretrained(folder, max_shard_size="20KB" if sharded else "10GB")
-    (folder / "tokenizer_config.json").write_text(json.dumps({"model_max_length": 64, "chat_template": "{{x}}"}))
-    (folder / "tokenizer.json").write_text(json.dumps({"version": "1.0", "model": {"type": "WordLevel"}}))
-    (folder / "special_tokens_map.json").write_text("{}")
-    (folder / "chat_template.jinja").write_text("{% for m in messages %}{{ m.content }}{% endfor %}")
-    return model
-
-
-def build_adapter(base_dir: Path, folder: Path, *, seed: int = 1, perturb: bool = True, resize_to=None,
-                  **lora_kwargs):
-    """A real peft LoRA adapter on the model in ``base_dir``, with non-zero B (and perturbed extras)."""
-    model = transformers.AutoModelForCausalLM.from_pretrained(base_dir, dtype=torch.float32)
-    if resize_to:
-        model.resize_token_embeddings(resize_to)
-    torch.manual_seed(seed)
-    lora_kwargs.setdefault("init_lora_weights", False)
-    config = peft.LoraConfig(**lora_kwargs)
-    pm = peft.get_peft_model(model, config)
-    if perturb:
-        with torch.no_grad():
-            for name, p in pm.named_parameters():
-                if p.requires_grad and ("magnitude" in name or "modules_to_save" in name or name.endswith(".bias")
-                                        or "trainable_tokens" in name):
-                    p.add_(torch.randn_like(p) * 0.05)
-    pm.save_pretrained(folder)
-    return pm
-
-
-def load_tensors(folder: Path) -> dict[str, torch.Tensor]:
-    from safetensors.torch import load_file
-
-    out = {}
-    for f in sorted(folder.glob("*.safetensors")):
-        out.update(load_file(f))
-    return out
-
-
-def peft_reference(base_dir: Path, adapter_dir: Path, resize_to=None) -> dict[str, torch.Tensor]:
-    """peft's own merge, done in float32 on a float32 copy of the base."""
-    model = transformers.AutoModelForCausalLM.from_pretrained(base_dir, dtype=torch.float32)
-    if resize_to:
-        model.resize_token_embeddings(resize_to)
-    pm = peft.PeftModel.from_pretrained(model, adapter_dir)
-    merged = pm.merge_and_unload()
-    return {k: v.detach().clone() for k, v in merged.state_dict().items()}
-
-
-def ulps(a: torch.Tensor, b: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    """|a − b| in units in the last place of ``dtype`` at the larger magnitude."""
-    a64, b64 = a.double(), b.double()
-    mag = torch.maximum(a64.abs(), b64.abs())
-    finfo = torch.finfo(dtype)
-    exp = torch.floor(torch.log2(mag.clamp(min=finfo.tiny)))
-    ulp = torch.pow(2.0, exp - _mant(dtype))
-    return (a64 - b64).abs() / ulp
-
-
-def _mant(dtype) -> int:
-    return {torch.float32: 23, torch.bfloat16: 7, torch.float16: 10, torch.float64: 52}[dtype]
-
-
-def forward_logits(folder_or_model, ids=None) -> torch.Tensor:
-    ids = ids if ids is not None else torch.tensor([[1, 5, 9, 17, 33, 65, 2, 90]])
-    model = folder_or_model
-    if isinstance(folder_or_model, (str, Path)):
-        model = transformers.AutoModelForCausalLM.from_pretrained(folder_or_model, dtype=torch.float32)
-    model.eval()
-    with torch.no_grad():
-        return model(ids).logits.float()
-
-
-def unmerged_logits(base_dir: Path, adapter_dir: Path, resize_to=None) -> torch.Tensor:
-    model = transformers.AutoModelForCausalLM.from_pretrained(base_dir, dtype=torch.float32)
-    if resize_to:
-        model.resize_token_embeddings(resize_to)
-    return forward_logits(peft.PeftModel.from_pretrained(model, adapter_dir))
-
-
-def run_cli(*args):
-    """The command line in this process, arguments as strings."""
-    from click.testing import CliRunner
-
-    from lora_merge.cli import cli
-
-    return CliRunner().invoke(cli, [str(a) for a in args])
-
-
-def expect_error(r, *fragments, code=1):
-    """One ``error: …`` line (and a hint), the exit code, no traceback, and each fragment in the text."""
-    assert r.exit_code == code, r.output
-    lines = [line for line in r.output.splitlines() if line.strip()]
-    assert lines[0].startswith("error: ") and "Traceback" not in r.output, r.output
-    for f in fragments:
-        assert f in r.output, r.output
+from helpers import build_model  # noqa: E402
 
 
 @pytest.fixture(scope="session")

@@ -10,8 +10,16 @@ from __future__ import annotations
 
 import pytest
 import torch
-from architectures import DENSE, EXPERT_PARAMETERS, MOE, OTHER, VLM, auto_class, tiny_config
-from conftest import load_tensors, peft, transformers, ulps
+from architectures import (
+    DENSE,
+    EXPERT_PARAMETERS,
+    MOE,
+    OTHER,
+    VLM,
+    auto_class,
+    tiny_config,
+)
+from helpers import load_tensors, peft, transformers, ulps
 
 from lora_merge import merge
 

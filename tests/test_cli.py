@@ -7,8 +7,8 @@ import shutil
 
 import pytest
 import torch
-from conftest import build_adapter, expect_error, load_tensors
-from conftest import run_cli as run
+from helpers import build_adapter, expect_error, load_tensors
+from helpers import run_cli as run
 
 
 @pytest.fixture(scope="module")
@@ -116,7 +116,7 @@ def test_adapter_for_another_model_lists_every_offender(models, tmp_path):
 
 
 def test_shape_mismatch_names_shapes(models, tmp_path):
-    from conftest import build_model
+    from helpers import build_model
 
     build_model("llama", tmp_path / "wide", hidden_size=48, intermediate_size=64)
     build_adapter(tmp_path / "wide", tmp_path / "adapter", r=4, target_modules=["q_proj"])

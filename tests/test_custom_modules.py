@@ -7,7 +7,7 @@ import json
 import peft
 import pytest
 import torch
-from conftest import load_tensors
+from helpers import load_tensors
 from safetensors.torch import save_file
 from torch import nn
 

@@ -6,7 +6,7 @@ import json
 
 import pytest
 import torch
-from conftest import build_model, expect_error, load_tensors, run_cli
+from helpers import build_model, expect_error, load_tensors, run_cli
 from safetensors.torch import save_file
 
 from lora_merge.formats import detect_format

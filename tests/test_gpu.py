@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import build_adapter
+from helpers import build_adapter
 
 from lora_merge import merge
 

@@ -8,12 +8,13 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
-from conftest import build_adapter
+from helpers import build_adapter
 from hub_server import FakeHub
 
 BASE_CARD = b"---\nlicense: apache-2.0\nlanguage: en\n---\n# The base model\n"
@@ -117,6 +118,9 @@ def test_merge_from_the_hub_and_push(hub, models, tmp_path):
     assert "r=4, lora_alpha=8" in card.text and prov["command"] in card.text
     assert 'from_pretrained("me/merged"' in card.text and "| untouched | pass |" in card.text
     assert hub.repos["org/base"].branches["main"][:12] in card.text
+    # every link goes to the Hub's repos or to a file pushed beside the card
+    for target in re.findall(r"\]\(([^)]+)\)", card.text):
+        assert target.startswith("https://huggingface.co/org/") or target in pushed, target
     assert hub.unknown == []
 
 

@@ -7,12 +7,9 @@ import signal
 import subprocess
 import sys
 import time
-from pathlib import Path
 
 import pytest
-
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "scripts"))
-from make_model import make  # noqa: E402
+from make_model import make
 
 SHAPE = dict(hidden=512, inter=1536, layers=6, heads=8, kv=4, head_dim=64, vocab=8000)
 

@@ -9,7 +9,7 @@ import sys
 import pytest
 import torch
 from architectures import tiny_config
-from conftest import expect_error, load_tensors, peft, run_cli, transformers, ulps
+from helpers import expect_error, load_tensors, peft, run_cli, transformers, ulps
 from safetensors.torch import save_file
 
 from lora_merge import merge, unmerge, verify

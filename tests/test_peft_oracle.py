@@ -6,7 +6,14 @@ import json
 
 import pytest
 import torch
-from conftest import build_adapter, forward_logits, load_tensors, peft_reference, ulps, unmerged_logits
+from helpers import (
+    build_adapter,
+    forward_logits,
+    load_tensors,
+    peft_reference,
+    ulps,
+    unmerged_logits,
+)
 
 from lora_merge import merge
 

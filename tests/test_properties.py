@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 import torch
 from click.testing import CliRunner
-from conftest import build_adapter, load_tensors, peft_reference
+from helpers import build_adapter, load_tensors, peft_reference
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 

@@ -9,7 +9,7 @@ import json
 import pytest
 import torch
 from architectures import tiny_config
-from conftest import (
+from helpers import (
     build_adapter,
     build_model,
     expect_error,

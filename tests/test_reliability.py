@@ -18,12 +18,10 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import build_adapter, expect_error
-from conftest import run_cli as run
+from helpers import build_adapter, expect_error
+from helpers import run_cli as run
+from make_model import make
 from safetensors.torch import load_file, save_file
-
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "scripts"))
-from make_model import make  # noqa: E402
 
 
 @pytest.fixture(scope="module")

@@ -10,7 +10,7 @@ import shutil
 import pytest
 import torch
 from click.testing import CliRunner
-from conftest import build_adapter, peft
+from helpers import build_adapter, peft
 from safetensors.torch import load_file, save_file
 
 from lora_merge import merge
@@ -314,7 +314,8 @@ def test_latency_three_way(merged):
     r = verify(out, base, adapter, "--latency", "--new-tokens", 3, "--runs", 2, "--json", "-")
     assert r.exit_code == 0, r.output
     lat = json.loads(r.output)["latency"]
-    assert lat["new_tokens"] == 3 and lat["device"] == "cpu" and lat["dtype"] == "bfloat16"
+    auto = "cuda" if torch.cuda.is_available() else "cpu"  # --device left at auto
+    assert lat["new_tokens"] == 3 and lat["device"].split(":")[0] == auto and lat["dtype"] == "bfloat16"
     assert set(lat["conditions"]) == {"base", "unmerged", "merged"}
     for c in lat["conditions"].values():
         assert c["runs"] == 2 and len(c["times_s"]) == 2 and c["mean_s"] > 0 and c["std_s"] >= 0
@@ -324,14 +325,17 @@ def test_latency_three_way(merged):
     assert isinstance(lat["merged_tokens_equal_unmerged"], bool)
 
 
-def test_latency_without_the_extra(merged, monkeypatch):
+@pytest.mark.parametrize("absent, said", [(["peft"], "peft is not installed"),
+                                          (["transformers", "peft"], "transformers and peft are not installed")])
+def test_latency_without_the_extra(absent, said, merged, monkeypatch):
     import sys
 
     base, adapter, out = merged
-    monkeypatch.setitem(sys.modules, "peft", None)  # as if peft were not installed
+    for name in absent:
+        monkeypatch.setitem(sys.modules, name, None)  # as if it were not installed
     r = verify(out, base, adapter, "--latency")
     assert r.exit_code == 1
-    assert "error: --latency needs transformers and peft (peft is not installed)" in r.output
+    assert f"error: --latency needs transformers and peft ({said})" in r.output
     assert "hint: pip install 'lora-merge[latency]'" in r.output
 
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 
 import torch
-from conftest import build_adapter, expect_error, load_tensors, run_cli
+from helpers import build_adapter, expect_error, load_tensors, run_cli
 
 CLOSE = {"rtol": 2e-6, "atol": 1e-7}
 

@@ -6,7 +6,13 @@ import json
 
 import pytest
 import torch
-from conftest import build_adapter, build_model, forward_logits, load_tensors, unmerged_logits
+from helpers import (
+    build_adapter,
+    build_model,
+    forward_logits,
+    load_tensors,
+    unmerged_logits,
+)
 
 from lora_merge import merge
 

@@ -6,7 +6,7 @@ import json
 
 import pytest
 import torch
-from conftest import build_adapter, expect_error, load_tensors, run_cli
+from helpers import build_adapter, expect_error, load_tensors, run_cli
 
 MANTISSA = {torch.float32: 23, torch.bfloat16: 7}
 

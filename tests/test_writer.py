@@ -6,7 +6,7 @@ import json
 
 import pytest
 import torch
-from conftest import build_adapter, run_cli
+from helpers import build_adapter, run_cli
 
 from lora_merge import mathops, merge, writer
 from lora_merge.errors import ParityError
