@@ -529,7 +529,34 @@ def _format_summary(s: dict) -> str:
     return "\n".join(lines)
 
 
+class _ClosedStdoutIsFine:
+    """stdout that a closed reader (`lora-merge … | head -3`) does not turn into a failed merge: from the first
+    broken pipe on, what would be printed goes to /dev/null and the work goes on."""
+
+    def __init__(self, stream):
+        self._stream = stream
+
+    def write(self, text):
+        return self._guarded(self._stream.write, text)
+
+    def flush(self):
+        return self._guarded(self._stream.flush)
+
+    def _guarded(self, call, *args):
+        try:
+            return call(*args)
+        except BrokenPipeError:
+            devnull = os.open(os.devnull, os.O_WRONLY)
+            os.dup2(devnull, self._stream.fileno())  # the interpreter's own flush at exit goes there too
+            os.close(devnull)
+            return len(args[0]) if args else None
+
+    def __getattr__(self, name):
+        return getattr(self._stream, name)
+
+
 def main():
+    sys.stdout = _ClosedStdoutIsFine(sys.stdout)
     cli(prog_name="lora-merge")
 
 

@@ -27,6 +27,10 @@ class SourceNotFoundError(LoraMergeError, FileNotFoundError):
     """BASE or ADAPTER is not a folder (or Hub repo) that holds what a merge needs."""
 
 
+class WrongInputError(LoraMergeError, ValueError):
+    """An input of the wrong kind: an adapter given as the model, or a model given as the adapter."""
+
+
 class HeaderError(LoraMergeError, ValueError):
     """A safetensors file is damaged or is not a safetensors file."""
 

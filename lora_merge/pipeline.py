@@ -12,7 +12,7 @@ from pathlib import Path
 from . import card
 from .adapter import combine
 from .dtypes import DTYPES, FLOAT_DTYPES
-from .errors import DeviceError, NonFiniteError, ParityError, QuantizationError, name_list
+from .errors import DeviceError, NonFiniteError, ParityError, QuantizationError, WrongInputError, name_list
 from .formats import AdapterOptions
 from .layout import Placement
 from .memory import measure, resident_bytes
@@ -21,7 +21,7 @@ from .output import OutputLock, StagedOutput, check_output, check_space
 from .plan import Plan, make_plan
 from .report import REPORT_NAME, Found, Report, load_out, verify_output
 from .resume import Journal
-from .sources import TOKENIZER_FILES, extra_files, load_base, resolve_source
+from .sources import TOKENIZER_FILES, Source, extra_files, load_base, looks_like_model, resolve_source
 from .writer import WriteStats, working_set, write_shards
 
 log = logging.getLogger("lora_merge")
@@ -152,17 +152,35 @@ def _load_inputs(base: str, adapters: list[tuple[str, float]], token: str | None
                  options: AdapterOptions | None, role: str = "BASE", each=None):
     """BASE's headers and the adapters translated onto its files (summed, with their weights); nothing is
     planned yet."""
-    base_model = load_base(resolve_source(base, role, token), role)
+    base_source = resolve_source(base, role, token)
+    sources = [(resolve_source(spec, "ADAPTER", token), weight) for spec, weight in adapters]
+    check_order(base_source, [s for s, _ in sources], role)
+    base_model = load_base(base_source, role)
     placement = Placement(base_model)
     loaded = []
-    for spec, weight in adapters:
-        source = resolve_source(spec, "ADAPTER", token)
+    for source, weight in sources:
         adapter = placement.place(source.path, options)
         adapter.source, adapter.weight = source, weight
         if each is not None:
             each(adapter)
         loaded.append(adapter)
     return base_model, combine(loaded)
+
+
+def check_order(base: Source, adapters: list[Source], role: str = "BASE") -> None:
+    """Refuse an adapter given as BASE, or a model given as ADAPTER, saying which is which."""
+    from .formats import adapter_marker
+
+    marker = adapter_marker(base.path)
+    if marker is not None:
+        same = any(a.path == base.path for a in adapters)
+        also = " and as ADAPTER" if same else ""
+        raise WrongInputError(f"{role} {base.spec!r}{also} is a LoRA adapter (it holds {marker}), not a model",
+                                  f"the order is {role} ADAPTER OUT: {role} is the model the adapter was trained on")
+    for a in adapters:
+        if a.path.is_dir() and not (a.path / "adapter_config.json").is_file() and looks_like_model(a.path):
+            raise WrongInputError(f"ADAPTER {a.spec!r} is a model (config.json and weights, no adapter files), "
+                                      "not an adapter", f"the order is {role} ADAPTER OUT")
 
 
 def _trained_on_other_base(adapter_config: dict, base) -> str | None:

@@ -63,6 +63,16 @@ def resolve_source(spec: str, role: str, token: str | None = None) -> Source:
     return hub.fetch(spec, *parsed, role, token)
 
 
+def looks_like_model(folder: Path) -> bool:
+    """A folder with a model's config.json (a model_type or architectures) and safetensors weights."""
+    try:
+        config = json.loads((folder / "config.json").read_text())
+    except (OSError, ValueError):
+        return False
+    return isinstance(config, dict) and ("model_type" in config or "architectures" in config) \
+        and any(folder.glob("*.safetensors"))
+
+
 @dataclass
 class BaseModel:
     source: Source

@@ -215,3 +215,51 @@ def test_pickle_needing_code_is_refused(models, adapter, tmp_path, capfd):
     expect_error(r, "refused", "never runs code from a pickle")
     assert "this must never run" not in r.output + capfd.readouterr().out
     assert not (tmp_path / "out").exists()
+
+
+def test_adapter_given_as_its_tensor_file(models, adapter, tmp_path):
+    r = run(models["llama_sharded"], adapter / "adapter_model.safetensors", tmp_path / "out", "-q")
+    assert r.exit_code == 0, r.output
+    same = run(models["llama_sharded"], adapter, tmp_path / "same", "-q")
+    assert same.exit_code == 0 and load_tensors(tmp_path / "out").keys() == load_tensors(tmp_path / "same").keys()
+    for name, t in load_tensors(tmp_path / "same").items():
+        assert torch.equal(t, load_tensors(tmp_path / "out")[name]), name
+    renamed = tmp_path / "renamed"
+    shutil.copytree(adapter, renamed)
+    (renamed / "adapter_model.safetensors").rename(renamed / "weights.safetensors")
+    expect_error(run(models["llama"], renamed / "weights.safetensors", tmp_path / "o2"),
+                 "adapter_model.safetensors beside adapter_config.json")
+
+
+def test_swapped_inputs_are_named(models, adapter, tmp_path):
+    r = run(adapter, models["llama_sharded"], tmp_path / "out")
+    expect_error(r, f"BASE {str(adapter)!r} is a LoRA adapter (it holds adapter_config.json), not a model",
+                 "the order is BASE ADAPTER OUT")
+    r = run(adapter, adapter, tmp_path / "out")
+    expect_error(r, "and as ADAPTER is a LoRA adapter")
+    assert "has no tensor" not in r.output
+    r = run(models["llama_sharded"], models["llama"], tmp_path / "out")
+    expect_error(r, f"ADAPTER {str(models['llama'])!r} is a model", "the order is BASE ADAPTER OUT")
+    assert not (tmp_path / "out").exists() and leftovers(tmp_path) == []
+
+
+def test_a_model_that_ships_its_adapter_is_still_a_model(models, adapter, tmp_path):
+    base = tmp_path / "base"
+    shutil.copytree(models["llama_sharded"], base)
+    shutil.copy(adapter / "adapter_config.json", base / "adapter_config.json")
+    r = run(base, adapter, tmp_path / "out", "-q")
+    assert r.exit_code == 0, r.output
+
+
+def test_a_closed_stdout_is_not_a_failed_merge(models, adapter, tmp_path):
+    import subprocess
+    import sys
+
+    out = tmp_path / "out"
+    p = subprocess.Popen([sys.executable, "-m", "lora_merge", str(models["llama_sharded"]), str(adapter), str(out),
+                          "--dtype", "float16"], stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    p.stdout.close()  # as `| head` does once it has its lines
+    err = p.stderr.read().decode()
+    assert p.wait(timeout=300) == 0, err
+    assert "Broken pipe" not in err and "Traceback" not in err, err
+    assert json.loads((out / "merge_report.json").read_text())["status"] == "passed"

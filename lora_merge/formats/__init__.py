@@ -67,9 +67,11 @@ def detect_format(path: Path) -> str:
     keys = _keys(file)
     fmt = _format_of_keys(keys)
     if fmt in ("peft", "mlx"):
-        config = "adapter_config.json"
-        _refuse(path, f"{file.name} has {fmt} key names but the {config} that goes with them is not beside it "
-                      f"under the name {fmt} expects", fmt)
+        expected = {"peft": ("adapter_model.safetensors", "adapter_model.bin"), "mlx": ("adapters.safetensors",)}[fmt]
+        if file.name in expected and (file.parent / "adapter_config.json").is_file():
+            return fmt  # the adapter's tensor file, given instead of its folder
+        _refuse(path, f"{file.name} has {fmt} key names, and {fmt} keeps them in a folder as {expected[0]} beside "
+                      "adapter_config.json", fmt)
     if fmt is None:
         sample = ", ".join(keys[:3]) + (" …" if len(keys) > 3 else "")
         _refuse(path, f"{found}; {file.name} holds {len(keys)} tensors ({sample or 'none'})")
@@ -82,6 +84,17 @@ def _refuse(path: Path, found: str, fmt: str | None = None):
         f"ADAPTER {str(path)!r} is not an adapter lora-merge recognises: {found}. Recognised layouts: {layouts}",
         f"save it as {LAYOUTS[fmt]}" if fmt else "pass --adapter-format if you know its format",
     )
+
+
+ADAPTER_WEIGHTS = ("adapter_model.safetensors", "adapters.safetensors")
+
+
+def adapter_marker(folder: Path) -> str | None:
+    """The file that shows ``folder`` to be an adapter (peft or mlx) and nothing more, if one does: a folder
+    that also holds other safetensors weights is a model that ships its adapter beside it."""
+    if not folder.is_dir() or any(p.name not in ADAPTER_WEIGHTS for p in folder.glob("*.safetensors")):
+        return None
+    return next((n for n in ("adapter_config.json", *ADAPTER_WEIGHTS) if (folder / n).is_file()), None)
 
 
 def load_adapter(path: Path, layout, options: AdapterOptions | None = None) -> Adapter:
