@@ -28,8 +28,19 @@ class DefaultGroup(click.Group):
 
     def parse_args(self, ctx, args):
         if args and args[0] not in self.commands and args[0] not in ("-h", "--help", "--version"):
+            self._refuse_misspelt_command(ctx, args[0])
             args = ["merge", *args]
         return super().parse_args(ctx, args)
+
+    def _refuse_misspelt_command(self, ctx, word: str) -> None:
+        """A first word that is no path and nearly a subcommand's name is a typo, not BASE."""
+        import difflib
+
+        if word.startswith("-") or "/" in word or Path(word).expanduser().exists():
+            return
+        close = difflib.get_close_matches(word, list(self.commands), n=1, cutoff=0.7)
+        if close:
+            raise click.UsageError(f"no command {word!r} (and no such path); did you mean {close[0]!r}?", ctx)
 
     def invoke(self, ctx):
         debug = os.environ.get(DEBUG_ENV, "") not in ("", "0")

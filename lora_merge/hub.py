@@ -120,6 +120,7 @@ def whoami(token: str | None = None) -> dict:
     """Who the token belongs to; raises HubError when nobody is logged in or the token is read-only."""
     from huggingface_hub import HfApi
 
+    _online("pushing to the Hub")
     with hub_errors("the Hub login"):
         me = HfApi(token=token).whoami(token=token)
     role = ((me.get("auth") or {}).get("accessToken") or {}).get("role")
@@ -132,6 +133,8 @@ def push(out: Path, push: PushOptions, *, token: str | None = None) -> str:
     """Upload the folder ``out`` as ``push`` (PushOptions) says, creating the repo when missing; return the URL
     to show."""
     from huggingface_hub import HfApi, constants
+
+    _online("pushing to the Hub")
     repo_id, revision = push.repo_id, push.revision
     api = HfApi(token=token)
     where = f"pushing to {repo_id}"
@@ -166,6 +169,14 @@ def push(out: Path, push: PushOptions, *, token: str | None = None) -> str:
         return info.pr_url
     url = f"{constants.ENDPOINT}/{repo_id}"
     return url + (f"/tree/{revision}" if revision else "")
+
+
+def _online(what: str) -> None:
+    from huggingface_hub import constants
+
+    if constants.HF_HUB_OFFLINE:
+        raise HubError(f"{what} needs the network, and offline mode is on (HF_HUB_OFFLINE=1)",
+                       "unset HF_HUB_OFFLINE to push (merging alone works offline, from the local cache)")
 
 
 @contextlib.contextmanager

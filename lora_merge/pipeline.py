@@ -19,6 +19,7 @@ from .memory import measure, resident_bytes
 from .options import MergeOptions
 from .output import OutputLock, StagedOutput, check_output, check_space
 from .plan import Plan, make_plan
+from .progress import no_bar
 from .report import REPORT_NAME, Found, Report, load_out, verify_output
 from .resume import Journal
 from .sources import TOKENIZER_FILES, Source, extra_files, load_base, looks_like_model, resolve_source
@@ -274,7 +275,7 @@ class _Run:
 
     def write(self, out) -> MergeResult:
         plan, options = self.plan, self.options
-        protected = {"BASE": plan.base.path} | {
+        protected = {plan.role: plan.base.path} | {
             f"ADAPTER {i + 1}" if len(plan.adapter.members) > 1 else "ADAPTER": a.path
             for i, a in enumerate(plan.adapter.members)}
         out_path = check_output(Path(out), options.overwrite, protected)
@@ -370,11 +371,13 @@ def unmerge(merged: str, adapter: Adapters, out: str | Path, options: MergeOptio
             "to that format, so subtracting the adapter cannot give back BASE's", [],
             "unmerge a merge written with --dtype, whose weights keep W + ΔW to the dtype's precision")
     plan = make_plan(merged_model, loaded)
+    plan.role = "MERGED"
     plan.notes.append("unmerged: the adapter's delta was subtracted")
     original_model = load_base(resolve_source(original, "BASE")) if original is not None else None
 
     def check(folder, plan, dev, provenance, bar, found):
-        report = verify_output(folder, plan, dev, found=found, provenance=provenance, progress=bar, shown_as=str(out))
+        report = verify_output(folder, plan, dev, found=found, provenance=provenance, progress=bar,
+                               shown_as=str(Path(out).expanduser().resolve()))
         return add_round_trip(report, folder, plan, dev, original_model)
 
     return _write(plan, out, options, progress=progress, check=check, model_card=False,
@@ -442,9 +445,8 @@ def parity_error(report: Report, where: Path | None = None) -> ParityError:
 
 
 def _with_bar(factory, total: int, label: str, work):
-    bar = factory(total, label) if factory else None
+    bar = (factory or no_bar)(total, label)
     try:
         return work(bar)
     finally:
-        if bar is not None:
-            bar.close()
+        bar.close()

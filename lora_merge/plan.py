@@ -82,6 +82,12 @@ class Plan:
     config_changes: list[str]
     notes: list[str] = field(default_factory=list)
     sharded: bool = True
+    role: str = "BASE"  # what the plan starts from, as reports name it: MERGED when unmerging
+
+    @property
+    def formula(self) -> str:
+        """What each changed element is, in words for the report."""
+        return "W − s·B·A" if self.role == "MERGED" else "W + s·B·A"
 
     @property
     def entries(self) -> list[Entry]:

@@ -4,11 +4,19 @@ from __future__ import annotations
 
 import sys
 
+# bytes in decimal units (1.19GB), as the summary counts MB (1,192.1 MB)
+UNITS = {"unit": "B", "unit_scale": True, "unit_divisor": 1000}
 
-def byte_bar(total: int, label: str = "writing", enabled: bool = True):
-    """A tqdm bar over ``total`` bytes, or None when progress is off or stderr is not a terminal."""
-    if not enabled or not sys.stderr.isatty():
-        return None
+
+def byte_bar(total: int = 0, label: str = "writing", enabled: bool = True):
+    """A tqdm bar over ``total`` bytes, counted in decimal units as the summary counts MB; disabled (its
+    updates do nothing) when progress is off or stderr is not a terminal."""
     from tqdm.auto import tqdm
 
-    return tqdm(total=total, unit="B", unit_scale=True, unit_divisor=1024, desc=label, file=sys.stderr, leave=False)
+    return tqdm(total=total, desc=label, file=sys.stderr, leave=False, disable=not enabled or not sys.stderr.isatty(),
+                **UNITS)
+
+
+def no_bar(total: int = 0, label: str = ""):
+    """A bar that shows nothing: for library calls that ask for no progress."""
+    return byte_bar(total, label, enabled=False)

@@ -22,6 +22,7 @@ from . import __version__
 from .dtypes import DTYPES, torch_dtype
 from .exact import CHECK_BLOCK_BYTES, ElementCheck, rows_per_block
 from .plan import Entry, Plan
+from .progress import no_bar
 from .quant import QuantizedTensor
 from .quant.check import GridCheck
 from .safetensors_file import TensorInfo, file_sha256, pread_exact
@@ -142,7 +143,8 @@ def verify_output(
     found = found or Found()
     unread = {h.path.name for h in out_model.shards} - set(found.digests)
     if unread:
-        read = read_back(out_model, plan, device, progress, allow_nonfinite, unread)
+        read = read_back(out_model, plan, device, progress if progress is not None else no_bar(), allow_nonfinite,
+                         unread)
         found = Found({**found.tensors, **read.tensors}, {**found.digests, **read.digests})
     structure, structure_data = _check_structure(plan, out_model)
     coverage, coverage_data = _check_coverage(plan)
@@ -168,7 +170,7 @@ def verify_output(
     return Report(shown_as or str(out), checks, details, folder=out, plan=plan)
 
 
-def read_back(out_model: BaseModel, plan: Plan, device, progress=None, allow_nonfinite: bool = False,
+def read_back(out_model: BaseModel, plan: Plan, device, progress, allow_nonfinite: bool = False,
               only: set[str] | None = None) -> Found:
     """Read the weights files of a folder front to back (``only``: these files), hashing each, checking
     every tensor the plan has: copies byte for byte against BASE, the others element by element."""
@@ -199,8 +201,7 @@ def read_back(out_model: BaseModel, plan: Plan, device, progress=None, allow_non
                 else:
                     found.tensors[e.name] = _check_stored(fd, info, e, device, allow_nonfinite, digest)
                 at = info.start + info.nbytes
-                if progress is not None:
-                    progress.update(info.nbytes)
+                progress.update(info.nbytes)
             _hash_range(fd, digest, at, os.fstat(fd).st_size)
         finally:
             os.close(fd)
@@ -288,7 +289,7 @@ def _check_structure(plan: Plan, out_model: BaseModel) -> tuple[Check, dict]:
     differences = []
     for e in plan.entries:
         if e.name not in base and e.name not in plan.base.stored:
-            differences.append({"tensor": e.name, "what": "not stored in BASE", "cause": f"untied from {e.base.name}"})
+            differences.append({"tensor": e.name, "what": f"not stored in {plan.role}", "cause": f"untied from {e.base.name}"})
             continue
         if e.shape != e.base.shape:
             differences.append(
@@ -315,15 +316,15 @@ def _check_structure(plan: Plan, out_model: BaseModel) -> tuple[Check, dict]:
         if got.dtype != dtype:
             failures.append(f"{name}: dtype {got.dtype}, expected {dtype}")
     failures += [
-        f"{name}: in OUT but neither in BASE nor made by the adapter" for name in sorted(set(actual) - set(expected))
+        f"{name}: in OUT but neither in {plan.role} nor made by the adapter" for name in sorted(set(actual) - set(expected))
     ]
     out_counts, base_counts = _count(actual.values()), _count(plan.base.stored.values())
     summary = (
         f"{out_counts['tensors']} tensors, {out_counts['parameters']:,} parameters, {out_counts['bytes'] / 1e6:,.1f} MB; "
         + (
-            "names, shapes and dtypes as BASE"
+            f"names, shapes and dtypes as {plan.role}"
             if not failures
-            else f"{len(failures)} differences from what BASE + ADAPTER make"
+            else f"{len(failures)} differences from what {plan.role} and ADAPTER make"
         )
         + (f" ({len(differences)} expected difference{'s' if len(differences) != 1 else ''})" if differences else "")
     )
@@ -402,12 +403,20 @@ class _Rounding:
     correctly_rounded: int = 0
     worst: float = 0.0
     worst_of_bound: float = 0.0
+    failed: int = 0  # tensors with elements outside the bound
+    scale_failures: int = 0  # blocks of a quantized format without the format's scale
 
     def add(self, result: dict) -> None:
         self.checked += 1
         self.correctly_rounded += result["correctly_rounded"]
         self.worst = max(self.worst, result["max_error_ulp"])
         self.worst_of_bound = max(self.worst_of_bound, result["max_error_of_bound"])
+        self.failed += result["failed_elements"] > 0
+        self.scale_failures += result.get("scale_failures", 0)
+
+    def verdict(self, within: str = "within the rounding bound", beyond: str = "outside the rounding bound") -> str:
+        """How the tensors stand against their bound, in words that are true either way."""
+        return within if not self.failed else f"checked, {self.failed} {beyond}"
 
 
 def _check_tensors(plan: Plan, out_model: BaseModel, tensors: dict, allow_nonfinite: bool):
@@ -422,7 +431,7 @@ def _check_tensors(plan: Plan, out_model: BaseModel, tensors: dict, allow_nonfin
         if e.is_copy:
             identical += result["ok"]
             if not result["ok"]:
-                same_failures.append(f"{e.name}: bytes differ from BASE, first at byte {result['differs_at']} "
+                same_failures.append(f"{e.name}: bytes differ from {plan.role}, first at byte {result['differs_at']} "
                                      "of the tensor")
         else:
             (requantized if e.requantized else dense).add(result)
@@ -434,20 +443,23 @@ def _check_tensors(plan: Plan, out_model: BaseModel, tensors: dict, allow_nonfin
     untouched = Check(
         "untouched",
         not same_failures,
-        f"{identical} of {copies} tensors byte-identical to BASE",
+        f"{identical} of {copies} tensors byte-identical to {plan.role}",
         same_failures,
     )
     converted = sum(1 for e in plan.entries if not e.is_copy and not e.is_merge)
     what = f"{dense.checked - converted} merged" + (f" and {converted} converted" if converted else "")
-    summary = (f"{what} tensors within the rounding bound of W + s·B·A (max {dense.worst_of_bound:.0%} of it); "
+    summary = (f"{what} tensors {dense.verdict()} of {plan.formula} (max {dense.worst_of_bound:.0%} of it); "
                f"max error {dense.worst:.2f} ulp, {dense.correctly_rounded} of {dense.checked} correctly rounded "
                "(≤ 0.5 ulp)")
     if requantized.checked:
         formats = ", ".join(sorted({e.base.description for e in plan.entries if e.requantized}))
-        summary = (f"{requantized.checked} merged tensors written as {formats}: every element within half a step of "
-                   f"W + s·B·A at its block's scale (max {requantized.worst:.2f} step), "
-                   f"{requantized.correctly_rounded} of {requantized.checked} correctly rounded, every changed block "
-                   "scaled as the format defines" + (f"; {summary}" if dense.checked else ""))
+        summary = (f"{requantized.checked} merged tensors written as {formats}: "
+                   f"{requantized.verdict('every element within half a step', 'with elements beyond half a step')} of "
+                   f"{plan.formula} at its block's scale (max {requantized.worst:.2f} step), "
+                   f"{requantized.correctly_rounded} of {requantized.checked} correctly rounded, "
+                   + ("every changed block scaled as the format defines" if not requantized.scale_failures
+                      else f"{requantized.scale_failures} blocks not scaled as the format defines")
+                   + (f"; {summary}" if dense.checked else ""))
     merged = Check("merged", not merge_failures, summary, merge_failures)
     finite = Check(
         "finite",

@@ -417,7 +417,7 @@ def _first_difference(a: bytes, b: bytes) -> int:
     return next((i for i in range(min(len(a), len(b))) if a[i] != b[i]), min(len(a), len(b)))
 
 
-def write_shards(plan: Plan, folder: Path, device, block_bytes: int | None = None, progress=None, *,
+def write_shards(plan: Plan, folder: Path, device, block_bytes: int | None, progress, *,
                  reuse: frozenset[str] | set[str] = frozenset(), on_shard=None, allow_nonfinite: bool = False
                  ) -> WriteStats:
     """Write every shard of the plan (and the index) into ``folder``, checking every merged block before it
@@ -565,8 +565,7 @@ class _Writing:
         return written
 
     def _progress(self, count: int) -> None:
-        if self.progress is not None:
-            self.progress.update(count)
+        self.progress.update(count)
 
     def close(self) -> None:
         self.computer.close()

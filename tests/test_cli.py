@@ -263,3 +263,36 @@ def test_a_closed_stdout_is_not_a_failed_merge(models, adapter, tmp_path):
     assert p.wait(timeout=300) == 0, err
     assert "Broken pipe" not in err and "Traceback" not in err, err
     assert json.loads((out / "merge_report.json").read_text())["status"] == "passed"
+
+
+@pytest.mark.parametrize("typo, meant", [("verfiy", "verify"), ("unmrege", "unmerge"), ("psuh", "push")])
+def test_a_misspelt_command_is_named(typo, meant, tmp_path):
+    r = run(typo, tmp_path / "merged", "--base", "org/base")
+    assert r.exit_code == 2 and f"did you mean '{meant}'?" in r.output, r.output
+    assert "--verbose" not in r.output
+
+
+def test_the_progress_bar_counts_as_the_summary_does():
+    from tqdm import tqdm
+
+    from lora_merge.cli import _mb
+    from lora_merge.progress import UNITS, byte_bar
+
+    meter = tqdm.format_meter(1_192_100_000, 2_000_000_000, 1.0, **UNITS)
+    assert "1.19GB" in meter and _mb(1_192_100_000) == "1,192.1 MB"
+    quiet = byte_bar(10, enabled=False)
+    quiet.update(5)  # a real bar, that shows nothing
+    assert quiet.disable
+    quiet.close()
+
+
+@pytest.mark.parametrize("command", ["merge", "verify"])
+def test_the_readme_lists_only_options_the_command_has(command):
+    import re
+    from pathlib import Path
+
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    section = readme.split(f"### Options (`lora-merge {command} --help`)")[1].split("\n#")[0]
+    listed = set(re.findall(r"`(--[a-z][a-z0-9-]*)", section))
+    known = run(command, "--help").output
+    assert listed and [o for o in sorted(listed) if o not in known] == []

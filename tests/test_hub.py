@@ -145,6 +145,14 @@ def test_offline_mode_uses_the_cache(hub, tmp_path):
     assert r.returncode == 1
     assert "error: BASE org/never-fetched: offline mode (HF_HUB_OFFLINE=1) and it is not in the local cache" in r.stderr
     assert not (tmp_path / "third").exists()
+    # pushing needs the network: said before anything is merged, and after, for an existing output
+    r = run(hub, home, "org/base", "org/adapter", tmp_path / "fourth", "--push-to-hub", "me/merged",
+            HF_HUB_OFFLINE="1")
+    assert r.returncode == 1 and r.stderr.count("\n") <= 2, r.stderr
+    assert "error: pushing to the Hub needs the network, and offline mode is on (HF_HUB_OFFLINE=1)" in r.stderr
+    assert not (tmp_path / "fourth").exists()
+    r = run(hub, home, "push", tmp_path / "second", "me/merged", HF_HUB_OFFLINE="1")
+    assert r.returncode == 1 and "pushing to the Hub needs the network" in r.stderr, r.stderr
 
 
 def test_push_an_existing_output_to_a_branch_and_as_a_pr(hub, tmp_path):

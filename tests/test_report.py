@@ -161,6 +161,8 @@ def test_one_element_one_ulp_beyond_the_bound(out_copy):
     assert f"merged: {name}: 1 element(s) outside the rounding bound, first at [{i}, {j}]" in r.output
     assert "error: the parity check failed (merged)" in r.output
     assert name in r.output.splitlines()[-2]
+    row = next(line for line in r.output.splitlines() if line.startswith("| merged |"))
+    assert "| FAIL |" in row and "within" not in row and "checked, 1 outside the rounding bound" in row, row
 
 
 def test_an_untouched_tensor_altered(out_copy):

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
 import torch
@@ -41,6 +42,18 @@ def test_merge_then_unmerge(models, tmp_path, base_name, dtype):
     assert trip["totals"]["untouched"]["identical"] == trip["totals"]["untouched"]["tensors"]
     for name in set(original) - set(trip["tensors"]):
         assert torch.equal(ours[name], original[name]), name
+
+
+def test_unmerge_speaks_of_merged(models, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    base = models["llama"]
+    build_adapter(base, tmp_path / "adapter", r=4, target_modules=["q_proj"])
+    assert run_cli(base, tmp_path / "adapter", tmp_path / "merged", "-q").exit_code == 0
+    r = run_cli("unmerge", tmp_path / "merged", tmp_path / "adapter", "back")
+    assert r.exit_code == 0, r.output
+    assert f"-> {(Path.cwd() / 'back').resolve()}" in r.output  # absolute, as merge prints it
+    assert "W − s·B·A" in r.output and "byte-identical to MERGED" in r.output and "as MERGED" in r.output
+    assert "W + s·B·A" not in r.output and "BASE" not in r.output.split("| Check |")[1]
 
 
 def test_unmerge_without_the_base_counts_what_is_certain(models, tmp_path):
