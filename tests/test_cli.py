@@ -296,3 +296,36 @@ def test_the_readme_lists_only_options_the_command_has(command):
     listed = set(re.findall(r"`(--[a-z][a-z0-9-]*)", section))
     known = run(command, "--help").output
     assert listed and [o for o in sorted(listed) if o not in known] == []
+
+
+@pytest.mark.parametrize("key, value, said", [
+    ("rank_pattern", {"q_proj": 0}, "rank_pattern['q_proj'] must be a positive integer, found 0"),
+    ("alpha_pattern", {"q_proj": float("nan")}, "alpha_pattern['q_proj'] must be a positive finite number, found nan"),
+    ("r", 4.5, "r must be a positive integer, found 4.5"),
+    ("lora_alpha", "8", "lora_alpha must be a positive finite number, found '8'"),
+    ("lora_alpha", float("inf"), "lora_alpha must be a positive finite number, found inf"),
+    ("rank_pattern", [4], "rank_pattern must be a JSON object, found [4]"),
+    ("use_rslora", "yes", "use_rslora must be true or false, found 'yes'"),
+])
+def test_config_numbers_are_checked_up_front(models, adapter, tmp_path, key, value, said):
+    bad = tmp_path / "adapter"
+    shutil.copytree(adapter, bad)
+    config = json.loads((bad / "adapter_config.json").read_text())
+    config[key] = value
+    (bad / "adapter_config.json").write_text(json.dumps(config))
+    expect_error(run(models["llama_sharded"], bad, tmp_path / "out"), said)
+    assert not (tmp_path / "out").exists() and leftovers(tmp_path) == []
+
+
+def test_integer_factors_are_refused(models, adapter, tmp_path):
+    from safetensors.torch import load_file, save_file
+
+    bad = tmp_path / "adapter"
+    shutil.copytree(adapter, bad)
+    tensors = load_file(bad / "adapter_model.safetensors")
+    first = sorted(k for k in tensors if "lora_A" in k)[0]
+    tensors[first] = (tensors[first] * 100).to(torch.int32)
+    save_file(tensors, bad / "adapter_model.safetensors")
+    expect_error(run(models["llama_sharded"], bad, tmp_path / "out"),
+                 "adapter tensors must be floating point; 1 are not", f"{first} (I32)")
+    assert not (tmp_path / "out").exists()

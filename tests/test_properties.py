@@ -192,3 +192,45 @@ def test_the_command_line_never_leaks_a_traceback_or_a_file(models, real_adapter
         after = set(tmp.rglob("*")) - before
         assert all(p == tmp / "out" or (tmp / "out") in p.parents for p in after), after
         assert r.exit_code == 1 or (tmp / "out" / "merge_report.json").is_file()
+
+
+# ----------------------------------------------------------------------- any JSON value in any config key
+
+JSON_VALUES = st.recursive(
+    st.none() | st.booleans() | st.integers(-2**70, 2**70) | st.sampled_from([0, -1, 1, 0.0, -0.5, 1e308])
+    | st.floats(allow_nan=True, allow_infinity=True) | st.text(max_size=12),
+    lambda inner: st.lists(inner, max_size=3) | st.dictionaries(st.text(max_size=8) | st.sampled_from(LINEAR), inner,
+                                                                 max_size=3),
+    max_leaves=6,
+)
+ADAPTER_KEYS = ["r", "lora_alpha", "rank_pattern", "alpha_pattern", "target_modules", "use_rslora", "fan_in_fan_out",
+                "modules_to_save", "trainable_token_indices", "layers_to_transform", "layers_pattern", "use_dora",
+                "lora_bias", "bias", "peft_type", "target_parameters", "base_model_name_or_path",
+                "init_lora_weights", "exclude_modules", "task_type"]
+MODEL_KEYS = ["model_type", "architectures", "tie_word_embeddings", "vocab_size", "hidden_size", "torch_dtype",
+              "dtype", "quantization_config", "num_hidden_layers", "text_config", "num_local_experts"]
+
+
+@settings(max_examples=60, deadline=None, suppress_health_check=list(HealthCheck), derandomize=True)
+@given(which=st.sampled_from(["adapter_config.json", "config.json"]), data=st.data())
+def test_any_json_in_any_config_key_merges_or_is_one_line(models, real_adapter, which, data):
+    """Whatever a config key holds: exit 0 with a passing report, or one line and exit 1; never a traceback."""
+    with tempfile.TemporaryDirectory() as tmp:
+        tmp = Path(tmp)
+        base, adapter = tmp / "base", tmp / "adapter"
+        shutil.copytree(models["llama"], base)
+        shutil.copytree(real_adapter, adapter)
+        path = (adapter if which == "adapter_config.json" else base) / which
+        config = json.loads(path.read_text())
+        key = data.draw(st.sampled_from(ADAPTER_KEYS if which == "adapter_config.json" else MODEL_KEYS))
+        config[key] = data.draw(JSON_VALUES)
+        path.write_text(json.dumps(config))
+        r = CliRunner().invoke(cli, [str(base), str(adapter), str(tmp / "out"), "-q"])
+        assert r.exception is None or isinstance(r.exception, SystemExit), (key, config[key], r.exception)
+        assert r.exit_code in (0, 1), (key, config[key], r.output)
+        if r.exit_code == 0:
+            assert json.loads((tmp / "out" / "merge_report.json").read_text())["status"] == "passed"
+        else:
+            lines = [line for line in r.output.splitlines() if line.strip()]
+            assert lines[0].startswith("error: ") and len(lines) <= 2, (key, config[key], r.output)
+            assert not (tmp / "out").exists(), (key, config[key])

@@ -100,7 +100,14 @@ def adapter_marker(folder: Path) -> str | None:
 def load_adapter(path: Path, layout, options: AdapterOptions | None = None) -> Adapter:
     """Translate the adapter at ``path`` against the model's tensors (``layout``: their names and shapes,
     from BASE's files or the model class; some formats need them to place deltas)."""
-    options = options or AdapterOptions()
+    from .files import floating_tensors_only
+
+    adapter = _load(path, layout, options or AdapterOptions())
+    floating_tensors_only(adapter, f"ADAPTER {str(path)!r}")
+    return adapter
+
+
+def _load(path: Path, layout, options: AdapterOptions) -> Adapter:
     fmt = detect_format(path) if options.format == "auto" else options.format
     if fmt == "peft":
         from .peft import load_peft_adapter

@@ -47,3 +47,38 @@ def read_adapter_config(folder: Path, missing: str, hint: str) -> dict:
     if not isinstance(config, dict):
         raise AdapterConfigError(f"{path}: not a JSON object")
     return config
+
+
+def positive_number(value, key: str, where, integer: bool = False):
+    """``value`` from a config, if it is a positive finite number (an integer where ``integer``); else one line
+    naming the key and the value found."""
+    import math
+
+    kinds = (int,) if integer else (int, float)
+    if isinstance(value, bool) or not isinstance(value, kinds) or not math.isfinite(value) or value <= 0:
+        what = "a positive integer" if integer else "a positive finite number"
+        raise AdapterConfigError(f"{where}: {key} must be {what}, found {value!r}")
+    return value
+
+
+def config_mapping(config: dict, key: str, where) -> dict:
+    """``config[key]`` as a JSON object of string keys (absent or null: empty)."""
+    value = config.get(key)
+    if value is None:
+        return {}
+    if not isinstance(value, dict):
+        raise AdapterConfigError(f"{where}: {key} must be a JSON object, found {value!r}")
+    return value
+
+
+def floating_tensors_only(adapter, where) -> None:
+    """Refuse adapter tensors the merge would use that are not floating point (integer factors would be used as
+    integers), naming them."""
+    from ..dtypes import FLOAT_DTYPES
+
+    bad = sorted({f"{t.name} ({t.dtype})" for op in adapter.targets.values() for t in op.tensors()
+                  if t.dtype not in FLOAT_DTYPES})
+    if bad:
+        shown = ", ".join(bad[:4]) + (f" and {len(bad) - 4} more" if len(bad) > 4 else "")
+        raise AdapterConfigError(f"{where}: adapter tensors must be floating point; {len(bad)} are not: {shown}",
+                                 "save the adapter's factors as float32, bfloat16 or float16")

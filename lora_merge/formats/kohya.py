@@ -10,6 +10,7 @@ Convolutions (3×3 included) take A (r, in, k, k) and B (out, r, 1, 1), as PEFT'
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 
 from ..adapter import Adapter, LowRank, TargetOps
@@ -108,6 +109,9 @@ def load_kohya_adapter(path: Path, base_names: list[str]) -> Adapter:
                     problems.append(f"{name}: alpha has shape {list(value.shape)}, expected a single number")
                     continue
                 alpha = float(value.reshape(-1)[0])
+                if not math.isfinite(alpha) or alpha <= 0:
+                    problems.append(f"{name}: alpha must be a positive finite number, found {alpha!r}")
+                    continue
             if r <= 0:
                 problems.append(f"{name}: lora_down has shape {list(a.shape)}")
                 continue

@@ -16,7 +16,7 @@ from pathlib import Path
 
 from ..adapter import Adapter, DerivedTensor, LowRank, TargetOps
 from ..errors import AdapterConfigError, PlanError
-from .files import read_tensor_file
+from .files import positive_number, read_tensor_file
 
 ROLES = {"lora_A": "a", "lora_B": "b"}
 
@@ -85,8 +85,7 @@ def load_loralib_adapter(path: Path, base_shapes: dict[str, tuple[int, ...]], op
             f"ADAPTER {str(path)!r} is a loralib state dict, which does not record lora_alpha",
             "pass --lora-alpha with the value the LoRA layers were built with",
         )
-    if options.lora_alpha <= 0:
-        raise AdapterConfigError(f"--lora-alpha must be positive, got {options.lora_alpha:g}")
+    positive_number(options.lora_alpha, "--lora-alpha", f"ADAPTER {str(path)!r}")
     tensors = read_tensor_file(file)
     groups: dict[str, dict] = {}
     targets: dict[str, TargetOps] = {}

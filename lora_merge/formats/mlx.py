@@ -18,7 +18,7 @@ from ..errors import (
     PlanError,
     UnsupportedAdapterError,
 )
-from .files import read_adapter_config, read_tensor_file
+from .files import positive_number, read_adapter_config, read_tensor_file
 
 WEIGHTS = "adapters.safetensors"
 CONFIG = "adapter_config.json"
@@ -33,10 +33,10 @@ def read_config(folder: Path) -> dict:
 def _scale(config: dict, where: Path) -> float:
     params = config.get("lora_parameters")
     scale = params.get("scale") if isinstance(params, dict) else None
-    if not isinstance(scale, (int, float)) or isinstance(scale, bool):
-        raise AdapterConfigError(f"{where}: lora_parameters.scale is missing or not a number ({scale!r})",
+    if scale is None:
+        raise AdapterConfigError(f"{where}: lora_parameters.scale is missing",
                                  "mlx-lm's scale is the LoRA scale itself; add it as the adapter was trained")
-    return float(scale)
+    return float(positive_number(scale, "lora_parameters.scale", where))
 
 
 def _expert_factors(a, b):

@@ -16,7 +16,12 @@ from ..errors import (
     SourceNotFoundError,
     UnsupportedAdapterError,
 )
-from .files import read_adapter_config, read_tensor_file
+from .files import (
+    config_mapping,
+    positive_number,
+    read_adapter_config,
+    read_tensor_file,
+)
 
 PREFIX = "base_model.model."
 # key suffix -> role; longest first so that "lora_magnitude_vector.weight" wins over its prefix
@@ -70,10 +75,14 @@ def check_config(config: dict, where: Path) -> None:
             "so this adapter cannot be merged into the original base",
             "convert it first with peft (save_pretrained(..., path_initial_model_for_weight_conversion=...))",
         )
-    for key in ("r", "lora_alpha"):
-        value = config.get(key, 8)
-        if not isinstance(value, (int, float)) or isinstance(value, bool) or value <= 0:
-            raise AdapterConfigError(f"{where}: {key} must be a positive number, found {value!r}")
+    positive_number(config.get("r", 8), "r", where, integer=True)
+    positive_number(config.get("lora_alpha", 8), "lora_alpha", where)
+    for key, integer in (("rank_pattern", True), ("alpha_pattern", False)):
+        for pattern, value in config_mapping(config, key, where).items():
+            positive_number(value, f"{key}[{pattern!r}]", where, integer)
+    for key in ("use_rslora", "fan_in_fan_out", "use_dora"):
+        if not isinstance(config.get(key, False), (bool, type(None))):
+            raise AdapterConfigError(f"{where}: {key} must be true or false, found {config[key]!r}")
 
 
 def read_config(folder: Path) -> dict:
@@ -226,8 +235,8 @@ def load_peft_adapter(folder: Path, layout) -> Adapter:
 
     r_default = config.get("r", 8)
     alpha_default = config.get("lora_alpha", 8)
-    rank_pattern = config.get("rank_pattern") or {}
-    alpha_pattern = config.get("alpha_pattern") or {}
+    rank_pattern = config_mapping(config, "rank_pattern", folder)
+    alpha_pattern = config_mapping(config, "alpha_pattern", folder)
     rslora = bool(config.get("use_rslora"))
     fan_in_fan_out = bool(config.get("fan_in_fan_out"))
     token_indices = config.get("trainable_token_indices")
