@@ -18,7 +18,7 @@ TAGS = ["lora", "merged", "lora-merge"]
 
 def hub_id(source: Source | None, adapter_config: dict | None = None) -> str | None:
     """The Hub repo id a source stands for: its own, else the one the adapter was trained on."""
-    from .hub import repo_named
+    from .names import repo_named
 
     if source is not None and source.repo_id:
         return source.repo_id

@@ -50,17 +50,17 @@ class DefaultGroup(click.Group):
         except LoraMergeError as e:
             if debug:
                 raise
-            _fail(str(e), _kept_hint(e) or e.hint)
-        except (KeyboardInterrupt, Terminated) as e:
-            kept = getattr(e, "kept_partial", None)
+            _fail(str(e), _kept_hint(ctx) or e.hint)
+        except (KeyboardInterrupt, Terminated):
+            kept = _kept(ctx)
             what = f"the finished shards are kept in {kept}" if kept else "the temporary output was removed"
-            _fail(f"interrupted; {what} and OUT was not changed", _kept_hint(e), code=130)
+            _fail(f"interrupted; {what} and OUT was not changed", _kept_hint(ctx), code=130)
         except OSError as e:
             if debug:
                 raise
             where = f" ({e.filename})" if e.filename else ""
             full = e.errno in (errno.ENOSPC, errno.EFBIG, errno.EDQUOT)
-            _fail(f"{e.strerror or e}{where}", _kept_hint(e) or ("free some disk space or choose another OUT" if full else None))
+            _fail(f"{e.strerror or e}{where}", _kept_hint(ctx) or ("free some disk space or choose another OUT" if full else None))
         except MemoryError:
             _fail("out of memory", "use a smaller --block-mb")
         finally:
@@ -68,8 +68,16 @@ class DefaultGroup(click.Group):
                 signal.signal(signal.SIGTERM, previous)
 
 
-def _kept_hint(e: BaseException) -> str | None:
-    kept = getattr(e, "kept_partial", None)
+def _kept(ctx) -> Path | None:
+    """The folder where a failed --resume run kept its finished shards, if it did."""
+    from .output import partial_folder
+
+    out = ctx.meta.get("resumable_out")
+    return partial_folder(out) if out is not None and partial_folder(out).is_dir() else None
+
+
+def _kept_hint(ctx) -> str | None:
+    kept = _kept(ctx)
     return f"run the same command again (with --resume) to continue from {kept}" if kept else None
 
 
@@ -185,7 +193,7 @@ def _check_push_options(repo_id, private, revision, create_pr, commit_message) -
     if create_pr and revision:
         raise click.UsageError("--create-pr opens a pull request against the main branch; leave out --revision")
     if repo_id:
-        from .hub import parse_spec
+        from .names import parse_spec
 
         parsed = parse_spec(repo_id)
         if parsed is None or parsed[1] is not None:
@@ -303,6 +311,8 @@ def merge_command(paths, adapters, adapter_format, lora_alpha, fan_in_fan_out, e
                            overwrite=overwrite, tokenizer_from=tokenizer_from,
                            block_bytes=block_mb * 1024 * 1024 if block_mb else None,
                            allow_nonfinite=allow_nonfinite, resume=resume, push=push)
+    if resume:
+        click.get_current_context().meta["resumable_out"] = Path(os.path.abspath(Path(out).expanduser()))
     if quiet:
         _quiet_hub()
     if dry_run:

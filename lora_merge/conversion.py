@@ -29,7 +29,12 @@ def model_layout(base: BaseModel) -> ModelLayout:
     """Where every tensor of the model transformers builds from BASE comes from in BASE's files."""
     transformers = _import_transformers()
     from transformers.conversion_mapping import get_model_conversion_mapping
-    from transformers.core_model_loading import WeightConverter, WeightRenaming, dot_natural_key, rename_source_key
+    from transformers.core_model_loading import (
+        WeightConverter,
+        WeightRenaming,
+        dot_natural_key,
+        rename_source_key,
+    )
 
     model = _meta_model(transformers, base)
     mapping = get_model_conversion_mapping(model)

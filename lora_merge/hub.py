@@ -9,38 +9,23 @@ from __future__ import annotations
 
 import contextlib
 import logging
-import re
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 from .errors import HubError, SourceNotFoundError
+from .names import OTHER_FORMATS, PICKLED
 
 if TYPE_CHECKING:
     from .options import PushOptions
 
 log = logging.getLogger("lora_merge")
 
-# org/name, optionally @revision (a branch, tag or commit); the Hub's own naming rules
-REPO_SPEC = re.compile(r"^(?P<repo>[A-Za-z0-9][\w.-]*/[\w.-]+)(?:@(?P<revision>[^\s@]+))?$")
-PICKLE_WEIGHTS = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
-# files of BASE and ADAPTER that a merge never needs
-SKIPPED_SUFFIXES = (".gguf", ".onnx", ".h5", ".msgpack", ".tflite", ".mlmodel", ".ot", ".npz")
+# files of BASE and ADAPTER that a merge never downloads (pickled weights only as an adapter's fallback)
+NOT_DOWNLOADED = (*PICKLED, *OTHER_FORMATS)
 ADAPTER_NEEDS = ("adapter_config.json", "adapter_model.safetensors")
 LARGE_FOLDER_BYTES = 5 * 1024**3
 LOGIN_HINT = "log in with `hf auth login`, set HF_TOKEN, or pass --token"
-
-
-def parse_spec(spec: str) -> tuple[str, str | None] | None:
-    """(repo id, revision) when ``spec`` reads as a Hub repo id, else None."""
-    m = REPO_SPEC.match(spec.strip())
-    if not m or ".." in m["repo"] or m["repo"].endswith((".", "-")):
-        return None
-    return m["repo"], m["revision"]
-
-
-def repo_named(text: str) -> tuple[str, str | None] | None:
-    """(repo id, revision) when ``text`` names a Hub repo rather than an existing local path."""
-    return None if Path(text).expanduser().exists() else parse_spec(text)
 
 
 def wanted_files(names: list[str], role: str) -> list[str]:
@@ -51,16 +36,23 @@ def wanted_files(names: list[str], role: str) -> list[str]:
         return [
             n
             for n in top
-            if not n.endswith(PICKLE_WEIGHTS + SKIPPED_SUFFIXES) or (n == "adapter_model.bin" and not has_st)
+            if not n.endswith(NOT_DOWNLOADED) or (n == "adapter_model.bin" and not has_st)
         ]
-    return [n for n in top if not n.endswith(PICKLE_WEIGHTS + SKIPPED_SUFFIXES)]
+    return [n for n in top if not n.endswith(NOT_DOWNLOADED)]
 
 
-def fetch(spec: str, repo_id: str, revision: str | None, role: str, token: str | None = None):
-    """Download what the merge needs from ``repo_id`` into the huggingface_hub cache; return a Source."""
+@dataclass(frozen=True)
+class Snapshot:
+    """A repo's files at one commit, in the huggingface_hub cache."""
+
+    folder: Path
+    commit: str
+    cache_root: Path | None  # the repo's cache folder: the snapshot's files link into its blobs
+
+
+def fetch(repo_id: str, revision: str | None, role: str, token: str | None = None) -> Snapshot:
+    """Download what the merge needs from ``repo_id`` into the huggingface_hub cache."""
     from huggingface_hub import HfApi, constants, snapshot_download
-
-    from .sources import Source
 
     where = f"{role} {repo_id}" + (f"@{revision}" if revision else "")
     with hub_errors(where, repo_id):
@@ -71,14 +63,14 @@ def fetch(spec: str, repo_id: str, revision: str | None, role: str, token: str |
                     f"{where}: offline mode (HF_HUB_OFFLINE=1) and it is not in the local cache",
                     "run once with network access to fill the cache, or unset HF_HUB_OFFLINE",
                 )
-            return Source(spec, folder, revision=folder.name, repo_id=repo_id, root=_cache_root(folder))
+            return Snapshot(folder, folder.name, _cache_root(folder))
         info = HfApi(token=token).model_info(repo_id, revision=revision, token=token)
         names = [s.rfilename for s in info.siblings or []]
         files = wanted_files(names, role)
         _check_listing(where, names, files, role)
         # by the name the user gave, so that the cache learns the branch or tag for offline use
         folder = Path(snapshot_download(repo_id, revision=revision, token=token, allow_patterns=files))
-    return Source(spec, folder, revision=folder.name, repo_id=repo_id, root=_cache_root(folder))
+    return Snapshot(folder, folder.name, _cache_root(folder))
 
 
 def _cached_snapshot(repo_id: str, revision: str | None) -> Path | None:
@@ -108,7 +100,7 @@ def _check_listing(where: str, names: list[str], files: list[str], role: str) ->
             raise SourceNotFoundError(f"{where} has no adapter_config.json", "pass the repo of a PEFT adapter")
         return
     if not any(n.endswith(".safetensors") for n in files):
-        pickles = [n for n in names if n.endswith(PICKLE_WEIGHTS)]
+        pickles = [n for n in names if n.endswith(PICKLED)]
         what = f" (only {', '.join(pickles[:3])})" if pickles else ""
         raise SourceNotFoundError(
             f"{where} has no safetensors weights{what}",

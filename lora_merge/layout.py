@@ -18,7 +18,14 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
-from .adapter import AddScaled, DerivedTensor, LoadCache, LowRank, SharedTensor, TargetOps
+from .adapter import (
+    AddScaled,
+    DerivedTensor,
+    LoadCache,
+    LowRank,
+    SharedTensor,
+    TargetOps,
+)
 from .errors import LayoutNeeded, PlanError, name_list
 
 if TYPE_CHECKING:

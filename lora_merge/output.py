@@ -117,19 +117,22 @@ def _read_pid(path: Path) -> str | None:
     return text if text.isdigit() else None
 
 
+def partial_folder(out: Path) -> Path:
+    """Where a ``--resume`` run keeps its finished shards until OUT is complete."""
+    return out.parent / f".{out.name}.lora-merge-partial"
+
+
 class StagedOutput:
     """A temporary folder beside OUT; ``commit`` renames it to OUT, leaving the context removes it otherwise.
 
-    With ``resume`` the folder is ``.OUT.lora-merge-partial``: what it holds is kept on entry (the
-    caller decides what to reuse) and on a failure or interruption (``kept`` is then True, and the
-    exception carries the folder as ``kept_partial``).
+    With ``resume`` the folder is ``partial_folder(OUT)``: what it holds is kept on entry (the caller
+    decides what to reuse) and on a failure or interruption (``kept`` is then True).
     """
 
     def __init__(self, out: Path, resume: bool = False):
         self.out = out
         self.resume = resume
-        name = "lora-merge-partial" if resume else f"lora-merge-tmp-{os.getpid()}"
-        self.tmp = out.parent / f".{out.name}.{name}"
+        self.tmp = partial_folder(out) if resume else out.parent / f".{out.name}.lora-merge-tmp-{os.getpid()}"
         self.kept = False
         self._flusher = None
         self._flushes: list = []
@@ -188,7 +191,6 @@ class StagedOutput:
             return
         if self.resume and exc_type is not None:
             self.kept = True
-            exc.kept_partial = self.tmp  # the CLI says where the finished shards wait
             return
         shutil.rmtree(self.tmp, ignore_errors=True)
 

@@ -12,7 +12,14 @@ from pathlib import Path
 from . import card
 from .adapter import combine
 from .dtypes import DTYPES, FLOAT_DTYPES
-from .errors import DeviceError, NonFiniteError, ParityError, QuantizationError, WrongInputError, name_list
+from .errors import (
+    DeviceError,
+    NonFiniteError,
+    ParityError,
+    QuantizationError,
+    WrongInputError,
+    name_list,
+)
 from .formats import AdapterOptions
 from .layout import Placement
 from .memory import measure, resident_bytes
@@ -22,7 +29,14 @@ from .plan import Plan, make_plan
 from .progress import no_bar
 from .report import REPORT_NAME, Found, Report, load_out, verify_output
 from .resume import Journal
-from .sources import TOKENIZER_FILES, Source, extra_files, load_base, looks_like_model, resolve_source
+from .sources import (
+    TOKENIZER_FILES,
+    Source,
+    extra_files,
+    load_base,
+    looks_like_model,
+    resolve_source,
+)
 from .writer import WriteStats, working_set, write_shards
 
 log = logging.getLogger("lora_merge")
@@ -186,7 +200,7 @@ def check_order(base: Source, adapters: list[Source], role: str = "BASE") -> Non
 
 def _trained_on_other_base(adapter_config: dict, base) -> str | None:
     """A warning when the adapter's base_model_name_or_path names another model than BASE."""
-    from .hub import repo_named
+    from .names import repo_named
 
     named = adapter_config.get("base_model_name_or_path")
     if not isinstance(named, str) or not named.strip():

@@ -11,14 +11,13 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from .errors import HeaderError, SourceNotFoundError
+from .names import is_weight_file, parse_spec
 from .quant import Quantization, find_quantization
 from .safetensors_file import SafetensorsHeader, TensorInfo, read_header
 
 INDEX_NAME = "model.safetensors.index.json"
 SINGLE_NAME = "model.safetensors"
 # Weight files in other formats: never copied to OUT (they would describe the unmerged model).
-OTHER_WEIGHT_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".h5", ".msgpack", ".gguf", ".onnx", ".safetensors")
-OTHER_WEIGHT_PREFIXES = ("tf_model", "flax_model", "model.ckpt", "pytorch_model")
 TOKENIZER_FILES = (
     "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "added_tokens.json",
     "tokenizer.model", "vocab.json", "merges.txt", "vocab.txt", "chat_template.jinja", "chat_template.json",
@@ -54,13 +53,15 @@ def resolve_source(spec: str, role: str, token: str | None = None) -> Source:
         raise SourceNotFoundError(
             f"{role} {spec!r} is a file, not a folder", f"pass the folder that holds the {role.lower()}'s files"
         )
-    from . import hub
-
-    parsed = hub.parse_spec(spec) if role in ("BASE", "ADAPTER") else None
+    parsed = parse_spec(spec) if role in ("BASE", "ADAPTER") else None
     if parsed is None:
         hint = "check the path" + (", or name a Hub repo as org/name[@revision]" if role != "OUT" else "")
         raise SourceNotFoundError(f"{role} {spec!r} does not exist", hint)
-    return hub.fetch(spec, *parsed, role, token)
+    from .hub import fetch
+
+    repo_id, revision = parsed
+    snapshot = fetch(repo_id, revision, role, token)
+    return Source(spec, snapshot.folder, revision=snapshot.commit, repo_id=repo_id, root=snapshot.cache_root)
 
 
 def looks_like_model(folder: Path) -> bool:
@@ -196,10 +197,6 @@ def load_base(source: Source, role: str = "BASE") -> BaseModel:
             raise HeaderError(f"{config_path}: not valid JSON ({e})") from e
     return BaseModel(source, shards, tensors, config, index_metadata, index_path.name,
                      find_quantization(config, tensors, role))
-
-
-def is_weight_file(name: str) -> bool:
-    return name.endswith(OTHER_WEIGHT_SUFFIXES) or name.startswith(OTHER_WEIGHT_PREFIXES) or name.endswith(".index.json")
 
 
 def extra_files(folder: Path) -> list[Path]:

@@ -245,7 +245,8 @@ def test_hub_errors_are_one_line(case, hub, tmp_path):
 def test_repo_specs_and_local_paths(models, tmp_path, monkeypatch):
     import shutil
 
-    from lora_merge.hub import parse_spec, wanted_files
+    from lora_merge.hub import wanted_files
+    from lora_merge.names import parse_spec
     from lora_merge.sources import resolve_source
 
     assert parse_spec("Qwen/Qwen3-0.6B") == ("Qwen/Qwen3-0.6B", None)

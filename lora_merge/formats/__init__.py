@@ -11,7 +11,7 @@ from pathlib import Path
 
 from ..adapter import Adapter
 from ..errors import UnsupportedAdapterError
-from .files import TENSOR_SUFFIXES
+from ..names import ADAPTER_TENSOR_SUFFIXES
 from .loralib import LoralibOptions
 
 FORMATS = ("peft", "loralib", "mlx", "kohya")
@@ -56,7 +56,7 @@ def detect_format(path: Path) -> str:
             return "peft"
         if (path / "adapters.safetensors").is_file():
             return "mlx"
-        files = sorted(p for p in path.iterdir() if p.is_file() and p.suffix in TENSOR_SUFFIXES)
+        files = sorted(p for p in path.iterdir() if p.is_file() and p.suffix in ADAPTER_TENSOR_SUFFIXES)
         found = f"the folder holds {', '.join(p.name for p in files[:5]) or 'no tensor file'}"
         if len(files) == 1:
             file = files[0]

@@ -9,8 +9,6 @@ from ..adapter import AdapterTensor, FileTensor, MemoryTensor
 from ..errors import AdapterConfigError, HeaderError, SourceNotFoundError
 from ..safetensors_file import read_header
 
-TENSOR_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth")
-
 
 def read_tensor_file(path: Path) -> dict[str, AdapterTensor]:
     """The file's tensors by key; a ``.safetensors`` file is read on demand, a pickle at once."""

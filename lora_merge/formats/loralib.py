@@ -63,11 +63,11 @@ def _conv_factors(a, b, w_shape: tuple[int, ...]):
 
 def tensor_file(path: Path, what: str) -> Path:
     """The one tensor file of a single-file adapter: PATH itself, or the only one in the folder PATH."""
-    from .files import TENSOR_SUFFIXES
+    from ..names import ADAPTER_TENSOR_SUFFIXES
 
     if path.is_file():
         return path
-    found = sorted(p for p in path.iterdir() if p.is_file() and p.suffix in TENSOR_SUFFIXES)
+    found = sorted(p for p in path.iterdir() if p.is_file() and p.suffix in ADAPTER_TENSOR_SUFFIXES)
     if len(found) != 1:
         raise AdapterConfigError(
             f"ADAPTER {str(path)!r}: a {what} adapter is one tensor file, and this folder holds "
