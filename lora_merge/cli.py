@@ -152,6 +152,15 @@ def make_adapter_options(adapter_format, lora_alpha, fan_in_fan_out, enable_lora
     return AdapterOptions(adapter_format, LoralibOptions(lora_alpha, fan_in_fan_out, parse_enable_lora(enable_lora)))
 
 
+def _size(text: str | None) -> int | None:
+    from .options import parse_size
+
+    try:
+        return parse_size(text) if text is not None else None
+    except ValueError as e:
+        raise click.BadParameter(str(e)) from None
+
+
 def make_options(adapter_format, lora_alpha, fan_in_fan_out, enable_lora, **settings):
     """The one MergeOptions of a command, from its parsed options."""
     from .options import MergeOptions
@@ -274,6 +283,9 @@ def cli():
 @click.option("-v", "--verbose", is_flag=True, help="Log what is decided along the way.")
 @click.option("--allow-nonfinite", is_flag=True,
               help="Merge even when the adapter or a merged tensor holds NaN or Inf (the report says so).")
+@click.option("--max-shard-size", "max_shard_bytes", metavar="SIZE", callback=lambda ctx, param, v: _size(v),
+              help="Cut OUT's weights into files of at most SIZE (5GB, 500MB, 2GiB), in BASE's tensor order, with "
+                   "an index. Default: the same files as BASE.")
 @click.option("--resume", is_flag=True,
               help="Keep finished shards when the run is interrupted, and continue from them on the next "
                    "--resume run (only when their hashes and the plan still match).")
@@ -282,8 +294,8 @@ def cli():
               help="After the merge and its parity checks pass, upload OUT to this Hub repo (created if needed).")
 @push_options
 def merge_command(paths, adapters, adapter_format, lora_alpha, fan_in_fan_out, enable_lora, dtype, device, overwrite,
-                  dry_run, tokenizer_from, block_mb, as_json, quiet, verbose, allow_nonfinite, resume, token, push_to,
-                  private, revision, create_pr, commit_message):
+                  dry_run, tokenizer_from, block_mb, as_json, quiet, verbose, allow_nonfinite, max_shard_bytes, resume,
+                  token, push_to, private, revision, create_pr, commit_message):
     """Merge ADAPTER into BASE and write the merged model to OUT.
 
     \b
@@ -310,7 +322,7 @@ def merge_command(paths, adapters, adapter_format, lora_alpha, fan_in_fan_out, e
     options = make_options(adapter_format, lora_alpha, fan_in_fan_out, enable_lora, dtype=dtype, device=device,
                            overwrite=overwrite, tokenizer_from=tokenizer_from,
                            block_bytes=block_mb * 1024 * 1024 if block_mb else None,
-                           allow_nonfinite=allow_nonfinite, resume=resume, push=push)
+                           allow_nonfinite=allow_nonfinite, resume=resume, push=push, max_shard_bytes=max_shard_bytes)
     if resume:
         click.get_current_context().meta["resumable_out"] = Path(os.path.abspath(Path(out).expanduser()))
     if quiet:

@@ -160,7 +160,12 @@ def prepare(base: str, adapter: Adapters, options: MergeOptions | None = None, *
         if mismatch:
             log.warning(mismatch)
             loaded.notes.append(mismatch)
-    return make_plan(base_model, loaded, dtype=options.dtype)
+    plan = make_plan(base_model, loaded, dtype=options.dtype)
+    if options.max_shard_bytes is not None:
+        from .sharding import resharded
+
+        plan = resharded(plan, options.max_shard_bytes)
+    return plan
 
 
 def _load_inputs(base: str, adapters: list[tuple[str, float]], token: str | None,

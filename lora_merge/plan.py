@@ -14,7 +14,7 @@ from .dtypes import DTYPES, FLOAT_DTYPES, OUTPUT_DTYPES
 from .errors import PlanError, QuantizationError
 from .quant import QuantizedTensor, sixteen_bit_original
 from .safetensors_file import TensorInfo
-from .sources import BaseModel
+from .sources import INDEX_NAME, BaseModel
 
 OUTPUT_EMBEDDINGS = ("lm_head.weight", "embed_out.weight", "output.weight")
 INPUT_EMBEDDING_SUFFIXES = (
@@ -82,6 +82,7 @@ class Plan:
     config_changes: list[str]
     notes: list[str] = field(default_factory=list)
     sharded: bool = True
+    index_name: str = INDEX_NAME  # the index OUT gets when sharded
     role: str = "BASE"  # what the plan starts from, as reports name it: MERGED when unmerging
 
     @property
@@ -268,7 +269,8 @@ def make_plan(base: BaseModel, adapter: Adapter, dtype: str | None = None) -> Pl
     config, changes = _new_config(base.config, shards, out_dtype, untie, tie_source)
     if quant is not None and out_dtype is not None:
         _drop_quantization(config, changes, quant.method)
-    plan = Plan(base, adapter, shards, config, changes, notes, sharded=len(base.shards) > 1 or base.index_metadata != {})
+    plan = Plan(base, adapter, shards, config, changes, notes, sharded=len(base.shards) > 1 or base.index_metadata != {},
+                index_name=base.index_name)
     _check_vocab(plan, tie_source)
     return plan
 

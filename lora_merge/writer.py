@@ -466,8 +466,8 @@ def write_shards(plan: Plan, folder: Path, device, block_bytes: int | None, prog
             "metadata": {**plan.base.index_metadata, "total_size": plan.total_bytes},
             "weight_map": {name: s.name for s in plan.shards for e in s.entries for name, _, _ in e.stored},
         }
-        (folder / plan.base.index_name).write_text(json.dumps(index, indent=2) + "\n")
-        stats.files.append(plan.base.index_name)
+        (folder / plan.index_name).write_text(json.dumps(index, indent=2) + "\n")
+        stats.files.append(plan.index_name)
     return stats
 
 

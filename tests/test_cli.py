@@ -329,3 +329,40 @@ def test_integer_factors_are_refused(models, adapter, tmp_path):
     expect_error(run(models["llama_sharded"], bad, tmp_path / "out"),
                  "adapter tensors must be floating point; 1 are not", f"{first} (I32)")
     assert not (tmp_path / "out").exists()
+
+
+def test_max_shard_size_cuts_out_into_shards(models, adapter, tmp_path):
+    from helpers import transformers
+
+    base = models["llama_sharded"]
+    same = tmp_path / "same"
+    assert run(base, adapter, same, "-q").exit_code == 0
+    total = sum(p.stat().st_size for p in same.glob("*.safetensors"))
+    out = tmp_path / "out"
+    r = run(base, adapter, out, "--max-shard-size", f"{total // 5}B", "--json")
+    assert r.exit_code == 0, r.output
+    index = json.loads((out / "model.safetensors.index.json").read_text())
+    files = sorted(p.name for p in out.glob("*.safetensors"))
+    assert len(files) >= 5 and files == sorted(set(index["weight_map"].values()))
+    assert all(f.startswith("model-") and f.endswith(f"-of-{len(files):05d}.safetensors") for f in files)
+    ours, mirrored = load_tensors(out), load_tensors(same)
+    assert ours.keys() == mirrored.keys() and all(torch.equal(ours[n], mirrored[n]) for n in ours)
+    assert json.loads((out / "merge_report.json").read_text())["status"] == "passed"
+    assert run("verify", out, "--base", base, "--adapter", adapter, "-q").exit_code == 0
+    transformers.AutoModelForCausalLM.from_pretrained(out)  # transformers reads the new index
+    # one file when it all fits, without an index
+    r = run(base, adapter, tmp_path / "one", "--max-shard-size", "1GB", "-q")
+    assert r.exit_code == 0 and sorted(p.name for p in (tmp_path / "one").glob("*.safetensors*")) == ["model.safetensors"]
+    r = run(base, adapter, tmp_path / "bad", "--max-shard-size", "lots")
+    assert r.exit_code == 2 and "'lots' is not a size" in r.output and not (tmp_path / "bad").exists()
+
+
+def test_resume_follows_the_shard_layout(models, adapter):
+    from lora_merge import prepare
+    from lora_merge.resume import fingerprint
+
+    mirrored = prepare(models["llama_sharded"], adapter, device="cpu")
+    cut = prepare(models["llama_sharded"], adapter, device="cpu", max_shard_bytes=20_000)
+    again = prepare(models["llama_sharded"], adapter, device="cpu", max_shard_bytes=20_000)
+    assert [s.name for s in cut.shards] != [s.name for s in mirrored.shards]
+    assert fingerprint(cut) == fingerprint(again) != fingerprint(mirrored)  # a partial output of another layout is not kept
