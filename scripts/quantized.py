@@ -10,14 +10,15 @@ On first run it generates the bases, with real names and shapes and random weigh
   MXFP4 like the gpt-oss release) and an adapter (r=16) on the attention and on both expert parameters.
 Then it runs, under `/usr/bin/time -v`: `cp -r BASE`; lora-merge writing the merge in BASE's format; lora-merge
 with ``--dtype bfloat16``; and peft as users do it (transformers dequantizing on load, ``merge_and_unload``,
-``save_pretrained``, which writes FP8 back as FP8 and MXFP4 as bfloat16), whose output is compared with
-lora-merge's in the same format.
+``save_pretrained``, which quantizes again as it saves), whose output is compared with lora-merge's kept-format
+one, value by value.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import math
 import platform
 import shutil
 import statistics
@@ -27,6 +28,7 @@ from pathlib import Path
 import torch
 from bench import timed
 from make_model import make
+from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
 PEFT_MERGE = """
@@ -132,33 +134,74 @@ def mxfp4_base(layers: int, folder: Path, rank: int = 16) -> None:
     }, indent=2))
 
 
+E2M1_VALUES = torch.tensor([0, 0.5, 1, 1.5, 2, 3, 4, 6, -0.0, -0.5, -1, -1.5, -2, -3, -4, -6], dtype=torch.float64)
+CHUNK = 1 << 24  # elements decoded at a time
+
+
+class Values:
+    """A checkpoint's tensors as the values the model computes with, in float64, a slice at a time: FP8 codes
+    times their block's ``weight_scale_inv``, MXFP4 ``*_blocks`` with ``*_scales`` (experts × in × out, as
+    transformers dequantizes them), anything else as stored."""
+
+    def __init__(self, folder: Path):
+        self.file = {}
+        for f in folder.glob("*.safetensors"):
+            with safe_open(f, "pt") as h:
+                self.file.update(dict.fromkeys(h.keys(), f))
+        stored = set(self.file)
+        self.names = {n.removesuffix("_blocks") for n in stored if not n.endswith(("_scale_inv", "_scales"))}
+
+    def _get(self, name: str, start: int, stop: int) -> torch.Tensor:
+        with safe_open(self.file[name], "pt") as h:
+            return h.get_slice(name)[start:stop]
+
+    def _shape(self, name: str) -> list[int]:
+        with safe_open(self.file[name], "pt") as h:
+            return h.get_slice(name).get_shape()
+
+    def chunks(self, name: str):
+        """(start, stop, float64 values of those rows) along the first axis."""
+        if name + "_blocks" in self.file:  # two e2m1 codes a byte, the even element low; 2^(byte - 127) per 32
+            for e in range(self._shape(name + "_blocks")[0]):
+                t, scales = self._get(name + "_blocks", e, e + 1), self._get(name + "_scales", e, e + 1)
+                codes = torch.stack((t & 15, t >> 4), -1).reshape(*t.shape[:-1], 32).long()
+                values = E2M1_VALUES[codes] * torch.exp2(scales.double() - 127).unsqueeze(-1)
+                yield e, e + 1, values.reshape(1, t.shape[1], -1).transpose(1, 2)
+            return
+        shape = self._shape(name)
+        rows = shape[0] if shape else 1
+        step = max(1, CHUNK // max(1, math.prod(shape[1:])))
+        scale_shape = self._shape(name + "_scale_inv") if name + "_scale_inv" in self.file else None
+        if scale_shape:
+            bm = -(-rows // scale_shape[0])
+            step = -(-step // bm) * bm
+        for start in range(0, rows, step):
+            stop = min(rows, start + step)
+            t = self._get(name, start, stop).double() if shape else self._get(name, 0, 0).double()
+            if scale_shape:
+                scale = self._get(name + "_scale_inv", start // bm, -(-stop // bm)).double()
+                bn = -(-shape[1] // scale_shape[1])
+                t = t * scale.repeat_interleave(bm, 0)[:stop - start].repeat_interleave(bn, 1)[:, :shape[1]]
+            yield start, stop, t
+
+
 def compare_any(reference: Path, other: Path) -> str:
-    """Tensors of ``other`` identical to lora-merge's, the largest distance of the others in steps of their own
-    dtype (FP8 codes: 4 significant bits), and the tensors only one of them has."""
-    ours, theirs = {}, {}
-    for f in reference.glob("*.safetensors"):
-        ours.update(load_file(f))
-    for f in other.glob("*.safetensors"):
-        theirs.update(load_file(f))
-    bits = {torch.float8_e4m3fn: 4, torch.bfloat16: 8, torch.float16: 11, torch.float32: 24}
-    same, worst, retyped = 0, 0.0, 0
-    for n in ours.keys() & theirs.keys():
-        a, b = ours[n], theirs[n]
-        if a.dtype != b.dtype:
-            retyped += 1
-        elif torch.equal(a.view(torch.uint8), b.view(torch.uint8)):
-            same += 1
-        elif a.dtype in bits:
-            x, y = a.double(), b.double()
-            _, exp = torch.frexp(torch.maximum(x.abs(), y.abs()))
-            worst = max(worst, float(((x - y).abs() / torch.ldexp(torch.ones_like(x), exp - bits[a.dtype])).max()))
-    words = [f"{same}/{len(ours)} tensors identical"]
+    """How far ``other``'s values are from lora-merge's (``reference``), both decoded: tensors with the same
+    values, and the largest difference of the others relative to the value (2^-4 is e4m3's and 2^-2 e2m1's half
+    step at most); and the tensors only one of them has."""
+    ours, theirs = Values(reference), Values(other)
+    same, worst = 0, 0.0
+    for n in sorted(ours.names & theirs.names):
+        equal = True
+        for (_, _, a), (_, _, b) in zip(ours.chunks(n), theirs.chunks(n)):
+            if not torch.equal(a, b):
+                equal = False
+                worst = max(worst, float(((a - b).abs() / a.abs().clamp(min=1e-30)).max()))
+        same += equal
+    words = [f"{same}/{len(ours.names)} tensors with the same values"]
     if worst:
-        words.append(f"max {worst:.0f} steps apart")
-    if retyped:
-        words.append(f"{retyped} in another dtype")
-    for label, names in (("only in lora-merge's", ours.keys() - theirs.keys()),
-                         ("added", theirs.keys() - ours.keys())):
+        words.append(f"others up to {worst:.2g} apart (relative)")
+    for label, names in (("only in lora-merge's", ours.names - theirs.names), ("added", theirs.names - ours.names)):
         if names:
             words.append(f"{len(names)} {label} ({min(names)}{', …' if len(names) > 1 else ''})")
     return ", ".join(words)
@@ -213,8 +256,8 @@ def main() -> None:
                     shutil.move(out, kept[name])
         med = {n: {k: statistics.median(r[k] for r in rs) for k in ("wall", "cpu", "rss_mb")} for n, rs in results.items()}
         versus = {}
-        if "peft" in kept:  # transformers saves FP8 back as FP8, MXFP4 as bfloat16
-            ours = "lora-merge (kept format)" if method == "fp8" else "lora-merge --dtype bfloat16"
+        if "peft" in kept:  # transformers saves both formats back quantized: compared with the kept format
+            ours = "lora-merge (kept format)"
             versus = {ours: "reference", "peft": compare_any(kept[ours], kept["peft"])}
         for name in names:
             m = med[name]
@@ -224,7 +267,7 @@ def main() -> None:
 
     print(f"{platform.machine()}, {torch.get_num_threads()} threads, torch {torch.__version__}; medians of {args.runs} "
           "run(s), tools alternated")
-    print("| base | tool | wall (s) | CPU (s) | peak RSS (MB) | vs cp | output vs lora-merge's in its format |")
+    print("| base | tool | wall (s) | CPU (s) | peak RSS (MB) | vs cp | values vs lora-merge's kept format |")
     print("|---|---|---|---|---|---|---|")
     print("\n".join(rows))
 

@@ -166,6 +166,15 @@ def test_fp8_scale_per_tensor_in_small_blocks(qwen3, tmp_path):
     assert assert_fp8_nearest(b, load_tensors(base), expected, None) > 0
 
 
+def expert_adapter(base, folder):
+    """A peft adapter on the attention's q_proj and on both expert parameters (target_parameters)."""
+    torch.manual_seed(1)
+    model = transformers.AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32)
+    config = peft.LoraConfig(r=3, lora_alpha=5, target_modules=["q_proj"], target_parameters=["gate_up_proj", "down_proj"],
+                             init_lora_weights=False)
+    peft.get_peft_model(model, config).save_pretrained(folder)
+
+
 def test_fp8_experts_stored_one_per_expert(tmp_path):
     """Qwen3-MoE FP8 releases: each expert's weights FP8 on disk, the adapter on the fused experts in memory."""
     torch.manual_seed(0)
@@ -173,11 +182,7 @@ def test_fp8_experts_stored_one_per_expert(tmp_path):
     transformers.AutoModelForCausalLM.from_config(cfg).to(torch.bfloat16).save_pretrained(tmp_path / "bf16")
     base = to_fp8(tmp_path / "bf16", tmp_path / "fp8", block=(16, 16), own=True, shards=2)
     assert "model.layers.0.mlp.experts.1.down_proj.weight_scale_inv" in load_tensors(base)
-    torch.manual_seed(1)
-    model = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "bf16", dtype=torch.float32)
-    config = peft.LoraConfig(r=3, lora_alpha=5, target_modules=["q_proj"], target_parameters=["gate_up_proj", "down_proj"],
-                             init_lora_weights=False)
-    peft.get_peft_model(model, config).save_pretrained(tmp_path / "adapter")
+    expert_adapter(tmp_path / "bf16", tmp_path / "adapter")
     result = merge(base, tmp_path / "adapter", tmp_path / "out", device="cpu")
     assert result.report.ok
     assert result.report.details["coverage"]["left_over"] == []
@@ -197,11 +202,7 @@ def gpt_oss(tmp_path):
 
 def test_mxfp4_experts_keep_their_format(tmp_path):
     base = gpt_oss(tmp_path)
-    torch.manual_seed(1)
-    model = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "bf16", dtype=torch.float32)
-    config = peft.LoraConfig(r=3, lora_alpha=5, target_modules=["q_proj"], target_parameters=["gate_up_proj", "down_proj"],
-                             init_lora_weights=False)
-    peft.get_peft_model(model, config).save_pretrained(tmp_path / "adapter")
+    expert_adapter(tmp_path / "bf16", tmp_path / "adapter")
     result = merge(base, tmp_path / "adapter", tmp_path / "out", device="cpu")
     assert result.report.ok
     out, before = load_tensors(tmp_path / "out"), load_tensors(base)
