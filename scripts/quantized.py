@@ -10,8 +10,8 @@ On first run it generates the bases, with real names and shapes and random weigh
   MXFP4 like the gpt-oss release) and an adapter (r=16) on the attention and on both expert parameters.
 Then it runs, under `/usr/bin/time -v`: `cp -r BASE`; lora-merge writing the merge in BASE's format; lora-merge
 with ``--dtype bfloat16``; and peft as users do it (transformers dequantizing on load, ``merge_and_unload``,
-``save_pretrained``, which quantizes again as it saves), whose output is compared with lora-merge's kept-format
-one, value by value.
+``save_pretrained``, which writes FP8 back as FP8 and MXFP4 experts dense), whose output is compared value by
+value with lora-merge's in the same form.
 """
 
 from __future__ import annotations
@@ -148,8 +148,10 @@ class Values:
         for f in folder.glob("*.safetensors"):
             with safe_open(f, "pt") as h:
                 self.file.update(dict.fromkeys(h.keys(), f))
-        stored = set(self.file)
-        self.names = {n.removesuffix("_blocks") for n in stored if not n.endswith(("_scale_inv", "_scales"))}
+        mxfp4 = {n.removesuffix("_blocks") for n in self.file
+                 if n.endswith("_blocks") and n.removesuffix("_blocks") + "_scales" in self.file}
+        parts = {m + suffix for m in mxfp4 for suffix in ("_blocks", "_scales")}
+        self.names = mxfp4 | {n for n in self.file if n not in parts and not n.endswith("_scale_inv")}
 
     def _get(self, name: str, start: int, stop: int) -> torch.Tensor:
         with safe_open(self.file[name], "pt") as h:
@@ -159,9 +161,17 @@ class Values:
         with safe_open(self.file[name], "pt") as h:
             return h.get_slice(name).get_shape()
 
+    def bits(self, name: str) -> int:
+        """Significant bits of the form ``name`` is stored in (e2m1: 2, e4m3: 4, bfloat16: 8, ...)."""
+        if name + "_blocks" in self.file and name + "_scales" in self.file:
+            return 2
+        with safe_open(self.file[name], "pt") as h:
+            dtype = h.get_slice(name).get_dtype()
+        return {"F8_E4M3": 4, "BF16": 8, "F16": 11, "F32": 24}.get(dtype, 53)
+
     def chunks(self, name: str):
         """(start, stop, float64 values of those rows) along the first axis."""
-        if name + "_blocks" in self.file:  # two e2m1 codes a byte, the even element low; 2^(byte - 127) per 32
+        if name + "_blocks" in self.file and name + "_scales" in self.file:  # two e2m1 codes a byte, the even element low; 2^(byte - 127) per 32
             for e in range(self._shape(name + "_blocks")[0]):
                 t, scales = self._get(name + "_blocks", e, e + 1), self._get(name + "_scales", e, e + 1)
                 codes = torch.stack((t & 15, t >> 4), -1).reshape(*t.shape[:-1], 32).long()
@@ -187,20 +197,28 @@ class Values:
 
 def compare_any(reference: Path, other: Path) -> str:
     """How far ``other``'s values are from lora-merge's (``reference``), both decoded: tensors with the same
-    values, and the largest difference of the others relative to the value (2^-4 is e4m3's and 2^-2 e2m1's half
-    step at most); and the tensors only one of them has."""
+    values, the largest difference of the others in steps of lora-merge's form (a step: the spacing of that
+    form's values at the larger magnitude, ignoring its scales), and the tensors only one of them has."""
     ours, theirs = Values(reference), Values(other)
+    # a dense tensor saved under a quantized name (transformers writes dequantized experts as `*_blocks`)
+    renamed = {n.removesuffix("_blocks"): n for n in theirs.names - ours.names
+               if n.endswith("_blocks") and n.removesuffix("_blocks") in ours.names}
+    theirs.names = (theirs.names - set(renamed.values())) | set(renamed)
     same, worst = 0, 0.0
     for n in sorted(ours.names & theirs.names):
         equal = True
-        for (_, _, a), (_, _, b) in zip(ours.chunks(n), theirs.chunks(n)):
+        bits = ours.bits(n)
+        for (_, _, a), (_, _, b) in zip(ours.chunks(n), theirs.chunks(renamed.get(n, n))):
             if not torch.equal(a, b):
                 equal = False
-                worst = max(worst, float(((a - b).abs() / a.abs().clamp(min=1e-30)).max()))
+                _, exp = torch.frexp(torch.maximum(a.abs(), b.abs()))
+                worst = max(worst, float(((a - b).abs() / torch.ldexp(torch.ones_like(a), exp - bits)).max()))
         same += equal
     words = [f"{same}/{len(ours.names)} tensors with the same values"]
+    if renamed:
+        words.append(f"{len(renamed)} dense ones stored as *_blocks without *_scales ({min(renamed.values())}, …)")
     if worst:
-        words.append(f"others up to {worst:.2g} apart (relative)")
+        words.append(f"the others up to {worst:.0f} steps apart")
     for label, names in (("only in lora-merge's", ours.names - theirs.names), ("added", theirs.names - ours.names)):
         if names:
             words.append(f"{len(names)} {label} ({min(names)}{', …' if len(names) > 1 else ''})")
@@ -256,8 +274,8 @@ def main() -> None:
                     shutil.move(out, kept[name])
         med = {n: {k: statistics.median(r[k] for r in rs) for k in ("wall", "cpu", "rss_mb")} for n, rs in results.items()}
         versus = {}
-        if "peft" in kept:  # transformers saves both formats back quantized: compared with the kept format
-            ours = "lora-merge (kept format)"
+        if "peft" in kept:  # transformers saves FP8 back as FP8, MXFP4 experts dense (under *_blocks names)
+            ours = "lora-merge (kept format)" if method == "fp8" else "lora-merge --dtype bfloat16"
             versus = {ours: "reference", "peft": compare_any(kept[ours], kept["peft"])}
         for name in names:
             m = med[name]
@@ -267,7 +285,7 @@ def main() -> None:
 
     print(f"{platform.machine()}, {torch.get_num_threads()} threads, torch {torch.__version__}; medians of {args.runs} "
           "run(s), tools alternated")
-    print("| base | tool | wall (s) | CPU (s) | peak RSS (MB) | vs cp | values vs lora-merge's kept format |")
+    print("| base | tool | wall (s) | CPU (s) | peak RSS (MB) | vs cp | values vs lora-merge's (same form) |")
     print("|---|---|---|---|---|---|---|")
     print("\n".join(rows))
 
