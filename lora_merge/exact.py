@@ -83,7 +83,7 @@ def expected_rows(e: Entry, f: Factors, start: int, stop: int, buffers: Buffers 
     elif isinstance(e.base, QuantizedTensor):  # decoded exactly
         raw = e.base.rows(start, stop)
     elif buffers is not None and buffers.device.type == "cpu":  # BASE's rows, into a reused buffer
-        raw = _read_rows(e.base, start, stop, buffers)
+        raw = read_stored_rows(e.base, start, stop, buffers)
     else:
         raw = FileTensor(e.base).rows(start, stop) if e.shape else FileTensor(e.base).load()
     raw = raw.to(f.device)
@@ -97,13 +97,13 @@ def expected_rows(e: Entry, f: Factors, start: int, stop: int, buffers: Buffers 
     return _general_rows(e, ops, f, raw, start, stop, dora_norm)
 
 
-def _read_rows(info, start: int, stop: int, buffers: Buffers):
-    """Rows [start, stop) of a stored tensor, into the buffers' "base" bytes."""
+def read_stored_rows(info, start: int, stop: int, buffers: Buffers, key: str = "base"):
+    """Rows [start, stop) of a stored tensor, in its dtype, into the buffers' bytes named ``key``."""
     import os
 
     row = info.row_bytes if info.shape else info.nbytes
     count = row * (stop - start) if info.shape else info.nbytes
-    raw = buffers.take("base", (count,), torch.uint8)
+    raw = buffers.take(key, (count,), torch.uint8)
     fd = os.open(info.path, os.O_RDONLY)
     try:
         pread_into(fd, memoryview(raw.numpy()), info.start + row * start)

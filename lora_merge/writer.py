@@ -25,7 +25,7 @@ from . import mathops
 from .buffers import Buffers
 from .dtypes import DTYPES, torch_dtype
 from .errors import NonFiniteError, OutputError, name_list
-from .exact import ElementCheck, needs_prepass, rows_per_block
+from .exact import ElementCheck, needs_prepass, read_stored_rows, rows_per_block
 from .plan import Entry, Plan
 from .quant import QuantizedTensor
 from .quant.check import GridCheck
@@ -33,7 +33,6 @@ from .safetensors_file import (
     copy_range,
     encode_header,
     pread_exact,
-    pread_into,
     write_all,
 )
 
@@ -289,17 +288,8 @@ class _Computer:
             return _Read(source.rows(start, stop) if source.shape else source.load(), None, stored)
         if isinstance(info, QuantizedTensor):
             return _Read(info.decode(stored, start, stop) if stored else info.rows(start, stop), None, stored)
-        row = info.row_bytes if info.shape else info.nbytes
-        count = row * (stop - start) if info.shape else info.nbytes
         slot = self.raw.next()
-        raw = slot.host.take("raw", (count,), self.torch.uint8)
-        fd = os.open(info.path, os.O_RDONLY)
-        try:
-            pread_into(fd, memoryview(raw.numpy()), info.start + row * start)
-        finally:
-            os.close(fd)
-        shape = (stop - start, *info.shape[1:]) if info.shape else ()
-        return _Read(raw.view(torch_dtype(info.dtype)).reshape(shape), slot, None)
+        return _Read(read_stored_rows(info, start, stop, slot.host, "raw"), slot, None)
 
     def _value(self, read: _Read, ops, start: int, stop: int, cache: dict):
         v = self.work.take("value", tuple(read.values.shape), self.torch.float64)
