@@ -263,7 +263,7 @@ class ElementCheck:
         stored = stored.to(self.device).reshape(-1)
         self.finite = self.finite and _all_finite(stored)
         values = rows.value.reshape(-1)
-        picked = _nonzero(self._not_plainly_nearest(values, stored))
+        picked = flat_nonzero(self._not_plainly_nearest(values, stored))
         if picked.numel() < values.numel():
             self.worst = max(self.worst, 0.5)  # the nearest value of the output dtype is within half an ulp
         if picked.numel():
@@ -357,7 +357,7 @@ def _all_finite(x) -> bool:
     return math.isfinite(float(low)) and math.isfinite(float(high))
 
 
-def _nonzero(mask):
+def flat_nonzero(mask):
     """Flat indices of the true elements; on the CPU through numpy, several times faster than torch
     for the usual case of a large mask with few or no true elements."""
     import numpy as np

@@ -196,11 +196,11 @@ def check_order(base: Source, adapters: list[Source], role: str = "BASE") -> Non
         same = any(a.path == base.path for a in adapters)
         also = " and as ADAPTER" if same else ""
         raise WrongInputError(f"{role} {base.spec!r}{also} is a LoRA adapter (it holds {marker}), not a model",
-                                  f"the order is {role} ADAPTER OUT: {role} is the model the adapter was trained on")
+                              f"the order is {role} ADAPTER OUT: {role} is the model the adapter was trained on")
     for a in adapters:
         if a.path.is_dir() and not (a.path / "adapter_config.json").is_file() and looks_like_model(a.path):
             raise WrongInputError(f"ADAPTER {a.spec!r} is a model (config.json and weights, no adapter files), "
-                                      "not an adapter", f"the order is {role} ADAPTER OUT")
+                                  "not an adapter", f"the order is {role} ADAPTER OUT")
 
 
 def _trained_on_other_base(adapter_config: dict, base) -> str | None:

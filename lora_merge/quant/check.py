@@ -14,8 +14,7 @@ import math
 
 import torch
 
-from ..exact import COMPUTE_UNIT, Factors, expected_rows
-from ..mathops import flat_nonzero
+from ..exact import COMPUTE_UNIT, Factors, expected_rows, flat_nonzero
 from .base import QuantizedTensor
 
 HALF = 0.5
