@@ -20,7 +20,7 @@ SMALL = dict(
 )
 OVERRIDES: dict[str, dict] = {
     "falcon": dict(new_decoder_architecture=True, num_kv_heads=2, ffn_hidden_size=64),
-    "inkling2_text": dict(swa_head_dim=8, swa_num_attention_heads=4, swa_num_key_value_heads=2),
+    "inkling2_text": dict(swa_head_dim=8, swa_num_attention_heads=4, swa_num_key_value_heads=2, unpadded_vocab_size=120),
     "gpt_neox": dict(rotary_pct=1.0),
     "phi": dict(partial_rotary_factor=1.0),
     "lfm2": dict(layer_types=["conv", "full_attention"], full_attn_idxs=[1], block_ff_dim=64),

