@@ -35,6 +35,3 @@ class Buffers:
             self.views = {k: v for k, v in self.views.items() if k[0] != name}
         view = self.views[key] = held[:n].view(shape)
         return view
-
-    def nbytes(self) -> int:
-        return sum(t.numel() * t.element_size() for t in self.held.values())

@@ -7,6 +7,7 @@ import logging
 from pathlib import Path
 
 from . import __version__
+from .paths import write_new
 from .plan import Plan
 from .report import Report
 from .sources import Source
@@ -47,7 +48,7 @@ def _link(source: Source) -> str:
     return f"`{source.spec}` (a local folder)"
 
 
-def render(plan: Plan, report: Report, *, command: str, repo_id: str | None = None) -> str:
+def render(plan: Plan, report: Report, *, command: str, repo_id: str | None = None, tokenizer: bool = True) -> str:
     """The card's text."""
     from huggingface_hub import ModelCard, ModelCardData
 
@@ -125,21 +126,28 @@ The merged checkpoint was read back and checked against the base and the adapter
 
 ## Use it
 
-{_usage(plan, load_from)}
+{_usage(plan, load_from, tokenizer)}
 """
     return ModelCard(f"---\n{data.to_yaml()}\n---\n{body}").content
 
 
-def _usage(plan: Plan, load_from: str) -> str:
-    """How to load the result: a diffusers component by its class, else a transformers causal LM."""
+def _usage(plan: Plan, load_from: str, tokenizer: bool) -> str:
+    """How to load the result: a diffusers component by its class, else a transformers causal LM (with its tokenizer
+    when the folder has one)."""
     diffusers_class = plan.base.config.get("_class_name")
     if isinstance(diffusers_class, str) and diffusers_class.isidentifier():
         return (f"```python\nfrom diffusers import {diffusers_class}\n\n"
                 f"model = {diffusers_class}.from_pretrained(\"{load_from}\")\n```")
+    if not tokenizer:
+        return ("```python\nfrom transformers import AutoModelForCausalLM\n\n"
+                f"model = AutoModelForCausalLM.from_pretrained(\"{load_from}\", dtype=\"auto\")\n```\n\n"
+                "This folder has no tokenizer (BASE had none): use the one the base model was published with.")
     return ("```python\nfrom transformers import AutoModelForCausalLM, AutoTokenizer\n\n"
             f"model = AutoModelForCausalLM.from_pretrained(\"{load_from}\", dtype=\"auto\")\n"
             f"tokenizer = AutoTokenizer.from_pretrained(\"{load_from}\")\n```")
 
 
 def write(folder: Path, plan: Plan, report: Report, *, command: str, repo_id: str | None = None) -> None:
-    (folder / CARD_NAME).write_text(render(plan, report, command=command, repo_id=repo_id))
+    tokenizer = any((folder / n).is_file() for n in ("tokenizer.json", "tokenizer_config.json", "tokenizer.model",
+                                                     "vocab.json", "vocab.txt"))
+    write_new(folder / CARD_NAME, render(plan, report, command=command, repo_id=repo_id, tokenizer=tokenizer))

@@ -13,7 +13,7 @@ from pathlib import Path
 import click
 
 from . import __version__
-from .errors import LoraMergeError, ParityError
+from .errors import LoraMergeError, OutputError, ParityError
 
 CONTEXT = {"help_option_names": ["-h", "--help"], "max_content_width": 100}
 DEBUG_ENV = "LORA_MERGE_DEBUG"
@@ -50,7 +50,8 @@ class DefaultGroup(click.Group):
         except LoraMergeError as e:
             if debug:
                 raise
-            _fail(str(e), _kept_hint(ctx) or e.hint)
+            # about OUT itself (it exists, is locked, has no room): its own hint, never "run again with --resume"
+            _fail(str(e), e.hint if isinstance(e, OutputError) else _kept_hint(ctx) or e.hint)
         except (KeyboardInterrupt, Terminated):
             kept = _kept(ctx)
             what = f"the finished shards are kept in {kept}" if kept else "the temporary output was removed"
@@ -104,69 +105,29 @@ def token_option(f):
 
 
 def push_options(f):
-    for option in reversed([
-        click.option("--private", is_flag=True, help="Create the Hub repo as private (when it does not exist yet)."),
-        click.option("--revision", metavar="BRANCH", default=None, help="Push to this branch (created if needed)."),
-        click.option("--create-pr", is_flag=True, help="Open a pull request instead of committing to the branch."),
-        click.option("--commit-message", default=None, help="Message of the Hub commit."),
-    ]):
-        f = option(f)
-    return f
+    from .flags import add_options
+    from .options import PushOptions
+
+    return add_options(PushOptions, ("private", "revision", "create_pr", "commit_message"))(f)
 
 
-def adapter_format_options(f):
-    for option in reversed([
-        click.option("--adapter-format", type=click.Choice(["auto", "peft", "loralib", "mlx", "kohya"]),
-                     default="auto", show_default=True,
-                     help="The adapter's layout. auto: detected from its files and tensor names."),
-        click.option("--lora-alpha", type=float, default=None,
-                     help="loralib: the lora_alpha the layers were built with (a loralib state dict does not record it)."),
-        click.option("--fan-in-fan-out", is_flag=True,
-                     help="loralib: the layers were built with fan_in_fan_out=True (weights stored in × out)."),
-        click.option("--enable-lora", metavar="PARTS", default=None,
-                     help="loralib MergedLinear: the fused parts that have LoRA, as names among q,k,v (e.g. q,v) "
-                          "or one flag per part (e.g. 1,0,1)."),
-    ]):
-        f = option(f)
-    return f
-
-
-def parse_enable_lora(text: str | None) -> list[bool] | None:
-    """``q,v`` (of a fused q,k,v) or ``1,0,1`` / ``true,false,true``, as loralib's enable_lora list."""
-    if text is None:
-        return None
-    parts = [p.strip().lower() for p in text.split(",") if p.strip()]
-    flags = {"1": True, "true": True, "0": False, "false": False}
-    if parts and all(p in flags for p in parts):
-        return [flags[p] for p in parts]
-    if parts and set(parts) <= set("qkv") and len(set(parts)) == len(parts):
-        return [n in parts for n in "qkv"]
-    raise click.BadParameter(f"{text!r}: name parts among q,k,v (e.g. q,v) or give one flag per part (e.g. 1,0,1)",
-                             param_hint="--enable-lora")
-
-
-def make_adapter_options(adapter_format, lora_alpha, fan_in_fan_out, enable_lora):
+def adapter_options(f):
+    from .flags import add_options
     from .formats import AdapterOptions
     from .formats.loralib import LoralibOptions
 
-    return AdapterOptions(adapter_format, LoralibOptions(lora_alpha, fan_in_fan_out, parse_enable_lora(enable_lora)))
+    return add_options(AdapterOptions)(add_options(LoralibOptions)(f))
 
 
-def _size(text: str | None) -> int | None:
-    from .options import parse_size
-
-    try:
-        return parse_size(text) if text is not None else None
-    except ValueError as e:
-        raise click.BadParameter(str(e)) from None
-
-
-def make_options(adapter_format, lora_alpha, fan_in_fan_out, enable_lora, **settings):
-    """The one MergeOptions of a command, from its parsed options."""
+def make_options(given: dict, **settings):
+    """The one MergeOptions of a command, from its parsed options (removed from ``given``) and ``settings``."""
+    from .flags import take
+    from .formats import AdapterOptions
+    from .formats.loralib import LoralibOptions
     from .options import MergeOptions
 
-    return MergeOptions(adapter_options=make_adapter_options(adapter_format, lora_alpha, fan_in_fan_out, enable_lora),
-                        **settings)
+    adapter = take(AdapterOptions, given, loralib=take(LoralibOptions, given))
+    return take(MergeOptions, given, adapter_options=adapter, **settings)
 
 
 def parse_adapter(text: str) -> tuple[str, float]:
@@ -179,9 +140,12 @@ def parse_adapter(text: str) -> tuple[str, float]:
     try:
         value = float(weight)
     except ValueError:
-        return text, 1.0
+        value = math.nan
     if not spec or not math.isfinite(value):
-        raise click.BadParameter(f"{text!r}: the weight after ':' must be a finite number", param_hint="--adapter")
+        where = f"no path {text!r} exists, so {weight!r} after the last ':' is the weight, and it" if spec else \
+            f"{text!r}: the weight after ':'"
+        raise click.BadParameter(f"{where} must be a finite number (ADAPTER[:WEIGHT], e.g. ./adapter:0.5)",
+                                 param_hint="--adapter")
     return spec, value
 
 
@@ -196,10 +160,11 @@ def merge_inputs(paths: tuple[str, ...], adapters: tuple[str, ...]) -> tuple[str
     return paths[0], [(paths[1], 1.0)], paths[2]
 
 
-def _check_push_options(repo_id, private, revision, create_pr, commit_message) -> None:
-    if not repo_id and (private or revision or create_pr or commit_message):
+def _check_push_options(push) -> None:
+    repo_id = push.repo_id
+    if not repo_id and (push.private or push.revision or push.create_pr or push.commit_message):
         raise click.UsageError("--private, --revision, --create-pr and --commit-message need --push-to-hub")
-    if create_pr and revision:
+    if push.create_pr and push.revision:
         raise click.UsageError("--create-pr opens a pull request against the main branch; leave out --revision")
     if repo_id:
         from .names import parse_spec
@@ -260,42 +225,45 @@ def cli():
     """
 
 
+def verify_options(f):
+    from .flags import add_options
+    from .options import MergeOptions
+
+    return add_options(MergeOptions, ("device", "allow_nonfinite"))(f)
+
+
+def unmerge_options(f):
+    from .flags import add_options
+    from .options import MergeOptions
+
+    return add_options(MergeOptions, ("device", "overwrite"))(f)
+
+
+def merge_options(f):
+    """The options of a merge: each declared once, on the field of MergeOptions it sets."""
+    from .flags import add_options
+    from .options import MergeOptions, PushOptions
+
+    f = add_options(PushOptions)(f)
+    f = token_option(f)
+    f = add_options(MergeOptions, ("allow_nonfinite", "max_shard_bytes", "resume"))(f)
+    f = click.option("-v", "--verbose", is_flag=True, help="Log what is decided along the way.")(f)
+    f = click.option("-q", "--quiet", is_flag=True, help="No progress bar and no summary.")(f)
+    f = click.option("--json", "as_json", is_flag=True, help="Print the summary (or the plan) as JSON on stdout.")(f)
+    f = add_options(MergeOptions, ("tokenizer_from", "block_bytes"))(f)
+    f = click.option("--dry-run", is_flag=True, help="Print the plan (targets, counts, bytes, peak memory) and "
+                     "write nothing.")(f)
+    f = add_options(MergeOptions, ("dtype", "device", "overwrite"))(f)
+    return adapter_options(f)
+
+
 @cli.command("merge", context_settings=CONTEXT)
 @click.argument("paths", nargs=-1, metavar="BASE [ADAPTER] OUT")
 @click.option("--adapter", "adapters", multiple=True, metavar="ADAPTER[:WEIGHT]",
               help="An adapter to merge, with an optional weight (default 1); repeat it to sum several adapters "
                    "in one pass. Replaces the ADAPTER argument.")
-@adapter_format_options
-@click.option("--dtype", type=click.Choice(["bfloat16", "float16", "float32"]), default=None,
-              help="Output dtype of floating-point tensors. Default: the base's.")
-@click.option("--device", default="auto", show_default=True, metavar="auto|cpu|cuda|cuda:N|mps",
-              help="Where the arithmetic runs. auto: CUDA when present, else CPU.")
-@click.option("--overwrite", is_flag=True, help="Replace OUT if it exists (only once the new output is complete).")
-@click.option("--dry-run", is_flag=True, help="Print the plan (targets, counts, bytes, peak memory) and write nothing.")
-@click.option("--tokenizer-from", type=click.Choice(["base", "adapter"]), default=None,
-              help="Where the tokenizer files come from. Default: the base, or the adapter when it "
-                   "resized the vocabulary and carries a tokenizer.")
-@click.option("--block-mb", type=click.IntRange(1, 65536), default=None,
-              help="Size of the float64 block a large tensor is merged in (default: 8 on a CPU, 256 on a GPU); "
-                   "bounds peak memory.")
-@click.option("--json", "as_json", is_flag=True, help="Print the summary (or the plan) as JSON on stdout.")
-@click.option("-q", "--quiet", is_flag=True, help="No progress bar and no summary.")
-@click.option("-v", "--verbose", is_flag=True, help="Log what is decided along the way.")
-@click.option("--allow-nonfinite", is_flag=True,
-              help="Merge even when the adapter or a merged tensor holds NaN or Inf (the report says so).")
-@click.option("--max-shard-size", "max_shard_bytes", metavar="SIZE", callback=lambda ctx, param, v: _size(v),
-              help="Cut OUT's weights into files of at most SIZE (5GB, 500MB, 2GiB), in BASE's tensor order, with "
-                   "an index. Default: the same files as BASE.")
-@click.option("--resume", is_flag=True,
-              help="Keep finished shards when the run is interrupted, and continue from them on the next "
-                   "--resume run (only when their hashes and the plan still match).")
-@token_option
-@click.option("--push-to-hub", "push_to", metavar="REPO_ID", default=None,
-              help="After the merge and its parity checks pass, upload OUT to this Hub repo (created if needed).")
-@push_options
-def merge_command(paths, adapters, adapter_format, lora_alpha, fan_in_fan_out, enable_lora, dtype, device, overwrite,
-                  dry_run, tokenizer_from, block_mb, as_json, quiet, verbose, allow_nonfinite, max_shard_bytes, resume,
-                  token, push_to, private, revision, create_pr, commit_message):
+@merge_options
+def merge_command(paths, adapters, dry_run, as_json, quiet, verbose, token, **given):
     """Merge ADAPTER into BASE and write the merged model to OUT.
 
     \b
@@ -313,17 +281,16 @@ def merge_command(paths, adapters, adapter_format, lora_alpha, fan_in_fan_out, e
     """
     logging.basicConfig(level=logging.INFO if verbose else logging.WARNING, format="%(levelname)s: %(message)s")
     from . import pipeline
+    from .flags import take
     from .options import PushOptions
     from .progress import byte_bar
 
-    _check_push_options(push_to, private, revision, create_pr, commit_message)
+    push = take(PushOptions, given)
+    _check_push_options(push)
+    push = push if push.repo_id else None
     base, adapter, out = merge_inputs(paths, adapters)
-    push = PushOptions(push_to, private, revision, create_pr, commit_message) if push_to else None
-    options = make_options(adapter_format, lora_alpha, fan_in_fan_out, enable_lora, dtype=dtype, device=device,
-                           overwrite=overwrite, tokenizer_from=tokenizer_from,
-                           block_bytes=block_mb * 1024 * 1024 if block_mb else None,
-                           allow_nonfinite=allow_nonfinite, resume=resume, push=push, max_shard_bytes=max_shard_bytes)
-    if resume:
+    options = make_options(given, push=push)
+    if options.resume:
         click.get_current_context().meta["resumable_out"] = Path(os.path.abspath(Path(out).expanduser()))
     if quiet:
         _quiet_hub()
@@ -361,7 +328,7 @@ def merge_command(paths, adapters, adapter_format, lora_alpha, fan_in_fan_out, e
 @click.argument("repo_id")
 @token_option
 @push_options
-def push_command(out, repo_id, token, private, revision, create_pr, commit_message):
+def push_command(out, repo_id, token, **given):
     """Upload a merged folder OUT to the Hub repo REPO_ID (created if needed), e.g. to retry a push.
 
     \b
@@ -372,16 +339,19 @@ def push_command(out, repo_id, token, private, revision, create_pr, commit_messa
     OUT must hold a merge_report.json whose parity checks passed.
     """
     from . import hub
-    from .errors import OutputError
+    from .flags import take
+    from .options import PushOptions
+    from .paths import read_text
     from .report import REPORT_NAME
 
-    _check_push_options(repo_id, private, revision, create_pr, commit_message)
+    push = take(PushOptions, given, repo_id=repo_id)
+    _check_push_options(push)
     folder = Path(out)
     report_path = folder / REPORT_NAME
     if not folder.is_dir():
         raise OutputError(f"OUT {out!r} is not a folder", "pass the folder lora-merge wrote")
     try:
-        status = json.loads(report_path.read_text()).get("status")
+        status = json.loads(read_text(report_path)).get("status")
     except (OSError, ValueError, AttributeError):
         status = None
     if status != "passed":
@@ -390,10 +360,8 @@ def push_command(out, repo_id, token, private, revision, create_pr, commit_messa
             f"OUT {out!r} {what}; only a checked merge is pushed",
             f"merge again, or check it: lora-merge verify {out} --base BASE --adapter ADAPTER --json {report_path}",
         )
-    from .options import PushOptions
-
     hub.whoami(token)
-    url = hub.push(folder, PushOptions(repo_id, private, revision, create_pr, commit_message), token=token)
+    url = hub.push(folder, push, token=token)
     click.echo(f"pushed to {url}")
 
 
@@ -402,11 +370,10 @@ def push_command(out, repo_id, token, private, revision, create_pr, commit_messa
 @click.option("--base", required=True, help="The base model the merge started from.")
 @click.option("--adapter", "adapters", required=True, multiple=True, metavar="ADAPTER[:WEIGHT]",
               help="The adapter that was merged (repeat it for several, with their weights).")
-@adapter_format_options
+@adapter_options
 @click.option("--json", "json_path", type=click.Path(dir_okay=False, allow_dash=True), default=None,
               help="Also write the report as JSON to this file (- for stdout, instead of the table).")
-@click.option("--device", default="auto", show_default=True, metavar="auto|cpu|cuda|cuda:N",
-              help="Where the checks (and the latency runs) compute.")
+@verify_options
 @click.option("--latency", is_flag=True,
               help="Also time greedy decoding with the base, the unmerged adapter and OUT "
                    "(needs the latency extra: pip install 'lora-merge[latency]').")
@@ -415,12 +382,9 @@ def push_command(out, repo_id, token, private, revision, create_pr, commit_messa
 @click.option("--runs", type=click.IntRange(2), default=10, show_default=True,
               help="Timed runs per condition, after one warm-up.")
 @click.option("--prompt", default=None, help="Prompt text (uses OUT's tokenizer). Default: 16 fixed token ids.")
-@click.option("--allow-nonfinite", is_flag=True,
-              help="Pass NaN or Inf where the exact result is NaN or Inf (a merge made with --allow-nonfinite).")
 @click.option("-q", "--quiet", is_flag=True, help="No progress bar and no table; the exit code tells.")
 @token_option
-def verify_command(out, base, adapters, adapter_format, lora_alpha, fan_in_fan_out, enable_lora, json_path, device, latency, new_tokens, runs, prompt, allow_nonfinite, quiet,
-                   token):
+def verify_command(out, base, adapters, json_path, latency, new_tokens, runs, prompt, quiet, token, **given):
     """Check a merged folder against BASE and ADAPTER; exit 1 when a check fails.
 
     \b
@@ -439,28 +403,27 @@ def verify_command(out, base, adapters, adapter_format, lora_alpha, fan_in_fan_o
 
     if quiet:
         _quiet_hub()
-    options = make_options(adapter_format, lora_alpha, fan_in_fan_out, enable_lora, device=device,
-                           allow_nonfinite=allow_nonfinite)
+    options = make_options(given)
     report = pipeline.verify(out, base, [parse_adapter(a) for a in adapters], options, token=token,
                              progress=lambda total, label: byte_bar(total, label, not quiet))
     if latency:
         from .latency import latency_table, measure_latency
 
-        plan_dev = pipeline.resolve_device(device)
-        result = measure_latency(report.plan.base.path, report.plan.adapter.path, report.folder, plan_dev,
+        result = measure_latency(report.plan.base.path, report.plan.adapter.path, report.folder, report.device,
                                  new_tokens=new_tokens, runs=runs, prompt=prompt)
         report.details["latency"] = result
     if json_path == "-":
         click.echo(json.dumps(report.to_json(), indent=2))
     else:
         if json_path:
-            report.write(Path(json_path))
+            Path(json_path).write_text(report.text())
         if not quiet:
             click.echo(report.table())
             if latency:
                 click.echo(latency_table(report.details["latency"]))
     if not report.ok:
-        error = pipeline.parity_error(report, Path(json_path) if json_path and json_path != "-" else None)
+        error = pipeline.parity_error(report, f"see {json_path}" if json_path and json_path != "-" else
+                                      "the failures are listed above")
         if quiet and not json_path:
             error.hint = "run without --quiet (or with --json PATH) to see the failures"
         raise error
@@ -473,15 +436,12 @@ def verify_command(out, base, adapters, adapter_format, lora_alpha, fan_in_fan_o
 @click.option("--base", "original", default=None, metavar="ORIGINAL",
               help="The base model the merge started from: count the elements that come back bit-identical "
                    "and the worst error in ulp.")
-@adapter_format_options
-@click.option("--device", default="auto", show_default=True, metavar="auto|cpu|cuda|cuda:N",
-              help="Where the arithmetic runs.")
-@click.option("--overwrite", is_flag=True, help="Replace OUT if it exists (only once the new output is complete).")
+@adapter_options
+@unmerge_options
 @click.option("--json", "as_json", is_flag=True, help="Print the report as JSON on stdout.")
 @click.option("-q", "--quiet", is_flag=True, help="No progress bar and no table.")
 @token_option
-def unmerge_command(merged, adapter, out, original, adapter_format, lora_alpha, fan_in_fan_out, enable_lora, device,
-                    overwrite, as_json, quiet, token):
+def unmerge_command(merged, adapter, out, original, as_json, quiet, token, **given):
     """Subtract ADAPTER from the merged model MERGED and write the base back to OUT.
 
     \b
@@ -499,8 +459,7 @@ def unmerge_command(merged, adapter, out, original, adapter_format, lora_alpha, 
 
     if quiet:
         _quiet_hub()
-    options = make_options(adapter_format, lora_alpha, fan_in_fan_out, enable_lora, device=device,
-                           overwrite=overwrite)
+    options = make_options(given)
     try:
         result = pipeline.unmerge(merged, [parse_adapter(adapter)], out, options, original=original, token=token,
                                   command=_command_line(),

@@ -17,7 +17,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from .errors import LayoutError
+from .errors import LayoutError, first_line
 from .layout import Along, Fixed, ModelLayout, ModelTensor, Piece
 from .sources import BaseModel
 
@@ -28,6 +28,16 @@ EXTRA = "pip install 'lora-merge[transformers]'"
 def model_layout(base: BaseModel) -> ModelLayout:
     """Where every tensor of the model transformers builds from BASE comes from in BASE's files."""
     transformers = _import_transformers()
+    try:
+        return _model_layout(transformers, base)
+    except LayoutError:
+        raise
+    except Exception as e:  # transformers' own code, run on a config.json from anywhere
+        raise LayoutError(f"transformers could not say how {base.config.get('model_type')!r} is stored "
+                          f"(from BASE's config.json{_naming(e, base.config)}): {first_line(e)}", [], _RESTORE) from e
+
+
+def _model_layout(transformers, base: BaseModel) -> ModelLayout:
     from transformers.conversion_mapping import get_model_conversion_mapping
     from transformers.core_model_loading import (
         WeightConverter,
@@ -111,6 +121,12 @@ def _meta_model(transformers, base: BaseModel):
     if not (base.path / "config.json").is_file() or not model_type:
         raise LayoutError("BASE has no config.json with a model_type, so the model in memory is unknown", [],
                           "add the config.json the model was published with")
+    architectures = base.config.get("architectures")
+    if not isinstance(model_type, str) or not (architectures is None or (
+            isinstance(architectures, list) and all(isinstance(a, str) for a in architectures))):
+        key, value = ("model_type", model_type) if not isinstance(model_type, str) else ("architectures", architectures)
+        raise LayoutError(f"BASE's config.json: {key} must be {'a string' if key == 'model_type' else 'a list of names'}"
+                          f", found {value!r}", [], _RESTORE)
     quiet = transformers.utils.logging.get_verbosity()
     transformers.utils.logging.set_verbosity_error()
     try:
@@ -118,19 +134,45 @@ def _meta_model(transformers, base: BaseModel):
             warnings.simplefilter("ignore")
             try:
                 config = transformers.AutoConfig.from_pretrained(base.path)
-            except (ValueError, KeyError, OSError) as e:
-                raise LayoutError(f"transformers {transformers.__version__} does not know model_type {model_type!r} "
-                                  f"({_first_line(e)})", [], "upgrade transformers, or merge into a model it knows") from None
+            except Exception as e:  # an unknown type, or a value its config class refuses, in many exception types
+                if model_type not in transformers.CONFIG_MAPPING:
+                    raise LayoutError(f"transformers {transformers.__version__} does not know model_type "
+                                      f"{model_type!r} ({first_line(e)})", [],
+                                      "upgrade transformers, or merge into a model it knows") from e
+                raise LayoutError(f"transformers cannot read BASE's config.json{_naming(e, base.config)}: "
+                                  f"{first_line(e)}", [], _RESTORE) from e
             classes = [getattr(transformers, a, None) for a in (getattr(config, "architectures", None) or [])]
             cls = next((c for c in classes if c is not None), None) or _auto_class(transformers, config)
             try:
                 with torch.device("meta"):
                     return cls(config)
             except Exception as e:  # a model class fails in many ways; the user needs its name and the first line
-                raise LayoutError(f"transformers cannot build {cls.__name__} for {model_type!r}: {_first_line(e)}", [],
-                                  "check that config.json is the one the model was published with") from e
+                raise LayoutError(f"transformers cannot build {cls.__name__} for {model_type!r} from BASE's "
+                                  f"config.json{_naming(e, base.config)}: {first_line(e)}", [], _RESTORE) from e
     finally:
         transformers.utils.logging.set_verbosity(quiet)
+
+
+_RESTORE = "check that config.json is the one the model was published with"
+
+
+def _naming(e: BaseException, config: dict) -> str:
+    """" (key 'hidden_size')" when the error names a key of config.json (nested ones by their full path), else
+    nothing."""
+    import re
+
+    text = str(e)
+    named = [full for full, leaf in _keys(config) if re.search(rf"(?<![\w.]){re.escape(leaf)}(?!\w)", text)]
+    return f" (key {min(named, key=lambda k: (k.count('.'), -len(k)))!r})" if named else ""
+
+
+def _keys(config: dict, prefix: str = "") -> list[tuple[str, str]]:
+    """(full path, last part) of every key of a config, nested ones included."""
+    found = []
+    for k, v in config.items():
+        found.append((prefix + str(k), str(k)))
+        found += _keys(v, f"{prefix}{k}.") if isinstance(v, dict) else []
+    return found
 
 
 def _auto_class(transformers, config):
@@ -140,11 +182,6 @@ def _auto_class(transformers, config):
             return mapping[type(config)]
     raise LayoutError(f"transformers has no model class for {type(config).__name__}", [],
                       "merge into a model transformers can load")
-
-
-def _first_line(e: BaseException) -> str:
-    text = str(e).strip()
-    return text.splitlines()[0] if text else type(e).__name__
 
 
 # --------------------------------------------------------------------------- tensors as index vectors

@@ -17,10 +17,6 @@ class DType:
     computed: bool = False  # a float the merge computes on and writes (F8 and the like are codecs' business)
 
     @property
-    def is_float(self) -> bool:
-        return self.mantissa > 0
-
-    @property
     def config_name(self) -> str | None:
         """How config.json's ``torch_dtype`` names it ("bfloat16")."""
         return self.torch if self.computed else None
@@ -40,10 +36,6 @@ DTYPES = {d.name: d for d in [
 ]}
 FLOAT_DTYPES = {n for n, d in DTYPES.items() if d.computed}  # what a LoRA delta can be added to
 OUTPUT_DTYPES = {d.config_name: d.name for d in DTYPES.values() if d.computed and d.name != "F64"}  # --dtype
-
-
-def size(name: str) -> int:
-    return DTYPES[name].size
 
 
 def torch_dtype(name: str):

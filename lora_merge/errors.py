@@ -12,6 +12,13 @@ def name_list(names: list[str], most: int = 5) -> str:
     return ", ".join(names[:most]) + (f" and {len(names) - most} more" if len(names) > most else "")
 
 
+def first_line(e: BaseException) -> str:
+    """The first non-empty line of an exception's text (its class name when it has none): what another
+    library says, quoted in one of ours."""
+    text = str(e).strip()
+    return next((line.strip() for line in text.splitlines() if line.strip()), type(e).__name__)
+
+
 class LoraMergeError(Exception):
     """Base class of every error lora-merge reports to a user."""
 
@@ -25,6 +32,11 @@ class LoraMergeError(Exception):
 
 class SourceNotFoundError(LoraMergeError, FileNotFoundError):
     """BASE or ADAPTER is not a folder (or Hub repo) that holds what a merge needs."""
+
+
+class InputFileError(LoraMergeError, OSError):
+    """An input file lora-merge will not read: not a regular file (a named pipe, a device, a folder), a link that
+    loops, or far larger than such a file can be."""
 
 
 class WrongInputError(LoraMergeError, ValueError):
@@ -98,3 +110,7 @@ class LatencyError(LoraMergeError, RuntimeError):
 
 class HubError(LoraMergeError, OSError):
     """A Hugging Face Hub request failed: not logged in, no access, not found, gated, offline, network."""
+
+
+class RepoNotFoundError(HubError):
+    """The Hub does not show the repo: not found (or private), offline and not cached, or out of reach."""

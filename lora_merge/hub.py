@@ -13,7 +13,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from .errors import HubError, SourceNotFoundError
+from .errors import HubError, RepoNotFoundError, SourceNotFoundError, first_line
 from .names import OTHER_FORMATS, PICKLED
 
 if TYPE_CHECKING:
@@ -23,7 +23,6 @@ log = logging.getLogger("lora_merge")
 
 # files of BASE and ADAPTER that a merge never downloads (pickled weights only as an adapter's fallback)
 NOT_DOWNLOADED = (*PICKLED, *OTHER_FORMATS)
-ADAPTER_NEEDS = ("adapter_config.json", "adapter_model.safetensors")
 LARGE_FOLDER_BYTES = 5 * 1024**3
 LOGIN_HINT = "log in with `hf auth login`, set HF_TOKEN, or pass --token"
 
@@ -59,7 +58,7 @@ def fetch(repo_id: str, revision: str | None, role: str, token: str | None = Non
         if constants.HF_HUB_OFFLINE:
             folder = _cached_snapshot(repo_id, revision)
             if folder is None:
-                raise HubError(
+                raise RepoNotFoundError(
                     f"{where}: offline mode (HF_HUB_OFFLINE=1) and it is not in the local cache",
                     "run once with network access to fill the cache, or unset HF_HUB_OFFLINE",
                 )
@@ -188,7 +187,7 @@ def hub_errors(where: str, repo_id: str | None = None):
     except e.RevisionNotFoundError:
         raise HubError(f"{where}: no such revision", "check the branch, tag or commit after @") from None
     except e.RepositoryNotFoundError:
-        raise HubError(
+        raise RepoNotFoundError(
             f"{where}: repo not found (or private)", f"check the repo id; for a private repo, {LOGIN_HINT}"
         ) from None
     except e.LocalTokenNotFoundError:
@@ -197,11 +196,11 @@ def hub_errors(where: str, repo_id: str | None = None):
         from huggingface_hub import constants
 
         if constants.HF_HUB_OFFLINE:
-            raise HubError(
+            raise RepoNotFoundError(
                 f"{where}: offline mode (HF_HUB_OFFLINE=1) and it is not in the local cache",
                 "run once with network access to fill the cache, or unset HF_HUB_OFFLINE",
             ) from None
-        raise HubError(f"{where}: cannot reach the Hub ({_first_line(err)})", _NETWORK_HINT) from None
+        raise RepoNotFoundError(f"{where}: cannot reach the Hub ({first_line(err)})", _NETWORK_HINT) from None
     except e.HfHubHTTPError as err:
         status = err.response.status_code if err.response is not None else None
         if status == 401:
@@ -211,10 +210,10 @@ def hub_errors(where: str, repo_id: str | None = None):
                 f"{where}: no write access (403)",
                 "use a token with write access to this namespace, or push to your own namespace",
             ) from None
-        raise HubError(f"{where}: the Hub answered {status}: {_first_line(err)}", _NETWORK_HINT) from None
+        raise HubError(f"{where}: the Hub answered {status}: {first_line(err)}", _NETWORK_HINT) from None
     except Exception as err:  # transport errors: their classes depend on the HTTP library the client uses
         if _is_network_error(err):
-            raise HubError(f"{where}: cannot reach the Hub ({type(err).__name__})", _NETWORK_HINT) from None
+            raise RepoNotFoundError(f"{where}: cannot reach the Hub ({type(err).__name__})", _NETWORK_HINT) from None
         raise
 
 
@@ -231,7 +230,3 @@ def _is_network_error(err: BaseException) -> bool:
         "urllib3",
     )
 
-
-def _first_line(err: BaseException) -> str:
-    text = str(err).strip()
-    return next((line for line in text.splitlines() if line.strip()), type(err).__name__)

@@ -13,7 +13,7 @@ import time
 import warnings
 from pathlib import Path
 
-from .errors import LatencyError
+from .errors import LatencyError, first_line
 
 CONDITIONS = ("base", "unmerged", "merged")
 PROMPT_TOKENS = 16
@@ -38,8 +38,8 @@ def _load(transformers, folder: Path, device, vocab: int | None = None):
             warnings.simplefilter("ignore")  # deprecation notices about the loaded model, not the user's concern
             model = transformers.AutoModelForCausalLM.from_pretrained(folder, dtype="auto")
     except Exception as e:  # transformers raises many kinds; the user needs the first line only
-        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise LatencyError(f"transformers cannot load {folder}: {first}", "latency needs a transformers model") from e
+        raise LatencyError(f"transformers cannot load {folder}: {first_line(e)}",
+                           "latency needs a transformers model") from e
     if vocab is not None and model.get_input_embeddings().weight.shape[0] != vocab:
         model.resize_token_embeddings(vocab)  # the adapter resized the vocabulary: the unmerged model must too
     return model
@@ -96,8 +96,7 @@ def measure_latency(
     except LatencyError:
         raise
     except Exception as e:
-        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise LatencyError(f"peft cannot load the adapter {adapter}: {first}") from e
+        raise LatencyError(f"peft cannot load the adapter {adapter}: {first_line(e)}") from e
     models = {"base": _load(transformers, base, device), "unmerged": unmerged, "merged": merged_model}
     for m in models.values():
         m.to(device).eval()

@@ -130,6 +130,7 @@ class Placement:
         self.base = base
         self.files = FilesLayout(base)
         self.model: ModelLayout | None = None
+        self.families: set[str] | None = None
 
     def place(self, path: Path, options=None) -> Adapter:
         """The adapter at ``path`` with every target on an on-disk tensor (or left for the planner to report)."""
@@ -139,8 +140,8 @@ class Placement:
         try:
             adapter = load_adapter(path, self.files, options)
             missing = self._unplaced(adapter)
-            if not missing:
-                return adapter
+            if not missing or not self._renamed(missing):
+                return adapter  # placed, or names of BASE's own kind that BASE lacks: the plan lists what does not fit
             why = [f"{n}: not a tensor in BASE's files" for n in missing]
         except LayoutNeeded as e:
             why = e.problems
@@ -150,10 +151,18 @@ class Placement:
             try:
                 self.model = model_layout(self.base)
             except LayoutError as e:  # say which targets needed it
-                shown = why[:5] + ([f"… and {len(why) - 5} more"] if len(why) > 5 else [])
-                raise LayoutError(e.args[0], e.problems or shown, e.hint) from None
+                raise LayoutError(e.args[0], e.problems or [name_list(why)], e.hint) from None
         adapter = load_adapter(path, self.model, options)
         return to_disk(adapter, self.model, self.files.shapes)
+
+    def _renamed(self, missing: list[str]) -> bool:
+        """Whether some targets name tensors of a kind BASE's files do not have (``mlp.experts.gate_up_proj``, a
+        ``language_model`` prefix): the model in memory may store them so; more layers than BASE has is not that."""
+        from .names import family
+
+        if self.families is None:
+            self.families = {family(n) for n in self.files.shapes}
+        return any(family(n) not in self.families for n in missing)
 
     def _unplaced(self, adapter: Adapter) -> list[str]:
         """Targets that name no on-disk tensor (an output embedding tied to the input one aside)."""

@@ -33,3 +33,9 @@ def parse_spec(spec: str) -> tuple[str, str | None] | None:
 def repo_named(text: str) -> tuple[str, str | None] | None:
     """(repo id, revision) when ``text`` names a Hub repo rather than an existing local path."""
     return None if Path(text).expanduser().exists() else parse_spec(text)
+
+
+def family(name: str) -> str:
+    """A tensor name with its layer and expert numbers as N (``model.layers.N.mlp.down_proj.weight``): the family
+    of tensors it belongs to."""
+    return re.sub(r"\.\d+(?=\.|$)", ".N", name)

@@ -1,38 +1,99 @@
 """How a merge runs, as one value: the CLI builds it once, the library passes it whole, the report records it.
 
-A new setting is one field here, not a keyword threaded through every call.
+A new setting is one field here, not a keyword threaded through every call. Each field that the command line
+sets declares its flag and help beside its default (``flags.cli_flag``), and the CLI turns those fields into
+its options: the default the help states is the default the code uses.
 """
 
 from __future__ import annotations
 
 import re
 from dataclasses import asdict, dataclass, field, fields, replace
+from fractions import Fraction
+
+import click
 
 from .dtypes import OUTPUT_DTYPES
+from .flags import cli_flag
 from .formats import AdapterOptions
+
+MIB = 1024 * 1024
+# the float64 working block a tensor is merged in: small on a CPU (it stays in cache), large on a GPU (few launches)
+BLOCK_BYTES = {"cpu": 6 * MIB, "cuda": 256 * MIB}
+
+
+def block_help() -> str:
+    cpu, gpu = BLOCK_BYTES["cpu"] // MIB, BLOCK_BYTES["cuda"] // MIB
+    return (f"Size in MiB of the float64 block a large tensor is merged in (default: {cpu} on a CPU, {gpu} on a GPU); "
+            "bounds peak memory.")
+
+
+SIZE_UNITS = {"": 1, "b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "tb": 10**12,
+              "kib": 2**10, "mib": 2**20, "gib": 2**30, "tib": 2**40}
+LARGEST_SIZE = 2**62  # far past any disk; a larger number is a typo
+
+
+def parse_size(text: str) -> int:
+    """``5GB`` (10^9 bytes), ``500MiB`` (2^20), ``1000000`` (bytes) as a number of bytes; ValueError otherwise."""
+    m = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([a-zA-Z]*)\s*", str(text))
+    unit = m[2].lower() if m else None
+    if m is None or unit not in SIZE_UNITS:
+        raise ValueError(f"{text!r} is not a size: give a number with a unit, such as 5GB, 500MB or 2GiB")
+    value = Fraction(m[1]) * SIZE_UNITS[unit]  # exact, however many digits
+    if value < 1:
+        raise ValueError(f"{text!r} is less than one byte: give a size such as 5GB, 500MB or 2GiB")
+    if value > LARGEST_SIZE:
+        raise ValueError(f"{text!r} is larger than any disk: give a size such as 5GB, 500MB or 2GiB")
+    return int(value)
+
+
+def _click_size(ctx, param, value):
+    try:
+        return parse_size(value) if value is not None else None
+    except ValueError as e:
+        raise click.BadParameter(str(e)) from None
+
+
+def _mib(ctx, param, value):
+    return value * MIB if value is not None else None
 
 
 @dataclass(frozen=True)
 class PushOptions:
     """Where and how OUT goes to the Hub after its checks pass."""
 
-    repo_id: str
-    private: bool = False
-    revision: str | None = None
-    create_pr: bool = False
-    commit_message: str | None = None
+    repo_id: str = cli_flag("--push-to-hub", "After the merge and its parity checks pass, upload OUT to this Hub "
+                            "repo (created if needed).", metavar="REPO_ID")
+    private: bool = cli_flag("--private", "Create the Hub repo as private (when it does not exist yet).", False,
+                             is_flag=True)
+    revision: str | None = cli_flag("--revision", "Push to this branch (created if needed).", metavar="BRANCH")
+    create_pr: bool = cli_flag("--create-pr", "Open a pull request instead of committing to the branch.", False,
+                               is_flag=True)
+    commit_message: str | None = cli_flag("--commit-message", "Message of the Hub commit.")
 
 
 @dataclass(frozen=True)
 class MergeOptions:
-    dtype: str | None = None  # output dtype of floating-point tensors (bfloat16, float16, float32); None: BASE's
-    device: str = "auto"  # where the arithmetic runs: auto, cpu, cuda, cuda:N, mps
-    overwrite: bool = False  # replace a non-empty OUT (only once the new one is complete)
-    tokenizer_from: str | None = None  # base or adapter; None: the base, or the adapter after a resize
-    block_bytes: int | None = None  # the float64 working block; None: 8 MiB on a CPU, 256 MiB on a GPU
-    max_shard_bytes: int | None = None  # cut OUT's weights into files of at most this; None: BASE's files
-    allow_nonfinite: bool = False  # merge even with NaN or Inf in the adapter or the result
-    resume: bool = False  # keep finished shards when interrupted, and continue from them
+    dtype: str | None = cli_flag("--dtype", "Output dtype of floating-point tensors. Default: the base's.",
+                                 type=click.Choice(list(OUTPUT_DTYPES)))
+    device: str = cli_flag("--device", "Where the arithmetic runs (and verify's latency runs). auto: CUDA when "
+                           "present, else CPU.", "auto",
+                           metavar="auto|cpu|cuda|cuda:N|mps", show_default=True)
+    overwrite: bool = cli_flag("--overwrite", "Replace OUT if it exists (only once the new output is complete and "
+                               "has passed its checks).", False, is_flag=True)
+    tokenizer_from: str | None = cli_flag(
+        "--tokenizer-from", "Where the tokenizer files come from. Default: the base, or the adapter when it resized "
+        "the vocabulary and carries a tokenizer.", type=click.Choice(["base", "adapter"]))
+    block_bytes: int | None = cli_flag("--block-mb", block_help(), type=click.IntRange(1, 65536),
+                                       callback=_mib)
+    max_shard_bytes: int | None = cli_flag(
+        "--max-shard-size", "Cut OUT's weights into files of at most SIZE (5GB, 500MB, 2GiB), in BASE's tensor "
+        "order, with an index. Default: the same files as BASE.", metavar="SIZE", callback=_click_size)
+    allow_nonfinite: bool = cli_flag("--allow-nonfinite", "Accept NaN or Inf in the adapter and where the exact merge "
+                                     "holds them (refused otherwise; the report says so).", False, is_flag=True)
+    resume: bool = cli_flag("--resume", "Keep finished shards when the run is interrupted, and continue from them "
+                            "on the next --resume run (only when their hashes and the plan still match).", False,
+                            is_flag=True)
     adapter_options: AdapterOptions = field(default_factory=AdapterOptions)  # what the adapter's files do not say
     push: PushOptions | None = None  # upload OUT once checked (its repo id also names the model card)
 
@@ -50,21 +111,10 @@ class MergeOptions:
     @classmethod
     def make(cls, options: MergeOptions | None = None, **settings) -> MergeOptions:
         """``options`` (or the defaults) with some settings changed: ``MergeOptions.make(device="cpu")``."""
+        if options is not None and not settings:
+            return options
         names = {f.name for f in fields(cls)}
         unknown = sorted(set(settings) - names)
         if unknown:
             raise TypeError(f"unknown merge option(s): {', '.join(unknown)} (known: {', '.join(sorted(names))})")
         return replace(options or cls(), **settings)
-
-
-SIZE_UNITS = {"": 1, "b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "tb": 10**12,
-              "kib": 2**10, "mib": 2**20, "gib": 2**30, "tib": 2**40}
-
-
-def parse_size(text: str) -> int:
-    """``5GB`` (10^9 bytes), ``500MiB`` (2^20), ``1000000`` (bytes) as a number of bytes; ValueError otherwise."""
-    m = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([a-zA-Z]*)\s*", str(text))
-    unit = m[2].lower() if m else None
-    if m is None or unit not in SIZE_UNITS or float(m[1]) * SIZE_UNITS[unit] < 1:
-        raise ValueError(f"{text!r} is not a size: give a number with a unit, such as 5GB, 500MB or 2GiB")
-    return int(float(m[1]) * SIZE_UNITS[unit])

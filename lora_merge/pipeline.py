@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import logging
-import shutil
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -23,8 +22,10 @@ from .errors import (
 from .formats import AdapterOptions
 from .layout import Placement
 from .memory import measure, resident_bytes
+from .names import family
 from .options import MergeOptions
-from .output import OutputLock, StagedOutput, check_output, check_space
+from .output import OutputLock, StagedOutput, check_output, check_space, clear_leftovers, no_room
+from .paths import copy_new, is_regular, write_new
 from .plan import Plan, make_plan
 from .progress import no_bar
 from .report import REPORT_NAME, Found, Report, load_out, verify_output
@@ -37,7 +38,7 @@ from .sources import (
     looks_like_model,
     resolve_source,
 )
-from .writer import WriteStats, working_set, write_shards
+from .writer import WriteStats, block_bytes_for, working_set, write_shards
 
 log = logging.getLogger("lora_merge")
 
@@ -153,7 +154,10 @@ def prepare(base: str, adapter: Adapters, options: MergeOptions | None = None, *
 
     Raises before anything is written.
     """
-    options = MergeOptions.make(options, **settings)
+    return _prepare(base, adapter, MergeOptions.make(options, **settings), token)
+
+
+def _prepare(base: str, adapter: Adapters, options: MergeOptions, token: str | None) -> Plan:
     base_model, loaded = _load_inputs(base, adapter_list(adapter), token, options.adapter_options)
     for member in loaded.members:
         mismatch = _trained_on_other_base(member.config, base_model.source)
@@ -165,7 +169,33 @@ def prepare(base: str, adapter: Adapters, options: MergeOptions | None = None, *
         from .sharding import resharded
 
         plan = resharded(plan, options.max_shard_bytes)
+    _log_plan(plan)
     return plan
+
+
+def _log_plan(plan: Plan) -> None:
+    """What the plan decided, for --verbose."""
+    c = plan.counts()
+    log.info("plan: %d tensors merged, %d copied as bytes, %d converted to another dtype, in %d shard(s)",
+             c["merged"], c["copied"], c["converted"], len(plan.shards))
+    for member in plan.adapter.members:
+        log.info("adapter %s: %s format, %d tensors onto %d base tensors", member.path, member.format,
+                 member.tensor_count, len(member.targets))
+        families: dict[str, list[str]] = {}
+        for name, disk in member.mapped.items():
+            if disk != [name]:
+                families.setdefault(family(name), []).extend(disk)
+        for kind, disk in families.items():
+            log.info("  %s: placed through %s onto %d on-disk tensors (%s)", kind, member.layout, len(disk),
+                     ", ".join(sorted({family(d) for d in disk})))
+    converted = {(e.base.dtype, e.dtype) for e in plan.entries if not e.is_copy and e.base is not None
+                 and e.base.dtype != e.dtype}
+    for source, target in sorted(converted):
+        log.info("dtype: %s tensors written as %s", source, target)
+    for change in plan.config_changes:
+        log.info("config.json: %s", change)
+    for note in plan.notes:
+        log.info("note: %s", note)
 
 
 def _load_inputs(base: str, adapters: list[tuple[str, float]], token: str | None,
@@ -229,27 +259,34 @@ def _tokenizer_folder(plan: Plan, tokenizer_from: str | None) -> Path:
         return folder
     if tokenizer_from is None and adapter_has and any("resized" in n for n in plan.notes):
         # new rows in the embeddings mean new tokens: the base's tokenizer does not know them
-        log.info("the vocabulary was resized: taking the tokenizer from the adapter")
+        log.info("tokenizer: from the adapter, since the vocabulary was resized")
         return folder
+    log.info("tokenizer: from BASE%s", "" if any((plan.base.path / f).is_file() for f in TOKENIZER_FILES)
+             else " (which has none)")
     return plan.base.path
 
 
 def finish_files(plan: Plan, folder: Path, tokenizer_from: str | None = None) -> list[str]:
     """config.json (as planned), then the base's other non-weight files and the tokenizer."""
     written = []
-    (folder / "config.json").write_text(json.dumps(plan.config, indent=2) + "\n")
-    written.append("config.json")
     tok_folder = _tokenizer_folder(plan, tokenizer_from)
-    for path in extra_files(plan.base.path):
-        if path.name in ("config.json", card.CARD_NAME) or (tok_folder != plan.base.path and path.name in TOKENIZER_FILES):
-            continue  # the base's model card describes the base; OUT gets its own
-        shutil.copy2(path, folder / path.name)
-        written.append(path.name)
-    if tok_folder != plan.base.path:
-        for name in TOKENIZER_FILES:
-            if (tok_folder / name).is_file():
-                shutil.copy2(tok_folder / name, folder / name)
-                written.append(name)
+    try:
+        write_new(folder / "config.json", json.dumps(plan.config, indent=2) + "\n")
+        written.append("config.json")
+        for path in extra_files(plan.base.path):
+            if path.name in ("config.json", card.CARD_NAME, REPORT_NAME) or (
+                    tok_folder != plan.base.path and path.name in TOKENIZER_FILES):
+                continue  # the base's model card (and a merged base's report) describe the base; OUT gets its own
+            copy_new(path, folder / path.name)
+            written.append(path.name)
+        if tok_folder != plan.base.path:
+            for name in TOKENIZER_FILES:
+                if is_regular(tok_folder / name):
+                    copy_new(tok_folder / name, folder / name)
+                    written.append(name)
+    except OSError as e:
+        no_room(e, "the files beside the weights")
+        raise
     return written
 
 
@@ -268,7 +305,7 @@ def merge(base: str, adapter: Adapters, out: str | Path, options: MergeOptions |
     ``resume`` keeps the shards it finished (when their hashes and the plan still match).
     """
     options = MergeOptions.make(options, **settings)
-    plan = prepare(base, adapter, options, token=token)
+    plan = _prepare(base, adapter, options, token)
     return _write(plan, out, options, progress=progress, command=command or _python_call("merge", base, adapter, out))
 
 
@@ -278,7 +315,7 @@ def _write(plan: Plan, out, options: MergeOptions, *, progress, command: str, ch
 
     ``check(folder, plan, device, provenance, progress, found)`` makes the report (default: the parity report;
     ``found`` is what the merge's own checks found as it wrote)."""
-    return _Run(plan, options, progress, command, check, model_card).write(out)
+    return _Run(plan, options, resolve_device(options.device), progress, command, check, model_card).write(out)
 
 
 @dataclass
@@ -287,21 +324,24 @@ class _Run:
 
     plan: Plan
     options: MergeOptions
+    device: object  # the torch device, resolved once
     progress: object
     command: str
     check: object
     model_card: bool
 
     def write(self, out) -> MergeResult:
-        plan, options = self.plan, self.options
+        plan, options, dev = self.plan, self.options, self.device
         protected = {plan.role: plan.base.path} | {
             f"ADAPTER {i + 1}" if len(plan.adapter.members) > 1 else "ADAPTER": a.path
             for i, a in enumerate(plan.adapter.members)}
         out_path = check_output(Path(out), options.overwrite, protected)
         self._refuse_nonfinite_adapter()
-        dev = resolve_device(options.device)
+        log.info("computing on %s, in blocks of %.1f MiB of float64", dev,
+                 block_bytes_for(dev, options.block_bytes) / (1 << 20))
         started = time.perf_counter()
         with OutputLock(out_path):
+            clear_leftovers(out_path)  # what killed runs left: no other run can be writing it now
             check_output(out_path, options.overwrite, protected)  # again: a run that held the lock may have written OUT
             with StagedOutput(out_path, resume=options.resume) as staged:
                 with measure(dev) as usage:
@@ -310,16 +350,21 @@ class _Run:
                 prov["wall_seconds"] = round(time.perf_counter() - started, 3)
                 prov["memory"] = usage.to_json()
                 prov["command"] = self.command
-                report.write(staged.tmp / REPORT_NAME)
-                if self.model_card:
-                    card.write(staged.tmp, plan, report, command=self.command,
-                               repo_id=options.push.repo_id if options.push else None)
+                try:
+                    write_new(staged.tmp / REPORT_NAME, report.text())
+                    if self.model_card:
+                        card.write(staged.tmp, plan, report, command=self.command,
+                                   repo_id=options.push.repo_id if options.push else None)
+                except OSError as e:
+                    no_room(e, REPORT_NAME)
+                    raise
+                if not report.ok:  # never OUT: kept beside it for a look, OUT as it was
+                    kept = staged.keep_failed()
+                    raise parity_error(report, f"OUT was not changed; the failed output is kept in {kept} (its "
+                                               f"report: {kept / REPORT_NAME})")
                 staged.commit()
-        result = MergeResult(plan, out_path, str(dev), prov["merge_seconds"], stats,
-                             copied + [REPORT_NAME] + ([card.CARD_NAME] if self.model_card else []), report)
-        if not report.ok:
-            raise parity_error(report, out_path / REPORT_NAME)
-        return result
+        return MergeResult(plan, out_path, str(dev), prov["merge_seconds"], stats,
+                           copied + [REPORT_NAME] + ([card.CARD_NAME] if self.model_card else []), report)
 
     def _refuse_nonfinite_adapter(self) -> None:
         bad = nonfinite_adapter_tensors(self.plan)
@@ -432,6 +477,7 @@ def verify(out: str | Path, base: str, adapter: Adapters, options: MergeOptions 
     base_model, loaded = _load_inputs(base, adapter_list(adapter), token, options.adapter_options)
     plan = make_plan(base_model, loaded, dtype=_output_dtype(base_model, out_model))
     dev = resolve_device(options.device)
+    log.info("checking on %s", dev)
     return _with_bar(progress, plan.total_bytes, "verifying",
                      lambda bar: verify_output(out_src.path, plan, dev, out_model=out_model, progress=bar,
                                                allow_nonfinite=options.allow_nonfinite))
@@ -452,15 +498,10 @@ def _output_dtype(base_model, out_model) -> str | None:
     return None
 
 
-def parity_error(report: Report, where: Path | None = None) -> ParityError:
-    failed = report.failed_tensors
+def parity_error(report: Report, hint: str = "the failures are listed above") -> ParityError:
     checks = [c.name for c in report.checks if not c.ok]
-    named = f": {', '.join(failed[:5])}{' …' if len(failed) > 5 else ''}" if failed else ""
-    return ParityError(
-        f"the parity check failed ({', '.join(checks)}){named}",
-        report,
-        f"the output was kept and marked failed; see {where}" if where else "the failures are listed above",
-    )
+    named = f": {name_list(report.failed_tensors)}" if report.failed_tensors else ""
+    return ParityError(f"the parity check failed ({', '.join(checks)}){named}", report, hint)
 
 
 def _with_bar(factory, total: int, label: str, work):

@@ -67,10 +67,19 @@ class OutputShard:
     name: str
     entries: list[Entry]
     metadata: dict[str, str]
+    # the stored tensors' names in file order, where OUT keeps BASE's (None: the entries' order): a quantized
+    # tensor's codes and scales may lie apart, and a merge that changes nothing must give BASE's bytes
+    order: list[str] | None = None
 
     @property
     def nbytes(self) -> int:
         return sum(e.nbytes for e in self.entries)
+
+    @property
+    def stored(self) -> list[tuple[str, str, tuple[int, ...]]]:
+        """Every tensor the file holds, in file order: (name, dtype, shape)."""
+        parts = {s[0]: s for e in self.entries for s in e.stored}
+        return list(parts.values()) if self.order is None else [parts[n] for n in self.order]
 
 
 @dataclass
@@ -224,10 +233,14 @@ def make_plan(base: BaseModel, adapter: Adapter, dtype: str | None = None) -> Pl
                 notes.append(f"{tie_source} was tied to {head}: {head} keeps the original and the tie is removed")
 
     if problems:
+        absent = sum(1 for p in problems if p.endswith("in BASE") and "has no tensor" in p)
+        kinds = (f": {absent} target{'s' if absent != 1 else ''} BASE does not have, {len(problems) - absent} that "
+                 "do not fit the tensor of that name" if absent and absent < len(problems) else
+                 ": targets BASE does not have" if absent else "")
         raise PlanError(
-            f"the adapter does not fit BASE ({len(problems)} problem{'s' if len(problems) > 1 else ''}):",
+            f"the adapter does not fit BASE ({len(problems)} problem{'s' if len(problems) > 1 else ''}{kinds}):",
             problems,
-            "check that ADAPTER was trained on this BASE",
+            "check that ADAPTER was trained on this BASE (the adapter's base_model_name_or_path says which model)",
         )
 
     def final_dtype(src: str) -> str:
@@ -236,15 +249,22 @@ def make_plan(base: BaseModel, adapter: Adapter, dtype: str | None = None) -> Pl
     shards: list[OutputShard] = []
     tensor_shard: dict[str, str] = {}
     for header in base.shards:
-        entries = []
-        for name, info in header.tensors.items():
+        entries, order = [], []
+        for name, info in header.tensors.items():  # in file order
             group = quant.owner(name) if quant else None
             if group is not None and (group.name in resolved or not keep):  # written as one entry, at its codes
-                if name == group.parts[0].name:
+                codes = group.parts[0]
+                if name == codes.name:
                     op = resolved[group.name][0] if group.name in resolved else None
                     entries.append(Entry(group.name, out_dtype or group.dtype, group.shape, group, op,
                                          note=op.kind if op else "dequantize"))
                     tensor_shard[group.name] = header.path.name
+                if not keep:  # dequantized: one tensor where the codes were
+                    order += [group.name] if name == codes.name else []
+                elif info.path == codes.path:  # in its format: each part where BASE keeps it
+                    order.append(name)
+                    if name == codes.name:  # and the parts BASE keeps in another file, with the codes
+                        order += [p.name for p in group.parts[1:] if p.path != codes.path]
                 continue
             dt = final_dtype(info.dtype)
             if name in resolved:
@@ -253,18 +273,20 @@ def make_plan(base: BaseModel, adapter: Adapter, dtype: str | None = None) -> Pl
                 entries.append(Entry(name, dt, shape, info, op, note=op.kind))
             else:
                 entries.append(Entry(name, dt, info.shape, info, None, note="copy" if dt == info.dtype else "convert"))
+            order.append(name)
             tensor_shard[name] = header.path.name
         metadata = dict(header.metadata)
         metadata["format"] = "pt"
-        shards.append(OutputShard(header.path.name, entries, metadata))
+        shards.append(OutputShard(header.path.name, entries, metadata, order))
     for name in sorted(set(resolved) - set(tensors)):
         op, info = resolved[name]
         shape = tuple(op.replace.shape) if op.replace is not None else info.shape
         added[name] = Entry(name, final_dtype(info.dtype), shape, info, op, note=op.kind)
     for name, entry in added.items():
-        # the new tensor goes into the shard of the tensor it was tied to
-        shard_name = tensor_shard[entry.base.name]
-        next(s for s in shards if s.name == shard_name).entries.append(entry)
+        # the new tensor goes into the shard of the tensor it was tied to, after BASE's own
+        shard = next(s for s in shards if s.name == tensor_shard[entry.base.name])
+        shard.entries.append(entry)
+        shard.order.append(entry.name)
 
     config, changes = _new_config(base.config, shards, out_dtype, untie, tie_source)
     if quant is not None and out_dtype is not None:

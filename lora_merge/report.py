@@ -21,6 +21,7 @@ from pathlib import Path
 from . import __version__
 from .dtypes import DTYPES, torch_dtype
 from .exact import CHECK_BLOCK_BYTES, ElementCheck, rows_per_block
+from .paths import read_text
 from .plan import Entry, Plan
 from .progress import no_bar
 from .quant import QuantizedTensor
@@ -70,6 +71,7 @@ class Report:
     details: dict
     folder: Path | None = None  # the folder that was read
     plan: Plan | None = None
+    device: object = None  # where the checks computed
 
     @property
     def ok(self) -> bool:
@@ -87,8 +89,9 @@ class Report:
             **self.details,
         }
 
-    def write(self, path: Path) -> None:
-        path.write_text(json.dumps(self.to_json(), indent=2) + "\n")
+    def text(self) -> str:
+        """The report as the JSON file holds it."""
+        return json.dumps(self.to_json(), indent=2) + "\n"
 
     def table(self) -> str:
         lines = [
@@ -167,7 +170,7 @@ def verify_output(
         "notes": list(plan.notes),
         "provenance": prov,
     }
-    return Report(shown_as or str(out), checks, details, folder=out, plan=plan)
+    return Report(shown_as or str(out), checks, details, folder=out, plan=plan, device=device)
 
 
 def read_back(out_model: BaseModel, plan: Plan, device, progress, allow_nonfinite: bool = False,
@@ -448,9 +451,7 @@ def _check_tensors(plan: Plan, out_model: BaseModel, tensors: dict, allow_nonfin
     )
     converted = sum(1 for e in plan.entries if not e.is_copy and not e.is_merge)
     what = f"{dense.checked - converted} merged" + (f" and {converted} converted" if converted else "")
-    summary = (f"{what} tensors {dense.verdict()} of {plan.formula} (max {dense.worst_of_bound:.0%} of it); "
-               f"max error {dense.worst:.2f} ulp, {dense.correctly_rounded} of {dense.checked} correctly rounded "
-               "(≤ 0.5 ulp)")
+    summary = _dense_summary(what, dense, plan.formula)
     if requantized.checked:
         formats = ", ".join(sorted({e.base.description for e in plan.entries if e.requantized}))
         summary = (f"{requantized.checked} merged tensors written as {formats}: "
@@ -469,6 +470,21 @@ def _check_tensors(plan: Plan, out_model: BaseModel, tensors: dict, allow_nonfin
         finite_failures,
     )
     return untouched, merged, finite
+
+
+def _dense_summary(what: str, dense: _Rounding, formula: str) -> str:
+    """The merged check's line, read once: a pass reads as one, and says whether the elements are also the nearest
+    values of their dtype."""
+    if dense.failed:
+        return (f"{what} tensors checked, {dense.failed} outside the rounding bound of {formula} (their worst element "
+                f"at {dense.worst_of_bound:.0%} of it); max error {dense.worst:,.2f} ulp")
+    if dense.correctly_rounded == dense.checked:
+        return (f"{what} tensors: every element is {formula} correctly rounded, the nearest value of its dtype "
+                f"(max error {dense.worst:.2f} ulp)")
+    off = dense.checked - dense.correctly_rounded
+    return (f"{what} tensors pass: every element within the bound of {formula} that a sound merge meets, one rounded "
+            f"once or computed in float32 (max {dense.worst_of_bound:.0%} of the bound); {off} of {dense.checked} are "
+            f"not correctly rounded (max error {dense.worst:,.2f} ulp, where W and the delta nearly cancel)")
 
 
 def _merge_failures(e: Entry, result: dict) -> list[str]:
@@ -531,7 +547,7 @@ def _flatten(d, prefix: str = "") -> dict:
 
 def _read_json(path: Path):
     try:
-        return json.loads(path.read_text())
+        return json.loads(read_text(path))
     except (OSError, ValueError):
         return None
 

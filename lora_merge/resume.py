@@ -16,6 +16,7 @@ from pathlib import Path
 
 from . import __version__
 from .output import remove_path
+from .paths import read_text, write_new
 from .plan import Plan
 from .safetensors_file import file_sha256
 
@@ -49,7 +50,7 @@ class Journal:
     def reusable(self, plan: Plan) -> set[str]:
         """Shards of the partial folder that can be kept; everything else in it is removed."""
         try:
-            recorded = json.loads(self.path.read_text())
+            recorded = json.loads(read_text(self.path))
         except (OSError, ValueError):
             recorded = None
         keep: set[str] = set()
@@ -85,5 +86,7 @@ class Journal:
 
     def _save(self) -> None:
         tmp = self.path.with_name(self.path.name + ".tmp")
-        tmp.write_text(json.dumps({"fingerprint": self.fingerprint, "shards": self.done}, indent=2))
+        if tmp.exists() or tmp.is_symlink():
+            tmp.unlink()
+        write_new(tmp, json.dumps({"fingerprint": self.fingerprint, "shards": self.done}, indent=2))
         os.replace(tmp, self.path)

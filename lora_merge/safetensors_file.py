@@ -17,7 +17,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from .dtypes import DTYPES
-from .errors import HeaderError
+from .errors import HeaderError, InputFileError
+from .paths import open_read
 
 # A header past this is not a model header but a damaged or hostile file.
 MAX_HEADER_BYTES = 100 * 1024 * 1024
@@ -58,21 +59,31 @@ def read_header(path: Path) -> SafetensorsHeader:
     """Parse and check a safetensors header without touching tensor data."""
     path = Path(path)
     try:
-        size = path.stat().st_size
-        with open(path, "rb") as f:
-            prefix = f.read(8)
-            if len(prefix) < 8:
-                raise HeaderError(f"{path}: too short to be a safetensors file ({size} bytes)")
-            (hlen,) = struct.unpack("<Q", prefix)
-            if hlen > MAX_HEADER_BYTES or 8 + hlen > size:
-                raise HeaderError(
-                    f"{path}: header length {hlen} is larger than the file ({size} bytes) allows; "
-                    "the file is truncated or not safetensors"
-                )
-            raw = f.read(hlen)
+        fd = open_read(path)
+    except InputFileError:
+        raise
     except OSError as e:
         raise HeaderError(f"{path}: cannot read ({e.strerror or e})",
                           "check that the file exists and is readable, or download the model again") from e
+    try:
+        size = os.fstat(fd).st_size
+        prefix = os.pread(fd, 8, 0)
+        if len(prefix) < 8:
+            raise HeaderError(f"{path}: too short to be a safetensors file ({size} bytes)")
+        (hlen,) = struct.unpack("<Q", prefix)
+        if hlen > MAX_HEADER_BYTES:
+            raise HeaderError(
+                f"{path}: its header is {hlen:,} bytes long, past lora-merge's limit of {MAX_HEADER_BYTES:,} bytes "
+                "for a safetensors header (a model's is well under a megabyte); the file is damaged or not safetensors")
+        if 8 + hlen > size:
+            raise HeaderError(f"{path}: header length {hlen:,} is larger than the file ({size:,} bytes) allows; "
+                              "the file is truncated or not safetensors")
+        raw = pread_exact(fd, hlen, 8)
+    except OSError as e:
+        raise HeaderError(f"{path}: cannot read ({e.strerror or e})",
+                          "check that the file exists and is readable, or download the model again") from e
+    finally:
+        os.close(fd)
     try:
         header = json.loads(raw)
     except (UnicodeDecodeError, json.JSONDecodeError) as e:
@@ -121,9 +132,14 @@ def read_header(path: Path) -> SafetensorsHeader:
 def file_sha256(path: Path, chunk_bytes: int = 4 * 1024 * 1024) -> str:
     """The sha256 of a whole file, read in chunks."""
     h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while chunk := f.read(chunk_bytes):
+    fd = open_read(path)
+    try:
+        at = 0
+        while chunk := os.pread(fd, chunk_bytes, at):
             h.update(chunk)
+            at += len(chunk)
+    finally:
+        os.close(fd)
     return h.hexdigest()
 
 
@@ -145,48 +161,49 @@ def pread_into(fd: int, view: memoryview, offset: int) -> None:
         done += n
 
 
-def encode_header(entries: list[tuple[str, str, tuple[int, ...]]], metadata: dict[str, str]) -> tuple[bytes, list[int]]:
+def encode_header(entries: list[tuple[str, str, tuple[int, ...]]], metadata: dict[str, str]) -> tuple[bytes, dict[str, int]]:
     """Build the header bytes for tensors written in the given order.
 
-    Returns the full prefix (length + JSON padded to 8 bytes) and each tensor's size in bytes.
+    Returns the full prefix (length + JSON padded to 8 bytes) and where each tensor starts in the file.
     """
     header: dict[str, object] = {"__metadata__": dict(metadata)} if metadata else {}
     offset = 0
-    sizes = []
+    starts = {}
     for name, dtype, shape in entries:
         nbytes = math.prod(shape) * DTYPES[dtype].size
         header[name] = {"dtype": dtype, "shape": list(shape), "data_offsets": [offset, offset + nbytes]}
+        starts[name] = offset
         offset += nbytes
-        sizes.append(nbytes)
     raw = json.dumps(header, separators=(",", ":")).encode()
     raw += b" " * (-len(raw) % 8)
-    return struct.pack("<Q", len(raw)) + raw, sizes
+    prefix = struct.pack("<Q", len(raw)) + raw
+    return prefix, {name: len(prefix) + at for name, at in starts.items()}
 
 
-def write_all(fd: int, data) -> None:
+def write_at(fd: int, data, offset: int) -> None:
+    """Write all of ``data`` at ``offset``."""
     view = memoryview(data).cast("B")
     while len(view):
-        n = os.write(fd, view)
-        view = view[n:]
+        n = os.pwrite(fd, view, offset)
+        view, offset = view[n:], offset + n
 
 
-def copy_range(src_fd: int, dst_fd: int, offset: int, count: int) -> None:
-    """Append ``count`` bytes of ``src_fd`` from ``offset`` to ``dst_fd`` without passing them through Python."""
+def copy_range(src_fd: int, dst_fd: int, offset: int, count: int, dst_offset: int) -> None:
+    """Copy ``count`` bytes of ``src_fd`` from ``offset`` to ``dst_fd`` at ``dst_offset``, without passing them
+    through Python where the kernel can."""
     remaining = count
     if hasattr(os, "copy_file_range"):
         try:
             while remaining:
-                n = os.copy_file_range(src_fd, dst_fd, min(remaining, COPY_CHUNK), offset)
+                n = os.copy_file_range(src_fd, dst_fd, min(remaining, COPY_CHUNK), offset, dst_offset)
                 if n == 0:
                     break
-                offset += n
-                remaining -= n
+                offset, dst_offset, remaining = offset + n, dst_offset + n, remaining - n
         except OSError as e:
             # old kernels and some filesystems cannot: fall through to the plain copy; a full disk is an error
             if e.errno not in (errno.EXDEV, errno.ENOSYS, errno.EOPNOTSUPP, errno.EINVAL, errno.EBADF):
                 raise
     while remaining:
         chunk = pread_exact(src_fd, min(remaining, COPY_CHUNK), offset)
-        write_all(dst_fd, chunk)
-        offset += len(chunk)
-        remaining -= len(chunk)
+        write_at(dst_fd, chunk, dst_offset)
+        offset, dst_offset, remaining = offset + len(chunk), dst_offset + len(chunk), remaining - len(chunk)

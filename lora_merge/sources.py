@@ -10,8 +10,9 @@ import json
 from dataclasses import dataclass
 from pathlib import Path
 
-from .errors import HeaderError, SourceNotFoundError
+from .errors import HeaderError, InputFileError, SourceNotFoundError, name_list
 from .names import is_weight_file, parse_spec
+from .paths import is_regular, read_text, resolved, within
 from .quant import Quantization, find_quantization
 from .safetensors_file import SafetensorsHeader, TensorInfo, read_header
 
@@ -46,28 +47,55 @@ def resolve_source(spec: str, role: str, token: str | None = None) -> Source:
     spec = str(spec)  # a Path from a library caller
     path = Path(spec).expanduser()
     if path.is_dir():
-        return Source(spec, path.resolve())
-    if path.is_file() and role == "ADAPTER":  # loralib and kohya adapters are one tensor file
-        return Source(spec, path.resolve(), root=path.resolve().parent)
+        return Source(spec, resolved(path))
+    if path.exists() and role == "ADAPTER":  # loralib and kohya adapters are one tensor file (read as a regular file)
+        return Source(spec, resolved(path), root=resolved(path).parent)
     if path.exists():
         raise SourceNotFoundError(
             f"{role} {spec!r} is a file, not a folder", f"pass the folder that holds the {role.lower()}'s files"
         )
+    if path.is_symlink():
+        raise SourceNotFoundError(f"{role} {spec!r} is a symbolic link to nothing that exists (or one that loops)",
+                                  "point it at the folder, or pass the folder itself")
     parsed = parse_spec(spec) if role in ("BASE", "ADAPTER") else None
     if parsed is None:
         hint = "check the path" + (", or name a Hub repo as org/name[@revision]" if role != "OUT" else "")
         raise SourceNotFoundError(f"{role} {spec!r} does not exist", hint)
+    from .errors import RepoNotFoundError
     from .hub import fetch
 
     repo_id, revision = parsed
-    snapshot = fetch(repo_id, revision, role, token)
+    try:
+        snapshot = fetch(repo_id, revision, role, token)
+    except RepoNotFoundError as e:  # the Hub does not show it either: it may as well be a mistyped path
+        raise RepoNotFoundError(f"{role} {spec!r}: no such folder here, and as a Hub repo id: "
+                                f"{_reason(str(e), role)}", _nearby(path) or e.hint) from None
     return Source(spec, snapshot.folder, revision=snapshot.commit, repo_id=repo_id, root=snapshot.cache_root)
+
+
+def _reason(message: str, role: str) -> str:
+    """A Hub error's message without its "ROLE org/name: " start."""
+    return message.partition(": ")[2] or message if message.startswith(role + " ") else message
+
+
+def _nearby(path: Path) -> str | None:
+    """A hint naming the local folder ``path`` was likely meant to be, when its parent exists here."""
+    import difflib
+
+    parent = path.parent
+    if str(parent) in ("", ".") or not parent.is_dir():
+        return None
+    names = [p.name for p in parent.iterdir()]
+    close = difflib.get_close_matches(path.name, names, n=1, cutoff=0.6)
+    if close:
+        return f"did you mean {parent / close[0]}? (a local path always wins over a Hub repo id)"
+    return f"{parent} exists here but holds no {path.name!r}: check the path"
 
 
 def looks_like_model(folder: Path) -> bool:
     """A folder with a model's config.json (a model_type or architectures) and safetensors weights."""
     try:
-        config = json.loads((folder / "config.json").read_text())
+        config = json.loads(read_text(folder / "config.json"))
     except (OSError, ValueError):
         return False
     return isinstance(config, dict) and ("model_type" in config or "architectures" in config) \
@@ -93,14 +121,6 @@ class BaseModel:
         return self.source.path
 
 
-def _inside(path: Path, folder: Path) -> bool:
-    try:
-        path.resolve().relative_to(folder.resolve())
-        return True
-    except ValueError:
-        return False
-
-
 def _no_duplicate_keys(pairs: list) -> dict:
     """A JSON object that names a key twice (a tensor listed in two shards) is refused, not silently resolved."""
     seen: dict = {}
@@ -115,34 +135,36 @@ def load_base(source: Source, role: str = "BASE") -> BaseModel:
     """Read a model folder's config and every shard header; no tensor data is read."""
     folder = source.path
     index_path = folder / INDEX_NAME
-    if not index_path.is_file():  # a diffusers component names its index after its weights
+    if not index_path.exists():  # a diffusers component names its index after its weights
         others = sorted(folder.glob("*.safetensors.index.json"))
         if len(others) == 1:
             index_path = others[0]
     index_metadata: dict = {}
-    if index_path.is_file():
+    if index_path.exists():
         try:
-            index = json.loads(index_path.read_text(), object_pairs_hook=_no_duplicate_keys)
+            index = json.loads(read_text(index_path), object_pairs_hook=_no_duplicate_keys)
             weight_map = index["weight_map"]
             index_metadata = index.get("metadata") or {}
             if not isinstance(weight_map, dict) or not all(isinstance(v, str) for v in weight_map.values()):
                 raise TypeError("weight_map must map tensor names to file names")
             if not isinstance(index_metadata, dict):
                 raise TypeError("metadata must be a JSON object")
+        except InputFileError:
+            raise
         except (OSError, ValueError, KeyError, TypeError, AttributeError) as e:
             raise HeaderError(f"{index_path}: not a valid safetensors index ({e})", "re-download the base model") from e
         shard_names = list(dict.fromkeys(weight_map.values()))
         shard_names.sort()
         bad = [n for n in shard_names if "/" in n or "\\" in n or n in ("", ".", "..")]
         if bad:
-            raise HeaderError(f"{index_path}: weight_map names files outside the model folder: {bad[:5]}")
-        missing = [n for n in shard_names if not (folder / n).is_file()]
+            raise HeaderError(f"{index_path}: weight_map names files outside the model folder: {name_list(bad)}")
+        missing = [n for n in shard_names if not (folder / n).exists()]  # anything else is read and refused by kind
         if missing:
             raise SourceNotFoundError(
                 f"{role} {source.spec!r}: the index lists shards that are missing: {', '.join(missing)}",
                 "re-download the base model",
             )
-    elif (folder / SINGLE_NAME).is_file():
+    elif (folder / SINGLE_NAME).exists():
         weight_map = None
         shard_names = [SINGLE_NAME]
     else:
@@ -168,7 +190,7 @@ def load_base(source: Source, role: str = "BASE") -> BaseModel:
     tensors: dict[str, TensorInfo] = {}
     for name in shard_names:
         shard_path = folder / name
-        if not _inside(shard_path, source.link_root):
+        if not within(shard_path, source.link_root):
             raise HeaderError(f"{shard_path}: a link that points outside the model folder")
         header = read_header(shard_path)
         shards.append(header)
@@ -186,15 +208,19 @@ def load_base(source: Source, role: str = "BASE") -> BaseModel:
                 )
         extra = sorted(set(tensors) - set(weight_map))
         if extra:
-            raise HeaderError(f"{index_path}: shards hold tensors the index does not list: {extra[:5]}")
+            raise HeaderError(f"{index_path}: shards hold tensors the index does not list: {name_list(extra)}")
 
     config_path = folder / "config.json"
     config: dict = {}
-    if config_path.is_file():
+    if config_path.exists():
         try:
-            config = json.loads(config_path.read_text())
+            config = json.loads(read_text(config_path))
+        except InputFileError:
+            raise
         except (OSError, ValueError) as e:
             raise HeaderError(f"{config_path}: not valid JSON ({e})") from e
+        if not isinstance(config, dict):
+            raise HeaderError(f"{config_path}: not a JSON object", "restore the config.json the model was published with")
     return BaseModel(source, shards, tensors, config, index_metadata, index_path.name,
                      find_quantization(config, tensors, role))
 
@@ -203,5 +229,5 @@ def extra_files(folder: Path) -> list[Path]:
     """Top-level non-weight files of a model folder (config, tokenizer, generation config, license...)."""
     return sorted(
         p for p in folder.iterdir()
-        if p.is_file() and not p.name.startswith(".") and not is_weight_file(p.name)
+        if is_regular(p) and not p.name.startswith(".") and not is_weight_file(p.name)
     )

@@ -11,7 +11,6 @@ from block to block, and each shard's file is given its final size before it is 
 
 from __future__ import annotations
 
-import errno
 import hashlib
 import json
 import math
@@ -24,8 +23,11 @@ from pathlib import Path
 from . import mathops
 from .buffers import Buffers
 from .dtypes import DTYPES, torch_dtype
-from .errors import NonFiniteError, OutputError, name_list
+from .errors import NonFiniteError, name_list
 from .exact import ElementCheck, needs_prepass, read_stored_rows, rows_per_block
+from .options import BLOCK_BYTES
+from .output import NO_ROOM, no_room
+from .paths import create, open_read, write_new
 from .plan import Entry, Plan
 from .quant import QuantizedTensor
 from .quant.check import GridCheck
@@ -33,13 +35,9 @@ from .safetensors_file import (
     copy_range,
     encode_header,
     pread_exact,
-    write_all,
+    write_at,
 )
 
-# a full disk, a file size limit, a quota
-NO_ROOM = (errno.ENOSPC, errno.EFBIG, errno.EDQUOT)
-# the float64 working block: small on a CPU (it stays in cache), large on a GPU (few launches, few syncs)
-BLOCK_BYTES = {"cpu": 6 * 1024 * 1024, "cuda": 256 * 1024 * 1024}
 COMPARE_BYTES = 4 * 1024 * 1024  # copied tensors are read back and compared in pieces of this size
 # thread stacks and the allocator's per-thread arenas beside the buffers (measured: 12-15 MB on Linux)
 THREADS_ALLOWANCE = 16 * 1024 * 1024
@@ -51,7 +49,6 @@ class WriteStats:
     copied: int = 0
     converted: int = 0
     reused: int = 0  # shards kept from an interrupted run (--resume)
-    bytes_written: int = 0
     nonfinite: list[str] = field(default_factory=list)  # merged tensors holding NaN or Inf (when allowed)
     files: list[str] = field(default_factory=list)
     # what the checks found as the output was written: per tensor, and each written shard's sha256
@@ -312,68 +309,76 @@ class _Computer:
 
 
 class _ShardFile:
-    """One output shard, written in order on a thread: each piece is read back as soon as it is written and
-    compared with the bytes that were checked (or, for a copy, with BASE's), and the file's sha256 is
-    taken from what was written. At most ``depth`` pieces wait."""
+    """One output shard, written on a thread, each piece at its place in the file: each piece is read back as
+    soon as it is written and compared with the bytes that were checked (or, for a copy, with BASE's), and the
+    file's sha256 is taken from what was read back, in file order. At most ``depth`` pieces wait."""
 
     def __init__(self, pool: ThreadPoolExecutor, path: Path, size: int, depth: int = 2):
-        self.pool, self.path, self.depth = pool, path, depth
-        self.fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o644)
+        self.pool, self.path, self.size, self.depth = pool, path, size, depth
+        self.fd = create(path)
         self.pending: deque = deque()
-        self.offset = 0
         self.digest = hashlib.sha256()
+        self.hashed = 0  # the file is hashed up to here
+        self.ahead: dict[int, int] = {}  # pieces written past that point: start -> end
         self.differs: dict[str, int] = {}  # tensor -> first byte (of the tensor) where the file is not as written
         self.nonfinite: set[str] = set()  # copied floating-point tensors holding NaN or Inf
         preallocate(self.fd, size)
 
     def header(self, data: bytes) -> None:
-        self._submit(self._write_checked, None, 0, data)
+        self._submit(self._write_checked, None, 0, 0, data)
 
-    def block(self, name: str, at: int, data, ready):
-        """``data`` (the bytes of a block being checked, ``at`` bytes into tensor ``name``) once ``ready``;
-        the future of its writing."""
-        return self._submit(self._write_checked, name, at, data, ready)
+    def block(self, name: str, offset: int, at: int, data, ready):
+        """``data`` (the bytes of a block being checked, ``at`` bytes into tensor ``name``) at ``offset`` in the
+        file, once ``ready``; the future of its writing."""
+        return self._submit(self._write_checked, name, offset, at, data, ready)
 
     def later(self, fn, *args):
         """Run ``fn(*args)`` on the write thread, after the pieces handed over before it; its future."""
         return self._submit(fn, *args)
 
-    def copy(self, name: str, src_fd: int, offset: int, count: int, dtype: str) -> None:
-        self._submit(self._copy_checked, name, src_fd, offset, count, dtype)
+    def copy(self, name: str, offset: int, src_fd: int, src_offset: int, count: int, dtype: str) -> None:
+        self._submit(self._copy_checked, name, offset, src_fd, src_offset, count, dtype)
 
-    def _write_checked(self, name, at: int, data, ready=None) -> None:
+    def _write_checked(self, name, offset: int, at: int, data, ready=None) -> None:
         if ready is not None:
             ready.synchronize()
         view = data.reshape(-1).view(_uint8()).numpy() if hasattr(data, "numpy") else data
-        offset = self._advance(len(view))
-        write_all(self.fd, view)
+        write_at(self.fd, view, offset)
         back = os.pread(self.fd, len(view), offset)
         if name is not None and not _equal(back, view):
             self.differs.setdefault(name, at + _first_difference(back, bytes(view)))
-        self.digest.update(back)
+        self._hash(offset, back)
 
-    def _copy_checked(self, name: str, src_fd: int, offset: int, count: int, dtype: str) -> None:
+    def _copy_checked(self, name: str, start: int, src_fd: int, offset: int, count: int, dtype: str) -> None:
         import torch
 
-        start = self._advance(count)
-        copy_range(src_fd, self.fd, offset, count)
+        copy_range(src_fd, self.fd, offset, count, start)
         d = DTYPES[dtype]
         # whole elements per piece, so that a piece can be viewed as numbers
         piece = max(d.size, COMPARE_BYTES // d.size * d.size)
         for at in range(0, count, piece):
             n = min(piece, count - at)
             ours, theirs = pread_exact(self.fd, n, start + at), os.pread(src_fd, n, offset + at)
-            self.digest.update(ours)
+            self._hash(start + at, ours)
             if ours != theirs and name not in self.differs:
                 self.differs[name] = at + _first_difference(ours, theirs)
             if d.computed and name not in self.nonfinite and not mathops.all_finite(
                     torch.frombuffer(ours, dtype=torch_dtype(dtype))):
                 self.nonfinite.add(name)
 
-    def _advance(self, count: int) -> int:
-        offset = self.offset
-        self.offset += count
-        return offset
+    def _hash(self, offset: int, back: bytes) -> None:
+        """Hash the piece just read back when the file is hashed up to it, and then the pieces written ahead of
+        it, read again (only where BASE's order puts a tensor's parts apart)."""
+        if offset != self.hashed:
+            self.ahead[offset] = offset + len(back)
+            return
+        self.digest.update(back)
+        self.hashed += len(back)
+        while self.hashed in self.ahead:
+            end = self.ahead.pop(self.hashed)
+            for at in range(self.hashed, end, COMPARE_BYTES):
+                self.digest.update(pread_exact(self.fd, min(COMPARE_BYTES, end - at), at))
+            self.hashed = end
 
     def _submit(self, fn, *args):
         while len(self.pending) >= self.depth:
@@ -386,6 +391,8 @@ class _ShardFile:
         """Wait for every piece (the first failure is raised); the file's sha256."""
         while self.pending:
             self.pending.popleft().result()
+        if self.hashed != self.size or self.ahead:  # a planning bug, never a user error
+            raise AssertionError(f"{self.path.name}: {self.hashed} of {self.size} bytes written in one piece")
         return self.digest.hexdigest()
 
     def abandon(self) -> None:
@@ -456,7 +463,11 @@ def write_shards(plan: Plan, folder: Path, device, block_bytes: int | None, prog
             "metadata": {**plan.base.index_metadata, "total_size": plan.total_bytes},
             "weight_map": {name: s.name for s in plan.shards for e in s.entries for name, _, _ in e.stored},
         }
-        (folder / plan.index_name).write_text(json.dumps(index, indent=2) + "\n")
+        try:
+            write_new(folder / plan.index_name, json.dumps(index, indent=2) + "\n")
+        except OSError as e:
+            no_room(e, plan.index_name)
+            raise
         stats.files.append(plan.index_name)
     return stats
 
@@ -472,6 +483,7 @@ class _Writing:
         self.src_fds: dict[Path, int] = {}
         self.checked: list = []  # futures of (tensor, what its element check found)
         self.check_buffers = Buffers(device)  # the check thread's, shared by the tensors it checks in turn
+        self.offsets: dict[str, int] = {}  # where each stored tensor of the shard being written starts
 
     def reused(self, shard) -> None:
         self.stats.reused += 1
@@ -482,18 +494,17 @@ class _Writing:
 
     def shard(self, shard) -> str:
         """Write, check and read back one shard; its sha256."""
-        prefix, _ = encode_header([stored for e in shard.entries for stored in e.stored], shard.metadata)
+        prefix, self.offsets = encode_header(shard.stored, shard.metadata)
         try:
             out = _ShardFile(self.writer, self.folder / shard.name, len(prefix) + shard.nbytes)
         except OSError as e:
-            _no_room(e, shard.name)
+            no_room(e, shard.name)
             raise
         try:
             out.header(prefix)
             for entry in shard.entries:
                 written = self._copy(entry, out) if entry.is_copy else self._merge(entry, out)
                 self.stats.count(entry)
-                self.stats.bytes_written += written
                 self._progress(written)
             digest = out.finish()
             checked, self.checked = self.checked, []
@@ -506,7 +517,7 @@ class _Writing:
                 future.exception()
             self.checked = []
             if isinstance(e, OSError):
-                _no_room(e, shard.name)
+                no_room(e, shard.name)
             raise
         finally:
             out.close()
@@ -525,8 +536,8 @@ class _Writing:
     def _copy(self, entry: Entry, out: _ShardFile) -> int:
         path = entry.base.path
         if path not in self.src_fds:
-            self.src_fds[path] = os.open(path, os.O_RDONLY)
-        out.copy(entry.name, self.src_fds[path], entry.base.start, entry.nbytes, entry.dtype)
+            self.src_fds[path] = open_read(path)
+        out.copy(entry.name, self.offsets[entry.name], self.src_fds[path], entry.base.start, entry.nbytes, entry.dtype)
         return entry.nbytes
 
     def _merge(self, entry: Entry, out: _ShardFile) -> int:
@@ -539,15 +550,16 @@ class _Writing:
         else:
             check = ElementCheck(entry, self.device, self.allow_nonfinite, buffers=self.check_buffers)
             scales = None
+        first = entry.stored[0][0]
         for b in self.computer.blocks(entry):
             stored = b.device if scales is not None else b.device[0]
             b.slot.waits.append(self.checker.submit(check.block, b.start, b.stop, stored))
-            b.slot.waits.append(out.block(entry.name, written, b.host[0], b.ready))
+            b.slot.waits.append(out.block(entry.name, self.offsets[first] + written, written, b.host[0], b.ready))
             written += b.host[0].numel() * b.host[0].element_size()
             if scales is not None:
                 b.slot.waits.append(out.later(scales.fill, b.start, b.stop, b.host[1:], b.ready))
-        for data in scales.buffers if scales is not None else ():
-            out.block(entry.name, written, data, None)
+        for (name, _, _), data in zip(entry.stored[1:], scales.buffers if scales is not None else ()):
+            out.block(entry.name, self.offsets[name], written, data, None)
             written += data.numel()
         if written != entry.nbytes:  # a planning bug, never a user error
             raise AssertionError(f"{entry.name}: wrote {written} bytes, planned {entry.nbytes}")
@@ -580,14 +592,6 @@ class _Scales:
             first, last = self.tensor.part_rows(i, start, stop)
             row = self.tensor.parts[i].row_bytes
             buffer[first * row:last * row] = piece.reshape(-1).view(_uint8())
-
-
-def _no_room(e: OSError, shard: str) -> None:
-    if e.errno in NO_ROOM:
-        raise OutputError(
-            f"no room left on the disk while writing {shard} ({e.strerror})",
-            "free some disk space (or raise the file size limit) and run again; OUT was not changed",
-        ) from e
 
 
 def preallocate(fd: int, size: int) -> None:

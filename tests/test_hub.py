@@ -143,7 +143,7 @@ def test_offline_mode_uses_the_cache(hub, tmp_path):
     # and what is not cached is a clear refusal
     r = run(hub, home, "org/never-fetched", "org/adapter", tmp_path / "third", HF_HUB_OFFLINE="1")
     assert r.returncode == 1
-    assert "error: BASE org/never-fetched: offline mode (HF_HUB_OFFLINE=1) and it is not in the local cache" in r.stderr
+    assert "error: BASE 'org/never-fetched': no such folder here, and as a Hub repo id: offline mode (HF_HUB_OFFLINE=1) and it is not in the local cache" in r.stderr
     assert not (tmp_path / "third").exists()
     # pushing needs the network: said before anything is merged, and after, for an existing output
     r = run(hub, home, "org/base", "org/adapter", tmp_path / "fourth", "--push-to-hub", "me/merged",
@@ -219,7 +219,7 @@ def test_hub_errors_are_one_line(case, hub, tmp_path):
         expect = "error: pushing to someone-else/x: no write access (403)"
     elif case == "repo_not_found":
         args[0] = "org/missing"
-        expect = "error: BASE org/missing: repo not found (or private)"
+        expect = "error: BASE 'org/missing': no such folder here, and as a Hub repo id: repo not found (or private)"
     elif case == "revision_not_found":
         args[0] = "org/base@v9"
         expect = "error: BASE org/base@v9: no such revision"
@@ -228,7 +228,7 @@ def test_hub_errors_are_one_line(case, hub, tmp_path):
         expect = "error: BASE org/gated: the repo is gated"
     elif case == "network_down":
         kwargs = {"endpoint": "http://127.0.0.1:9"}
-        expect = "error: BASE org/base: cannot reach the Hub"
+        expect = "error: BASE 'org/base': no such folder here, and as a Hub repo id: cannot reach the Hub"
     else:
         args[0] = "org/pickles"
         expect = "error: BASE org/pickles has no safetensors weights (only pytorch_model.bin)"

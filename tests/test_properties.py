@@ -190,7 +190,8 @@ def test_the_command_line_never_leaks_a_traceback_or_a_file(models, real_adapter
         if r.exit_code == 1:
             assert r.output.startswith("error: ") or "parity report" in r.output, r.output
         after = set(tmp.rglob("*")) - before
-        assert all(p == tmp / "out" or (tmp / "out") in p.parents for p in after), after
+        kept = tmp / "out.lora-merge-failed"  # an output that failed its checks, kept beside OUT for a look
+        assert all(p in (tmp / "out", kept) or {tmp / "out", kept} & set(p.parents) for p in after), after
         assert r.exit_code == 1 or (tmp / "out" / "merge_report.json").is_file()
 
 
@@ -234,3 +235,90 @@ def test_any_json_in_any_config_key_merges_or_is_one_line(models, real_adapter, 
             lines = [line for line in r.output.splitlines() if line.strip()]
             assert lines[0].startswith("error: ") and len(lines) <= 2, (key, config[key], r.output)
             assert not (tmp / "out").exists(), (key, config[key])
+
+
+# ------------------------------------- any JSON in quantization_config, and in configs read through the tables
+
+
+def _one_refusal(r, what):
+    """Exit 0, or exit 1 with one error line, its hint, and the offenders listed one a line; never a traceback."""
+    assert r.exception is None or isinstance(r.exception, SystemExit), (what, r.exception)
+    assert r.exit_code in (0, 1) and "Traceback" not in r.output, (what, r.output)
+    if r.exit_code == 1:
+        lines = [line for line in r.output.splitlines() if line.strip()]
+        assert lines[0].startswith("error: "), (what, r.output)
+        assert all(line.startswith(("  - ", "hint: ")) for line in lines[1:]), (what, r.output)
+
+
+QUANT_KEYS = ["quant_method", "weight_block_size", "fmt", "activation_scheme", "scale_fmt", "modules_to_not_convert",
+              "dequantize", None]  # None: the whole quantization_config
+
+
+@pytest.fixture(scope="module")
+def fp8_llama(models, tmp_path_factory):
+    from quantized import to_fp8
+
+    root = tmp_path_factory.mktemp("prop_fp8")
+    build_adapter(models["llama_bf16"], root / "adapter", r=2, lora_alpha=4, target_modules=["q_proj", "down_proj"])
+    return to_fp8(models["llama_bf16"], root / "fp8", block=(16, 16)), root / "adapter"
+
+
+@settings(max_examples=40, deadline=None, suppress_health_check=list(HealthCheck), derandomize=True)
+@given(key=st.sampled_from(QUANT_KEYS), data=st.data())
+def test_any_json_in_quantization_config_merges_or_is_one_line(fp8_llama, key, data):
+    fp8, adapter = fp8_llama
+    with tempfile.TemporaryDirectory() as tmp:
+        tmp = Path(tmp)
+        shutil.copytree(fp8, tmp / "base")
+        config = json.loads((tmp / "base" / "config.json").read_text())
+        value = data.draw(JSON_VALUES)
+        if key is None:
+            config["quantization_config"] = value
+        else:
+            config["quantization_config"][key] = value
+        (tmp / "base" / "config.json").write_text(json.dumps(config))
+        r = CliRunner().invoke(cli, [str(tmp / "base"), str(adapter), str(tmp / "out"), "-q"])
+        _one_refusal(r, (key, value))
+        if r.exit_code == 0:
+            assert json.loads((tmp / "out" / "merge_report.json").read_text())["status"] == "passed"
+        else:
+            assert not (tmp / "out").exists()
+
+
+MOE_KEYS = ["model_type", "architectures", "hidden_size", "num_experts", "num_experts_per_tok", "moe_intermediate_size",
+            "head_dim", "num_attention_heads", "num_hidden_layers", "intermediate_size", "decoder_sparse_step",
+            "mlp_only_layers", "tie_word_embeddings", "vocab_size", "rope_parameters", "layer_types"]
+
+
+@pytest.fixture(scope="module")
+def mapped_moe(tmp_path_factory):
+    """A tiny Qwen3-MoE and an all-linear adapter that only transformers' tables place on its experts."""
+    import transformers
+    from architectures import tiny_config
+    from helpers import peft
+
+    root = tmp_path_factory.mktemp("prop_moe")
+    torch.manual_seed(0)
+    transformers.AutoModelForCausalLM.from_config(tiny_config("qwen3_moe")).to(torch.bfloat16).save_pretrained(
+        root / "base")
+    model = transformers.AutoModelForCausalLM.from_pretrained(root / "base", dtype=torch.float32)
+    peft.get_peft_model(model, peft.LoraConfig(r=2, target_modules="all-linear", init_lora_weights=False)
+                        ).save_pretrained(root / "adapter")
+    return root
+
+
+@settings(max_examples=25, deadline=None, suppress_health_check=list(HealthCheck), derandomize=True)
+@given(key=st.sampled_from(MOE_KEYS), data=st.data())
+def test_any_json_in_a_config_read_through_the_tables_merges_or_is_one_line(mapped_moe, key, data):
+    with tempfile.TemporaryDirectory() as tmp:
+        tmp = Path(tmp)
+        shutil.copytree(mapped_moe / "base", tmp / "base")
+        config = json.loads((tmp / "base" / "config.json").read_text())
+        config[key] = data.draw(JSON_VALUES)
+        (tmp / "base" / "config.json").write_text(json.dumps(config))
+        r = CliRunner().invoke(cli, [str(tmp / "base"), str(mapped_moe / "adapter"), str(tmp / "out"), "-q"])
+        _one_refusal(r, (key, config[key]))
+        if r.exit_code == 0:
+            assert json.loads((tmp / "out" / "merge_report.json").read_text())["status"] == "passed"
+        else:
+            assert not (tmp / "out").exists()

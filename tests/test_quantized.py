@@ -250,6 +250,22 @@ def test_zero_delta_leaves_a_quantized_base_as_it_is(qwen3, tmp_path):
         assert set(ours) == set(theirs)
         for name, t in ours.items():
             assert t.dtype == theirs[name].dtype and torch.equal(t.view(torch.uint8), theirs[name].view(torch.uint8)), name
+        # safetensors' save_file groups tensors by dtype, putting scales apart from their codes: the files are BASE's
+        # all the same, every byte where it was
+        assert (out / "model.safetensors").read_bytes() == (base / "model.safetensors").read_bytes()
+    order = list(safe_open_keys(fp8 / "model.safetensors"))
+    codes = next(n for n in order if n.endswith("q_proj.weight"))
+    assert order.index(codes + "_scale_inv") != order.index(codes) + 1  # the case this test is for
+
+
+def safe_open_keys(path):
+    """The tensor names of a safetensors file in the order their bytes lie in it."""
+    import struct
+
+    raw = path.read_bytes()
+    header = json.loads(raw[8:8 + struct.unpack("<Q", raw[:8])[0]])
+    header.pop("__metadata__", None)
+    return sorted(header, key=lambda n: header[n]["data_offsets"][0])
 
 
 @pytest.fixture(scope="module")

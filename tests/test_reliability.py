@@ -107,7 +107,7 @@ def _longer_than_file(path: Path):
 DAMAGE = {
     "truncated data": (_truncate, "truncated"),
     "header length past the file": (_longer_than_file, "larger than the file"),
-    "absurd header size": (_set_length(2**62), "larger than the file"),
+    "absurd header size": (_set_length(2**62), "past lora-merge's limit of 104,857,600 bytes for a safetensors header"),
     "header not JSON": (_not_json, "not valid JSON"),
     "overlapping offsets": (_edit(_overlapping), "overlap"),
     "out-of-range offsets": (_edit(_out_of_range), "past the data region"),

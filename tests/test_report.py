@@ -248,7 +248,7 @@ def test_a_silently_retied_lm_head(models, tmp_path):
     assert "files: config.json: tie_word_embeddings is True, expected False" in r.output
 
 
-def test_merge_that_goes_wrong_keeps_out_marked_failed(models, tmp_path, monkeypatch):
+def test_merge_that_goes_wrong_is_kept_beside_out_marked_failed(models, tmp_path, monkeypatch):
     """A merge bug (here: every delta added twice) is caught by the report, which reads OUT back."""
     from lora_merge import mathops
 
@@ -266,8 +266,9 @@ def test_merge_that_goes_wrong_keeps_out_marked_failed(models, tmp_path, monkeyp
     assert r.exit_code == 1
     assert "parity report: FAILED" in r.output
     assert "error: the parity check failed (merged): model.layers.0.self_attn.q_proj.weight" in r.output
-    assert f"see {out / 'merge_report.json'}" in r.output
-    report = json.loads((out / "merge_report.json").read_text())
+    kept = tmp_path / "out.lora-merge-failed"
+    assert f"OUT was not changed; the failed output is kept in {kept}" in r.output and not out.exists()
+    report = json.loads((kept / "merge_report.json").read_text())
     assert report["status"] == "failed"
     assert not report["tensors"]["model.layers.1.self_attn.q_proj.weight"]["ok"]
 

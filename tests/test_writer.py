@@ -31,7 +31,8 @@ def test_a_wrong_merge_is_caught_as_it_is_made(models, adapter, tmp_path, monkey
     monkeypatch.setattr(mathops, "add_delta", twice)
     with pytest.raises(ParityError) as caught:
         merge(str(models["llama_bf16"]), str(adapter), tmp_path / "out", device="cpu", block_bytes=4096)
-    report = json.loads((tmp_path / "out" / "merge_report.json").read_text())
+    assert not (tmp_path / "out").exists()  # a failed output is never OUT: it is kept beside it, named so
+    report = json.loads((tmp_path / "out.lora-merge-failed" / "merge_report.json").read_text())
     assert report["status"] == "failed" and not report["checks"]["merged"]["ok"]
     failed = {n for n, t in report["tensors"].items() if not t["ok"]}
     assert failed == {n for n in report["tensors"] if n.rsplit(".", 2)[-2] in TARGETS} == set(caught.value.report.failed_tensors)
@@ -39,22 +40,22 @@ def test_a_wrong_merge_is_caught_as_it_is_made(models, adapter, tmp_path, monkey
 
 def test_a_file_that_does_not_hold_the_checked_bytes_fails(models, adapter, tmp_path, monkeypatch):
     """One byte changes between the check and the disk: reading the block back shows it."""
-    write_all = writer.write_all
+    write_at = writer.write_at
     done = []
 
-    def flip_once(fd, data):
+    def flip_once(fd, data, offset):
         view = memoryview(data).cast("B")
         if not done and len(view) > 1000:  # a merged block, not the header
             done.append(True)
             changed = bytearray(view)
             changed[500] ^= 0x40
-            return write_all(fd, changed)
-        return write_all(fd, data)
+            return write_at(fd, changed, offset)
+        return write_at(fd, data, offset)
 
-    monkeypatch.setattr(writer, "write_all", flip_once)
+    monkeypatch.setattr(writer, "write_at", flip_once)
     with pytest.raises(ParityError):
         merge(str(models["llama_bf16"]), str(adapter), tmp_path / "out", device="cpu")
-    report = json.loads((tmp_path / "out" / "merge_report.json").read_text())
+    report = json.loads((tmp_path / "out.lora-merge-failed" / "merge_report.json").read_text())
     failures = report["checks"]["merged"]["failures"]
     assert len(failures) == 1 and "does not hold the bytes that were checked, first at byte 500" in failures[0]
 

@@ -9,8 +9,11 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import click
+
 from ..adapter import Adapter
 from ..errors import UnsupportedAdapterError
+from ..flags import cli_flag
 from ..names import ADAPTER_TENSOR_SUFFIXES
 from .loralib import LoralibOptions
 
@@ -27,7 +30,8 @@ LAYOUTS = {
 class AdapterOptions:
     """What the user says about an adapter beyond its files."""
 
-    format: str = "auto"
+    format: str = cli_flag("--adapter-format", "The adapter's layout. auto: detected from its files and tensor names.",
+                           "auto", type=click.Choice(["auto", *FORMATS]), show_default=True)
     loralib: LoralibOptions = field(default_factory=LoralibOptions)
 
 
@@ -52,11 +56,11 @@ def _format_of_keys(keys: list[str]) -> str | None:
 def detect_format(path: Path) -> str:
     """The format of the adapter at ``path`` (a folder or one file), or a refusal naming what was found."""
     if path.is_dir():
-        if (path / "adapter_model.safetensors").is_file() or (path / "adapter_model.bin").is_file():
+        if (path / "adapter_model.safetensors").exists() or (path / "adapter_model.bin").exists():
             return "peft"
-        if (path / "adapters.safetensors").is_file():
+        if (path / "adapters.safetensors").exists():
             return "mlx"
-        files = sorted(p for p in path.iterdir() if p.is_file() and p.suffix in ADAPTER_TENSOR_SUFFIXES)
+        files = sorted(p for p in path.iterdir() if not p.is_dir() and p.suffix in ADAPTER_TENSOR_SUFFIXES)
         found = f"the folder holds {', '.join(p.name for p in files[:5]) or 'no tensor file'}"
         if len(files) == 1:
             file = files[0]

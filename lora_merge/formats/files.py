@@ -6,7 +6,8 @@ import json
 from pathlib import Path
 
 from ..adapter import AdapterTensor, FileTensor, MemoryTensor
-from ..errors import AdapterConfigError, HeaderError, SourceNotFoundError
+from ..errors import AdapterConfigError, HeaderError, InputFileError, SourceNotFoundError, first_line, name_list
+from ..paths import read_bytes, read_text
 from ..safetensors_file import read_header
 
 
@@ -14,16 +15,19 @@ def read_tensor_file(path: Path) -> dict[str, AdapterTensor]:
     """The file's tensors by key; a ``.safetensors`` file is read on demand, a pickle at once."""
     if path.suffix == ".safetensors":
         return {k: FileTensor(v) for k, v in read_header(path).tensors.items()}
+    import io
     import pickle
 
     import torch
 
     try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
+        raw = read_bytes(path)
+        state = torch.load(io.BytesIO(raw), map_location="cpu", weights_only=True)
+    except InputFileError:
+        raise
     except (pickle.UnpicklingError, RuntimeError, EOFError, ValueError, OSError) as e:
-        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise HeaderError(
-            f"{path}: refused: it cannot be loaded as plain tensors ({first})",
+            f"{path}: refused: it cannot be loaded as plain tensors ({first_line(e)})",
             "ask for a safetensors adapter; lora-merge never runs code from a pickle",
         ) from e
     if isinstance(state, dict) and isinstance(state.get("state_dict"), dict):
@@ -36,10 +40,12 @@ def read_tensor_file(path: Path) -> dict[str, AdapterTensor]:
 def read_adapter_config(folder: Path, missing: str, hint: str) -> dict:
     """``folder/adapter_config.json`` as a JSON object; ``missing`` and ``hint`` say what to do without it."""
     path = folder / "adapter_config.json"
-    if not path.is_file():
+    if not path.exists():
         raise SourceNotFoundError(f"ADAPTER {str(folder)!r} {missing}", hint)
     try:
-        config = json.loads(path.read_text())
+        config = json.loads(read_text(path))
+    except InputFileError:
+        raise
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
         raise AdapterConfigError(f"{path}: not valid JSON ({e})") from e
     if not isinstance(config, dict):
@@ -77,6 +83,6 @@ def floating_tensors_only(adapter, where) -> None:
     bad = sorted({f"{t.name} ({t.dtype})" for op in adapter.targets.values() for t in op.tensors()
                   if t.dtype not in FLOAT_DTYPES})
     if bad:
-        shown = ", ".join(bad[:4]) + (f" and {len(bad) - 4} more" if len(bad) > 4 else "")
-        raise AdapterConfigError(f"{where}: adapter tensors must be floating point; {len(bad)} are not: {shown}",
+        raise AdapterConfigError(f"{where}: adapter tensors must be floating point; {len(bad)} are not: "
+                                 f"{name_list(bad, 4)}",
                                  "save the adapter's factors as float32, bfloat16 or float16")

@@ -16,16 +16,45 @@ from pathlib import Path
 
 from ..adapter import Adapter, DerivedTensor, LowRank, TargetOps
 from ..errors import AdapterConfigError, PlanError
+from ..flags import cli_flag
 from .files import positive_number, read_tensor_file
 
 ROLES = {"lora_A": "a", "lora_B": "b"}
 
 
+def parse_enable_lora(text: str | None) -> list[bool] | None:
+    """``q,v`` (of a fused q,k,v) or ``1,0,1`` / ``true,false,true``, as loralib's enable_lora list."""
+    if text is None:
+        return None
+    parts = [p.strip().lower() for p in text.split(",") if p.strip()]
+    flags = {"1": True, "true": True, "0": False, "false": False}
+    if parts and all(p in flags for p in parts):
+        return [flags[p] for p in parts]
+    if parts and set(parts) <= set("qkv") and len(set(parts)) == len(parts):
+        return [n in parts for n in "qkv"]
+    raise ValueError(f"{text!r}: name parts among q,k,v (e.g. q,v) or give one flag per part (e.g. 1,0,1)")
+
+
+def _enable_lora(ctx, param, value):
+    import click
+
+    try:
+        return parse_enable_lora(value)
+    except ValueError as e:
+        raise click.BadParameter(str(e)) from None
+
+
 @dataclass
 class LoralibOptions:
-    lora_alpha: float | None = None
-    fan_in_fan_out: bool = False
-    enable_lora: list[bool] | None = None
+    """What a loralib state dict does not record."""
+
+    lora_alpha: float | None = cli_flag("--lora-alpha", "loralib: the lora_alpha the layers were built with (a "
+                                        "loralib state dict does not record it).", type=float)
+    fan_in_fan_out: bool = cli_flag("--fan-in-fan-out", "loralib: the layers were built with fan_in_fan_out=True "
+                                    "(weights stored in × out).", False, is_flag=True)
+    enable_lora: list[bool] | None = cli_flag(
+        "--enable-lora", "loralib MergedLinear: the fused parts that have LoRA, as names among q,k,v (e.g. q,v) or "
+        "one flag per part (e.g. 1,0,1).", metavar="PARTS", callback=_enable_lora)
 
 
 def _padded_b(b, enable: list[bool], r: int) -> DerivedTensor:
@@ -65,9 +94,9 @@ def tensor_file(path: Path, what: str) -> Path:
     """The one tensor file of a single-file adapter: PATH itself, or the only one in the folder PATH."""
     from ..names import ADAPTER_TENSOR_SUFFIXES
 
-    if path.is_file():
+    if not path.is_dir():
         return path
-    found = sorted(p for p in path.iterdir() if p.is_file() and p.suffix in ADAPTER_TENSOR_SUFFIXES)
+    found = sorted(p for p in path.iterdir() if not p.is_dir() and p.suffix in ADAPTER_TENSOR_SUFFIXES)
     if len(found) != 1:
         raise AdapterConfigError(
             f"ADAPTER {str(path)!r}: a {what} adapter is one tensor file, and this folder holds "

@@ -92,7 +92,7 @@ def read_config(folder: Path) -> dict:
 def read_tensors(folder: Path) -> tuple[dict, list[Path]]:
     """The adapter's tensors by key, as lazily read objects."""
     for name in ("adapter_model.safetensors", "adapter_model.bin"):
-        if (folder / name).is_file():
+        if (folder / name).exists():
             return read_tensor_file(folder / name), [folder / name]
     raise SourceNotFoundError(
         f"ADAPTER {str(folder)!r} has no adapter_model.safetensors or adapter_model.bin",
@@ -243,7 +243,6 @@ def load_peft_adapter(folder: Path, layout) -> Adapter:
 
     groups: dict[str, dict[str, object]] = defaultdict(dict)
     full: dict[str, object] = {}
-    notes: list[str] = []
     ignored: dict[str, str] = {}
     for key, t in tensors.items():
         module, role = _split_key(key)
@@ -344,4 +343,4 @@ def load_peft_adapter(folder: Path, layout) -> Adapter:
     if problems:
         raise PlanError(f"ADAPTER {str(folder)!r} is inconsistent:", problems)
     return Adapter(folder, "peft", config, targets, list(tensors), files=[*files, folder / "adapter_config.json"],
-                   notes=notes, ignored=ignored)
+                   ignored=ignored)

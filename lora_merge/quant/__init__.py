@@ -57,20 +57,59 @@ class Quantization:
         return seen
 
 
-def quantization_config(config: dict) -> dict | None:
-    found = config.get("quantization_config")
+def quantization_config(config: dict, role: str = "BASE") -> dict | None:
+    """config.json's ``quantization_config`` (or its text_config's); one that is not a JSON object is refused."""
+    found, where = config.get("quantization_config"), "quantization_config"
     if found is None and isinstance(config.get("text_config"), dict):
-        found = config["text_config"].get("quantization_config")
-    return found if isinstance(found, dict) else None
+        found, where = config["text_config"].get("quantization_config"), "text_config.quantization_config"
+    if found is not None and not isinstance(found, dict):
+        raise QuantizationError(f"{role}'s config.json: {where} must be a JSON object, found {found!r}", [],
+                                "restore the config.json the model was published with")
+    return found
+
+
+# the fields of quantization_config lora-merge reads, by method: what each must be
+_FIELDS = {
+    "fp8": {"weight_block_size": "null or a list of two positive integers", "scale_fmt": "null or a string",
+            "fmt": "null or a string", "activation_scheme": "null or a string",
+            "modules_to_not_convert": "null or a list of strings"},
+    "mxfp4": {"modules_to_not_convert": "null or a list of strings"},
+    "bitsandbytes": {},
+}
+
+
+def _field_ok(key: str, value) -> bool:
+    if value is None:
+        return True
+    if key == "weight_block_size":
+        return isinstance(value, list) and len(value) == 2 and all(
+            isinstance(v, int) and not isinstance(v, bool) and v > 0 for v in value)
+    if key == "modules_to_not_convert":
+        return isinstance(value, list) and all(isinstance(v, str) for v in value)
+    return isinstance(value, str)
+
+
+def check_fields(method: str, qc: dict, role: str = "BASE") -> None:
+    """Every field of ``quantization_config`` that lora-merge reads, checked before anything is planned: one line
+    naming the key, the value found and what it must be."""
+    for key, must in _FIELDS.get(method, {}).items():
+        if not _field_ok(key, qc.get(key)):
+            raise QuantizationError(f"{role}'s config.json: quantization_config.{key} must be {must}, found "
+                                    f"{qc.get(key)!r}", [], "restore the config.json the model was published with")
 
 
 def find_quantization(config: dict, stored: dict, role: str = "BASE") -> Quantization | None:
     """BASE's quantization from config.json and the stored tensors (None: not quantized); a method that
     cannot be read, or files that do not hold what the method stores, are refused."""
-    qc = quantization_config(config)
+    qc = quantization_config(config, role)
     if qc is None:
         return None
-    method = str(qc.get("quant_method", "")).lower()
+    named = qc.get("quant_method", "")
+    if not isinstance(named, str):
+        raise QuantizationError(f"{role}'s config.json: quantization_config.quant_method must be a string, found "
+                                f"{named!r}", [], "restore the config.json the model was published with")
+    method = named.lower()
+    check_fields(method, qc, role)
     if method not in READ:
         detail = f" ({qc['format']})" if isinstance(qc.get("format"), str) else ""
         raise QuantizationError(
