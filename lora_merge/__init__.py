@@ -5,21 +5,16 @@ imported from their modules on first use, so that importing lora_merge (and `lor
 import torch.
 """
 
-from importlib.metadata import PackageNotFoundError, version
 from typing import TYPE_CHECKING
 
 from .errors import LoraMergeError, ParityError
 from .formats import AdapterOptions
 from .options import MergeOptions, PushOptions
-
-try:
-    __version__ = version("lora-merge")
-except PackageNotFoundError:  # running from a source tree that is not installed
-    __version__ = "0.0.0+unknown"
+from .version import __version__
 
 if TYPE_CHECKING:
+    from .check.report import Report
     from .pipeline import MergeResult, merge, prepare, unmerge, verify
-    from .report import Report
 
 __all__ = [
     "AdapterOptions", "LoraMergeError", "MergeOptions", "MergeResult", "ParityError", "PushOptions", "Report",
@@ -27,7 +22,7 @@ __all__ = [
 ]
 
 _LAZY = {"merge": "pipeline", "prepare": "pipeline", "unmerge": "pipeline", "verify": "pipeline",
-         "MergeResult": "pipeline", "Report": "report"}
+         "MergeResult": "pipeline", "Report": "check.report"}
 
 
 def __getattr__(name):

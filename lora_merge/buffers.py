@@ -1,4 +1,4 @@
-"""Work buffers reused block after block.
+"""Work buffers reused block after block: torch's on a device (``Buffers``), numpy's on the host (``HostBuffers``).
 
 A fresh multi-megabyte tensor for every block of every tensor costs a page fault per page on common
 systems (the allocator hands large blocks back to the kernel), more than the arithmetic done in it.
@@ -35,3 +35,20 @@ class Buffers:
             self.views = {k: v for k, v in self.views.items() if k[0] != name}
         view = self.views[key] = held[:n].view(shape)
         return view
+
+
+class HostBuffers:
+    """Named numpy buffers on the host, each grown to the largest size asked for and reused: ``buffers(name, shape,
+    dtype)`` is a view whose contents are undefined, valid until ``name`` is asked for again."""
+
+    def __init__(self):
+        self.held: dict = {}
+
+    def __call__(self, name: str, shape: tuple, dtype):
+        import numpy as np
+
+        n = math.prod(shape)
+        held = self.held.get(name)
+        if held is None or held.dtype != dtype or held.size < n:
+            held = self.held[name] = np.empty(max(n, 1), dtype)
+        return held[:n].reshape(shape)

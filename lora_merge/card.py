@@ -6,10 +6,10 @@ import json
 import logging
 from pathlib import Path
 
-from . import __version__
+from .version import __version__
 from .paths import write_new
 from .plan import Plan
-from .report import Report
+from .check.report import Report
 from .sources import Source
 
 log = logging.getLogger("lora_merge")

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import click
 
-from . import __version__
+from .version import __version__
 from .errors import LoraMergeError, OutputError, ParityError
 
 CONTEXT = {"help_option_names": ["-h", "--help"], "max_content_width": 100}
@@ -342,7 +342,7 @@ def push_command(out, repo_id, token, **given):
     from .flags import take
     from .options import PushOptions
     from .paths import read_text
-    from .report import REPORT_NAME
+    from .check.report import REPORT_NAME
 
     push = take(PushOptions, given, repo_id=repo_id)
     _check_push_options(push)

@@ -81,9 +81,11 @@ def measure_latency(
     prompt: str | None = None,
     progress=None,
 ) -> dict:
-    """Time greedy decoding of ``new_tokens`` tokens under the three conditions, ``runs`` counted runs each."""
+    """Time greedy decoding of ``new_tokens`` tokens under the three conditions, ``runs`` counted runs each
+    (``device``: a Device, or a torch device)."""
     import torch
 
+    device = getattr(device, "torch", device)
     transformers, peft = _imports()
     if new_tokens < 1 or runs < 2:
         raise LatencyError(

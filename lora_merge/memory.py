@@ -53,8 +53,8 @@ class measure:
     the peak since the process started is all there is)."""
 
     def __init__(self, device=None):
-        self.device = device
         self.cuda = getattr(device, "type", None) == "cuda"
+        self.device = device.torch if self.cuda else None
 
     def __enter__(self) -> Usage:
         try:

@@ -171,7 +171,7 @@ def failed_folder(out: Path) -> Path:
 
 
 def _is_failed_output(folder: Path) -> bool:
-    from .report import REPORT_NAME
+    from .check.report import REPORT_NAME
 
     if not folder.is_dir() or folder.is_symlink():
         return False

@@ -10,9 +10,9 @@ from pathlib import Path
 
 from . import card
 from .adapter import combine
+from .devices import resolve
 from .dtypes import DTYPES, FLOAT_DTYPES
 from .errors import (
-    DeviceError,
     NonFiniteError,
     ParityError,
     QuantizationError,
@@ -28,7 +28,8 @@ from .output import OutputLock, StagedOutput, check_output, check_space, clear_l
 from .paths import copy_new, is_regular, write_new
 from .plan import Plan, make_plan
 from .progress import no_bar
-from .report import REPORT_NAME, Found, Report, load_out, verify_output
+from .check.readback import Found
+from .check.report import REPORT_NAME, Report, load_out, verify_output
 from .resume import Journal
 from .sources import (
     TOKENIZER_FILES,
@@ -38,7 +39,8 @@ from .sources import (
     looks_like_model,
     resolve_source,
 )
-from .writer import WriteStats, block_bytes_for, working_set, write_shards
+from .blocks import block_bytes_for, working_set
+from .writer import WriteStats, write_shards
 
 log = logging.getLogger("lora_merge")
 
@@ -81,31 +83,8 @@ class MergeResult:
 
 
 def resolve_device(spec: str):
-    """The torch device that computes; 'auto' is CUDA when present, else the CPU."""
-    import torch
-
-    spec = spec.strip().lower()
-    if spec == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if spec == "cpu":
-        return torch.device("cpu")
-    if spec == "cuda" or spec.startswith("cuda:"):
-        if not torch.cuda.is_available():
-            raise DeviceError(f"--device {spec}: CUDA is not available here", "use --device cpu (or auto)")
-        dev = torch.device(spec)
-        if dev.index is not None and dev.index >= torch.cuda.device_count():
-            raise DeviceError(
-                f"--device {spec}: only {torch.cuda.device_count()} CUDA device(s) present",
-                "pick an index below that",
-            )
-        return dev
-    if spec == "mps":
-        if not (getattr(torch.backends, "mps", None) and torch.backends.mps.is_available()):
-            raise DeviceError("--device mps: Apple's Metal backend is not available here", "use --device cpu")
-        # Metal has no float64, and the merge's exact rounding needs it: the arithmetic stays on the CPU.
-        log.warning("MPS has no float64; computing on the CPU to keep the rounding exact")
-        return torch.device("cpu")
-    raise DeviceError(f"--device {spec!r} is not one of auto, cpu, cuda, cuda:N, mps")
+    """The Device that computes (``devices.resolve``): 'auto' is CUDA when present, else the CPU."""
+    return resolve(spec)
 
 
 def describe_plan(plan: Plan, options: MergeOptions | None = None) -> dict:
@@ -358,6 +337,13 @@ class _Run:
                 except OSError as e:
                     no_room(e, REPORT_NAME)
                     raise
+                merged = {e.name for e in plan.entries if e.is_merge}
+                bad = sorted(n for n, v in report.tensors.items() if not v.finite)
+                if [c.name for c in report.checks if not c.ok] == ["finite"] and set(bad) <= merged:
+                    raise NonFiniteError(  # the bytes are right, the values are not usable: nothing is kept
+                        f"the merge gives NaN or Inf in {len(bad)} tensor(s): {name_list(bad)}",
+                        "the adapter's scale overflows the output dtype (try --dtype float32), or the adapter is "
+                        "broken; --allow-nonfinite writes it anyway")
                 if not report.ok:  # never OUT: kept beside it for a look, OUT as it was
                     kept = staged.keep_failed()
                     raise parity_error(report, f"OUT was not changed; the failed output is kept in {kept} (its "
@@ -390,8 +376,7 @@ class _Run:
 
         started = time.perf_counter()
         stats = _with_bar(self.progress, plan.total_bytes, "merging",
-                          lambda bar: write_shards(plan, staged.tmp, dev, options.block_bytes, bar, reuse=reuse,
-                                                   on_shard=finished, allow_nonfinite=options.allow_nonfinite))
+                          lambda bar: write_shards(plan, staged.tmp, dev, options, bar, reuse=reuse, on_shard=finished))
         copied = finish_files(plan, staged.tmp, options.tokenizer_from)
         provenance = {
             "device": str(dev),
@@ -451,10 +436,11 @@ def unmerge(merged: str, adapter: Adapters, out: str | Path, options: MergeOptio
 def nonfinite_adapter_tensors(plan: Plan) -> list[str]:
     """Names of the adapter tensors the merge uses that hold NaN or Inf (each stored tensor read once;
     adapters are small)."""
-    from .mathops import all_finite
+    from .check.readback import finite
+    from .dense import raw_bytes
 
     stored = {id(t.stored): t.stored for op in plan.adapter.targets.values() for t in op.tensors()}
-    return sorted({t.name for t in stored.values() if t.dtype in FLOAT_DTYPES and not all_finite(t.load())})
+    return sorted({t.name for t in stored.values() if t.dtype in FLOAT_DTYPES and not finite(raw_bytes(t), t.dtype)})
 
 
 def _bytes_to_write(plan: Plan, reuse: set[str]) -> int:

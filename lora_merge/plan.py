@@ -61,6 +61,29 @@ class Entry:
     def is_merge(self) -> bool:
         return self.ops is not None
 
+    @property
+    def width(self) -> int:
+        """Elements per index of the first dimension (1 for a scalar)."""
+        return max(math.prod(self.shape[1:]), 1)
+
+    def rows_per_block(self, block_bytes: int) -> int:
+        """How many rows make a float64 block of at most ``block_bytes`` (at least one). A tensor written in a
+        quantized format is taken in whole rows of its scale blocks where that costs at most four times as much
+        (``needs_prepass`` says when it does not)."""
+        step = max(1, block_bytes // (8 * self.width))
+        if self.requantized:
+            unit = self.base.row_unit
+            if unit <= step:
+                step -= step % unit
+            elif unit * self.width * 8 <= 4 * block_bytes:
+                step = unit
+        return step
+
+    def needs_prepass(self, step: int) -> bool:
+        """Written in a quantized format whose scale blocks span more rows than a block of ``step``: each block's
+        scale must be found over all of its rows first."""
+        return self.requantized and step % self.base.row_unit != 0 and step < self.shape[0]
+
 
 @dataclass
 class OutputShard:

@@ -14,7 +14,7 @@ import logging
 import os
 from pathlib import Path
 
-from . import __version__
+from .version import __version__
 from .output import remove_path
 from .paths import read_text, write_new
 from .plan import Plan

@@ -39,7 +39,7 @@ def main() -> None:
         make(args.shape, folder)
     out = folder / "merged"
     pipeline.merge(str(folder / "base"), str(folder / "adapter"), out, device=args.device, overwrite=True)
-    device = pipeline.resolve_device(args.device)
+    device = pipeline.resolve_device(args.device).torch
     result = measure_latency(
         folder / "base", folder / "adapter", out, device, new_tokens=args.new_tokens, runs=args.runs
     )

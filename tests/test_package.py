@@ -21,7 +21,7 @@ def test_public_names_import_without_torch():
             "for name in lora_merge.__all__:\n"
             "    assert getattr(lora_merge, name) is not None, name\n"
             "from lora_merge import merge, MergeResult, Report\n"
-            "assert merge.__module__ == 'lora_merge.pipeline' and Report.__module__ == 'lora_merge.report'\n")
+            "assert merge.__module__ == 'lora_merge.pipeline' and Report.__module__ == 'lora_merge.check.report'\n")
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT)
     assert r.returncode == 0, r.stderr
 

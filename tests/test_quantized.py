@@ -94,8 +94,8 @@ def test_fp8_keeps_its_format(qwen3, tmp_path):
     for name, t in out.items():  # everything else is BASE's bytes, scales included
         if name.removesuffix("_scale_inv") not in merged:
             assert torch.equal(t.view(torch.uint8), before[name].view(torch.uint8)), name
-    tensors = result.report.details["tensors"]
-    assert all(tensors[n]["check"] == "requantized" and tensors[n]["correctly_rounded"] for n in merged)
+    tensors = result.report.tensors
+    assert all(tensors[n].check == "requantized" and tensors[n].correctly_rounded for n in merged)
     # transformers loads the output and dequantizes it to the same values
     loaded = transformers.AutoModelForCausalLM.from_pretrained(
         tmp_path / "out", dtype=torch.float32, quantization_config=transformers.FineGrainedFP8Config(dequantize=True))

@@ -250,17 +250,13 @@ def test_a_silently_retied_lm_head(models, tmp_path):
 
 def test_merge_that_goes_wrong_is_kept_beside_out_marked_failed(models, tmp_path, monkeypatch):
     """A merge bug (here: every delta added twice) is caught by the report, which reads OUT back."""
-    from lora_merge import mathops
+    from test_writer import twice
+
+    from lora_merge import kernels
 
     base = models["llama"]
     build_adapter(base, tmp_path / "adapter", r=4, target_modules=["q_proj"])
-    add = mathops.add_delta
-
-    def twice(*args):
-        add(*args)
-        add(*args)
-
-    monkeypatch.setattr(mathops, "add_delta", twice)
+    monkeypatch.setattr(kernels, "merge32", twice(kernels.merge32, wide=True))
     out = tmp_path / "out"
     r = run(base, tmp_path / "adapter", out)
     assert r.exit_code == 1

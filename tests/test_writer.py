@@ -4,14 +4,27 @@ from __future__ import annotations
 
 import json
 
+import numpy as np
 import pytest
 import torch
 from helpers import build_adapter, run_cli
 
-from lora_merge import mathops, merge, writer
+from lora_merge import kernels, merge, shardfile
 from lora_merge.errors import ParityError
 
 TARGETS = ["q_proj", "v_proj", "down_proj"]
+
+
+def twice(merge, wide=False):
+    """A merge kernel that adds each low-rank delta twice (its left factors doubled)."""
+    at = 2 if wide else 3  # merge32(w, in_kind, L, ...), merge16(kind, w, in_kind, L, ...)
+
+    def wrong(*args):
+        args = list(args)
+        args[at] = np.ascontiguousarray(2 * np.asarray(args[at]))
+        return merge(*args)
+
+    return wrong
 
 
 @pytest.fixture
@@ -21,14 +34,8 @@ def adapter(models, tmp_path):
 
 
 def test_a_wrong_merge_is_caught_as_it_is_made(models, adapter, tmp_path, monkeypatch):
-    """The merge arithmetic adds one delta twice: the check, with its own code, fails those tensors."""
-    add = mathops.add_delta
-
-    def twice(w, d, start, stop, cache):
-        add(w, d, start, stop, cache)
-        add(w, d, start, stop, cache)
-
-    monkeypatch.setattr(mathops, "add_delta", twice)
+    """The merge arithmetic adds the delta twice: the check, with its own code, fails those tensors."""
+    monkeypatch.setattr(kernels, "merge16", twice(kernels.merge16))
     with pytest.raises(ParityError) as caught:
         merge(str(models["llama_bf16"]), str(adapter), tmp_path / "out", device="cpu", block_bytes=4096)
     assert not (tmp_path / "out").exists()  # a failed output is never OUT: it is kept beside it, named so
@@ -40,7 +47,7 @@ def test_a_wrong_merge_is_caught_as_it_is_made(models, adapter, tmp_path, monkey
 
 def test_a_file_that_does_not_hold_the_checked_bytes_fails(models, adapter, tmp_path, monkeypatch):
     """One byte changes between the check and the disk: reading the block back shows it."""
-    write_at = writer.write_at
+    write_at = shardfile.write_at
     done = []
 
     def flip_once(fd, data, offset):
@@ -52,7 +59,7 @@ def test_a_file_that_does_not_hold_the_checked_bytes_fails(models, adapter, tmp_
             return write_at(fd, changed, offset)
         return write_at(fd, data, offset)
 
-    monkeypatch.setattr(writer, "write_at", flip_once)
+    monkeypatch.setattr(shardfile, "write_at", flip_once)
     with pytest.raises(ParityError):
         merge(str(models["llama_bf16"]), str(adapter), tmp_path / "out", device="cpu")
     report = json.loads((tmp_path / "out.lora-merge-failed" / "merge_report.json").read_text())

@@ -3,7 +3,8 @@
 ``find_quantization`` reads ``quantization_config`` and groups the stored tensors (codes and scales)
 into ``QuantizedTensor`` views: the dense tensors the model computes with, under the names and shapes
 the model gives them, so that placing an adapter and planning the merge see an ordinary model. The
-writer and the check decode and encode through these views; nothing else knows the formats.
+writer and the check decode and encode through these views; nothing else knows the formats. The codecs (and
+torch, which they compute with) are imported only for a base that is quantized.
 """
 
 from __future__ import annotations
@@ -13,9 +14,6 @@ from dataclasses import dataclass
 
 from ..errors import QuantizationError
 from .base import QuantizedTensor
-from .bnb import bnb_tensors
-from .fp8 import fp8_tensor
-from .mxfp4 import mxfp4_tensor
 
 __all__ = ["Quantization", "QuantizedTensor", "find_quantization", "sixteen_bit_original"]
 
@@ -128,6 +126,8 @@ def find_quantization(config: dict, stored: dict, role: str = "BASE") -> Quantiz
 
 
 def _fp8(stored: dict, qc: dict):
+    from .fp8 import fp8_tensor
+
     tensors, problems = {}, []
     block = qc.get("weight_block_size")
     power_of_two = qc.get("scale_fmt") == "ue8m0"
@@ -151,6 +151,8 @@ def _fp8(stored: dict, qc: dict):
 
 
 def _mxfp4(stored: dict, qc: dict):
+    from .mxfp4 import mxfp4_tensor
+
     tensors, problems = {}, []
     for name, info in stored.items():
         if not name.endswith("_blocks"):
@@ -166,6 +168,8 @@ def _mxfp4(stored: dict, qc: dict):
 
 
 def _bnb(stored: dict, qc: dict):
+    from .bnb import bnb_tensors
+
     return bnb_tensors(stored)
 
 

@@ -12,11 +12,13 @@ from __future__ import annotations
 import math
 import os
 from dataclasses import dataclass
-
-import torch
+from typing import TYPE_CHECKING
 
 from ..dtypes import DTYPES, torch_dtype
 from ..safetensors_file import TensorInfo, pread_into
+
+if TYPE_CHECKING:
+    import torch
 
 
 @dataclass(frozen=True)
@@ -87,6 +89,8 @@ class QuantizedTensor:
 
     def block_any(self, mask: torch.Tensor, start: int, stop: int) -> torch.Tensor:
         """Whether any element of each scale block within rows [start, stop) is set."""
+        import torch
+
         return self.block_max(mask.to(torch.float64), start, stop) > 0
 
     def stored_scales(self, stored: tuple[torch.Tensor, ...]) -> torch.Tensor:
@@ -108,6 +112,8 @@ def read_rows(info: TensorInfo, start: int, stop: int) -> torch.Tensor:
 
 def read_flat(info: TensorInfo, first: int, last: int) -> torch.Tensor:
     """Elements [first, last) of a stored tensor, flattened, in its dtype."""
+    import torch
+
     size = DTYPES[info.dtype].size
     raw = torch.empty((last - first) * size, dtype=torch.uint8)
     if raw.numel():

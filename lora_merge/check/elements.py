@@ -1,6 +1,7 @@
 """The exact value of every merged element, and the check of stored elements against it.
 
-This is the parity check's own computation, kept apart from the merge's (``mathops``): it loads the
+This is the parity check's own computation with torch (for the tensors ``dense`` does not merge, and on a GPU),
+kept apart from the merge's (``mathops``): it loads the
 adapter's factors itself, computes W + s·B·A (DoRA, trainable rows, replacements included) in float64,
 and decides for each stored element whether it is the nearest value of its dtype, or else how far it
 is, in ulp and against a rounding bound. The bound allows one rounding of the sum and one of the delta
@@ -18,12 +19,13 @@ from dataclasses import dataclass
 
 import torch
 
-from .adapter import FileTensor, LowRank, TargetOps
-from .buffers import Buffers
-from .dtypes import DTYPES, torch_dtype
-from .plan import Entry
-from .quant.base import QuantizedTensor
-from .safetensors_file import pread_into
+from ..adapter import FileTensor, LowRank, TargetOps
+from ..buffers import Buffers
+from ..dtypes import DTYPES, torch_dtype
+from ..plan import Entry
+from ..quant.base import QuantizedTensor
+from ..safetensors_file import pread_into
+from .verdict import Survival, TensorVerdict
 
 COMPUTE_UNIT = 2.0**-24  # float32 unit roundoff: the bound admits a merge computed in float32
 CHECK_BLOCK_BYTES = 6 * 1024 * 1024  # float64 bytes per row block when reading back
@@ -66,6 +68,7 @@ class Rows:
     rank: int
     products: object
     delta_at: object = None
+    base: object = None  # BASE's rows (None: replaced by the adapter's tensor), for how much of the change is kept
 
 
 def _plain(ops: TargetOps | None) -> bool:
@@ -93,7 +96,7 @@ def expected_rows(e: Entry, f: Factors, start: int, stop: int, buffers: Buffers 
         rank, parts = _add_deltas(value, ops, f, start, stop, e.shape)
         flat_value, flat_raw = value.reshape(-1), raw.reshape(-1)
         delta_at = (lambda flat: flat_value[flat] - flat_raw[flat].to(torch.float64)) if parts else None
-        return Rows(value, rank, _summed(parts, f.device), delta_at)
+        return Rows(value, rank, _summed(parts, f.device), delta_at, raw)
     return _general_rows(e, ops, f, raw, start, stop, dora_norm)
 
 
@@ -193,7 +196,7 @@ def _general_rows(e: Entry, ops: TargetOps, f: Factors, raw, start: int, stop: i
         unreplaced = products
         products = lambda flat: torch.where(replaced[flat // width], 0.0, unreplaced(flat))  # noqa: E731
     delta_at = (lambda flat: delta.reshape(-1)[flat]) if delta is not None else None
-    return Rows(value, rank, products, delta_at)
+    return Rows(value, rank, products, delta_at, None if ops.replace is not None else w)
 
 
 def _dora_factor(ops: TargetOps, f: Factors, value, start: int, stop: int, column_norm):
@@ -216,45 +219,24 @@ def dora_column_norm(e: Entry, f: Factors, step: int):
     return torch.sqrt(total)
 
 
-def rows_per_block(entry: Entry, block_bytes: int) -> int:
-    """How many rows of ``entry`` make a float64 block of at most ``block_bytes`` (at least one). A tensor
-    written in a quantized format is taken in whole rows of its scale blocks where that costs at most
-    four times as much (``needs_prepass`` says when it does not)."""
-    width = max(math.prod(entry.shape[1:]), 1)
-    step = max(1, block_bytes // (8 * width))
-    if entry.requantized:
-        unit = entry.base.row_unit
-        if unit <= step:
-            step -= step % unit
-        elif unit * width * 8 <= 4 * block_bytes:
-            step = unit
-    return step
-
-
-def needs_prepass(entry: Entry, step: int) -> bool:
-    """A tensor written in a quantized format whose scale blocks span more rows than a block of ``step``:
-    each block's scale must be found over all of its rows first."""
-    return entry.requantized and step % entry.base.row_unit != 0 and step < entry.shape[0]
-
-
 class ElementCheck:
     """Every element of one merged (or converted) tensor against its exact value and rounding bound.
 
     Feed it the stored tensor in row blocks (``block``), then read ``result()``.
     """
 
-    def __init__(self, e: Entry, device, allow_nonfinite: bool = False, step: int | None = None,
-                 buffers: Buffers | None = None):
-        self.e, self.device, self.allow_nonfinite = e, device, allow_nonfinite
+    def __init__(self, e: Entry, device, step: int | None = None, buffers: Buffers | None = None):
+        self.e, self.device = e, device
         self.factors = Factors(device)
         self.buffers = buffers or Buffers(device)  # shared by checks that run one after the other
         self.column_norm = None
         if e.ops is not None and e.ops.dora_magnitude is not None and e.ops.dora_transposed:
-            self.column_norm = dora_column_norm(e, self.factors, step or rows_per_block(e, CHECK_BLOCK_BYTES))
+            self.column_norm = dora_column_norm(e, self.factors, step or e.rows_per_block(CHECK_BLOCK_BYTES))
         self.worst = self.worst_of_bound = 0.0
         self.failed = 0
         self.first = None
         self.finite = True
+        self.survival = Survival()
 
     def block(self, start: int, stop: int, stored) -> None:
         """Check rows [start, stop) as stored (a tensor of the entry's dtype, any device)."""
@@ -268,6 +250,15 @@ class ElementCheck:
             self.worst = max(self.worst, 0.5)  # the nearest value of the output dtype is within half an ulp
         if picked.numel():
             self._measure(rows, start, values, stored, picked)
+        if rows.base is not None and self.e.is_merge:
+            self._survival(values, stored, rows.base.reshape(-1))
+
+    def _survival(self, values, stored, base) -> None:
+        """Adds the change's sums: ‖ΔW‖², ‖O − W‖², ‖(O − W) − ΔW‖², ⟨O − W, ΔW⟩, elements changed."""
+        w = base.to(torch.float64)
+        d, r = values - w, stored.to(torch.float64) - w
+        self.survival += Survival(float(d.square().sum()), float(r.square().sum()), float((r - d).square().sum()),
+                                  float((r * d).sum()), int((stored != base.to(stored.dtype)).sum()), d.numel())
 
     def _not_plainly_nearest(self, values, stored):
         """Elements to measure against the bound: all but those that are plainly the nearest value.
@@ -312,11 +303,11 @@ class ElementCheck:
         # past the largest finite value by half an ulp or more, the nearest value is the infinity itself
         overflow = have.isinf() & (v.abs() >= overflow_threshold(e.dtype)) & ((have > 0) == (v > 0))
         error[overflow] = 0.0
-        bad = ~(error <= bound)  # NaN fails too
-        if self.allow_nonfinite:  # NaN where the exact value is NaN, or the very infinity it is
-            same = (have == v) | (have.isnan() & v.isnan())
-            bad &= ~same
-            error[same] = 0.0
+        # NaN where the exact value is NaN, or the very infinity it is, is what the merge must give (whether NaN or
+        # Inf is acceptable at all is the finite check's judgement); any other NaN fails
+        same = (have == v) | (have.isnan() & v.isnan())
+        error[same] = 0.0
+        bad = ~(error <= bound) & ~same
         self.worst = max(self.worst, _nan_is_inf(float((error / unit).max())))
         self.worst_of_bound = max(self.worst_of_bound, _nan_is_inf(float((error / bound).nan_to_num(0.0).max())))
         count = int(bad.sum())
@@ -331,20 +322,13 @@ class ElementCheck:
                 self.first = {"index": index, "value": float(have[i]), "expected": float(v[i]),
                               "bound": float(bound[i])}
 
-    def result(self) -> dict:
-        result = {
-            "check": "merged" if self.e.is_merge else "converted",
-            "ok": self.failed == 0,
-            "max_error_ulp": round(self.worst, 4),
-            "max_error_of_bound": round(self.worst_of_bound, 4),
-            # float64 noise on an exact tie can read as a hair above 0.5
-            "correctly_rounded": self.worst <= 0.5 + 1e-6,
-            "failed_elements": self.failed,
-            "finite": self.finite,
-        }
-        if self.first is not None:
-            result["first_failure"] = self.first
-        return result
+    def result(self) -> TensorVerdict:
+        return TensorVerdict(
+            check="merged" if self.e.is_merge else "converted", finite=self.finite,
+            failed_elements=self.failed, max_error_ulp=self.worst,
+            max_error_of_bound=self.worst_of_bound,
+            correctly_rounded=self.worst <= 0.5 + 1e-6,  # float64 noise on an exact tie can read a hair above 0.5
+            first_failure=self.first, survival=self.survival if self.survival.elements else None)
 
 
 _LITTLE = __import__("sys").byteorder == "little"

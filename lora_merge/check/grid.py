@@ -1,6 +1,6 @@
 """The check of a tensor written back in BASE's quantized format, against its exact merged value.
 
-The exact value comes from the check's own computation (``exact.expected_rows``: BASE decoded exactly,
+The exact value comes from the check's own computation (``elements.expected_rows``: BASE decoded exactly,
 plus W + s·B·A in float64). What is stored must then be, element by element, the nearest value of the
 format's grid at the stored scale (within half a step, the step being the grid's spacing at the exact
 value), and each block whose stored values are not exactly the merged ones must carry the scale the
@@ -14,8 +14,9 @@ import math
 
 import torch
 
-from ..exact import COMPUTE_UNIT, Factors, expected_rows, flat_nonzero
-from .base import QuantizedTensor
+from ..quant.base import QuantizedTensor
+from .elements import COMPUTE_UNIT, Factors, expected_rows, flat_nonzero
+from .verdict import Survival, TensorVerdict
 
 HALF = 0.5
 NOISE = 2.0**-45  # float64's own error in the exact value, relative
@@ -40,6 +41,7 @@ class GridCheck:
         self.blocks = self.exact_blocks = self.bad_scales = 0
         self.first_bad_scale = None
         self.pending = None  # a row of scale blocks begun in an earlier block: (index, largest, differs, scales)
+        self.survival = Survival()
 
     def block(self, start: int, stop: int, stored) -> None:
         """Check dense rows [start, stop) from their stored parts (any device)."""
@@ -72,6 +74,11 @@ class GridCheck:
                               "expected": float(exact.reshape(-1)[i]), "bound": float(bound.reshape(-1)[i])}
         self._scales(start, stop, q.block_max(size, start, stop), q.block_any(got != exact, start, stop),
                      q.stored_scales(stored))
+        if rows.base is not None:  # how much of the change the format kept
+            w = rows.base.to(exact.device, torch.float64)
+            d, r = exact - w, got - w
+            self.survival += Survival(float(d.square().sum()), float(r.square().sum()), float((r - d).square().sum()),
+                                      float((r * d).sum()), int((r != 0).sum()), d.numel())
 
     def _scales(self, start: int, stop: int, largest, differs, scales) -> None:
         """Each row of scale blocks once all of its dense rows have been seen."""
@@ -107,30 +114,17 @@ class GridCheck:
                 self.first_bad_scale = {"block": index, "scale": float(scales.reshape(-1)[i]),
                                         "expected": float(q.fresh_scales(largest.reshape(-1)[i:i + 1])[0])}
 
-    def result(self) -> dict:
+    def result(self) -> TensorVerdict:
         if self.pending is not None:  # the tensor's last rows were never given: judge what was seen
             _, largest, differs, scales = self.pending
             self._judge(largest[None], differs[None], scales[None], self.pending[0])
             self.pending = None
-        result = {
-            "check": "requantized",
-            "format": self.q.description,
-            "ok": self.failed == 0 and self.bad_scales == 0,
-            "max_error_ulp": round(self.worst, 4),  # in steps of the format at the block's scale
-            "bound_ulp": HALF,
-            "max_error_of_bound": round(self.worst_of_bound, 4),
-            "correctly_rounded": self.worst <= HALF + 1e-6,
-            "failed_elements": self.failed,
-            "scale_blocks": self.blocks,
-            "scale_blocks_exact": self.exact_blocks,
-            "scale_failures": self.bad_scales,
-            "finite": self.finite,
-        }
-        if self.first is not None:
-            result["first_failure"] = self.first
-        if self.first_bad_scale is not None:
-            result["first_scale_failure"] = self.first_bad_scale
-        return result
+        return TensorVerdict(
+            check="requantized", format=self.q.description, finite=self.finite, failed_elements=self.failed,
+            max_error_ulp=self.worst, max_error_of_bound=self.worst_of_bound,  # in steps of the format
+            correctly_rounded=self.worst <= HALF + 1e-6, first_failure=self.first, scale_blocks=self.blocks,
+            scale_blocks_exact=self.exact_blocks, scale_failures=self.bad_scales,
+            first_scale_failure=self.first_bad_scale, survival=self.survival if self.survival.elements else None)
 
 
 def _largest(ratio) -> float:

@@ -1,0 +1,186 @@
+"""Reading the output back: one comparison of written bytes with what they must be, used by the writer as it writes
+(each piece read back at once) and by ``verify``, which reads any folder front to back, hashing each weights
+file and checking every tensor the plan has, by name, whatever the shard layout."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+from dataclasses import dataclass, field, replace
+
+import numpy as np
+
+from .. import kernels
+from ..dtypes import DTYPES
+from ..paths import open_read
+from ..safetensors_file import TensorInfo, pread_into
+from .verdict import TensorVerdict
+
+READ_BYTES = 4 * 1024 * 1024  # read back, compared and hashed at a time
+CHECK_BLOCK_BYTES = 6 * 1024 * 1024  # float64 bytes per row block when a folder is checked
+
+
+def first_difference(ours, theirs) -> int:
+    """The first byte where two buffers differ, -1 where they are the same."""
+    return kernels.first_difference(ours, theirs)
+
+
+def finite(data, dtype: str) -> bool:
+    """No NaN or Inf among a buffer's elements of a float dtype (other dtypes hold no such values)."""
+    if dtype in kernels.KINDS:
+        return not kernels.nonfinite(kernels.KINDS[dtype], data)
+    if dtype == "F64":
+        return bool(np.isfinite(np.frombuffer(data, np.float64)).all())
+    return True
+
+
+@dataclass(frozen=True)
+class Compared:
+    differs_at: int | None  # the first byte (of the tensor) that differs; None: the same bytes
+    finite: bool
+
+
+def compare_copy(fd: int, offset: int, src_fd: int, src_offset: int, count: int, dtype: str, buffer: np.ndarray,
+                 each=None) -> Compared:
+    """``count`` bytes at ``offset`` of ``fd`` against those at ``src_offset`` of ``src_fd`` (BASE's), and whether
+    they are finite; ``each(at, piece)`` sees every piece read, in order (to hash it). ``buffer``: where pieces are
+    read (reused)."""
+    size = DTYPES[dtype].size
+    piece = max(size, (len(buffer) // 2) // size * size)  # whole elements, to be viewed as numbers
+    ours, theirs = buffer[:piece], buffer[piece:2 * piece]
+    differs, ok = None, True
+    for at in range(0, count, piece):
+        n = min(piece, count - at)
+        pread_into(fd, memoryview(ours[:n]), offset + at)
+        if each is not None:
+            each(at, ours[:n])
+        if differs is None:
+            pread_into(src_fd, memoryview(theirs[:n]), src_offset + at)
+            first = first_difference(ours[:n], theirs[:n])
+            differs = at + first if first >= 0 else None
+        ok = ok and finite(ours[:n], dtype)
+    return Compared(differs, ok)
+
+
+def copy_verdict(found: Compared) -> TensorVerdict:
+    return TensorVerdict(check="identical", finite=found.finite, differs_at=found.differs_at)
+
+
+@dataclass
+class Found:
+    """What the checks found in the weights files: a verdict per tensor, and each weights file's sha256."""
+
+    tensors: dict[str, TensorVerdict] = field(default_factory=dict)
+    digests: dict[str, str] = field(default_factory=dict)
+
+
+def read_back(out_model, plan, device, progress, only: set[str] | None = None) -> Found:
+    """Read the weights files of a folder front to back (``only``: these files), hashing each, checking every tensor
+    the plan has: copies byte for byte against BASE, the others element by element."""
+    entries = {e.name: e for e in plan.entries}
+    parts = {p.name: e for e in plan.entries if e.requantized for p in e.base.parts}
+    found = Found()
+    buffer = np.empty(2 * READ_BYTES, np.uint8)
+    for header in out_model.shards:
+        if only is not None and header.path.name not in only:
+            continue
+        digest = hashlib.sha256()
+        fd = open_read(header.path)
+        try:
+            at = 0
+            for info in sorted(header.tensors.values(), key=lambda i: i.start):
+                _hash_range(fd, digest, at, info.start, buffer)  # the header (and any gap)
+                e = entries.get(info.name)
+                if info.name in parts:  # a quantized format's codes or scales: checked all together, once
+                    _hash_range(fd, digest, info.start, info.start + info.nbytes, buffer)
+                    e = parts[info.name]
+                    if info.name == e.base.parts[0].name:
+                        verdict = _check_requantized(out_model, e, device)
+                        if verdict is not None:
+                            found.tensors[e.name] = verdict
+                elif e is None or e.shape != info.shape or e.dtype != info.dtype:  # the structure check says so
+                    _hash_range(fd, digest, info.start, info.start + info.nbytes, buffer)
+                elif e.is_copy:
+                    src = open_read(e.base.path)
+                    try:
+                        found.tensors[e.name] = copy_verdict(compare_copy(
+                            fd, info.start, src, e.base.start, info.nbytes, info.dtype, buffer,
+                            lambda _, piece: digest.update(piece)))
+                    finally:
+                        os.close(src)
+                else:
+                    found.tensors[e.name] = _check_stored(fd, info, e, device, digest)
+                at = info.start + info.nbytes
+                progress.update(info.nbytes)
+            _hash_range(fd, digest, at, os.fstat(fd).st_size, buffer)
+        finally:
+            os.close(fd)
+        found.digests[header.path.name] = digest.hexdigest()
+    return found
+
+
+def _hash_range(fd: int, digest, start: int, stop: int, buffer: np.ndarray) -> None:
+    for at in range(start, stop, len(buffer)):
+        piece = buffer[:min(len(buffer), stop - at)]
+        pread_into(fd, memoryview(piece), at)
+        digest.update(piece)
+
+
+def element_check(entry, device, buffers=None):
+    """The element check of a merged or converted tensor: in numpy where the merge ran in numpy (``dense``), else
+    with torch on ``device``."""
+    from ..dense import is_dense
+
+    if is_dense(entry, device.type):
+        from .dense import DenseCheck
+
+        return DenseCheck(entry, buffers)
+    from .elements import ElementCheck
+
+    return ElementCheck(entry, device.torch, buffers=buffers)
+
+
+def _check_stored(fd: int, got: TensorInfo, e, device, digest) -> TensorVerdict:
+    """Every element of a merged or converted tensor, as stored, against its exact value."""
+    check = element_check(e, device)
+    n = e.shape[0] if e.shape else 1
+    step = e.rows_per_block(CHECK_BLOCK_BYTES)
+    row = got.row_bytes if got.shape else got.nbytes
+    for start in range(0, n, step):
+        stop = min(n, start + step)
+        raw = np.empty(row * (stop - start), np.uint8)
+        pread_into(fd, memoryview(raw), got.start + row * start)
+        digest.update(raw)
+        check.block(start, stop, _as_stored(raw, got, stop - start, e, check))
+    return check.result()
+
+
+def _as_stored(raw: np.ndarray, got: TensorInfo, rows: int, e, check):
+    """The raw bytes of rows as the check takes them: numpy for the numpy check, a torch tensor for torch's."""
+    from .dense import DenseCheck
+
+    if isinstance(check, DenseCheck):
+        return raw
+    import torch
+
+    from ..dtypes import torch_dtype
+
+    shape = (rows, *e.shape[1:]) if e.shape else ()
+    return torch.from_numpy(raw).view(torch_dtype(got.dtype)).reshape(shape)
+
+
+def _check_requantized(out_model, e, device) -> TensorVerdict | None:
+    """A tensor stored in BASE's quantized format, its parts read from OUT (None: OUT does not store them as planned;
+    the structure check says so)."""
+    from .grid import GridCheck
+
+    got = [out_model.stored.get(p.name) for p in e.base.parts]
+    if any(g is None or (g.dtype, g.shape) != (p.dtype, p.shape) for g, p in zip(got, e.base.parts, strict=True)):
+        return None
+    stored = replace(e.base, parts=tuple(got))
+    check = GridCheck(e, device.torch)
+    n = e.shape[0]
+    step = e.rows_per_block(CHECK_BLOCK_BYTES)
+    for start in range(0, n, step):
+        check.block(start, min(n, start + step), stored.read(start, min(n, start + step)))
+    return check.result()

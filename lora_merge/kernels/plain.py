@@ -1,0 +1,244 @@
+"""The passes in numpy: what ``_kernels.c`` does in one pass, here in several (the product by BLAS). The same rules,
+so the same bytes: an element is written only where its value is proven to round to it, and the others are
+listed for the caller to decide exactly (see ``_kernels.c`` for the arguments)."""
+
+from __future__ import annotations
+
+import numpy as np
+
+BF16, F16, F32 = 0, 1, 2
+COLS = 64  # the columns of a block of R as packed, and of a bound's term
+
+
+def pack(right: np.ndarray) -> np.ndarray:
+    """R (r × width) packed by blocks of COLS columns, as the passes read it: blocks × r × COLS, zero past the end."""
+    r, width = right.shape
+    blocks = -(-width // COLS)
+    padded = np.zeros((r, blocks * COLS), right.dtype)
+    padded[:, :width] = right
+    return np.ascontiguousarray(padded.reshape(r, blocks, COLS).transpose(1, 0, 2))
+
+
+def unpack(packed: np.ndarray, r: int, width: int) -> np.ndarray:
+    return packed.reshape(-1, r, COLS).transpose(1, 0, 2).reshape(r, -1)[:, :width]
+
+
+def _product(L, R, r, rows, width, dtype) -> tuple[np.ndarray, np.ndarray]:
+    """L @ R, and |L| @ |R| (the sizes of its terms, for the error bound)."""
+    if not r:
+        return np.zeros((rows, width), dtype), np.zeros((rows, width), dtype)
+    left, right = np.asarray(L, dtype).reshape(rows, r), unpack(np.asarray(R, dtype), r, width)
+    return left @ right, np.abs(left) @ np.abs(right)
+
+
+def load(in_kind: int, w: np.ndarray, wide: bool = False) -> np.ndarray:
+    """BASE's elements as float32 (or float64 when ``wide``), exactly."""
+    if in_kind == BF16:
+        x = (w.view(np.uint16).astype(np.uint32) << 16).view(np.float32)
+    elif in_kind == F16:
+        x = w.view(np.float16).astype(np.float32)
+    else:
+        x = w.view(np.float32)
+    return x.astype(np.float64) if wide else x
+
+
+def add(w: np.ndarray, p: np.ndarray) -> np.ndarray:
+    """w + p, where a product of exactly zero leaves w as it is (-0 stays -0: a delta of zero changes no bit)."""
+    return np.where(p == 0, w, w + p)
+
+
+def _listed(flags: np.ndarray, idx: np.ndarray) -> int:
+    found = np.flatnonzero(flags)
+    n = min(len(found), len(idx))
+    idx[:n] = found[:n]
+    return len(found)
+
+
+def midpoint16(kind: int, y: np.ndarray) -> np.ndarray:
+    u = y.view(np.uint32)
+    if kind == BF16:
+        return ((u & np.uint32(0xFFFF0000)) | np.uint32(0x8000)).view(np.float32)
+    normal = ((u & np.uint32(0xFFFFE000)) | np.uint32(0x1000)).view(np.float32)
+    sub = np.copysign((np.floor(np.abs(y) * np.float32(2.0**24)) + np.float32(0.5)) * np.float32(2.0**-24), y)
+    return np.where((u & np.uint32(0x7FFFFFFF)) >= np.uint32(0x38800000), normal, sub)
+
+
+def round16(kind: int, y: np.ndarray) -> np.ndarray:
+    if kind == F16:
+        return y.astype(np.float16).view(np.uint16)  # numpy's conversion: to nearest even, subnormals included
+    u = y.view(np.uint32)
+    out = ((u + np.uint32(0x7FFF) + ((u >> 16) & np.uint32(1))) >> 16).astype(np.uint16)
+    nan = (u & np.uint32(0x7FFFFFFF)) > np.uint32(0x7F800000)
+    return np.where(nan, ((u >> 16) | np.uint32(0x40)).astype(np.uint16), out)
+
+
+def merge16(kind, w, in_kind, L, R, r, ct, slack, rows, width, c, out, idx) -> int:
+    with np.errstate(all="ignore"):
+        p, m = _product(L, R, r, rows, width, np.float32)
+        y = add(load(in_kind, w).reshape(rows, width), p)
+        out.reshape(rows, width)[...] = round16(kind, y)
+        a = np.abs(y)
+        e = np.float32(c) * a + (np.float32(ct) * m + np.float32(slack))
+        d = np.abs(y - midpoint16(kind, y))
+        quarter, top = (np.float32(2.0**-10), np.float32(float.fromhex("0x1.fep127"))) if kind == BF16 else \
+            (np.float32(2.0**-13), np.float32(65000.0))
+        flags = ~(d > e) | ~(e <= a * quarter) | ~(a < top)
+    return _listed(flags.reshape(-1), idx)
+
+
+def merge32(w, in_kind, L, R, r, ct, slack, rows, width, c, out, idx) -> int:
+    with np.errstate(all="ignore"):
+        p, sizes = _product(L, R, r, rows, width, np.float64)
+        y = add(load(in_kind, w, wide=True).reshape(rows, width), p)
+        out.reshape(rows, width)[...] = y.astype(np.float32)
+        m = ((y.view(np.uint64) & np.uint64(0xFFFFFFFFE0000000)) | np.uint64(0x10000000)).view(np.float64)
+        a = np.abs(y)
+        e = c * a + (ct * sizes + slack)
+        flags = ~(np.abs(y - m) > e) | ~(e <= a * 2.0**-26) | ~(a < float.fromhex("0x1.fffffcp127")) | (
+            ~(a >= 2.0**-126) & ~((a == 0) & (e == 0)))
+    return _listed(flags.reshape(-1), idx)
+
+
+def half_spacing16(kind: int, o: np.ndarray, below: np.ndarray) -> np.ndarray:
+    """Half the spacing at the stored ``o`` (16-bit elements), toward zero where ``below``, else away from it."""
+    mbits, ebits, bias = (7, 8, 127) if kind == BF16 else (10, 5, 15)
+    o = o.astype(np.int64)
+    e = (o >> mbits) & ((1 << ebits) - 1)
+    h = np.ldexp(np.float32(1.0), (np.maximum(e, 1) - bias - mbits - 1).astype(np.int32)).astype(np.float32)
+    h = np.where(below & ((o & ((1 << mbits) - 1)) == 0) & (e > 1), h * np.float32(0.5), h)
+    return np.where(e == (1 << ebits) - 1, np.float32(0.0), h)
+
+
+def half_spacing32(o: np.ndarray, below: np.ndarray) -> np.ndarray:
+    """Half the spacing at the stored ``o`` (float32), toward zero where ``below``, else away from it (float64)."""
+    bits = o.view(np.uint32).astype(np.int64)
+    e = (bits >> 23) & 0xFF
+    h = np.ldexp(1.0, (np.maximum(e, 1) - 127 - 23 - 1).astype(np.int32))
+    h = np.where(below & ((bits & 0x7FFFFF) == 0) & (e > 1), h * 0.5, h)
+    return np.where(e == 0xFF, 0.0, h)
+
+
+def _survival(w, v, o, sums) -> None:
+    """Adds to ``sums`` the survival of the change d = v - w in the stored r = o - w (see ``_kernels.c``)."""
+    d, r = (v - w).astype(np.float64), (o - w).astype(np.float64)
+    sums += [float(np.dot(d.ravel(), d.ravel())), float(np.dot(r.ravel(), r.ravel())),
+             float(np.square(r - d).sum()), float(np.dot(r.ravel(), d.ravel())), float(np.count_nonzero(r))]
+
+
+def check16(kind, w, in_kind, L, R, r, ct, slack, rows, width, c, stored, idx, sums) -> int:
+    with np.errstate(all="ignore"):
+        w0 = load(in_kind, w).reshape(rows, width)
+        q, m = _product(L, R, r, rows, width, np.float32)
+        v = add(w0, q)
+        o = stored.view(np.uint16).reshape(rows, width)
+        o32 = load(kind, o)
+        e = np.float32(c) * np.abs(v) + (np.float32(ct) * m + np.float32(slack))
+        flags = ~(np.abs(v - o32) + e < half_spacing16(kind, o, ~(np.abs(v) >= np.abs(o32) + e)))
+        _survival(w0, v, o32, sums)
+    return _listed(flags.reshape(-1), idx)
+
+
+def check32(w, in_kind, L, R, r, ct, slack, rows, width, c, stored, idx, sums) -> int:
+    with np.errstate(all="ignore"):
+        w0 = load(in_kind, w, wide=True).reshape(rows, width)
+        q, sizes = _product(L, R, r, rows, width, np.float64)
+        v = add(w0, q)
+        o = stored.view(np.float32).reshape(rows, width)
+        e = c * np.abs(v) + (ct * sizes + slack)
+        flags = ~(np.abs(v - o) + e < half_spacing32(o, ~(np.abs(v) >= np.abs(o) + e)))
+        _survival(w0, v, o.astype(np.float64), sums)
+    return _listed(flags.reshape(-1), idx)
+
+
+def first_difference(a, b) -> int:
+    """The first byte where two buffers differ (-1: none; the shorter one's length if one is a prefix)."""
+    x, y = np.frombuffer(a, np.uint8), np.frombuffer(b, np.uint8)
+    n = min(len(x), len(y))
+    if np.array_equal(x[:n], y[:n]):
+        return -1 if len(x) == len(y) else n
+    return int(np.flatnonzero(x[:n] != y[:n])[0])
+
+
+def nonfinite(kind: int, a) -> bool:
+    """Whether a buffer of float elements of ``kind`` holds a NaN or an infinity."""
+    if kind == F32:
+        x, mask = np.frombuffer(a, np.uint32), 0x7F800000
+    else:
+        x, mask = np.frombuffer(a, np.uint16), 0x7F80 if kind == BF16 else 0x7C00
+    return bool(((x & mask) == mask).any())
+
+
+def gather(flat, w, in_kind, L, RT, scales, width, base, delta, size) -> None:
+    """For each flat index of a block: BASE's element, the delta Σ_k scale_k L[row, k] RT[col, k] and the size
+    |w| + Σ_k |scale_k L RT| for its error bound, in float64 (each product of two float32 factors is exact there)."""
+    i, j = flat // width, flat % width
+    products = np.asarray(L).reshape(-1, len(scales))[i].astype(np.float64) * np.asarray(RT).reshape(
+        width, len(scales))[j].astype(np.float64) * scales
+    n = len(flat)
+    base[:n] = load(in_kind, np.asarray(w)[flat], wide=True) if n else 0
+    delta[:n] = products.sum(axis=1)
+    size[:n] = np.abs(base[:n]) + np.abs(products).sum(axis=1)
+
+
+def next_up(x: np.ndarray, top: int) -> np.ndarray:
+    """The next value toward +infinity of floats given by their bits (unsigned; ``top`` the sign bit)."""
+    t = x.dtype.type
+    neg = (x & t(top)) != 0
+    return np.where(neg, np.where(x == t(top), t(1), x - t(1)), x + t(1)).astype(x.dtype)
+
+
+def next_down(x: np.ndarray, top: int) -> np.ndarray:
+    """The next value toward -infinity of floats given by their bits."""
+    t = x.dtype.type
+    neg = (x & t(top)) != 0
+    return np.where(neg, x + t(1), np.where(x == 0, t(top | 1), x - t(1))).astype(x.dtype)
+
+
+def _judged(v, o, e, h_in, h_out) -> np.ndarray:
+    """1 where v (within e of the exact sum) rounds to o, 0 where it certainly does not, 2 where it cannot be told."""
+    d = np.abs(v - o)
+    h_yes = np.where(np.abs(v) >= np.abs(o) + e, h_out, h_in)
+    h_no = np.where(np.abs(v) + e < np.abs(o), h_in, h_out)
+    return np.where(d + e < h_yes, 1, np.where(d - e > h_no, 0, 2))
+
+
+def _ulps(u, w, o, mant: int, emin: int) -> float:
+    a = np.maximum(np.abs(w), np.abs(o)).astype(np.float64)
+    e = np.clip(((a.view(np.uint64) >> np.uint64(52)) & np.uint64(0x7FF)).astype(np.int64) - 1023, emin, 1023)
+    err = np.abs(u.astype(np.float64) - w.astype(np.float64)) / np.ldexp(1.0, (e - mant).astype(np.int32))
+    err = np.nan_to_num(err, nan=0.0, posinf=np.inf)
+    return float(err.max()) if err.size else 0.0
+
+
+def trip(kind, u, merged, orig, L, R, r, ct, slack, rows, width, c, idx, stats) -> int:
+    wide = kind == F32
+    bits, top, inf = (np.uint32, 0x80000000, 0x7F800000) if wide else (np.uint16, 0x8000, 0x7F80 if kind == BF16
+                                                                        else 0x7C00)
+    compute = np.float64 if wide else np.float32
+    with np.errstate(all="ignore"):
+        p, m = _product(L, R, r, rows, width, compute)
+        ub = np.asarray(u).view(bits).reshape(rows, width)
+        ob = np.asarray(merged).view(bits).reshape(rows, width)
+        value = (lambda x: x.view(np.float32).astype(np.float64)) if wide else (lambda x: load(kind, x))
+        o = value(ob)
+        eb = compute(ct) * m + compute(slack)
+        if wide:
+            h_in, h_out = half_spacing32(ob.view(np.float32), True), half_spacing32(ob.view(np.float32), False)
+        else:
+            h_in, h_out = half_spacing16(kind, ob, True), half_spacing16(kind, ob, False)
+
+        def judged(x):
+            v = add(value(x), p)
+            return _judged(v, o, compute(c) * np.abs(v) + eb, h_in, h_out)
+
+        at, up, down = judged(ub), judged(next_up(ub, top)), judged(next_down(ub, top))
+        finite = ((ub & bits(inf)) != bits(inf)) & ((ob & bits(inf)) != bits(inf))
+        no = ~finite | (at == 0) | (up == 1) | (down == 1)
+        verdict = np.where(no, 0, np.where((at == 1) & (up == 0) & (down == 0), 1, 2))
+        stats[0] += float(np.count_nonzero(verdict == 1))
+        if len(orig):
+            wb = np.asarray(orig).view(bits).reshape(rows, width)
+            stats[1] += float(np.count_nonzero(ub == wb))
+            mant, emin = (23, -126) if wide else ((7, -126) if kind == BF16 else (10, -14))
+            stats[2] = max(stats[2], _ulps(value(ub), value(wb), o, mant, emin))
+    return _listed((verdict == 2).reshape(-1), idx)
