@@ -152,10 +152,13 @@ class _DenseTrip:
         return int(np.count_nonzero(verdicts[0] & ~verdicts[1] & ~verdicts[2]))
 
 
-def _dense_trip(entry, got: TensorInfo, orig: TensorInfo | None) -> _DenseTrip | None:
-    """The CPU round trip for the tensors the merge computes in numpy, where u, M and the original share a dtype."""
+def _recovered(entry, got: TensorInfo, orig: TensorInfo | None, device) -> Recovered:
+    """One tensor's round trip: on the CPU in numpy for the tensors the merge computes so, where u, M and the
+    original share a dtype; else in torch."""
     same = got.dtype == entry.dtype == entry.base.dtype and (orig is None or orig.dtype == entry.dtype)
-    return _DenseTrip(entry, got, orig) if same and is_dense(entry, "cpu") and entry.ops is not None else None
+    if device.type == "cpu" and same and is_dense(entry, "cpu"):
+        return _DenseTrip(entry, got, orig).run()
+    return _torch_trip(entry, got, orig, device)
 
 
 def _torch_trip(entry, got: TensorInfo, orig: TensorInfo | None, device) -> Recovered:
@@ -220,11 +223,10 @@ def round_trip(plan: Plan, out_model: BaseModel, device, original: BaseModel | N
             failures.append(f"{entry.name}: the original is {orig.dtype} {list(orig.shape)}, OUT {entry.dtype} "
                             f"{list(entry.shape)}")
             orig = None
-        dense = _dense_trip(entry, got, orig) if device.type == "cpu" else None
-        jobs[entry.name] = (dense.run if dense is not None else
-                            (lambda e=entry, g=got, o=orig: _torch_trip(e, g, o, device)))
-    with ThreadPoolExecutor(2) as pool:
-        found = {name: pool.submit(job) for name, job in jobs.items()}
+        jobs[entry.name] = (entry, got, orig)
+
+    with ThreadPoolExecutor(2) as pool:  # each tensor's factors are read when its turn comes: memory stays flat
+        found = {name: pool.submit(_recovered, *job, device) for name, job in jobs.items()}
         tensors = {name: f.result() for name, f in found.items()}
     totals = Recovered(identical=0 if original is not None else None, worst_ulp=0.0 if original is not None else None)
     for name, stat in tensors.items():

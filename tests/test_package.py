@@ -26,6 +26,20 @@ def test_public_names_import_without_torch():
     assert r.returncode == 0, r.stderr
 
 
+def test_a_plain_merge_never_imports_torch(models, tmp_path):
+    """A bf16 model merged on the CPU: numpy only (torch's import alone costs seconds and hundreds of MB)."""
+    from helpers import build_adapter
+
+    build_adapter(models["llama_bf16"], tmp_path / "adapter", r=4, target_modules="all-linear")
+    code = ("import sys; from lora_merge import merge, verify\n"
+            "r = merge(sys.argv[1], sys.argv[2], sys.argv[3], device='cpu')\n"
+            "assert r.report.ok and verify(sys.argv[3], sys.argv[1], sys.argv[2], device='cpu').ok\n"
+            "assert 'torch' not in sys.modules, 'torch was imported'\n")
+    r = subprocess.run([sys.executable, "-c", code, str(models["llama_bf16"]), str(tmp_path / "adapter"),
+                        str(tmp_path / "out")], capture_output=True, text=True, cwd=ROOT)
+    assert r.returncode == 0, r.stderr
+
+
 def test_the_repository_holds_no_binaries():
     if shutil.which("git") is None or not (ROOT / ".git").exists():
         pytest.skip("not a git checkout")

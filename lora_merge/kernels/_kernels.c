@@ -48,6 +48,8 @@ INLINE float u2f(uint32_t u) { float f; memcpy(&f, &u, 4); return f; }
 INLINE uint32_t f2u(float f) { uint32_t u; memcpy(&u, &f, 4); return u; }
 INLINE double u2d(uint64_t u) { double d; memcpy(&d, &u, 8); return d; }
 INLINE uint64_t d2u(double d) { uint64_t u; memcpy(&u, &d, 8); return u; }
+/* x < y ? x : y, y for a NaN x, as fminf gives, but a select the compiler vectorizes (fminf is a call) */
+INLINE float smaller(float x, float y) { return x < y ? x : y; }
 
 /* --------------------------------------------------------------------------------- 16-bit formats */
 
@@ -67,7 +69,7 @@ INLINE uint16_t float_to_half(float f) {
     uint32_t normal = (r + 0xFFF + ((r >> 13) & 1)) >> 13;
     /* a subnormal float16: the nearest multiple of 2^-24, ties to even (adding and taking away 2^23 rounds a float
        below 2^23 to an integer, to nearest even; the scaling by 2^24 is exact) */
-    float q = fminf(u2f(a) * 0x1p24f, 0x1p20f);
+    float q = smaller(u2f(a) * 0x1p24f, 0x1p20f);
     uint32_t sub = (uint32_t)(int32_t)((q + 0x1p23f) - 0x1p23f);
     uint32_t h = a >= 0x38800000u ? normal : sub;
     h = a >= 0x477FF000u ? 0x7C00u : h;  /* from 65520 on: infinity */
@@ -93,7 +95,7 @@ INLINE double add64(double w, double p) { return p == 0.0 ? w : w + p; }
 INLINE float midpoint16(const int kind, float y) {
     uint32_t u = f2u(y);
     if (kind == BF16) return u2f((u & 0xFFFF0000u) | 0x8000u);
-    float q = fminf(fabsf(y) * 0x1p24f, 0x1p20f);  /* subnormal float16: spacing 2^-24 */
+    float q = smaller(fabsf(y) * 0x1p24f, 0x1p20f);  /* subnormal float16: spacing 2^-24 */
     float sub = copysignf(((float)(int32_t)q + 0.5f) * 0x1p-24f, y);
     return (u & 0x7FFFFFFF) >= 0x38800000u ? u2f((u & 0xFFFFE000u) | 0x1000u) : sub;
 }
@@ -553,29 +555,68 @@ INLINE int judged64(double v, double o, double e, double h_in, double h_out) {
     return d + e < h_yes ? 1 : (d - e > h_no ? 0 : 2);
 }
 
-/* certain: u merges to M, its neighbours do not (1); certainly not (0); else 2 */
-INLINE int certain3(int at, int up, int down) {
-    if (at == 0 || up == 1 || down == 1) return 0;
-    return (at == 1 && up == 0 && down == 0) ? 1 : 2;
+/* certain: u merges to M and its neighbours do not (1); certainly not (0); else 2 (branch-free) */
+INLINE uint8_t certain3(int at, int up, int down) {
+    int no = (at == 0) | (up == 1) | (down == 1), yes = (at == 1) & (up == 0) & (down == 0);
+    return (uint8_t)(no ? 0 : (yes ? 1 : 2));
 }
 
-/* |u - w| in units in the last place of a 16-bit format (or float32) at max(|w|, |M|); 0 where a NaN is involved */
+/* |u - w| in units in the last place at max(|w|, |M|) (mant bits, smallest normal exponent emin); 0 with a NaN */
 INLINE double ulps(double u, double w, double mm, int mant, int emin) {
-    double a = fmax(fabs(w), fabs(mm));
-    int e = (int)((d2u(a) >> 52) & 0x7FF) - 1023;
+    double a = fabs(w) > fabs(mm) ? fabs(w) : fabs(mm);  /* a NaN gives err NaN, or a unit past any error */
+    int64_t e = (int64_t)((d2u(a) >> 52) & 0x7FF) - 1023;
     e = e < emin ? emin : (e > 1023 ? 1023 : e);
-    double err = fabs(u - w) / u2d((uint64_t)(e - mant + 1023) << 52);
+    double err = fabs(u - w) * u2d((uint64_t)(1023 - (e - mant)) << 52);  /* times 2^-(e - mant): exact */
     return err == err ? err : 0.0;
 }
 
-INLINE I trip16_tile(const int kind, const uint16_t *U, const uint16_t *M, const uint16_t *W, const float *L,
-                     const float *R, I r, float ct, float slack, I rows, I width, float c, int64_t *X, I cap,
-                     double *stats) {
+/* The verdicts of one row's block of n <= COLS elements, from the product p and its terms' sizes m. Where u and M
+   lie in one binade, neither a power of two, u's neighbours are one spacing s = 2h away on either side, so when u
+   merges to M by a margin (|x - M| < h) they are more than h from M and do not: u alone decides, in one vectorized
+   pass. The others (verdict 3 there) are judged with both neighbours afterwards. */
+INLINE float decode16(const int kind, uint16_t x) { return kind == BF16 ? u2f((uint32_t)x << 16) : half_to_float(x); }
+
+INLINE void trip16_verdicts(const int kind, const uint16_t *U, const uint16_t *M, const float *p, const float *m,
+                            float ct, float slack, float c, I n, uint8_t *verdict) {
+    const uint16_t inf = kind == BF16 ? 0x7F80 : 0x7C00, mbits = kind == BF16 ? 0x7F : 0x3FF;
+    const uint16_t binade = (uint16_t)(0x8000 | inf);
+    int rest = 0;
+    for (I j = 0; j < n; j++) {
+        uint16_t u = U[j], o = M[j];
+        float o32 = decode16(kind, o), h = half_spacing16(kind, o, 0), vu = add(decode16(kind, u), p[j]);
+        int at = judged(vu, o32, c * fabsf(vu) + (ct * m[j] + slack), h, h);
+        int simple = (((u ^ o) & binade) == 0) & ((u & mbits) != 0) & ((o & mbits) != 0) & ((o & inf) != inf);
+        verdict[j] = (uint8_t)(simple ? at : 3);
+        rest |= !simple;
+    }
+    if (rest)
+        for (I j = 0; j < n; j++)
+            if (verdict[j] == 3) {
+                uint16_t u = U[j], o = M[j];
+                if ((u & inf) == inf || (o & inf) == inf) {
+                    verdict[j] = 0;
+                    continue;
+                }
+                float o32 = decode16(kind, o), eb = ct * m[j] + slack;
+                float h_in = half_spacing16(kind, o, 1), h_out = half_spacing16(kind, o, 0);
+                float vu = add(decode16(kind, u), p[j]);
+                float vup = add(decode16(kind, (uint16_t)next_up(u, 0x8000)), p[j]);
+                float vdn = add(decode16(kind, (uint16_t)next_down(u, 0x8000)), p[j]);
+                verdict[j] = certain3(judged(vu, o32, c * fabsf(vu) + eb, h_in, h_out),
+                                      judged(vup, o32, c * fabsf(vup) + eb, h_in, h_out),
+                                      judged(vdn, o32, c * fabsf(vdn) + eb, h_in, h_out));
+            }
+}
+
+INLINE I trip16_tile(const int kind, const int with_orig, const uint16_t *U, const uint16_t *M, const uint16_t *W,
+                     const float *L, const float *R, I r, float ct, float slack, I rows, I width, float c, int64_t *X,
+                     I cap, double *stats) {
     I nflag = 0, nb = (width + COLS - 1) / COLS;
     const int mant = kind == BF16 ? 7 : 10, emin = kind == BF16 ? -126 : -14;
-    const uint16_t inf = kind == BF16 ? 0x7F80 : 0x7C00;
     float p[COLS], m[COLS];
-    double certain = 0, identical = 0, worst = 0;
+    uint8_t verdict[COLS];
+    int64_t certain = 0, identical = 0;
+    double worst = 0;
     for (I g = 0; g < rows; g += GROUP)
     for (I b = 0; b < nb; b++) {
         I j0 = b * COLS, n = j0 + COLS < width ? COLS : width - j0;
@@ -583,45 +624,75 @@ INLINE I trip16_tile(const int kind, const uint16_t *U, const uint16_t *M, const
             I base = i * width + j0;
             if (r) product32(L + i * r, R + b * r * COLS, r, p, m);
             else memset(p, 0, sizeof p), memset(m, 0, sizeof m);
-            for (I j = 0; j < n; j++) {
-                uint16_t u = U[base + j], o = M[base + j];
-                float o32 = load16(kind, M, base + j), eb = ct * m[j] + slack;
-                float h_in = half_spacing16(kind, o, 1), h_out = half_spacing16(kind, o, 0);
-                int verdict = 0;
-                if ((u & inf) != inf && (o & inf) != inf) {
-                    float vu = add(load16(kind, U, base + j), p[j]);
-                    int at = judged(vu, o32, c * fabsf(vu) + eb, h_in, h_out), up = 2, down = 2;
-                    if (at != 0) {
-                        uint16_t xu = (uint16_t)next_up(u, 0x8000), xd = (uint16_t)next_down(u, 0x8000);
-                        float vup = add(kind == BF16 ? u2f((uint32_t)xu << 16) : half_to_float(xu), p[j]);
-                        float vdn = add(kind == BF16 ? u2f((uint32_t)xd << 16) : half_to_float(xd), p[j]);
-                        up = judged(vup, o32, c * fabsf(vup) + eb, h_in, h_out);
-                        down = judged(vdn, o32, c * fabsf(vdn) + eb, h_in, h_out);
+            trip16_verdicts(kind, U + base, M + base, p, m, ct, slack, c, n, verdict);
+            int64_t yes = 0, open = 0;
+            for (I j = 0; j < n; j++) yes += verdict[j] == 1, open += verdict[j] == 2;
+            certain += yes;
+            if (open)
+                for (I j = 0; j < n; j++)
+                    if (verdict[j] == 2) {
+                        if (nflag < cap) X[nflag] = base + j;
+                        nflag++;
                     }
-                    verdict = certain3(at, up, down);
+            if (with_orig) {
+                int64_t same = 0;
+                double top = 0;
+#pragma omp simd reduction(+ : same) reduction(max : top)
+                for (I j = 0; j < n; j++) {
+                    uint16_t u = U[base + j], w = W[base + j], o = M[base + j];
+                    same += u == w;
+                    double e = ulps(kind == BF16 ? u2f((uint32_t)u << 16) : half_to_float(u),
+                                    kind == BF16 ? u2f((uint32_t)w << 16) : half_to_float(w),
+                                    kind == BF16 ? u2f((uint32_t)o << 16) : half_to_float(o), mant, emin);
+                    top = e > top ? e : top;
                 }
-                certain += verdict == 1;
-                if (verdict == 2) {
-                    if (nflag < cap) X[nflag] = base + j;
-                    nflag++;
-                }
-                if (W) {
-                    identical += U[base + j] == W[base + j];
-                    double err = ulps(load16(kind, U, base + j), load16(kind, W, base + j), o32, mant, emin);
-                    worst = err > worst ? err : worst;
-                }
+                identical += same;
+                worst = top > worst ? top : worst;
             }
         }
     }
-    stats[0] += certain; stats[1] += identical; stats[2] = worst > stats[2] ? worst : stats[2];
+    stats[0] += (double)certain; stats[1] += (double)identical; stats[2] = worst > stats[2] ? worst : stats[2];
     return nflag;
 }
 
-INLINE I trip32_tile(const float *U, const float *M, const float *W, const double *L, const double *R, I r,
-                     double ct, double slack, I rows, I width, double c, int64_t *X, I cap, double *stats) {
+INLINE void trip32_verdicts(const float *U, const float *M, const double *p, const double *m, double ct,
+                            double slack, double c, I n, uint8_t *verdict) {
+    int rest = 0;
+    for (I j = 0; j < n; j++) {  /* as trip16_verdicts */
+        uint32_t u = f2u(U[j]), o = f2u(M[j]);
+        double h = half_spacing32(M[j], 0), vu = add64((double)U[j], p[j]);
+        int at = judged64(vu, (double)M[j], c * fabs(vu) + (ct * m[j] + slack), h, h);
+        int simple = (((u ^ o) & 0xFF800000u) == 0) & ((u & 0x7FFFFFu) != 0) & ((o & 0x7FFFFFu) != 0) &
+                     ((o & 0x7F800000u) != 0x7F800000u);
+        verdict[j] = (uint8_t)(simple ? at : 3);
+        rest |= !simple;
+    }
+    if (rest)
+        for (I j = 0; j < n; j++)
+            if (verdict[j] == 3) {
+                uint32_t u = f2u(U[j]), ob = f2u(M[j]);
+                if ((u & 0x7F800000u) == 0x7F800000u || (ob & 0x7F800000u) == 0x7F800000u) {
+                    verdict[j] = 0;
+                    continue;
+                }
+                double o = M[j], eb = ct * m[j] + slack, h_in = half_spacing32(M[j], 1), h_out = half_spacing32(M[j], 0);
+                double vu = add64((double)U[j], p[j]);
+                double vup = add64((double)u2f(next_up(u, 0x80000000u)), p[j]);
+                double vdn = add64((double)u2f(next_down(u, 0x80000000u)), p[j]);
+                verdict[j] = certain3(judged64(vu, o, c * fabs(vu) + eb, h_in, h_out),
+                                      judged64(vup, o, c * fabs(vup) + eb, h_in, h_out),
+                                      judged64(vdn, o, c * fabs(vdn) + eb, h_in, h_out));
+            }
+}
+
+INLINE I trip32_tile(const int with_orig, const float *U, const float *M, const float *W, const double *L,
+                     const double *R, I r, double ct, double slack, I rows, I width, double c, int64_t *X, I cap,
+                     double *stats) {
     I nflag = 0, nb = (width + COLS - 1) / COLS;
     double p[COLS], m[COLS];
-    double certain = 0, identical = 0, worst = 0;
+    uint8_t verdict[COLS];
+    int64_t certain = 0, identical = 0;
+    double worst = 0;
     for (I g = 0; g < rows; g += GROUP)
     for (I b = 0; b < nb; b++) {
         I j0 = b * COLS, n = j0 + COLS < width ? COLS : width - j0;
@@ -629,45 +700,45 @@ INLINE I trip32_tile(const float *U, const float *M, const float *W, const doubl
             I base = i * width + j0;
             if (r) product64(L + i * r, R + b * r * COLS, r, p, m);
             else memset(p, 0, sizeof p), memset(m, 0, sizeof m);
-            for (I j = 0; j < n; j++) {
-                uint32_t u = f2u(U[base + j]), ob = f2u(M[base + j]);
-                float o = M[base + j];
-                double eb = ct * m[j] + slack, h_in = half_spacing32(o, 1), h_out = half_spacing32(o, 0);
-                int verdict = 0;
-                if ((u & 0x7F800000u) != 0x7F800000u && (ob & 0x7F800000u) != 0x7F800000u) {
-                    double vu = add64((double)U[base + j], p[j]);
-                    int at = judged64(vu, o, c * fabs(vu) + eb, h_in, h_out), up = 2, down = 2;
-                    if (at != 0) {
-                        double vup = add64((double)u2f(next_up(u, 0x80000000u)), p[j]);
-                        double vdn = add64((double)u2f(next_down(u, 0x80000000u)), p[j]);
-                        up = judged64(vup, o, c * fabs(vup) + eb, h_in, h_out);
-                        down = judged64(vdn, o, c * fabs(vdn) + eb, h_in, h_out);
+            trip32_verdicts(U + base, M + base, p, m, ct, slack, c, n, verdict);
+            int64_t yes = 0, open = 0;
+            for (I j = 0; j < n; j++) yes += verdict[j] == 1, open += verdict[j] == 2;
+            certain += yes;
+            if (open)
+                for (I j = 0; j < n; j++)
+                    if (verdict[j] == 2) {
+                        if (nflag < cap) X[nflag] = base + j;
+                        nflag++;
                     }
-                    verdict = certain3(at, up, down);
+            if (with_orig) {
+                int64_t same = 0;
+                double top = 0;
+#pragma omp simd reduction(+ : same) reduction(max : top)
+                for (I j = 0; j < n; j++) {
+                    same += f2u(U[base + j]) == f2u(W[base + j]);
+                    double e = ulps(U[base + j], W[base + j], M[base + j], 23, -126);
+                    top = e > top ? e : top;
                 }
-                certain += verdict == 1;
-                if (verdict == 2) {
-                    if (nflag < cap) X[nflag] = base + j;
-                    nflag++;
-                }
-                if (W) {
-                    identical += u == f2u(W[base + j]);
-                    double err = ulps(U[base + j], W[base + j], o, 23, -126);
-                    worst = err > worst ? err : worst;
-                }
+                identical += same;
+                worst = top > worst ? top : worst;
             }
         }
     }
-    stats[0] += certain; stats[1] += identical; stats[2] = worst > stats[2] ? worst : stats[2];
+    stats[0] += (double)certain; stats[1] += (double)identical; stats[2] = worst > stats[2] ? worst : stats[2];
     return nflag;
 }
 
 HOT static I trip_run(int kind, const void *U, const void *M, const void *W, const void *L, const void *R, I r,
                       double ct, double slack, I rows, I width, double c, int64_t *X, I cap, double *stats) {
-    if (kind == F32) return trip32_tile(U, M, W, L, R, r, ct, slack, rows, width, c, X, cap, stats);
+    float ct32 = (float)ct, slack32 = (float)slack, c32 = (float)c;
+    if (kind == F32)
+        return W ? trip32_tile(1, U, M, W, L, R, r, ct, slack, rows, width, c, X, cap, stats)
+                 : trip32_tile(0, U, M, W, L, R, r, ct, slack, rows, width, c, X, cap, stats);
     if (kind == F16)
-        return trip16_tile(F16, U, M, W, L, R, r, (float)ct, (float)slack, rows, width, (float)c, X, cap, stats);
-    return trip16_tile(BF16, U, M, W, L, R, r, (float)ct, (float)slack, rows, width, (float)c, X, cap, stats);
+        return W ? trip16_tile(F16, 1, U, M, W, L, R, r, ct32, slack32, rows, width, c32, X, cap, stats)
+                 : trip16_tile(F16, 0, U, M, W, L, R, r, ct32, slack32, rows, width, c32, X, cap, stats);
+    return W ? trip16_tile(BF16, 1, U, M, W, L, R, r, ct32, slack32, rows, width, c32, X, cap, stats)
+             : trip16_tile(BF16, 0, U, M, W, L, R, r, ct32, slack32, rows, width, c32, X, cap, stats);
 }
 
 /* trip(kind, u, merged, orig, L, R, r, ct, slack, rows, width, c, idx, stats) -> flagged; orig empty: none */
