@@ -6,11 +6,11 @@ import json
 import logging
 from pathlib import Path
 
-from .version import __version__
+from .check.report import Report
 from .paths import write_new
 from .plan import Plan
-from .check.report import Report
 from .sources import Source
+from .version import __version__
 
 log = logging.getLogger("lora_merge")
 CARD_NAME = "README.md"

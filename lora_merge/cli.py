@@ -12,8 +12,8 @@ from pathlib import Path
 
 import click
 
-from .version import __version__
 from .errors import LoraMergeError, OutputError, ParityError
+from .version import __version__
 
 CONTEXT = {"help_option_names": ["-h", "--help"], "max_content_width": 100}
 DEBUG_ENV = "LORA_MERGE_DEBUG"
@@ -339,10 +339,10 @@ def push_command(out, repo_id, token, **given):
     OUT must hold a merge_report.json whose parity checks passed.
     """
     from . import hub
+    from .check.report import REPORT_NAME
     from .flags import take
     from .options import PushOptions
     from .paths import read_text
-    from .check.report import REPORT_NAME
 
     push = take(PushOptions, given, repo_id=repo_id)
     _check_push_options(push)

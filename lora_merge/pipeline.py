@@ -10,6 +10,9 @@ from pathlib import Path
 
 from . import card
 from .adapter import combine
+from .blocks import block_bytes_for, working_set
+from .check.readback import Found
+from .check.report import REPORT_NAME, Report, load_out, verify_output
 from .devices import resolve
 from .dtypes import DTYPES, FLOAT_DTYPES
 from .errors import (
@@ -24,12 +27,17 @@ from .layout import Placement
 from .memory import measure, resident_bytes
 from .names import family
 from .options import MergeOptions
-from .output import OutputLock, StagedOutput, check_output, check_space, clear_leftovers, no_room
+from .output import (
+    OutputLock,
+    StagedOutput,
+    check_output,
+    check_space,
+    clear_leftovers,
+    no_room,
+)
 from .paths import copy_new, is_regular, write_new
 from .plan import Plan, make_plan
 from .progress import no_bar
-from .check.readback import Found
-from .check.report import REPORT_NAME, Report, load_out, verify_output
 from .resume import Journal
 from .sources import (
     TOKENIZER_FILES,
@@ -39,7 +47,6 @@ from .sources import (
     looks_like_model,
     resolve_source,
 )
-from .blocks import block_bytes_for, working_set
 from .writer import WriteStats, write_shards
 
 log = logging.getLogger("lora_merge")

@@ -14,11 +14,11 @@ import logging
 import os
 from pathlib import Path
 
-from .version import __version__
 from .output import remove_path
 from .paths import read_text, write_new
 from .plan import Plan
 from .safetensors_file import file_sha256
+from .version import __version__
 
 JOURNAL_NAME = ".lora-merge-resume.json"
 

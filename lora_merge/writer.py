@@ -16,10 +16,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from .blocks import DenseBlocks, TorchBlocks, block_bytes_for
-from .kernels import blas
 from .check.readback import Compared, copy_verdict, element_check
 from .check.verdict import TensorVerdict
 from .dense import is_dense
+from .kernels import blas
 from .output import no_room
 from .paths import open_read, write_new
 from .plan import Entry, Plan

@@ -5,7 +5,6 @@ passes' column blocks."""
 
 from __future__ import annotations
 
-import json
 import math
 import shutil
 import subprocess

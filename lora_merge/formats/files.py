@@ -6,7 +6,14 @@ import json
 from pathlib import Path
 
 from ..adapter import AdapterTensor, FileTensor, MemoryTensor
-from ..errors import AdapterConfigError, HeaderError, InputFileError, SourceNotFoundError, first_line, name_list
+from ..errors import (
+    AdapterConfigError,
+    HeaderError,
+    InputFileError,
+    SourceNotFoundError,
+    first_line,
+    name_list,
+)
 from ..paths import read_bytes, read_text
 from ..safetensors_file import read_header
 
