@@ -175,6 +175,37 @@ class DenseBlocks:
         self.raw.release()
 
 
+class Fp8Blocks:
+    """Merges the FP8 tensors ``quant.fp8_cpu.fast`` picks, in numpy on the CPU, whole bands of rows at a time."""
+
+    def __init__(self, block_bytes: int):
+        self.block_bytes = block_bytes
+        self.out = _Ring(4, HostBuffers)  # blocks being checked and written, and the one being made
+        self.decided = self.rational = 0  # elements decided outside the kernels
+        self.pool: ThreadPoolExecutor | None = None  # two threads share each band, made on first use
+
+    def blocks(self, entry: Entry):
+        from .quant.fp8_cpu import Fp8Merge
+
+        if self.pool is None:
+            self.pool = ThreadPoolExecutor(2, "lora-merge-fp8")
+        merge = Fp8Merge(entry, self.pool)
+        n, band = entry.shape[0], entry.base.block[0]
+        step = max(band, entry.rows_per_block(self.block_bytes) // band * band)  # whole bands
+        for start in range(0, n, step):
+            stop = min(n, start + step)
+            slot = self.out.next()
+            made = merge.block(start, stop, slot.device)
+            yield Block(start, stop, made, made, None, slot)
+        self.decided += merge.decided
+        self.rational += merge.rational
+
+    def close(self) -> None:
+        self.out.release()
+        if self.pool is not None:
+            self.pool.shutdown()
+
+
 class TorchBlocks:
     """Merges planned tensors with torch, on the CPU or a GPU, block by block, into reused buffers: every
     tensor ``DenseBlocks`` does not take (DoRA, replacements and trainable rows, experts, quantized formats, and

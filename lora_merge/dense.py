@@ -37,14 +37,18 @@ def is_dense(entry, device_type: str) -> bool:
         return False
     if entry.shape != base.shape or not entry.shape or ops is None and entry.is_copy:
         return False
-    if ops is None:
-        return True
+    return ops is None or low_rank_only(ops, len(entry.shape))
+
+
+def low_rank_only(ops, ndim: int) -> bool:
+    """Whether ``ops`` only adds low-rank products on the tensor's own two axes (``ndim`` >= 2) or a bias
+    (``ndim`` 1), from float32, bfloat16 or float16 factors read from a file or already in memory."""
     if ops.replace is not None or ops.dora_magnitude is not None or ops.row_indices is not None:
         return False
     for d in ops.deltas:
-        if isinstance(d, LowRank) and (d.experts or len(entry.shape) < 2):
+        if isinstance(d, LowRank) and (d.experts or ndim < 2):
             return False
-        if isinstance(d, AddScaled) and len(entry.shape) != 1:
+        if isinstance(d, AddScaled) and ndim != 1:
             return False
         if not all(isinstance(t, (FileTensor, MemoryTensor)) and t.dtype in FLOATS for t in _tensors(d)):
             return False
@@ -103,6 +107,51 @@ def low_rank_terms(entry) -> list[tuple[np.ndarray, np.ndarray, float]]:
     return terms
 
 
+class LowRankFactors:
+    """The merge's factors of one planned tensor: every delta side by side as ``left @ right`` on the stored tensor
+    seen as rows × width, the scale folded into ``left`` (rounded once: the bound counts it), ``right`` packed for
+    the kernels, in float32 (float64 where ``wide``); and the adapter's own factors (exact float32) with each
+    column's scale, for the exact value where the kernels leave an element open."""
+
+    def __init__(self, entry, wide: bool):
+        self.vector = len(entry.shape) == 1  # a bias: merged as one row
+        self.width = entry.shape[0] if self.vector else math.prod(entry.shape[1:])
+        self.terms = low_rank_terms(entry)
+        self.rank = sum(left.shape[1] for left, _, _ in self.terms)
+        compute = np.float64 if wide else np.float32
+        rows = 1 if self.vector else entry.shape[0]
+        self.left = np.concatenate([left.astype(np.float64) * s for left, _, s in self.terms], axis=1).astype(compute) \
+            if self.terms else np.zeros((rows, 0), compute)
+        right = np.concatenate([right for _, right, _ in self.terms], axis=0) if self.terms \
+            else np.zeros((0, self.width), np.float32)
+        self.right = kernels.pack(right.astype(compute))
+        self.left0 = np.ascontiguousarray(np.concatenate([left for left, _, _ in self.terms], axis=1)) \
+            if self.terms else np.zeros((rows, 0), np.float32)
+        self.right0 = np.ascontiguousarray(right.T)  # width × r: one element's factors side by side
+        self.scales = np.concatenate([np.full(left.shape[1], s) for left, _, s in self.terms]) if self.terms \
+            else np.zeros(0)
+        unit = UNIT64 if wide else UNIT32
+        # |fl(W + fl(L @ R)) - (W + s·B·A)| <= u(1 + u) |y| (the one rounding of the sum) + (r + 1) u Σ|L||R| (the
+        # product, in any summation order) + u Σ|L||R| (the scale's rounding): c = 3u for |y|, (r + 5) u for the
+        # product's terms (their sum computed as the product is: within (r + 1) u of itself) leave room for the
+        # bound's own rounding; and a share for float32 underflow in the products (a flushed subnormal each)
+        self.c = 3 * unit if self.terms else 0.0
+        self.c_terms = (self.rank + 5) * unit * (1 + (self.rank + 2) * unit)
+        self.slack = (self.rank + 1) * (2.0**-1022 if wide else 2.0**-126) if self.terms else 0.0
+
+    def exact(self, i: int, j: int, w: float) -> Fraction:
+        """Element (i, j)'s exact value: w plus every delta, in rational arithmetic."""
+        exact = Fraction(w)
+        for left, right, s in self.terms:
+            exact += Fraction(s) * sum((Fraction(float(x)) * Fraction(float(y))
+                                        for x, y in zip(left[i], right[:, j], strict=True)), Fraction(0))
+        return exact
+
+    def untouched(self, i: int, j: int) -> bool:
+        """Whether no delta has a term at (i, j): then the merge keeps BASE's bits (-0 included)."""
+        return all(not np.any(left[i]) or not np.any(right[:, j]) for left, right, _ in self.terms)
+
+
 class DenseMerge:
     """One planned tensor merged here, a block of rows at a time (``rows``)."""
 
@@ -110,33 +159,8 @@ class DenseMerge:
         self.entry = entry
         self.wide = entry.dtype == "F32"  # a float32 output is computed in float64
         self.kind, self.in_kind = kernels.KINDS[entry.dtype], kernels.KINDS[entry.base.dtype]
-        self.vector = len(entry.shape) == 1  # a bias: merged as one row
-        self.width = entry.shape[0] if self.vector else math.prod(entry.shape[1:])
-        self.terms = low_rank_terms(entry)
-        self.rank = sum(left.shape[1] for left, _, _ in self.terms)
-        compute = np.float64 if self.wide else np.float32
-        rows = 1 if self.vector else entry.shape[0]
-        # the scale folded into the left factors (rounded once: the bound counts it), all deltas side by side
-        self.left = np.concatenate([left.astype(np.float64) * s for left, _, s in self.terms], axis=1).astype(compute) \
-            if self.terms else np.zeros((rows, 0), compute)
-        right = np.concatenate([right for _, right, _ in self.terms], axis=0) if self.terms \
-            else np.zeros((0, self.width), np.float32)
-        self.right = kernels.pack(right.astype(compute))
-        # the factors as the adapter holds them (exact float32) and each column's scale: the exact value, where the
-        # kernels leave an element open
-        self.left0 = np.ascontiguousarray(np.concatenate([left for left, _, _ in self.terms], axis=1)) \
-            if self.terms else np.zeros((rows, 0), np.float32)
-        self.right0 = np.ascontiguousarray(right.T)  # width × r: one element's factors side by side
-        self.scales = np.concatenate([np.full(left.shape[1], s) for left, _, s in self.terms]) if self.terms \
-            else np.zeros(0)
-        unit = UNIT64 if self.wide else UNIT32
-        # |fl(W + fl(L @ R)) - (W + s·B·A)| <= u(1 + u) |y| (the one rounding of the sum) + (r + 1) u Σ|L||R| (the
-        # product, in any summation order) + u Σ|L||R| (the scale's rounding): c = 3u for |y|, (r + 5) u for the
-        # product's terms (their sum computed as the product is: within (r + 1) u of itself) leave room for the
-        # bound's own rounding; and a share for float32 underflow in the products (a flushed subnormal each)
-        self.c = 3 * unit if self.terms else 0.0
-        self.c_terms = (self.rank + 5) * unit * (1 + (self.rank + 2) * unit)
-        self.slack = (self.rank + 1) * (2.0**-1022 if self.wide else 2.0**-126) if self.terms else 0.0
+        self.f = LowRankFactors(entry, self.wide)
+        self.vector, self.width = self.f.vector, self.f.width
         self.flagged = self.exact_rational = 0  # elements decided outside the kernels, for the record
 
     def rows(self, start: int, stop: int, w: np.ndarray, out: np.ndarray, scratch) -> None:
@@ -146,14 +170,15 @@ class DenseMerge:
         if self.vector:
             start, stop = 0, 1
         n = (stop - start) * self.width
-        left = self.left[start:stop]
-        bound = (self.rank, self.c_terms, self.slack, stop - start, self.width, self.c)
+        f = self.f
+        left = f.left[start:stop]
+        bound = (f.rank, f.c_terms, f.slack, stop - start, self.width, f.c)
         for passes in (kernels, kernels.plain):  # the plain passes list every open element, however many
             idx = scratch("flagged", (n // OPEN_SHARE + 1 if passes is kernels else n,), np.int64)
             if self.wide:
-                count = passes.merge32(w, self.in_kind, left, self.right, *bound, out, idx)
+                count = passes.merge32(w, self.in_kind, left, f.right, *bound, out, idx)
             else:
-                count = passes.merge16(self.kind, w, self.in_kind, left, self.right, *bound, out, idx)
+                count = passes.merge16(self.kind, w, self.in_kind, left, f.right, *bound, out, idx)
             if count <= len(idx):
                 break
         if count:
@@ -165,9 +190,10 @@ class DenseMerge:
         self.flagged += len(flat)
         n = len(flat)
         w64, delta, size = np.empty(n), np.empty(n), np.empty(n)
-        kernels.gather(flat, w, self.in_kind, self.left0[t0:], self.right0, self.scales, self.width, w64, delta, size)
+        f = self.f
+        kernels.gather(flat, w, self.in_kind, f.left0[t0:], f.right0, f.scales, self.width, w64, delta, size)
         v = kernels.plain.add(w64, delta)
-        bound = (self.rank + 4) * 2.0**-52 * size + 2.0**-1070
+        bound = (f.rank + 4) * 2.0**-52 * size + 2.0**-1070
         nearest = round_float64(v, self.entry.dtype)
         with np.errstate(invalid="ignore"):
             close = ~(np.abs(v - nearest) + bound < half_spacing(nearest, v, self.entry.dtype)) & np.isfinite(v)
@@ -177,12 +203,9 @@ class DenseMerge:
         out[flat] = encode(nearest, self.entry.dtype)
 
     def _rational(self, i: int, j: int, w: float) -> float:
-        exact = Fraction(w)
-        for left, right, s in self.terms:
-            exact += Fraction(s) * sum((Fraction(float(x)) * Fraction(float(y))
-                                        for x, y in zip(left[i], right[:, j], strict=True)), Fraction(0))
+        exact = self.f.exact(i, j, w)
         if exact == 0:
-            return w if all(not np.any(left[i]) or not np.any(right[:, j]) for left, right, _ in self.terms) else 0.0
+            return w if self.f.untouched(i, j) else 0.0
         return round_fraction(exact, self.entry.dtype)
 
 

@@ -52,7 +52,7 @@ class ShardFile:
     def _write_checked(self, name, offset: int, at: int, data, ready=None) -> None:
         if ready is not None:
             ready.synchronize()
-        view = _bytes(data)
+        view = as_bytes(data)
         write_at(self.fd, view, offset)
         for piece in range(0, len(view), READ_BYTES):
             n = min(READ_BYTES, len(view) - piece)
@@ -113,7 +113,7 @@ class ShardFile:
         os.close(self.fd)  # flushed to disk when the output is committed, after its checks
 
 
-def _bytes(data) -> np.ndarray:
+def as_bytes(data) -> np.ndarray:
     """A block's bytes as a flat uint8 array, without a copy (a torch tensor on the host, or a numpy array)."""
     if hasattr(data, "numpy"):  # torch: viewed as bytes by torch itself (numpy has no bfloat16)
         import torch

@@ -119,8 +119,8 @@ class _DenseTrip:
             u = _rows(self.got, start, stop, buffers, "u")
             w = _rows(self.orig, start, stop, buffers, "orig") if self.orig else np.empty(0, np.uint8)
             ct, slack, c = self.bound
-            args = (self.kind, u, m, w, merge.left[start:stop], merge.right, merge.rank, ct, slack, stop - start,
-                    merge.width, c)
+            args = (self.kind, u, m, w, merge.f.left[start:stop], merge.f.right, merge.f.rank, ct, slack,
+                    stop - start, merge.width, c)
             for passes in (kernels, kernels.plain):  # the plain passes list every open element, however many
                 idx = buffers("open", (n // OPEN_SHARE + 1 if passes is kernels else n,), np.int64)
                 block_stats = np.zeros(3)

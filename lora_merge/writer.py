@@ -15,7 +15,10 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from .blocks import DenseBlocks, TorchBlocks, block_bytes_for
+import numpy as np
+
+from .blocks import DenseBlocks, Fp8Blocks, TorchBlocks, block_bytes_for
+from .check.fp8 import Fp8Check
 from .check.readback import Compared, copy_verdict, element_check
 from .check.verdict import TensorVerdict
 from .dense import is_dense
@@ -23,8 +26,9 @@ from .kernels import blas
 from .output import no_room
 from .paths import open_read, write_new
 from .plan import Entry, Plan
+from .quant.fp8_cpu import fast as fp8_fast
 from .safetensors_file import encode_header
-from .shardfile import ShardFile
+from .shardfile import ShardFile, as_bytes
 
 
 @dataclass
@@ -58,7 +62,8 @@ def write_shards(plan: Plan, folder: Path, device, options, progress, *, reuse: 
     called as each written shard is complete. Whether NaN or Inf in a merged tensor is acceptable is not judged
     here: each tensor's verdict says whether it holds any, and the report's finite check judges.
     """
-    torch_needed = any(not e.is_copy and not is_dense(e, device.type) for e in plan.entries)
+    torch_needed = any(not e.is_copy and not is_dense(e, device.type) and not fp8_fast(e, device.type)
+                       for e in plan.entries)
     with _torch_threads(device if torch_needed else None), blas.one_thread(), \
             ThreadPoolExecutor(1, "lora-merge-read") as reader, ThreadPoolExecutor(1, "lora-merge-check") as checker, \
             ThreadPoolExecutor(1, "lora-merge-write") as writer:
@@ -121,6 +126,7 @@ class _Writing:
         self.reader, self.checker, self.writer = reader, checker, writer
         self.progress = progress
         self.dense = DenseBlocks(block_bytes, reader)
+        self.fp8 = Fp8Blocks(block_bytes)
         self._torch: TorchBlocks | None = None  # made on first use: torch is imported only then
         self.stats = WriteStats()
         self.src_fds: dict[Path, int] = {}
@@ -189,7 +195,9 @@ class _Writing:
         """Each block is checked on the check thread while the write thread writes it and reads it back: the file is
         then known to hold the bytes that were checked. A quantized format's scales follow its codes."""
         written = 0
-        if entry.requantized:
+        if entry.requantized and fp8_fast(entry, self.device.type):
+            check, scales, maker = Fp8Check(entry, self._buffers("numpy")), _Scales(entry), self.fp8
+        elif entry.requantized:
             from .check.grid import GridCheck
 
             check = GridCheck(entry, self.device.torch, self._buffers("torch"))
@@ -210,11 +218,12 @@ class _Writing:
                 b.slot.waits.append(out.later(scales.fill, b.start, b.stop, b.host[1:], b.ready))
         for (name, _, _), data in zip(entry.stored[1:], scales.buffers if scales is not None else (), strict=True):
             out.block(entry.name, self.offsets[name], written, data, None)
-            written += data.numel()
+            written += data.nbytes
         if written != entry.nbytes:  # a planning bug, never a user error
             raise AssertionError(f"{entry.name}: wrote {written} bytes, planned {entry.nbytes}")
         self.checked.append(self.checker.submit(lambda: (entry.name, check.result())))
-        self.stats.decided, self.stats.rational = self.dense.decided, self.dense.rational
+        self.stats.decided = self.dense.decided + self.fp8.decided
+        self.stats.rational = self.dense.rational + self.fp8.rational
         return written
 
     def _buffers(self, kind: str):
@@ -227,6 +236,7 @@ class _Writing:
 
     def close(self) -> None:
         self.dense.close()
+        self.fp8.close()
         if self._torch is not None:
             self._torch.close()
         for f in self.src_fds.values():
@@ -242,17 +252,13 @@ class _Scales:
     after the codes."""
 
     def __init__(self, entry: Entry):
-        import torch
-
         self.tensor = entry.base
-        self.buffers = [torch.empty(p.nbytes, dtype=torch.uint8) for p in self.tensor.parts[1:]]
+        self.buffers = [np.empty(p.nbytes, np.uint8) for p in self.tensor.parts[1:]]
 
     def fill(self, start: int, stop: int, pieces, ready) -> None:
-        import torch
-
         if ready is not None:
             ready.synchronize()
         for i, (buffer, piece) in enumerate(zip(self.buffers, pieces, strict=True), start=1):
             first, last = self.tensor.part_rows(i, start, stop)
             row = self.tensor.parts[i].row_bytes
-            buffer[first * row:last * row] = piece.reshape(-1).view(torch.uint8)
+            buffer[first * row:last * row] = as_bytes(piece)

@@ -105,6 +105,31 @@ def test_fp8_keeps_its_format(qwen3, tmp_path):
     assert torch.equal(w, exact.float())
 
 
+@pytest.mark.parametrize("kind", ["blocks", "ue8m0", "edges"])
+def test_fp8_every_path_writes_the_same_bytes(qwen3, tmp_path, monkeypatch, kind):
+    """The FP8 kernels in C, the same passes in numpy, and the torch codec (the GPU's path): one output."""
+    import subprocess
+    import sys
+
+    from lora_merge import writer
+
+    if kind == "edges":
+        base, adapter = to_fp8(qwen3 / "bf16_80", tmp_path / "fp8", own=True, shards=4), qwen3 / "adapter_80"
+    else:
+        base, adapter = to_fp8(qwen3 / "bf16", tmp_path / "fp8", ue8m0=kind == "ue8m0"), qwen3 / "adapter"
+    code = "import sys; from lora_merge import merge; merge(sys.argv[1], sys.argv[2], sys.argv[3], device='cpu')"
+    env = {k: v for k, v in __import__("os").environ.items() if k != "LORA_MERGE_PLAIN"}
+    for name, extra in (("c", {}), ("numpy", {"LORA_MERGE_PLAIN": "1"})):
+        r = subprocess.run([sys.executable, "-c", code, str(base), str(adapter), str(tmp_path / name)],
+                           capture_output=True, text=True, env={**env, **extra})
+        assert r.returncode == 0, r.stderr
+    monkeypatch.setattr(writer, "fp8_fast", lambda entry, device: False)
+    assert merge(base, adapter, tmp_path / "torch", device="cpu").report.ok
+    for f in (tmp_path / "c").glob("*.safetensors"):
+        for other in ("numpy", "torch"):
+            assert f.read_bytes() == (tmp_path / other / f.name).read_bytes(), (other, f.name)
+
+
 def test_fp8_layer_saved_whole_by_the_adapter(qwen3, tmp_path):
     """modules_to_save on an FP8 layer: its new values, not BASE's, decide which blocks change."""
     build_adapter(qwen3 / "bf16", tmp_path / "adapter", r=4, target_modules=["q_proj"], modules_to_save=["o_proj"])

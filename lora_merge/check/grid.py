@@ -16,12 +16,7 @@ import torch
 
 from ..quant.base import QuantizedTensor
 from .elements import COMPUTE_UNIT, Factors, expected_rows, flat_nonzero
-from .verdict import Survival, TensorVerdict
-
-HALF = 0.5
-NOISE = 2.0**-45  # float64's own error in the exact value, relative
-# a scale within this of the format's is that scale (float32 rounding, computed in either order)
-SCALE_TOLERANCE = 2.0**-22
+from .verdict import HALF, NOISE, SCALE_TOLERANCE, Survival, TensorVerdict
 
 
 class GridCheck:

@@ -11,8 +11,11 @@ from dataclasses import dataclass, field, replace
 import numpy as np
 
 from .. import kernels
+from ..buffers import HostBuffers
 from ..dtypes import DTYPES
 from ..paths import open_read
+from ..quant.fp8_cpu import fast as fp8_fast
+from ..quant.fp8_cpu import read_parts
 from ..safetensors_file import TensorInfo, pread_into
 from .verdict import TensorVerdict
 
@@ -172,15 +175,22 @@ def _as_stored(raw: np.ndarray, got: TensorInfo, rows: int, e, check):
 def _check_requantized(out_model, e, device) -> TensorVerdict | None:
     """A tensor stored in BASE's quantized format, its parts read from OUT (None: OUT does not store them as planned;
     the structure check says so)."""
-    from .grid import GridCheck
-
     got = [out_model.stored.get(p.name) for p in e.base.parts]
     if any(g is None or (g.dtype, g.shape) != (p.dtype, p.shape) for g, p in zip(got, e.base.parts, strict=True)):
         return None
     stored = replace(e.base, parts=tuple(got))
-    check = GridCheck(e, device.torch)
     n = e.shape[0]
     step = e.rows_per_block(CHECK_BLOCK_BYTES)
+    if fp8_fast(e, device.type):
+        from .fp8 import Fp8Check
+
+        check, buffers = Fp8Check(e), HostBuffers()
+        for start in range(0, n, step):
+            check.block(start, min(n, start + step), read_parts(stored, start, min(n, start + step), buffers, "out "))
+        return check.result()
+    from .grid import GridCheck
+
+    check = GridCheck(e, device.torch)
     for start in range(0, n, step):
         check.block(start, min(n, start + step), stored.read(start, min(n, start + step)))
     return check.result()

@@ -10,6 +10,13 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, field, replace
 
+# the bound of an element written back in a quantized format: half a step of the format's grid at its exact value,
+# and float64's own error in that value (relative); a scale within SCALE_TOLERANCE of the format's is that scale
+# (float32 rounding, computed in either order)
+HALF = 0.5
+NOISE = 2.0**-45
+SCALE_TOLERANCE = 2.0**-22
+
 
 @dataclass
 class Check:

@@ -12,8 +12,9 @@ BF16, F16, F32 = plain.BF16, plain.F16, plain.F32
 COLS, pack = plain.COLS, plain.pack
 KINDS = {"BF16": BF16, "F16": F16, "F32": F32}  # safetensors' dtype names
 
+PLAIN = os.environ.get("LORA_MERGE_PLAIN", "") not in ("", "0")
 try:
-    if os.environ.get("LORA_MERGE_PLAIN", "") not in ("", "0"):
+    if PLAIN:
         raise ImportError("the numpy passes were asked for")
     from . import _kernels as _chosen
 
@@ -21,6 +22,12 @@ try:
 except ImportError:
     _chosen = plain
     ACCELERATED = False
+try:  # FP8 with block scales: fp8_merge, fp8_encode, fp8_check
+    if PLAIN:
+        raise ImportError("the numpy passes were asked for")
+    from . import _fp8 as FP8
+except ImportError:
+    FP8 = plain.FP8
 
 merge16, merge32, check16, check32 = _chosen.merge16, _chosen.merge32, _chosen.check16, _chosen.check32
 first_difference, nonfinite, gather, trip = _chosen.first_difference, _chosen.nonfinite, _chosen.gather, _chosen.trip

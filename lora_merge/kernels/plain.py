@@ -242,3 +242,126 @@ def trip(kind, u, merged, orig, L, R, r, ct, slack, rows, width, c, idx, stats) 
             mant, emin = (23, -126) if wide else ((7, -126) if kind == BF16 else (10, -14))
             stats[2] = max(stats[2], _ulps(value(ub), value(wb), o, mant, emin))
     return _listed((verdict == 2).reshape(-1), idx)
+
+
+# ------------------------------------------------------------------------------ FP8 e4m3 with block scales (_fp8.c)
+
+def _e4m3_table() -> np.ndarray:
+    c = np.arange(256)
+    e, m = (c >> 3) & 15, c & 7
+    mag = np.where(e == 0, m * 2.0**-9, np.ldexp(1 + m / 8, e - 7))
+    mag = np.where((c & 0x7F) == 0x7F, np.nan, mag)
+    return np.where(c & 0x80, -mag, mag)
+
+
+E4M3 = _e4m3_table()
+E4M3_32 = E4M3.astype(np.float32)
+
+
+def _per_column(values: np.ndarray, cols: int, bn: int) -> np.ndarray:
+    return np.repeat(np.asarray(values), bn)[:cols]
+
+
+def _block_max(x: np.ndarray, cols: int, bn: int) -> np.ndarray:
+    """The largest of each block of bn columns over all rows (x rows × cols, non-negative)."""
+    blocks = -(-cols // bn)
+    padded = np.zeros((x.shape[0], blocks * bn), x.dtype)
+    padded[:, :cols] = x
+    return padded.reshape(x.shape[0], blocks, bn).max(axis=(0, 2)) if x.shape[0] else np.zeros(blocks, x.dtype)
+
+
+class _Fp8:
+    """The FP8 passes in numpy, as ``_fp8.c`` makes them (see there for the arguments)."""
+
+    @staticmethod
+    def fp8_merge(codes, scales, L, R, r, ct, slack, c, rows, cols, bn, L0, RT, sc, power_of_two, k_first, k_last,
+                  V, E, S, out, new_scales, status, idx) -> int:
+        with np.errstate(all="ignore"):
+            p, m = _product(L, R, r, rows, cols, np.float32)
+            w = E4M3_32[np.asarray(codes).reshape(rows, cols)] * _per_column(scales, cols, bn)
+            v = add(w, p)
+            eb = np.float32(ct) * m + np.float32(slack)
+            a = np.abs(v)
+            e = np.float32(c) * (a + np.abs(w)) + eb
+            state = np.where(np.abs(p) > eb, 2, np.where(m > 0, 1, 0)).astype(np.uint8)
+            V[:rows * cols], E[:rows * cols], S[:rows * cols] = v.reshape(-1), e.reshape(-1), state.reshape(-1)
+            # the largest exact |value| of each block, in float64 (every product of two float32 factors is exact)
+            left = np.asarray(L0, np.float64).reshape(rows, r) * np.asarray(sc)
+            right = np.asarray(RT, np.float64).reshape(cols, r).T
+            w64 = E4M3[np.asarray(codes).reshape(rows, cols)] * _per_column(scales, cols, bn).astype(np.float64)  # exact
+            v64 = w64 + left @ right
+            size = np.abs(w64) + np.abs(left) @ np.abs(right)
+            b = (r + 4) * 2.0**-52 * size + 2.0**-1070
+            lo = _block_max(np.maximum(np.abs(v64) - b, 0), cols, bn)
+            hi = _block_max(np.abs(v64) + b, cols, bn)
+            most = _block_max(state, cols, bn)
+
+            def fresh(x):
+                q = x / 448.0
+                if power_of_two:
+                    mant, ex = np.frexp(q)
+                    return np.ldexp(1.0, np.where(mant == 0.5, ex - 1, ex))
+                return q.astype(np.float32).astype(np.float64)
+
+            low, high = fresh(lo * (1 - 2.0**-50)), fresh(hi * (1 + 2.0**-50))
+            decided = (most == 2) & (lo > 0) & (low == high) & (low >= 2.0**-126) & (low <= 2.0**127)
+            ours = slice(k_first, k_last)
+            status[ours] = np.where(most == 0, 0, np.where(decided, 1, 2))[ours]
+            new_scales[ours] = np.where(decided, low, scales).astype(np.float32)[ours]
+        keep = np.full(len(most), 2, np.uint8)
+        keep[ours] = np.where(status[ours] == 1, 0, np.where(status[ours] == 0, 1, 2))
+        return _Fp8.fp8_encode(V, E, new_scales, keep, codes, rows, cols, bn, out, idx)
+
+    @staticmethod
+    def fp8_encode(V, E, scales, keep, codes, rows, cols, bn, out, idx) -> int:
+        with np.errstate(all="ignore"):
+            s = _per_column(scales, cols, bn)
+            t = np.asarray(V)[:rows * cols].reshape(rows, cols) / s
+            et = np.asarray(E)[:rows * cols].reshape(rows, cols) / s * np.float32(1 + 2.0**-22) + \
+                np.abs(t) * np.float32(2.0**-23)
+            a = np.abs(t)
+            bits = a.view(np.uint32)
+            r = (bits + np.uint32(0x7FFFF) + ((bits >> 20) & np.uint32(1))) >> 20
+            normal = np.minimum(r.astype(np.int64) - (120 << 3), 0x7E)
+            sub = ((a * np.float32(512) + np.float32(2.0**23)) - np.float32(2.0**23)).astype(np.int64)
+            big = a >= np.float32(2.0**-6)
+            code = np.where(a >= np.float32(448), 0x7E, np.where(big, normal, sub))
+            code |= np.where(t.view(np.uint32) >> 31 == 1, 0x80, 0)
+            mid = np.where(big, ((bits & np.uint32(0xFFF00000)) | np.uint32(0x00080000)).view(np.float32),
+                           (np.floor(a * np.float32(512)) + np.float32(0.5)) * np.float32(2.0**-9))
+            quarter = np.where(big, a * np.float32(2.0**-6), np.float32(2.0**-11))
+            flag = (~(np.abs(a - mid) > et) | ~(et <= quarter)) & ~(a - et > np.float32(432))
+            flag |= ~(a < np.float32(2.0**127))
+            kind = _per_column(np.asarray(keep), cols, bn)  # 0: encoded, 1: BASE's codes, 2: left as they are
+            stored = np.asarray(codes).reshape(rows, cols)
+            target = out.reshape(rows, cols)
+            target[...] = np.where(kind == 0, code.astype(np.uint8), np.where(kind == 1, stored, target))
+            flag &= kind == 0
+        return _listed(flag.reshape(-1), idx)
+
+    @staticmethod
+    def fp8_check(base_codes, base_scales, codes, scales, L, R, r, ct, slack, c, rows, cols, bn, idx, sums,
+                  blocks) -> int:
+        f32 = np.float32
+        with np.errstate(all="ignore"):
+            p, m = _product(L, R, r, rows, cols, np.float32)
+            o = np.asarray(codes).reshape(rows, cols)
+            w = E4M3_32[np.asarray(base_codes).reshape(rows, cols)] * _per_column(base_scales, cols, bn)
+            scale = _per_column(scales, cols, bn).astype(np.float32)
+            got = E4M3_32[o] * scale
+            v = add(w, p)
+            a, d = np.abs(v), np.abs(v - got)
+            e = f32(c) * (a + np.abs(w) + np.abs(got)) + (f32(ct) * m + f32(slack))
+            field = (o.astype(np.int64) >> 3) & 15
+            h = scale * np.ldexp(f32(1), (np.maximum(field, 1) - 7 - 3 - 1).astype(np.int32)).astype(np.float32)
+            h = np.where(~(a >= np.abs(got) + e) & ((o & 7) == 0) & (field > 1), h * f32(0.5), h)
+            flag = ~(d + e < h)
+            blocks = np.asarray(blocks).reshape(-1, 3)
+            blocks[:, 0] = _block_max(np.maximum(a - e, 0), cols, bn)
+            blocks[:, 1] = _block_max(a + e, cols, bn)
+            blocks[:, 2] = _block_max((d > e).astype(np.float64), cols, bn)
+            _survival(w, v, got, sums)
+        return _listed(flag.reshape(-1), idx)
+
+
+FP8 = _Fp8()

@@ -11,11 +11,13 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-
-import torch
+from typing import TYPE_CHECKING
 
 from .base import QuantizedTensor
 from .grid import E4M3, smallest_power_of_two
+
+if TYPE_CHECKING:
+    import torch
 
 
 @dataclass(frozen=True)
@@ -53,9 +55,13 @@ class Fp8Tensor(QuantizedTensor):
     # ------------------------------------------------------------------------------ decode, encode
 
     def decode(self, stored, start: int, stop: int) -> torch.Tensor:
+        import torch
+
         return self._spread(stored[0].to(torch.float64), self.stored_scales(stored), start, stop, torch.mul)
 
     def encode(self, values, original, start: int, stop: int, prepared):
+        import torch
+
         codes, old_scales = original
         largest, changed = prepared
         chosen = torch.where(changed, self.fresh_scales(largest), self.stored_scales(original))
@@ -86,6 +92,8 @@ class Fp8Tensor(QuantizedTensor):
         return per_row.reshape(*per_row.shape[:-2], sr, bm, per_row.shape[-1]).amax(dim=-2)
 
     def stored_scales(self, stored) -> torch.Tensor:
+        import torch
+
         scales = stored[1]
         if scales.element_size() == 1:  # float8_e8m0fnu: 2^(byte - 127)
             values = torch.ldexp(torch.ones(scales.shape, dtype=torch.float64, device=scales.device),
@@ -95,6 +103,8 @@ class Fp8Tensor(QuantizedTensor):
         return values.reshape(self._grid_rows(values))
 
     def fresh_scales(self, largest) -> torch.Tensor:
+        import torch
+
         if self.power_of_two:
             scales = torch.ldexp(torch.ones_like(largest), smallest_power_of_two(largest, E4M3.largest))
         else:
@@ -127,6 +137,8 @@ class Fp8Tensor(QuantizedTensor):
 
     def _columns(self, x):
         """``x`` (..., columns) as (..., column blocks, bn): a view unless the last block needs padding."""
+        import torch
+
         bn = self.block[1]
         cols = x.shape[-1]
         sc = -(-cols // bn)

@@ -10,8 +10,11 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
-import torch
+if TYPE_CHECKING:
+    import torch
+
 
 _EXPONENT_BITS = 0x7FF0000000000000  # of a float64
 
@@ -26,6 +29,8 @@ class Grid:
     def spacing(self, x: torch.Tensor) -> torch.Tensor:
         """The distance between neighbouring values of the format at each ``|x|`` (x float64, finite); beyond
         the largest value, the distance below it."""
+        import torch
+
         # keeping only the exponent bits of a float64 gives 2^floor(log2|x|) (0 for 0)
         power = (x.view(torch.int64) & _EXPONENT_BITS).view(torch.float64)
         top = 2.0 ** (math.floor(math.log2(self.largest)) - self.mantissa)
@@ -49,12 +54,16 @@ _E2M1_IN_FP16 = 2.0**-14
 
 def e2m1_codes(values: torch.Tensor) -> torch.Tensor:
     """The 4-bit codes (uint8, 0..15) of values already on the e2m1 grid (the high bit is the sign)."""
+    import torch
+
     bits = values.mul(_E2M1_IN_FP16).to(torch.float16).view(torch.int16)  # exact: 2 significant bits at most
     return (((bits >> 9) & 7) | ((bits >> 12) & 8)).to(torch.uint8)
 
 
 def e2m1_values(codes: torch.Tensor) -> torch.Tensor:
     """The float64 values of 4-bit codes (uint8, 0..15)."""
+    import torch
+
     c = codes.to(torch.int16)
     bits = ((c & 7) << 9) | ((c & 8) << 12)
     return bits.view(torch.float16).to(torch.float64).mul_(1 / _E2M1_IN_FP16)
@@ -62,6 +71,8 @@ def e2m1_values(codes: torch.Tensor) -> torch.Tensor:
 
 def smallest_power_of_two(x: torch.Tensor, top: float) -> torch.Tensor:
     """The exponent of the smallest power of two ``s`` with ``x <= top·s`` (x float64, positive)."""
+    import torch
+
     _, e = torch.frexp(x / top)  # x/top = m·2^e, m in [0.5, 1): 2^(e-1) < x/top <= 2^e (up to rounding)
     e = e.to(torch.int64)
     below = x <= top * torch.ldexp(torch.ones_like(x), e - 1)  # x/top was exactly 2^(e-1), or rounded up to it
