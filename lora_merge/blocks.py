@@ -206,6 +206,29 @@ class Fp8Blocks:
             self.pool.shutdown()
 
 
+class Mxfp4Blocks:
+    """Merges the MXFP4 experts ``quant.mxfp4_cpu.fast`` picks, in numpy on the CPU, a block of stored rows at a
+    time: a Block's start and stop count stored rows (expert-major), not experts."""
+
+    def __init__(self):
+        self.out = _Ring(4, HostBuffers)
+        self.decided = self.rational = 0
+
+    def blocks(self, entry: Entry):
+        from .quant.mxfp4_cpu import Mxfp4Merge, spans
+
+        merge = Mxfp4Merge(entry)
+        for first, last in spans(entry.base):
+            slot = self.out.next()
+            made = merge.block(first, last, slot.device)
+            yield Block(first, last, made, made, None, slot)
+        self.decided += merge.decided
+        self.rational += merge.rational
+
+    def close(self) -> None:
+        self.out.release()
+
+
 class TorchBlocks:
     """Merges planned tensors with torch, on the CPU or a GPU, block by block, into reused buffers: every
     tensor ``DenseBlocks`` does not take (DoRA, replacements and trainable rows, experts, quantized formats, and

@@ -17,16 +17,19 @@ from pathlib import Path
 
 import numpy as np
 
-from .blocks import DenseBlocks, Fp8Blocks, TorchBlocks, block_bytes_for
+from .blocks import DenseBlocks, Fp8Blocks, Mxfp4Blocks, TorchBlocks, block_bytes_for
 from .check.fp8 import Fp8Check
+from .check.mxfp4 import Mxfp4Check
 from .check.readback import Compared, copy_verdict, element_check
 from .check.verdict import TensorVerdict
 from .dense import is_dense
+from .dtypes import DTYPES
 from .kernels import blas
 from .output import no_room
 from .paths import open_read, write_new
 from .plan import Entry, Plan
 from .quant.fp8_cpu import fast as fp8_fast
+from .quant.mxfp4_cpu import fast as mxfp4_fast
 from .safetensors_file import encode_header
 from .shardfile import ShardFile, as_bytes
 
@@ -63,7 +66,7 @@ def write_shards(plan: Plan, folder: Path, device, options, progress, *, reuse: 
     here: each tensor's verdict says whether it holds any, and the report's finite check judges.
     """
     torch_needed = any(not e.is_copy and not is_dense(e, device.type) and not fp8_fast(e, device.type)
-                       for e in plan.entries)
+                       and not mxfp4_fast(e, device.type) for e in plan.entries)
     with _torch_threads(device if torch_needed else None), blas.one_thread(), \
             ThreadPoolExecutor(1, "lora-merge-read") as reader, ThreadPoolExecutor(1, "lora-merge-check") as checker, \
             ThreadPoolExecutor(1, "lora-merge-write") as writer:
@@ -127,6 +130,7 @@ class _Writing:
         self.progress = progress
         self.dense = DenseBlocks(block_bytes, reader)
         self.fp8 = Fp8Blocks(block_bytes)
+        self.mxfp4 = Mxfp4Blocks()
         self._torch: TorchBlocks | None = None  # made on first use: torch is imported only then
         self.stats = WriteStats()
         self.src_fds: dict[Path, int] = {}
@@ -197,6 +201,8 @@ class _Writing:
         written = 0
         if entry.requantized and fp8_fast(entry, self.device.type):
             check, scales, maker = Fp8Check(entry, self._buffers("numpy")), _Scales(entry), self.fp8
+        elif entry.requantized and mxfp4_fast(entry, self.device.type):
+            check, scales, maker = Mxfp4Check(entry, self._buffers("numpy")), _Scales(entry, True), self.mxfp4
         elif entry.requantized:
             from .check.grid import GridCheck
 
@@ -222,8 +228,8 @@ class _Writing:
         if written != entry.nbytes:  # a planning bug, never a user error
             raise AssertionError(f"{entry.name}: wrote {written} bytes, planned {entry.nbytes}")
         self.checked.append(self.checker.submit(lambda: (entry.name, check.result())))
-        self.stats.decided = self.dense.decided + self.fp8.decided
-        self.stats.rational = self.dense.rational + self.fp8.rational
+        self.stats.decided = self.dense.decided + self.fp8.decided + self.mxfp4.decided
+        self.stats.rational = self.dense.rational + self.fp8.rational + self.mxfp4.rational
         return written
 
     def _buffers(self, kind: str):
@@ -237,6 +243,7 @@ class _Writing:
     def close(self) -> None:
         self.dense.close()
         self.fp8.close()
+        self.mxfp4.close()
         if self._torch is not None:
             self._torch.close()
         for f in self.src_fds.values():
@@ -251,14 +258,19 @@ class _Scales:
     """The scale parts of a tensor written in a quantized format: filled block by block on the write thread, written
     after the codes."""
 
-    def __init__(self, entry: Entry):
+    def __init__(self, entry: Entry, stored_rows: bool = False):
         self.tensor = entry.base
         self.buffers = [np.empty(p.nbytes, np.uint8) for p in self.tensor.parts[1:]]
+        self.stored_rows = stored_rows  # blocks count the parts' own rows (their last axis), not the dense tensor's
 
     def fill(self, start: int, stop: int, pieces, ready) -> None:
         if ready is not None:
             ready.synchronize()
         for i, (buffer, piece) in enumerate(zip(self.buffers, pieces, strict=True), start=1):
-            first, last = self.tensor.part_rows(i, start, stop)
-            row = self.tensor.parts[i].row_bytes
+            part = self.tensor.parts[i]
+            if self.stored_rows:
+                first, last, row = start, stop, part.shape[-1] * DTYPES[part.dtype].size
+            else:
+                first, last = self.tensor.part_rows(i, start, stop)
+                row = part.row_bytes
             buffer[first * row:last * row] = as_bytes(piece)

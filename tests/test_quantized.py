@@ -259,6 +259,29 @@ def test_mxfp4_experts_keep_their_format(tmp_path):
         assert ulps(dense[name], want, torch.bfloat16).max() <= 0.5, name
 
 
+def test_mxfp4_every_path_writes_the_same_bytes(tmp_path, monkeypatch):
+    """The MXFP4 kernels in C, the same passes in numpy, and the torch codec (the GPU's path): one output."""
+    import os
+    import subprocess
+    import sys
+
+    from lora_merge import writer
+
+    base = gpt_oss(tmp_path)
+    expert_adapter(tmp_path / "bf16", tmp_path / "adapter")
+    code = "import sys; from lora_merge import merge; merge(sys.argv[1], sys.argv[2], sys.argv[3], device='cpu')"
+    env = {k: v for k, v in os.environ.items() if k != "LORA_MERGE_PLAIN"}
+    for name, extra in (("c", {}), ("numpy", {"LORA_MERGE_PLAIN": "1"})):
+        r = subprocess.run([sys.executable, "-c", code, str(base), str(tmp_path / "adapter"), str(tmp_path / name)],
+                           capture_output=True, text=True, env={**env, **extra})
+        assert r.returncode == 0, r.stderr
+    monkeypatch.setattr(writer, "mxfp4_fast", lambda entry, device: False)
+    assert merge(base, tmp_path / "adapter", tmp_path / "torch", device="cpu").report.ok
+    for f in (tmp_path / "c").glob("*.safetensors"):
+        for other in ("numpy", "torch"):
+            assert f.read_bytes() == (tmp_path / other / f.name).read_bytes(), (other, f.name)
+
+
 def test_zero_delta_leaves_a_quantized_base_as_it_is(qwen3, tmp_path):
     fp8 = to_fp8(qwen3 / "bf16", tmp_path / "fp8")
     build_adapter(qwen3 / "bf16", tmp_path / "zero", r=4, target_modules=["q_proj", "down_proj"],

@@ -16,6 +16,7 @@ from ..dtypes import DTYPES
 from ..paths import open_read
 from ..quant.fp8_cpu import fast as fp8_fast
 from ..quant.fp8_cpu import read_parts
+from ..quant.mxfp4_cpu import fast as mxfp4_fast
 from ..safetensors_file import TensorInfo, pread_into
 from .verdict import TensorVerdict
 
@@ -181,6 +182,14 @@ def _check_requantized(out_model, e, device) -> TensorVerdict | None:
     stored = replace(e.base, parts=tuple(got))
     n = e.shape[0]
     step = e.rows_per_block(CHECK_BLOCK_BYTES)
+    if mxfp4_fast(e, device.type):
+        from ..quant.mxfp4_cpu import read_rows, spans
+        from .mxfp4 import Mxfp4Check
+
+        check, buffers = Mxfp4Check(e), HostBuffers()
+        for first, last in spans(stored):
+            check.block(first, last, read_rows(stored, first, last, buffers, "out "))
+        return check.result()
     if fp8_fast(e, device.type):
         from .fp8 import Fp8Check
 

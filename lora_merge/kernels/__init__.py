@@ -28,6 +28,12 @@ try:  # FP8 with block scales: fp8_merge, fp8_encode, fp8_check
     from . import _fp8 as FP8
 except ImportError:
     FP8 = plain.FP8
+try:  # MXFP4 experts: mx_merge, mx_check
+    if PLAIN:
+        raise ImportError("the numpy passes were asked for")
+    from . import _mxfp4 as MXFP4
+except ImportError:
+    MXFP4 = plain.MXFP4
 
 merge16, merge32, check16, check32 = _chosen.merge16, _chosen.merge32, _chosen.check16, _chosen.check32
 first_difference, nonfinite, gather, trip = _chosen.first_difference, _chosen.nonfinite, _chosen.gather, _chosen.trip

@@ -365,3 +365,118 @@ class _Fp8:
 
 
 FP8 = _Fp8()
+
+
+# ------------------------------------------------------------------------ MXFP4 experts, by stored rows (_mxfp4.c)
+
+E2M1 = np.array([0, 0.5, 1, 1.5, 2, 3, 4, 6, -0.0, -0.5, -1, -1.5, -2, -3, -4, -6], np.float32)
+_MIDPOINTS = np.array([0.25, 0.75, 1.25, 1.75, 2.5, 3.5, 5.0], np.float32)
+
+
+def unpack_nibbles(blocks, rows: int, width: int) -> np.ndarray:
+    b = np.asarray(blocks).reshape(rows, width // 2)
+    return np.stack((b & 0x0F, b >> 4), axis=-1).reshape(rows, width)
+
+
+def pack_nibbles(codes: np.ndarray) -> np.ndarray:
+    return (codes[:, 0::2] | (codes[:, 1::2] << 4)).astype(np.uint8)
+
+
+def e8m0(scales) -> np.ndarray:
+    s = np.asarray(scales).astype(np.int32)
+    return np.where(s == 255, np.float32(np.inf), np.ldexp(np.float32(1), s - 127).astype(np.float32))
+
+
+def fresh_exponent(x: np.ndarray) -> np.ndarray:
+    """The exponent of the smallest power of two s with x <= 6 s (x > 0, float64)."""
+    m, e = np.frexp(x / 6.0)
+    return np.where(m == 0.5, e - 1, e)
+
+
+def e2m1_nearest(t: np.ndarray, et: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """The nearest e2m1 code to t (ties to the even code, 6 at most, the sign kept) and whether et reaches a
+    midpoint (as _mxfp4.c)."""
+    a = np.abs(t)
+    m = ((a > 0.25).astype(np.uint8) + (a >= 0.75) + (a > 1.25) + (a >= 1.75) + (a > 2.5) + (a >= 3.5) + (a > 5.0))
+    d = np.min(np.abs(a[..., None] - _MIDPOINTS), axis=-1)
+    open_ = ~(d > et) | ~(a < np.float32(2.0**127))
+    return (m | np.where(np.signbit(t), 8, 0)).astype(np.uint8), open_
+
+
+class _Mxfp4:
+    """The MXFP4 passes in numpy, as ``_mxfp4.c`` makes them (see there for the arguments)."""
+
+    @staticmethod
+    def mx_merge(blocks, scales, L, R, r, ct, slack, c, rows, width, L0, RT, sc, out_blocks, out_scales, status,
+                 idx) -> int:
+        f32, groups = np.float32, width // 32
+        with np.errstate(all="ignore"):
+            p, m = _product(L, R, r, rows, width, np.float32)
+            nib = unpack_nibbles(blocks, rows, width)
+            s = np.repeat(e8m0(scales).reshape(rows, groups), 32, axis=1)
+            w = E2M1[nib] * s
+            v = add(w, p)
+            eb = f32(ct) * m + f32(slack)
+            a = np.abs(v)
+            e = f32(c) * (a + np.abs(w)) + eb
+            state = np.where(np.abs(p) > eb, 2, np.where(m > 0, 1, 0)).reshape(rows, groups, 32)
+            lo = np.maximum((a - e).reshape(rows, groups, 32).max(axis=2), 0).astype(np.float64)
+            hi = (a + e).reshape(rows, groups, 32).max(axis=2).astype(np.float64)
+            most = state.max(axis=2)
+            ex = fresh_exponent(lo * (1 - 2.0**-22))
+            ok = (most == 2) & (hi < 2.0**127) & (lo > 0) & (ex == fresh_exponent(hi * (1 + 2.0**-22))) & \
+                (ex >= -127) & (ex <= 127)
+            near = (most == 2) & (hi < 2.0**127) & ~ok  # near a boundary: every element in float64
+            if near.any():
+                w64 = w.astype(np.float64)
+                left = np.asarray(L0, np.float64).reshape(rows, r) * np.asarray(sc)
+                right = np.asarray(RT, np.float64).reshape(width, r).T
+                a64 = np.abs(w64 + left @ right)
+                b64 = (r + 4) * 2.0**-52 * (np.abs(w64) + np.abs(left) @ np.abs(right)) + 2.0**-1070
+                lo64 = np.maximum((a64 - b64).reshape(rows, groups, 32).max(axis=2), 0)
+                hi64 = (a64 + b64).reshape(rows, groups, 32).max(axis=2)
+                ex64 = fresh_exponent(np.where(lo64 > 0, lo64, 1.0))
+                decided = near & (lo64 > 0) & (ex64 == fresh_exponent(hi64)) & (ex64 >= -127) & (ex64 <= 127)
+                ex, ok = np.where(decided, ex64, ex), ok | decided
+            st = np.where(most == 0, 0, np.where(ok, 1, 2)).astype(np.uint8)
+            status[:] = st.reshape(-1)
+            ex = np.where(ok, ex, 0)
+            out_scales[:] = np.where(st == 0, np.asarray(scales).reshape(rows, groups), ex + 127).astype(np.uint8).reshape(-1)
+            inv = np.repeat(np.ldexp(f32(1), -ex).astype(np.float32), 32, axis=1)
+            codes, open_ = e2m1_nearest(v * inv, e * inv)
+            merged = np.repeat(st == 1, 32, axis=1)
+            codes = np.where(merged, codes, nib)
+            np.asarray(out_blocks).reshape(rows, width // 2)[...] = pack_nibbles(codes)
+        return _listed((open_ & merged).reshape(-1), idx)
+
+    @staticmethod
+    def mx_check(base_blocks, base_scales, blocks, scales, L, R, r, ct, slack, c, rows, width, idx, sums,
+                 verdicts) -> int:
+        f32, groups = np.float32, width // 32
+        with np.errstate(all="ignore"):
+            p, m = _product(L, R, r, rows, width, np.float32)
+            bn, on = unpack_nibbles(base_blocks, rows, width), unpack_nibbles(blocks, rows, width)
+            scale = np.repeat(e8m0(scales).reshape(rows, groups), 32, axis=1)
+            w = E2M1[bn] * np.repeat(e8m0(base_scales).reshape(rows, groups), 32, axis=1)
+            got = E2M1[on] * scale
+            v = add(w, p)
+            a, d = np.abs(v), np.abs(v - got)
+            e = f32(c) * (a + np.abs(w) + np.abs(got)) + (f32(ct) * m + f32(slack))
+            mag = on & 7
+            h_out = np.where(mag < 4, f32(0.25), np.where(mag < 6, f32(0.5), f32(1.0)))
+            h_in = np.where(mag < 5, f32(0.25), np.where(mag < 7, f32(0.5), f32(1.0)))
+            below = ~(a >= np.abs(got) + e)
+            flag = ~(d + e < np.where(below, h_in, h_out) * scale)
+            lo = np.maximum((a - e).reshape(rows, groups, 32).max(axis=2), 0).astype(np.float64)
+            hi = np.maximum((a + e).reshape(rows, groups, 32).max(axis=2), 0).astype(np.float64)
+            differs = (d > e).reshape(rows, groups, 32).any(axis=2)
+            low = np.clip(np.where(lo > 0, fresh_exponent(lo * (1 - 2.0**-22)), -127), -127, None)
+            high = np.clip(np.where(hi > 0, fresh_exponent(hi * (1 + 2.0**-22)), -127), -127, 127)
+            have = np.asarray(scales).reshape(rows, groups).astype(np.int64) - 127
+            wrong = differs & ~((low <= have) & (have <= high))
+            verdicts[:] = (differs.astype(np.uint8) | (wrong.astype(np.uint8) << 1)).reshape(-1)
+            _survival(w, v, got, sums)
+        return _listed(flag.reshape(-1), idx)
+
+
+MXFP4 = _Mxfp4()

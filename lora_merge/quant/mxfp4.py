@@ -11,8 +11,10 @@ gpt-oss's quantizer rounds it.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
-import torch
+if TYPE_CHECKING:
+    import torch
 
 from .base import QuantizedTensor
 from .grid import E2M1, e2m1_codes, e2m1_values, smallest_power_of_two
@@ -31,6 +33,8 @@ class Mxfp4Tensor(QuantizedTensor):
         return start, stop  # experts
 
     def decode(self, stored, start: int, stop: int) -> torch.Tensor:
+        import torch
+
         blocks, scale_bytes = stored
         pairs = blocks.permute(0, 2, 3, 1)  # (k, G, 16, out): the dense layout's order, 1 byte per pair
         codes = torch.stack((pairs & 0x0F, pairs >> 4), dim=3)  # (k, G, 16, 2, out): even element first
@@ -38,6 +42,8 @@ class Mxfp4Tensor(QuantizedTensor):
         return _spread(values, self._scale_values(scale_bytes), torch.mul)
 
     def encode(self, values, original, start: int, stop: int, prepared):
+        import torch
+
         blocks, scale_bytes = original
         largest, changed = prepared
         chosen = torch.where(changed, self.fresh_scales(largest), self._scale_values(scale_bytes))
@@ -61,12 +67,16 @@ class Mxfp4Tensor(QuantizedTensor):
         return self._scale_values(stored[1])
 
     def fresh_scales(self, largest) -> torch.Tensor:
+        import torch
+
         exponent = smallest_power_of_two(largest, E2M1.largest).clamp_(-BIAS, BIAS)
         exponent = torch.where(largest > 0, exponent, -BIAS)  # an all-zero group: exponent byte 0, as gpt-oss's
         return torch.ldexp(torch.ones_like(largest), exponent)
 
     @staticmethod
     def _scale_values(scale_bytes) -> torch.Tensor:
+        import torch
+
         ones = torch.ones(scale_bytes.shape, dtype=torch.float64, device=scale_bytes.device)
         return torch.ldexp(ones, scale_bytes.to(torch.int64) - BIAS)
 

@@ -1,0 +1,236 @@
+"""MXFP4 experts merged on the CPU in numpy and the MXFP4 kernels (torch is not imported), written back in their
+format a block of stored rows at a time: the rows of ``<name>_blocks`` (one expert's output rows, each the input
+axis in groups of 32 sharing a power-of-two scale) are contiguous bytes, so a block of them is one read and one
+write, and memory stays flat however large an expert is.
+
+In the stored orientation an expert's delta is ``left @ right`` (left: out × r, right: r × in), whichever way
+round the adapter's factors fit transformers' dense (experts × in × out) view. The kernel decides each group
+whose exponent the interval of its largest exact |value| decides (almost all), and each code whose error bound
+is clear of a midpoint; the rest are decided here in float64 or, within float64's own error, exactly.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from fractions import Fraction
+
+import numpy as np
+
+from .. import kernels
+from ..adapter import FileTensor, LowRank, MemoryTensor
+from ..dense import FLOATS, OPEN_SHARE, UNIT32, as_float32
+from ..errors import NonFiniteError
+from ..safetensors_file import pread_into
+from .mxfp4 import GROUP
+
+E2M1 = kernels.plain.E2M1.astype(np.float64)
+MIDPOINTS = (0.25, 0.75, 1.25, 1.75, 2.5, 3.5, 5.0)  # between e2m1's magnitudes 0, .5, 1, 1.5, 2, 3, 4, 6
+ROW_ELEMENTS = 1 << 21  # a block of stored rows holds about this many elements
+
+
+def fast(entry, device_type: str) -> bool:
+    """Whether ``entry`` is merged here: MXFP4 experts written back as MXFP4 on the CPU, changed by low-rank
+    products per expert only, the input axis a multiple of 64."""
+    from .mxfp4 import Mxfp4Tensor
+
+    q, ops = entry.base, entry.ops
+    if device_type != "cpu" or not entry.requantized or not isinstance(q, Mxfp4Tensor) or ops is None:
+        return False
+    if q.shape[1] % 64 or not ops.deltas or not all(isinstance(d, LowRank) and d.experts == q.shape[0]
+                                                    for d in ops.deltas):
+        return False
+    if ops.replace is not None or ops.dora_magnitude is not None or ops.row_indices is not None:
+        return False
+    return all(isinstance(t, (FileTensor, MemoryTensor)) and t.dtype in FLOATS for d in ops.deltas for t in (d.a, d.b))
+
+
+class ExpertFactors:
+    """Each expert's delta on its stored rows as ``left @ right``: the adapter's factors (exact float32) with each
+    column's scale, and the kernel's forms of them (the scale folded into ``left``, ``right`` packed)."""
+
+    def __init__(self, entry, fold_right: bool = False):
+        self.entry = entry
+        self.deltas = []
+        for d in entry.ops.deltas:
+            e = d.experts
+            a = as_float32(d.a).reshape(e, -1, d.a.shape[-1])  # (E, r, ·): peft's ParamWrapper, expert-major
+            b = as_float32(d.b).reshape(d.b.shape[0], -1, e).transpose(2, 0, 1)  # (E, ·, r): the expert fastest
+            self.deltas.append((d, a, b))
+        self.rank = sum(a.shape[1] for _, a, _ in self.deltas)
+        self.fold_right = fold_right  # the check folds the scale into the right factor, the merge into the left
+        self.cached = None
+
+    def expert(self, k: int):
+        """(left, right packed, left0, right0 (width × r), scales) of expert k."""
+        if self.cached is not None and self.cached[0] == k:
+            return self.cached[1]
+        lefts, rights, scales = [], [], []
+        for d, a, b in self.deltas:
+            if d.transposed:  # dense (E, in, out): stored row o is B[o] · A
+                left, right = b[k], a[k]
+            else:  # dense (E, out', in') = B A: stored row o (a column of it) is A[:, o] · B^T
+                left, right = a[k].T, b[k].T
+            lefts.append(left)
+            rights.append(right)
+            scales.append(np.full(left.shape[1], d.scale))
+        left0 = np.ascontiguousarray(np.concatenate(lefts, axis=1), np.float32)
+        right = np.concatenate(rights, axis=0)
+        sc = np.concatenate(scales)
+        if self.fold_right:
+            kl, kr = left0, kernels.pack((right.astype(np.float64) * sc[:, None]).astype(np.float32))
+        else:
+            kl, kr = np.ascontiguousarray((left0.astype(np.float64) * sc).astype(np.float32)), kernels.pack(right)
+        made = (kl, kr, left0, np.ascontiguousarray(right.T, np.float32), sc)
+        self.cached = (k, made)
+        return made
+
+    def exact(self, k: int, o: int, i: int, w: float) -> Fraction:
+        """Stored element (o, i) of expert k exactly: w plus every delta."""
+        _, _, left0, right0, sc = self.expert(k)
+        total = Fraction(w)
+        for t in range(len(sc)):
+            total += Fraction(float(sc[t])) * Fraction(float(left0[o, t])) * Fraction(float(right0[i, t]))
+        return total
+
+
+def read_rows(q, first: int, last: int, buffers, name: str) -> tuple[np.ndarray, np.ndarray]:
+    """Stored rows [first, last) (expert-major): their block bytes and their scale bytes."""
+    out = []
+    for part, label in zip(q.parts, ("blocks", "scales"), strict=True):
+        row = part.shape[-1] * (part.shape[-2] if label == "blocks" else 1)  # bytes per stored row
+        raw = buffers(f"{name}{label}", ((last - first) * row,), np.uint8)
+        fd = os.open(part.path, os.O_RDONLY)
+        try:
+            pread_into(fd, memoryview(raw), part.start + first * row)
+        finally:
+            os.close(fd)
+        out.append(raw)
+    return out[0], out[1]
+
+
+def spans(q):
+    """The blocks of stored rows a tensor is merged in: within one expert each, about ROW_ELEMENTS elements."""
+    experts, width, out = q.shape
+    step = max(1, min(out, ROW_ELEMENTS // width))
+    return [(k * out + o, k * out + min(out, o + step)) for k in range(experts) for o in range(0, out, step)]
+
+
+def nearest_code(t: Fraction) -> int:
+    """The e2m1 code nearest the exact ``t``, ties to the even code, past 6 the largest."""
+    a = abs(t)
+    m = sum(a > Fraction(x) if i % 2 == 0 else a >= Fraction(x) for i, x in enumerate(MIDPOINTS))
+    return m | (8 if t < 0 else 0)
+
+
+def fresh_exponent(largest) -> int:
+    """The exponent gpt-oss's quantizer gives a group whose largest |value| is ``largest`` (exact): the smallest e
+    with largest <= 6 2^e, within [-127, 127]; -127 for a group of zeros."""
+    if largest == 0:
+        return -127
+    q = Fraction(largest) / 6
+    e = q.numerator.bit_length() - q.denominator.bit_length()
+    while Fraction(2) ** e < q:
+        e += 1
+    while Fraction(2) ** (e - 1) >= q:
+        e -= 1
+    return max(-127, min(127, e))
+
+
+class Mxfp4Merge:
+    """One planned MXFP4 tensor merged here, a block of stored rows at a time (``block``)."""
+
+    def __init__(self, entry):
+        self.entry, self.q = entry, entry.base
+        self.experts, self.width, self.out = self.q.shape
+        self.f = ExpertFactors(entry)
+        unit = UNIT32
+        self.c = 4 * unit
+        self.c_terms = (self.f.rank + 5) * unit * (1 + (self.f.rank + 2) * unit)
+        self.slack = (self.f.rank + 1) * 2.0**-126
+        self.decided = self.rational = 0
+
+    def block(self, first: int, last: int, buffers) -> tuple[np.ndarray, np.ndarray]:
+        """Stored rows [first, last) of one expert merged: their block bytes and scale bytes."""
+        k, o0 = divmod(first, self.out)
+        rows, groups = last - first, self.width // GROUP
+        left, right, left0, right0, sc = self.f.expert(k)
+        blocks, scales = read_rows(self.q, first, last, buffers, "base ")
+        out_blocks = buffers("blocks", (rows * self.width // 2,), np.uint8)
+        out_scales = buffers("scales", (rows * groups,), np.uint8)
+        status = buffers("status", (rows * groups,), np.uint8)
+        n = rows * self.width
+        args = (blocks, scales, left[o0:o0 + rows], right, self.f.rank, self.c_terms, self.slack, self.c, rows,
+                self.width, left0[o0:o0 + rows], right0, sc, out_blocks, out_scales, status)
+        idx = buffers("open", (n // OPEN_SHARE + 1,), np.int64)
+        count = kernels.MXFP4.mx_merge(*args, idx)
+        if count > len(idx):
+            idx = buffers("open", (n,), np.int64)
+            count = kernels.MXFP4.mx_merge(*args, idx)
+        nib = kernels.plain.unpack_nibbles(blocks, rows, self.width)
+        codes = kernels.plain.unpack_nibbles(out_blocks, rows, self.width) if count or np.any(status == 2) else None
+        if codes is not None:
+            exponents = out_scales.astype(np.int64) - 127
+            for g in np.flatnonzero(status == 2):
+                self._group(k, o0, int(g), nib, scales, codes, out_scales)
+            if count:
+                self._decide(k, o0, idx[:count], nib, scales, exponents, codes)
+            out_blocks[:] = kernels.plain.pack_nibbles(codes).reshape(-1)
+        return out_blocks, out_scales
+
+    def _exact_parts(self, k: int, o0: int, rows_, cols, nib, scales):
+        """BASE's values, the deltas and the sizes of stored elements (rows of the block, columns), in float64."""
+        _, _, left0, right0, sc = self.f.expert(k)
+        groups = self.width // GROUP
+        w = E2M1[nib[rows_, cols]] * np.ldexp(1.0, scales.reshape(-1, groups)[rows_, cols // GROUP].astype(np.int64)
+                                             - 127)
+        products = left0[o0 + rows_].astype(np.float64) * right0[cols].astype(np.float64) * sc
+        return w, products.sum(axis=1), np.abs(w) + np.abs(products).sum(axis=1)
+
+    def _values(self, k: int, o0: int, rows_, cols, nib, scales) -> list:
+        """The exact values of stored elements: float64 where its bound is within float64's reach, as fractions."""
+        w, delta, size = self._exact_parts(k, o0, rows_, cols, nib, scales)
+        return w, w + delta, (self.f.rank + 4) * 2.0**-52 * size + 2.0**-1070
+
+    def _group(self, k: int, o0: int, g: int, nib, scales, codes, out_scales) -> None:
+        """A group the kernel left open (whether it changes, or its exponent), decided exactly."""
+        groups = self.width // GROUP
+        i, gg = divmod(g, groups)
+        cols = np.arange(gg * GROUP, (gg + 1) * GROUP)
+        rows_ = np.full(GROUP, i)
+        w, v, bound = self._values(k, o0, rows_, cols, nib, scales)
+        if not np.isfinite(v).all():
+            raise NonFiniteError(f"the merge gives NaN or Inf in {self.entry.name}, which MXFP4 cannot store",
+                                 "merge with --dtype to write a dequantized checkpoint, or repair the adapter")
+        exact = [self.f.exact(k, o0 + i, int(c), float(x)) for c, x in zip(cols, w, strict=True)]
+        self.decided += GROUP
+        self.rational += GROUP
+        if all(e == Fraction(float(x)) for e, x in zip(exact, w, strict=True)):  # nothing changes: BASE's bytes
+            codes[i, cols] = nib[i, cols]
+            out_scales[g] = scales[g]
+            return
+        ex = fresh_exponent(max(abs(e) for e in exact))
+        out_scales[g] = ex + 127
+        scale = Fraction(2) ** ex
+        codes[i, cols] = [nearest_code(e / scale) for e in exact]
+
+    def _decide(self, k: int, o0: int, flat, nib, scales, exponents, codes) -> None:
+        """The open codes of merged groups: their exact value / the scale rounded to the nearest code."""
+        self.decided += len(flat)
+        groups = self.width // GROUP
+        rows_, cols = flat // self.width, flat % self.width
+        w, v, bound = self._values(k, o0, rows_, cols, nib, scales)
+        if not np.isfinite(v).all():
+            raise NonFiniteError(f"the merge gives NaN or Inf in {self.entry.name}, which MXFP4 cannot store",
+                                 "merge with --dtype to write a dequantized checkpoint, or repair the adapter")
+        ex = exponents.reshape(-1, groups)[rows_, cols // GROUP]
+        t, tb = np.ldexp(v, -ex), np.ldexp(bound, -ex) + 2.0**-52 * np.abs(np.ldexp(v, -ex))
+        near, _ = kernels.plain.e2m1_nearest(t, tb)
+        distance = np.min(np.abs(np.abs(t)[:, None] - np.array(MIDPOINTS)), axis=1)
+        clear = distance > tb
+        codes[rows_[clear], cols[clear]] = near[clear]
+        for x in np.flatnonzero(~clear):
+            exact = self.f.exact(k, o0 + int(rows_[x]), int(cols[x]), float(w[x]))
+            codes[rows_[x], cols[x]] = nearest_code(exact / Fraction(2) ** int(ex[x])) if exact != 0 else \
+                (8 if math.copysign(1, float(v[x])) < 0 else 0)
+            self.rational += 1
