@@ -229,7 +229,7 @@ def verify_options(f):
     from .flags import add_options
     from .options import MergeOptions
 
-    return add_options(MergeOptions, ("device", "allow_nonfinite"))(f)
+    return add_options(MergeOptions, ("device", "allow_nonfinite", "min_delta_kept"))(f)
 
 
 def unmerge_options(f):
@@ -246,7 +246,7 @@ def merge_options(f):
 
     f = add_options(PushOptions)(f)
     f = token_option(f)
-    f = add_options(MergeOptions, ("allow_nonfinite", "max_shard_bytes", "resume"))(f)
+    f = add_options(MergeOptions, ("allow_nonfinite", "min_delta_kept", "max_shard_bytes", "resume"))(f)
     f = click.option("-v", "--verbose", is_flag=True, help="Log what is decided along the way.")(f)
     f = click.option("-q", "--quiet", is_flag=True, help="No progress bar and no summary.")(f)
     f = click.option("--json", "as_json", is_flag=True, help="Print the summary (or the plan) as JSON on stdout.")(f)

@@ -13,7 +13,6 @@ memory bound stay as they are.
 from __future__ import annotations
 
 from dataclasses import dataclass, field, replace
-from pathlib import Path
 from typing import TYPE_CHECKING
 
 import numpy as np
@@ -26,7 +25,7 @@ from .adapter import (
     SharedTensor,
     TargetOps,
 )
-from .errors import LayoutNeeded, PlanError, name_list
+from .errors import PlanError, name_list
 
 if TYPE_CHECKING:
     from .adapter import Adapter
@@ -120,55 +119,6 @@ class ModelLayout:
 
     def experts_transposed(self, module: str) -> bool | None:
         return self.transposed_experts.get(module, False)
-
-
-class Placement:
-    """Places adapters on BASE's files: by name when the names are the files', else through the model's own
-    layout (transformers, imported then and only then, once per BASE)."""
-
-    def __init__(self, base: BaseModel):
-        self.base = base
-        self.files = FilesLayout(base)
-        self.model: ModelLayout | None = None
-        self.families: set[str] | None = None
-
-    def place(self, path: Path, options=None) -> Adapter:
-        """The adapter at ``path`` with every target on an on-disk tensor (or left for the planner to report)."""
-        from .errors import LayoutError
-        from .formats import load_adapter
-
-        try:
-            adapter = load_adapter(path, self.files, options)
-            missing = self._unplaced(adapter)
-            if not missing or not self._renamed(missing):
-                return adapter  # placed, or names of BASE's own kind that BASE lacks: the plan lists what does not fit
-            why = [f"{n}: not a tensor in BASE's files" for n in missing]
-        except LayoutNeeded as e:
-            why = e.problems
-        if self.model is None:
-            from .conversion import model_layout
-
-            try:
-                self.model = model_layout(self.base)
-            except LayoutError as e:  # say which targets needed it
-                raise LayoutError(e.args[0], e.problems or [name_list(why)], e.hint) from None
-        adapter = load_adapter(path, self.model, options)
-        return to_disk(adapter, self.model, self.files.shapes)
-
-    def _renamed(self, missing: list[str]) -> bool:
-        """Whether some targets name tensors of a kind BASE's files do not have (``mlp.experts.gate_up_proj``, a
-        ``language_model`` prefix): the model in memory may store them so; more layers than BASE has is not that."""
-        from .names import family
-
-        if self.families is None:
-            self.families = {family(n) for n in self.files.shapes}
-        return any(family(n) not in self.families for n in missing)
-
-    def _unplaced(self, adapter: Adapter) -> list[str]:
-        """Targets that name no on-disk tensor (an output embedding tied to the input one aside)."""
-        from .plan import OUTPUT_EMBEDDINGS
-
-        return sorted(n for n in adapter.targets if n not in self.files.shapes and n not in OUTPUT_EMBEDDINGS)
 
 
 # ---------------------------------------------------------------------------------- adapters to disk

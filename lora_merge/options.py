@@ -91,6 +91,10 @@ class MergeOptions:
         "order, with an index. Default: the same files as BASE.", metavar="SIZE", callback=_click_size)
     allow_nonfinite: bool = cli_flag("--allow-nonfinite", "Accept NaN or Inf in the adapter and where the exact merge "
                                      "holds them (refused otherwise; the report says so).", False, is_flag=True)
+    min_delta_kept: float | None = cli_flag(
+        "--min-delta-kept", "Fail the check when the stored model keeps less than this share (0 to 1) of the adapter's "
+        "change, or when a tensor the adapter changes is stored unchanged (default: report the figures only).",
+        metavar="F", type=click.FloatRange(0, 1))
     resume: bool = cli_flag("--resume", "Keep finished shards when the run is interrupted, and continue from them "
                             "on the next --resume run (only when their hashes and the plan still match).", False,
                             is_flag=True)
@@ -104,9 +108,19 @@ class MergeOptions:
             value = getattr(self, name)
             if value is not None and (not isinstance(value, int) or isinstance(value, bool) or value < 1):
                 raise ValueError(f"{name} must be a positive number of bytes, not {value!r}")
+        kept = self.min_delta_kept
+        if kept is not None and (isinstance(kept, bool) or not isinstance(kept, int | float) or not 0 <= kept <= 1):
+            raise ValueError(f"min_delta_kept must be a share between 0 and 1, not {kept!r}")
 
     def to_json(self) -> dict:
         return asdict(self)
+
+    @property
+    def acceptance(self):
+        """What the checks accept beyond right bytes (``check.verdict.Acceptance``)."""
+        from .check.verdict import Acceptance
+
+        return Acceptance(self.allow_nonfinite, self.min_delta_kept)
 
     @classmethod
     def make(cls, options: MergeOptions | None = None, **settings) -> MergeOptions:

@@ -23,7 +23,6 @@ from .errors import (
     name_list,
 )
 from .formats import AdapterOptions
-from .layout import Placement
 from .memory import measure, resident_bytes
 from .names import family
 from .options import MergeOptions
@@ -35,18 +34,19 @@ from .output import (
     clear_leftovers,
     no_room,
 )
-from .paths import copy_new, is_regular, write_new
+from .paths import copy_new, write_new
+from .placement import Placement
 from .plan import Plan, make_plan
 from .progress import no_bar
 from .resume import Journal
 from .sources import (
-    TOKENIZER_FILES,
     Source,
     extra_files,
     load_base,
     looks_like_model,
     resolve_source,
 )
+from .tokenizer import TokenizerChoice, choose_tokenizer
 from .writer import WriteStats, write_shards
 
 log = logging.getLogger("lora_merge")
@@ -85,6 +85,7 @@ class MergeResult:
             result["parity"] = "passed" if self.report.ok else "failed"
             result["verify_seconds"] = self.report.details["provenance"]["verify_seconds"]
             result["memory"] = self.report.details["provenance"]["memory"]
+            result["delta_survival"] = self.report.details["delta_survival"]
             result["report"] = str(self.out / REPORT_NAME) if self.out else None
         return result
 
@@ -238,38 +239,21 @@ def _trained_on_other_base(adapter_config: dict, base) -> str | None:
     return f"the adapter was trained on {named!r} (base_model_name_or_path) but BASE is {base.repo_id or base.spec!r}"
 
 
-def _tokenizer_folder(plan: Plan, tokenizer_from: str | None) -> Path:
-    folder = plan.adapter.folder
-    adapter_has = any((folder / f).is_file() for f in TOKENIZER_FILES)
-    if tokenizer_from == "adapter":
-        return folder
-    if tokenizer_from is None and adapter_has and any("resized" in n for n in plan.notes):
-        # new rows in the embeddings mean new tokens: the base's tokenizer does not know them
-        log.info("tokenizer: from the adapter, since the vocabulary was resized")
-        return folder
-    log.info("tokenizer: from BASE%s", "" if any((plan.base.path / f).is_file() for f in TOKENIZER_FILES)
-             else " (which has none)")
-    return plan.base.path
-
-
-def finish_files(plan: Plan, folder: Path, tokenizer_from: str | None = None) -> list[str]:
-    """config.json (as planned), then the base's other non-weight files and the tokenizer."""
+def finish_files(plan: Plan, folder: Path, tokenizer: TokenizerChoice) -> list[str]:
+    """config.json (as planned), then the base's other non-weight files, and the adapter's tokenizer files that
+    ``tokenizer`` takes instead of BASE's."""
     written = []
-    tok_folder = _tokenizer_folder(plan, tokenizer_from)
     try:
         write_new(folder / "config.json", json.dumps(plan.config, indent=2) + "\n")
         written.append("config.json")
         for path in extra_files(plan.base.path):
-            if path.name in ("config.json", card.CARD_NAME, REPORT_NAME) or (
-                    tok_folder != plan.base.path and path.name in TOKENIZER_FILES):
+            if path.name in ("config.json", card.CARD_NAME, REPORT_NAME) or path.name in tokenizer.skipped:
                 continue  # the base's model card (and a merged base's report) describe the base; OUT gets its own
             copy_new(path, folder / path.name)
             written.append(path.name)
-        if tok_folder != plan.base.path:
-            for name in TOKENIZER_FILES:
-                if is_regular(tok_folder / name):
-                    copy_new(tok_folder / name, folder / name)
-                    written.append(name)
+        for name in tokenizer.taken:
+            copy_new(tokenizer.folder / name, folder / name)
+            written.append(name)
     except OSError as e:
         no_room(e, "the files beside the weights")
         raise
@@ -315,6 +299,7 @@ class _Run:
     command: str
     check: object
     model_card: bool
+    tokenizer: TokenizerChoice | None = None  # chosen before anything is written
 
     def write(self, out) -> MergeResult:
         plan, options, dev = self.plan, self.options, self.device
@@ -323,6 +308,11 @@ class _Run:
             for i, a in enumerate(plan.adapter.members)}
         out_path = check_output(Path(out), options.overwrite, protected)
         self._refuse_nonfinite_adapter()
+        self.tokenizer = choose_tokenizer(plan.base.path, plan.adapter.folder, options.tokenizer_from,
+                                          any("resized" in n for n in plan.notes))
+        if self.tokenizer.note:
+            plan.notes.append(self.tokenizer.note)
+        log.info("%s", self.tokenizer.note or "tokenizer: from BASE")
         log.info("computing on %s, in blocks of %.1f MiB of float64", dev,
                  block_bytes_for(dev, options.block_bytes) / (1 << 20))
         started = time.perf_counter()
@@ -384,7 +374,7 @@ class _Run:
         started = time.perf_counter()
         stats = _with_bar(self.progress, plan.total_bytes, "merging",
                           lambda bar: write_shards(plan, staged.tmp, dev, options, bar, reuse=reuse, on_shard=finished))
-        copied = finish_files(plan, staged.tmp, options.tokenizer_from)
+        copied = finish_files(plan, staged.tmp, self.tokenizer)
         provenance = {
             "device": str(dev),
             "dtype": options.dtype or "as BASE",
@@ -395,7 +385,7 @@ class _Run:
         found = Found(stats.tensors, stats.digests)  # checked as written; kept shards are read back
         check = self.check or (lambda folder, plan, dev, provenance, bar, found: verify_output(
             folder, plan, dev, found=found, shown_as=str(out_path), provenance=provenance, progress=bar,
-            allow_nonfinite=options.allow_nonfinite))
+            acceptance=options.acceptance))
         kept = sum(e.nbytes for s in plan.shards if s.name in reuse for e in s.entries)
         report = _with_bar(self.progress, kept, "verifying",
                            lambda bar: check(staged.tmp, plan, dev, provenance, bar, found))
@@ -473,7 +463,7 @@ def verify(out: str | Path, base: str, adapter: Adapters, options: MergeOptions 
     log.info("checking on %s", dev)
     return _with_bar(progress, plan.total_bytes, "verifying",
                      lambda bar: verify_output(out_src.path, plan, dev, out_model=out_model, progress=bar,
-                                               allow_nonfinite=options.allow_nonfinite))
+                                               acceptance=options.acceptance))
 
 
 def _output_dtype(base_model, out_model) -> str | None:

@@ -10,8 +10,10 @@ times each, under `/usr/bin/time -v`:
 - `lora-merge BASE ADAPTER OUT --device DEVICE` (the merge and its parity check);
 - peft, as users do it, on the same device: `from_pretrained` (with `device_map` on a GPU) +
   `merge_and_unload` + `save_pretrained`;
-- mergekit's LoRA merge (`BASE+ADAPTER`), when `mergekit-yaml` is on the PATH.
-It checks every output against lora-merge's, then prints a Markdown table of medians and ratios.
+- mergekit's LoRA merge (`BASE+ADAPTER`), when `mergekit-yaml` is on the PATH;
+then lora-merge's own way back, `lora-merge unmerge OUT ADAPTER BACK` with and without `--base BASE`.
+It checks every output against lora-merge's (the unmerged ones against BASE), then prints a Markdown table
+of medians and ratios.
 """
 
 from __future__ import annotations
@@ -80,7 +82,7 @@ def tools(base: Path, adapter: Path, out: Path, device: str, peft: bool) -> dict
 
 
 def compare(reference: Path, other: Path) -> str:
-    """How the tensors of ``other`` compare with lora-merge's output."""
+    """How the tensors of ``other`` compare with those of ``reference`` (lora-merge's output, or BASE)."""
     import torch
     from safetensors.torch import load_file
 
@@ -144,6 +146,16 @@ def main() -> None:
                         kept[name] = work / name
                         shutil.move(out, kept[name])
             checks = {n: compare(kept["lora-merge"], p) for n, p in kept.items() if n != "lora-merge"}
+            merged, back = kept["lora-merge"], work / "out"
+            undo = ["lora-merge", "unmerge", "-q", str(merged), str(adapter), str(back), "--device", args.device]
+            for name, cmd in {"lora-merge unmerge": undo, "lora-merge unmerge --base": undo + ["--base", str(base)]}.items():
+                names.append(name)
+                results[name] = []
+                for run in range(args.runs):
+                    shutil.rmtree(back, ignore_errors=True)
+                    results[name].append(timed(cmd))
+                    print(f"{shape} r={rank} run {run + 1}: {name} {results[name][-1]['wall']:.2f} s", file=sys.stderr)
+                checks[name] = compare(base, back).replace("identical", "identical to BASE")
             med = {n: {k: statistics.median(r[k] for r in rs) for k in ("wall", "cpu", "rss_mb")} for n, rs in results.items()}
             for name in names:
                 m = med[name]

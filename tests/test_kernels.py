@@ -212,3 +212,22 @@ def test_the_round_trip_counts_are_what_brute_force_finds(models, tmp_path, monk
                 same = [bool(_bits(t.reshape(1)) == _bits(m[i, j].reshape(1))) for t in to]
                 certain += same[0] and not same[1] and not same[2]
         assert trip[f"{module}.weight"]["certain"] == certain, module
+
+
+def test_the_change_sums_in_c_and_in_numpy_are_the_float64_sums():
+    from lora_merge.kernels import plain
+
+    rng = np.random.default_rng(3)
+    w = rng.standard_normal(100_003)
+    v = w + rng.standard_normal(w.size) * 1e-3
+    o = np.where(rng.random(w.size) < 0.3, w, v + rng.standard_normal(w.size) * 1e-6)
+    d, r = v - w, o - w
+    want = [d @ d, r @ r, (r - d) @ (r - d), r @ d, np.count_nonzero(r)]
+    passes = [plain] + ([kernels._chosen] if kernels.ACCELERATED else [])
+    for k in passes:
+        sums = np.zeros(5)
+        k.survival(w, v, o, sums)
+        k.survival(w[:10], v[:10], o[:10], sums)  # adds
+        extra = [d[:10] @ d[:10], r[:10] @ r[:10], (r - d)[:10] @ (r - d)[:10], r[:10] @ d[:10],
+                 np.count_nonzero(r[:10])]
+        np.testing.assert_allclose(sums, np.add(want, extra), rtol=1e-12)

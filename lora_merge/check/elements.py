@@ -15,10 +15,12 @@ write (the merge checks its own output as it goes), or blocks read back from a f
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
+import numpy as np
 import torch
 
+from .. import kernels
 from ..adapter import FileTensor, LowRank, TargetOps
 from ..buffers import Buffers
 from ..dtypes import DTYPES, torch_dtype
@@ -219,6 +221,23 @@ def dora_column_norm(e: Entry, f: Factors, step: int):
     return torch.sqrt(total)
 
 
+def change_survival(base, values, stored) -> Survival:
+    """What the stored values (float64) keep of the change from BASE's to the exact ``values`` (float64), one block:
+    on the CPU in one pass of the kernels."""
+    w = base.to(torch.float64).reshape(-1).contiguous()
+    v, o = values.reshape(-1).contiguous(), stored.reshape(-1).contiguous()
+    if v.device.type == "cpu":
+        sums = np.zeros(5)
+        kernels.survival(w.numpy(), v.numpy(), o.numpy(), sums)
+        dd, rr, ee, rd, changed = (float(x) for x in sums)
+    else:
+        d, r = v - w, o - w
+        e = r - d
+        dd, rr, ee, rd = (float(torch.dot(a, b)) for a, b in ((d, d), (r, r), (e, e), (r, d)))
+        changed = torch.count_nonzero(r)
+    return Survival(dd, rr, ee, rd, int(changed), v.numel())
+
+
 class ElementCheck:
     """Every element of one merged (or converted) tensor against its exact value and rounding bound.
 
@@ -255,10 +274,10 @@ class ElementCheck:
 
     def _survival(self, values, stored, base) -> None:
         """Adds the change's sums: ‖ΔW‖², ‖O − W‖², ‖(O − W) − ΔW‖², ⟨O − W, ΔW⟩, elements changed."""
-        w = base.to(torch.float64)
-        d, r = values - w, stored.to(torch.float64) - w
-        self.survival += Survival(float(d.square().sum()), float(r.square().sum()), float((r - d).square().sum()),
-                                  float((r * d).sum()), int((stored != base.to(stored.dtype)).sum()), d.numel())
+        found = change_survival(base, values, stored.to(torch.float64))
+        if base.dtype != stored.dtype:  # written in another dtype: changed from BASE's value in that dtype
+            found = replace(found, changed=int(torch.count_nonzero(stored != base.to(stored.dtype))))
+        self.survival += found
 
     def _not_plainly_nearest(self, values, stored):
         """Elements to measure against the bound: all but those that are plainly the nearest value.

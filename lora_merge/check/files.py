@@ -10,7 +10,8 @@ from pathlib import Path
 from ..paths import read_text
 from ..plan import Plan
 from ..safetensors_file import file_sha256
-from ..sources import TOKENIZER_FILES, extra_files
+from ..sources import extra_files
+from ..tokenizer import TOKENIZER_FILES
 from .verdict import Check
 
 OWN_FILES = ("merge_report.json", "README.md")  # written by lora-merge itself, not copies of BASE files

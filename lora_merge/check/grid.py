@@ -15,7 +15,13 @@ import math
 import torch
 
 from ..quant.base import QuantizedTensor
-from .elements import COMPUTE_UNIT, Factors, expected_rows, flat_nonzero
+from .elements import (
+    COMPUTE_UNIT,
+    Factors,
+    change_survival,
+    expected_rows,
+    flat_nonzero,
+)
 from .verdict import HALF, NOISE, SCALE_TOLERANCE, Survival, TensorVerdict
 
 
@@ -70,10 +76,7 @@ class GridCheck:
         self._scales(start, stop, q.block_max(size, start, stop), q.block_any(got != exact, start, stop),
                      q.stored_scales(stored))
         if rows.base is not None:  # how much of the change the format kept
-            w = rows.base.to(exact.device, torch.float64)
-            d, r = exact - w, got - w
-            self.survival += Survival(float(d.square().sum()), float(r.square().sum()), float((r - d).square().sum()),
-                                      float((r * d).sum()), int((r != 0).sum()), d.numel())
+            self.survival += change_survival(rows.base.to(exact.device), exact, got)
 
     def _scales(self, start: int, stop: int, largest, differs, scales) -> None:
         """Each row of scale blocks once all of its dense rows have been seen."""

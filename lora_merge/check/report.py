@@ -5,7 +5,8 @@ W + s·B·A, computed by the check's own code (``dense``, ``elements``, ``grid``
 bytes. During a merge each block is checked before it is written and read back from the file right after, so that
 the file is known to hold the checked bytes (``writer``); ``verify`` reads any folder back (``readback``) and runs
 the same checks on what it finds, tensors matched by name, whatever the shard layout. Then names, shapes and
-dtypes and the adapter's coverage (``structure``), NaN/Inf, config.json and the other files (``files``).
+dtypes and the adapter's coverage (``structure``), NaN/Inf, how much of the adapter's change the stored values carry
+(``survival``), config.json and the other files (``files``).
 """
 
 from __future__ import annotations
@@ -24,7 +25,8 @@ from ..version import __version__
 from .files import check_files
 from .readback import Found, read_back
 from .structure import check_coverage, check_structure
-from .verdict import Check, TensorVerdict
+from .survival import check_survival
+from .verdict import Acceptance, Check, TensorVerdict
 
 REPORT_NAME = "merge_report.json"
 ADAPTER_CONFIG_KEYS = (
@@ -90,6 +92,10 @@ class Report:
             who = names[0] if len(names) == 1 else f"{len(names)} tensors"
             lines.append(f"  expected: {who}: {what} ({cause})")
         for c in self.checks:
+            for w in c.warnings[:MAX_LISTED]:
+                lines.append(f"  {c.name}: warning: {w}")
+            if len(c.warnings) > MAX_LISTED:
+                lines.append(f"  {c.name}: … and {len(c.warnings) - MAX_LISTED} more warnings (see the JSON report)")
             for f in c.failures[:MAX_LISTED]:
                 lines.append(f"  {c.name}: {f}")
             if len(c.failures) > MAX_LISTED:
@@ -99,7 +105,7 @@ class Report:
 
 def verify_output(out: Path, plan: Plan, device, *, out_model: BaseModel | None = None, found: Found | None = None,
                   shown_as: str | None = None, provenance: dict | None = None, progress=None,
-                  allow_nonfinite: bool = False) -> Report:
+                  acceptance: Acceptance = Acceptance()) -> Report:
     """Check the merged folder ``out`` against the plan of BASE + ADAPTER; a failed check does not raise.
 
     ``found``: what the merge's own checks found as it wrote (the shards they cover are not read again; any other
@@ -113,9 +119,10 @@ def verify_output(out: Path, plan: Plan, device, *, out_model: BaseModel | None 
         found = Found({**found.tensors, **read.tensors}, {**found.digests, **read.digests})
     structure, structure_data = check_structure(plan, out_model)
     coverage, coverage_data = check_coverage(plan)
-    untouched, merged, finite = _check_tensors(plan, found.tensors, allow_nonfinite)
+    untouched, merged, finite = _check_tensors(plan, found.tensors, acceptance.allow_nonfinite)
+    delta, delta_data = check_survival(plan, found.tensors, acceptance.min_delta_kept)
     files, files_data = check_files(plan, out, found.digests)
-    checks = [structure, coverage, untouched, merged, finite, files]
+    checks = [structure, coverage, untouched, merged, finite, delta, files]
     prov = {
         "lora_merge_version": __version__,
         "base": _source_json(plan.base.source),
@@ -127,6 +134,7 @@ def verify_output(out: Path, plan: Plan, device, *, out_model: BaseModel | None 
     details = {
         "structure": structure_data,
         "coverage": coverage_data,
+        "delta_survival": delta_data,
         "files": files_data,
         "notes": list(plan.notes),
         "provenance": prov,

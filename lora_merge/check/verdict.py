@@ -26,9 +26,20 @@ class Check:
     ok: bool
     summary: str
     failures: list[str] = field(default_factory=list)
+    warnings: list[str] = field(default_factory=list)  # what passed but a user should see (always shown)
 
     def to_json(self) -> dict:
-        return {"ok": self.ok, "summary": self.summary, "failures": self.failures}
+        return {"ok": self.ok, "summary": self.summary, "failures": self.failures} | (
+            {"warnings": self.warnings} if self.warnings else {})
+
+
+@dataclass(frozen=True)
+class Acceptance:
+    """What a user accepts of an output beyond its bytes being right: NaN or Inf (``--allow-nonfinite``), and how
+    little of the adapter's change may survive (``--min-delta-kept``; None: any share, the figures only reported)."""
+
+    allow_nonfinite: bool = False
+    min_delta_kept: float | None = None
 
 
 @dataclass(frozen=True)

@@ -440,6 +440,31 @@ static PyObject *nonfinite(PyObject *self, PyObject *args) {
     return PyBool_FromLong(found);
 }
 
+/* survival(w, v, o, sums): adds to sums (5 doubles) what the stored o (float64) keeps of the change d = v - w, with
+   r = o - w: ‖d‖², ‖r‖², ‖r - d‖², ⟨r, d⟩ and the count of r != 0, in one pass (the torch paths' checks) */
+static PyObject *survival(PyObject *self, PyObject *args) {
+    Py_buffer w, v, o, out;
+    if (!PyArg_ParseTuple(args, "y*y*y*w*", &w, &v, &o, &out)) return NULL;
+    if (w.len != v.len || w.len != o.len || out.len != 5 * (Py_ssize_t)sizeof(double)) {
+        PyBuffer_Release(&w); PyBuffer_Release(&v); PyBuffer_Release(&o); PyBuffer_Release(&out);
+        PyErr_SetString(PyExc_ValueError, "survival: w, v and o must be float64 of one length, sums 5 float64");
+        return NULL;
+    }
+    const double *x = w.buf, *y = v.buf, *z = o.buf;
+    double *sums = out.buf;
+    I n = w.len / (Py_ssize_t)sizeof(double);
+    double dd = 0, rr = 0, ee = 0, rd = 0, changed = 0;
+    Py_BEGIN_ALLOW_THREADS
+    for (I j = 0; j < n; j++) {
+        double d = y[j] - x[j], r = z[j] - x[j], e = r - d;
+        dd += d * d; rr += r * r; ee += e * e; rd += r * d; changed += r != 0;
+    }
+    Py_END_ALLOW_THREADS
+    sums[0] += dd; sums[1] += rr; sums[2] += ee; sums[3] += rd; sums[4] += changed;
+    PyBuffer_Release(&w); PyBuffer_Release(&v); PyBuffer_Release(&o); PyBuffer_Release(&out);
+    Py_RETURN_NONE;
+}
+
 /* ----------------------------------------------------------------------------------- the round trip */
 
 /* The neighbours of a float's bits (sign and magnitude) toward +infinity and -infinity: `top` the sign bit */
@@ -691,6 +716,7 @@ static PyMethodDef methods[] = {
      "trip(kind, u, merged, orig, L, R, r, ct, slack, rows, width, c, idx, stats) -> flagged"},
     {"gather", gather, METH_VARARGS, "gather(flat, w, in_kind, L, R, scales, width, base, delta, size)"},
     {"first_difference", first_difference, METH_VARARGS, "first_difference(a, b) -> the first byte that differs, or -1"},
+    {"survival", survival, METH_VARARGS, "survival(w, v, o, sums): the change's sums, added to sums"},
     {"nonfinite", nonfinite, METH_VARARGS, "nonfinite(kind, buffer) -> whether a NaN or an infinity is there"},
     {NULL, NULL, 0, NULL},
 };

@@ -125,6 +125,13 @@ def _survival(w, v, o, sums) -> None:
              float(np.square(r - d).sum()), float(np.dot(r.ravel(), d.ravel())), float(np.count_nonzero(r))]
 
 
+def survival(w, v, o, sums) -> None:
+    """``_kernels.survival``: float64 buffers w, v, o of one length; adds the change's five sums to ``sums``."""
+    x, y, z = (np.frombuffer(a, np.float64) for a in (w, v, o))
+    out = np.frombuffer(sums, np.float64)
+    _survival(x, y, z, out)
+
+
 def check16(kind, w, in_kind, L, R, r, ct, slack, rows, width, c, stored, idx, sums) -> int:
     with np.errstate(all="ignore"):
         w0 = load(in_kind, w).reshape(rows, width)

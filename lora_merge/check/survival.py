@@ -1,0 +1,56 @@
+"""How much of the adapter's change the stored model carries: the "merged model behaves exactly like the base" failure,
+measured.
+
+Each merged tensor's check adds up, as it judges the elements, the exact change ΔW = v − W and the stored one O − W
+(``verdict.Survival``); this sums them over the output. The share of ΔW's energy kept is ⟨O − W, ΔW⟩ / ‖ΔW‖² (1: all
+of it), the relative error ‖(O − W) − ΔW‖ / ‖ΔW‖. A tensor the adapter changes whose stored bytes did not change at all
+is always named. ``min_delta_kept`` turns the figures into a pass or a fail, for CI.
+"""
+
+from __future__ import annotations
+
+from ..plan import Plan
+from .verdict import Check, Survival, TensorVerdict
+
+LOW = 0.5  # a tensor that keeps less than this share of its change is named
+NAMED = 3  # tensors named on the summary line (the JSON and the warnings have them all)
+
+
+def check_survival(plan: Plan, tensors: dict[str, TensorVerdict], min_kept: float | None) -> tuple[Check, dict]:
+    """The ``delta`` check and its data: the overall share kept, the tensors that kept little, those that kept none."""
+    measured = {e.name: tensors[e.name].survival for e in plan.entries
+                if e.is_merge and e.name in tensors and tensors[e.name].survival is not None}
+    total = sum(measured.values(), Survival())
+    unchanged = sorted(n for n, s in measured.items() if s.delta_energy > 0 and s.changed == 0)
+    low = sorted((n for n, s in measured.items() if s.kept is not None and s.kept < LOW and n not in unchanged),
+                 key=lambda n: measured[n].kept)
+    data = {"min_delta_kept": min_kept, **total.to_json(), "tensors": len(measured),
+            "unchanged": unchanged, "kept_below_half": {n: round(measured[n].kept, 6) for n in low}}
+    warnings = [f"{n}: the adapter changes it, but not one of its stored values changed: the change was rounded "
+                "away (keep more precision: --dtype float32, or a larger adapter scale)" for n in unchanged]
+    failures = []
+    if min_kept is not None:
+        if total.kept is None:
+            failures.append("the adapter's change is zero everywhere: there is nothing of it to keep")
+        elif total.kept < min_kept:
+            failures.append(f"the stored model keeps {total.kept:.1%} of the adapter's change, below --min-delta-kept "
+                            f"{min_kept:g}")
+        failures += [f"{n}: none of the adapter's change was stored (--min-delta-kept {min_kept:g})" for n in unchanged]
+    return Check("delta", not failures, _summary(total, measured, unchanged, low), failures,
+                 [] if failures else warnings), data
+
+
+def _summary(total: Survival, measured: dict[str, Survival], unchanged: list[str], low: list[str]) -> str:
+    if not measured:
+        return "no merged tensor to measure"
+    if total.kept is None:
+        return "the adapter's change is zero everywhere: the output holds BASE's values"
+    line = (f"the adapter's change survived: {total.kept:.1%} of its energy kept (relative error "
+            f"{total.relative_error:.2g}), {total.changed_share:.1%} of the merged elements changed")
+    if low:
+        line += (f"; {len(low)} tensor{'s' if len(low) > 1 else ''} kept less than {LOW:.0%}, e.g. "
+                 + ", ".join(f"{n} ({measured[n].kept:.0%})" for n in low[:NAMED]))
+    if unchanged:
+        line += (f"; {len(unchanged)} tensor{'s' if len(unchanged) > 1 else ''} the adapter changes stored "
+                 "unchanged, e.g. " + ", ".join(unchanged[:NAMED]))
+    return line
