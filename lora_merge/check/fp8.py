@@ -10,8 +10,6 @@ values are not exactly the merged ones must carry the scale the format defines f
 
 from __future__ import annotations
 
-import math
-
 import numpy as np
 
 from .. import kernels
@@ -19,10 +17,10 @@ from ..buffers import HostBuffers
 from ..dense import OPEN_SHARE
 from ..quant.fp8_cpu import E4M3, fresh_scale, fresh_scales, read_parts, scale_rows
 from .dense import COMPUTE_UNIT, own_terms
-from .verdict import HALF, NOISE, SCALE_TOLERANCE, Survival, TensorVerdict
+from .verdict import HALF, NOISE, SCALE_TOLERANCE, RequantizedTally, largest
 
 
-class Fp8Check:
+class Fp8Check(RequantizedTally):
     """Every element and every scale of one FP8 tensor as stored: feed it the stored parts a band of rows at a time
     or more (``block``), then read ``result()``."""
 
@@ -44,11 +42,8 @@ class Fp8Check:
         self.c = 2.0**-52
         self.c_terms = (self.rank + 6) * COMPUTE_UNIT * (1 + (self.rank + 2) * COMPUTE_UNIT)
         self.slack = (self.rank + 1) * 2.0**-126
+        super().__init__(self.q.description)
         self.sums = np.zeros(5)
-        self.elements = self.failed = self.blocks = self.exact_blocks = self.bad_scales = 0
-        self.worst = self.worst_of_bound = 0.0
-        self.first = self.first_bad_scale = None
-        self.finite = True
 
     def block(self, start: int, stop: int, stored) -> None:
         """Check dense rows [start, stop) (whole bands, or the tensor's last rows) from their stored codes and rows of
@@ -100,8 +95,8 @@ class Fp8Check:
             bound = np.where(bad, bound + np.abs(products).sum(axis=1) * ((self.rank + 2) * COMPUTE_UNIT + NOISE),
                              bound)
             bad = ~(error <= bound)
-            self.worst = max(self.worst, _largest(error / spacing))
-            self.worst_of_bound = max(self.worst_of_bound, _largest(error / bound))
+            self.worst = max(self.worst, largest(error / spacing))
+            self.worst_of_bound = max(self.worst_of_bound, largest(error / bound))
         count = int(bad.sum())
         if count:
             self.failed += count
@@ -127,20 +122,3 @@ class Fp8Check:
                 k = int(np.flatnonzero(wrong)[0])
                 self.first_bad_scale = {"block": [first // self.bm, k], "scale": float(s[k]),
                                         "expected": fresh_scale((lo[k] + hi[k]) / 2, self.power_of_two)}
-
-    def result(self) -> TensorVerdict:
-        dd, rr, ee, rd, changed = (float(x) for x in self.sums)
-        return TensorVerdict(
-            check="requantized", format=self.q.description, finite=self.finite, failed_elements=self.failed,
-            max_error_ulp=self.worst, max_error_of_bound=self.worst_of_bound,  # in steps of the format
-            correctly_rounded=self.worst <= HALF + 1e-6, first_failure=self.first, scale_blocks=self.blocks,
-            scale_blocks_exact=self.exact_blocks, scale_failures=self.bad_scales,
-            first_scale_failure=self.first_bad_scale,
-            survival=Survival(dd, rr, ee, rd, int(changed), self.elements) if self.elements else None)
-
-
-def _largest(ratio) -> float:
-    if not ratio.size:
-        return 0.0
-    top = float(np.nanmax(ratio)) if not np.all(np.isnan(ratio)) else 0.0
-    return math.inf if math.isnan(top) else top

@@ -17,10 +17,10 @@ from ..dense import OPEN_SHARE
 from ..quant.mxfp4 import GROUP
 from ..quant.mxfp4_cpu import E2M1, ExpertFactors, fresh_exponent, read_rows
 from .dense import COMPUTE_UNIT
-from .verdict import HALF, NOISE, Survival, TensorVerdict
+from .verdict import HALF, NOISE, RequantizedTally, largest
 
 
-class Mxfp4Check:
+class Mxfp4Check(RequantizedTally):
     """Every element and every exponent of one MXFP4 tensor as stored: feed it blocks of stored rows (``block``),
     then read ``result()``."""
 
@@ -33,11 +33,8 @@ class Mxfp4Check:
         self.c = 4 * unit
         self.c_terms = (self.f.rank + 6) * unit * (1 + (self.f.rank + 2) * unit)
         self.slack = (self.f.rank + 1) * 2.0**-126
+        super().__init__(self.q.description)
         self.sums = np.zeros(5)
-        self.elements = self.failed = self.blocks = self.exact_blocks = self.bad_scales = 0
-        self.worst = self.worst_of_bound = 0.0
-        self.first = self.first_bad_scale = None
-        self.finite = True
 
     def block(self, first: int, last: int, stored) -> None:
         """Check stored rows [first, last) (of one expert) from their block bytes and scale bytes as written."""
@@ -104,8 +101,8 @@ class Mxfp4Check:
             bound = np.where(bad, bound + np.abs(products).sum(axis=1) * ((self.f.rank + 2) * COMPUTE_UNIT + NOISE),
                              bound)
             bad = ~(error <= bound)
-            self.worst = max(self.worst, _largest(error / step))
-            self.worst_of_bound = max(self.worst_of_bound, _largest(error / bound))
+            self.worst = max(self.worst, largest(error / step))
+            self.worst_of_bound = max(self.worst_of_bound, largest(error / bound))
         count = int(bad.sum())
         if count:
             self.failed += count
@@ -114,20 +111,3 @@ class Mxfp4Check:
                 # the dense (experts × in × out) view's index, as the report names elements
                 self.first = {"index": [k, int(j[x]), int(o0 + i[x])], "value": float(got[x]),
                               "expected": float(exact[x]), "bound": float(bound[x])}
-
-    def result(self) -> TensorVerdict:
-        dd, rr, ee, rd, changed = (float(x) for x in self.sums)
-        return TensorVerdict(
-            check="requantized", format=self.q.description, finite=self.finite, failed_elements=self.failed,
-            max_error_ulp=self.worst, max_error_of_bound=self.worst_of_bound,
-            correctly_rounded=self.worst <= HALF + 1e-6, first_failure=self.first, scale_blocks=self.blocks,
-            scale_blocks_exact=self.exact_blocks, scale_failures=self.bad_scales,
-            first_scale_failure=self.first_bad_scale,
-            survival=Survival(dd, rr, ee, rd, int(changed), self.elements) if self.elements else None)
-
-
-def _largest(ratio) -> float:
-    if not ratio.size:
-        return 0.0
-    top = float(np.nanmax(ratio)) if not np.all(np.isnan(ratio)) else 0.0
-    return math.inf if math.isnan(top) else top

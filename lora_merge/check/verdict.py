@@ -10,6 +10,8 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, field, replace
 
+import numpy as np
+
 # the bound of an element written back in a quantized format: half a step of the format's grid at its exact value,
 # and float64's own error in that value (relative); a scale within SCALE_TOLERANCE of the format's is that scale
 # (float32 rounding, computed in either order)
@@ -142,3 +144,34 @@ class TensorVerdict:
         if self.survival is not None:
             out["delta_survival"] = self.survival.to_json()
         return out
+
+
+class RequantizedTally:
+    """What a check of a tensor kept in its quantized format counts as it goes, and the verdict it makes of it: the
+    worst error in steps of the format, elements and scale blocks that fail, the change's five sums (``sums``)."""
+
+    def __init__(self, description: str):
+        self.description = description
+        self.sums = [0.0] * 5
+        self.elements = self.failed = self.blocks = self.exact_blocks = self.bad_scales = 0
+        self.worst = self.worst_of_bound = 0.0
+        self.first = self.first_bad_scale = None
+        self.finite = True
+
+    def result(self) -> TensorVerdict:
+        dd, rr, ee, rd, changed = (float(x) for x in self.sums)
+        return TensorVerdict(
+            check="requantized", format=self.description, finite=self.finite, failed_elements=self.failed,
+            max_error_ulp=self.worst, max_error_of_bound=self.worst_of_bound,  # in steps of the format
+            correctly_rounded=self.worst <= HALF + 1e-6, first_failure=self.first, scale_blocks=self.blocks,
+            scale_blocks_exact=self.exact_blocks, scale_failures=self.bad_scales,
+            first_scale_failure=self.first_bad_scale,
+            survival=Survival(dd, rr, ee, rd, int(changed), self.elements) if self.elements else None)
+
+
+def largest(ratio) -> float:
+    """The largest of an array of ratios (0 for none); NaN (0 / 0 aside, which callers zero first) is infinite."""
+    if not ratio.size:
+        return 0.0
+    top = float(np.nanmax(ratio)) if not np.all(np.isnan(ratio)) else 0.0
+    return math.inf if math.isnan(top) else top
