@@ -17,7 +17,7 @@ from .base import QuantizedTensor
 
 __all__ = ["Quantization", "QuantizedTensor", "find_quantization", "sixteen_bit_original"]
 
-READ = ("fp8", "mxfp4", "bitsandbytes")
+READ = ("fp8", "mxfp4", "bitsandbytes", "compressed-tensors")
 ORIGINAL = "merge into the unquantized model it was made from, and quantize the merged model again if you need to"
 
 
@@ -73,6 +73,7 @@ _FIELDS = {
             "modules_to_not_convert": "null or a list of strings"},
     "mxfp4": {"modules_to_not_convert": "null or a list of strings"},
     "bitsandbytes": {},
+    "compressed-tensors": {"format": "null or a string", "ignore": "null or a list of strings"},
 }
 
 
@@ -82,7 +83,7 @@ def _field_ok(key: str, value) -> bool:
     if key == "weight_block_size":
         return isinstance(value, list) and len(value) == 2 and all(
             isinstance(v, int) and not isinstance(v, bool) and v > 0 for v in value)
-    if key == "modules_to_not_convert":
+    if key in ("modules_to_not_convert", "ignore"):
         return isinstance(value, list) and all(isinstance(v, str) for v in value)
     return isinstance(value, str)
 
@@ -112,7 +113,8 @@ def find_quantization(config: dict, stored: dict, role: str = "BASE") -> Quantiz
         detail = f" ({qc['format']})" if isinstance(qc.get("format"), str) else ""
         raise QuantizationError(
             f"{role} is quantized with {method or 'an unnamed method'!r}{detail}, which lora-merge cannot "
-            "dequantize or requantize (it reads fp8, mxfp4 and bitsandbytes checkpoints)", [], ORIGINAL)
+            "dequantize or requantize (it reads fp8, mxfp4, bitsandbytes and compressed-tensors FP8 checkpoints)",
+            [], ORIGINAL)
     tensors, problems = _GROUPS[method](stored, qc)
     if problems:
         raise QuantizationError(f"{role}'s {method} tensors are not stored as {method} stores them "
@@ -150,6 +152,71 @@ def _fp8(stored: dict, qc: dict):
     return tensors, problems
 
 
+# compressed-tensors: the one format read, and what each config group's weights must be for it
+CT_FORMAT = "float-quantized"
+CT_STRATEGIES = ("channel", "tensor", "block")
+
+
+def _compressed(stored: dict, qc: dict):
+    """compressed-tensors' ``float-quantized`` FP8: ``weight`` as float8_e4m3fn codes, ``weight_scale`` (its dtype)
+    per row (``channel``), per tensor or per ``block_structure`` block; value = code × scale. Any other format or
+    scheme (NVFP4 ``nvfp4-pack-quantized``, integer ``pack-quantized``, …) is refused by name."""
+    from .fp8 import fp8_tensor
+
+    if qc.get("format") not in (None, CT_FORMAT):
+        raise _refused_format(qc["format"])
+    groups = qc.get("config_groups")
+    if not isinstance(groups, dict) or not groups or not all(isinstance(g, dict) for g in groups.values()):
+        raise QuantizationError(f"BASE's config.json: quantization_config.config_groups must be a JSON object of "
+                                f"groups, found {groups!r}", [], "restore the config.json the model was published with")
+    blocks = set()
+    for name, group in groups.items():
+        form, weights = group.get("format") or qc.get("format"), group.get("weights")
+        if form != CT_FORMAT:
+            raise _refused_format(form, name)
+        fits = isinstance(weights, dict) and weights.get("type") == "float" and weights.get("num_bits") == 8 \
+            and weights.get("symmetric", True) is True and weights.get("strategy") in CT_STRATEGIES
+        if not fits:
+            raise QuantizationError(
+                f"BASE's compressed-tensors config group {name!r} quantizes weights as {weights!r}; lora-merge reads "
+                "symmetric 8-bit float weights with a channel, tensor or block strategy", [], ORIGINAL)
+        if weights["strategy"] == "block":
+            size = weights.get("block_structure")
+            if not (isinstance(size, list) and len(size) == 2 and all(isinstance(v, int) and v > 0 for v in size)):
+                raise QuantizationError(f"BASE's compressed-tensors config group {name!r}: block_structure must be "
+                                        f"two positive integers, found {size!r}", [],
+                                        "restore the config.json the model was published with")
+            blocks.add(tuple(size))
+    if len(blocks) > 1:
+        raise QuantizationError(f"BASE's compressed-tensors groups use blocks of several sizes ({sorted(blocks)}); "
+                                "lora-merge reads one", [], ORIGINAL)
+    block = list(next(iter(blocks))) if blocks else None
+    tensors, problems = {}, []
+    for name, info in stored.items():
+        if info.dtype != "F8_E4M3":
+            continue
+        scale_name = name + "_scale"
+        scale = stored.get(scale_name)
+        if scale is None or scale.dtype not in ("F32", "BF16", "F16"):
+            problems.append(f"{name}: no float32, bfloat16 or float16 scale {scale_name}" if scale is None else
+                            f"{scale_name}: scales of dtype {scale.dtype}, not float32, bfloat16 or float16")
+            continue
+        made = fp8_tensor(name, info, scale, block, False, "compressed-tensors")
+        if isinstance(made, str):
+            problems.append(made)
+        else:
+            tensors[name] = made
+    return tensors, problems
+
+
+def _refused_format(form, group: str | None = None) -> QuantizationError:
+    where = f", config group {group!r}" if group else ""
+    return QuantizationError(
+        f"BASE is quantized with 'compressed-tensors' ({form}{where}), which lora-merge cannot dequantize or "
+        f"requantize (of compressed-tensors it reads {CT_FORMAT!r}: FP8 weights with a scale per channel, tensor or "
+        "block)", [], ORIGINAL)
+
+
 def _mxfp4(stored: dict, qc: dict):
     from .mxfp4 import mxfp4_tensor
 
@@ -173,7 +240,7 @@ def _bnb(stored: dict, qc: dict):
     return bnb_tensors(stored)
 
 
-_GROUPS = {"fp8": _fp8, "mxfp4": _mxfp4, "bitsandbytes": _bnb}
+_GROUPS = {"fp8": _fp8, "mxfp4": _mxfp4, "bitsandbytes": _bnb, "compressed-tensors": _compressed}
 
 _FOUR_BIT_SUFFIX = re.compile(r"[-_.](?:unsloth[-_])?(?:bnb[-_])?(?:4bit|nf4|fp4|4-bit)(?:[-_]smashed)?$", re.IGNORECASE)
 

@@ -24,6 +24,7 @@ if TYPE_CHECKING:
 class Fp8Tensor(QuantizedTensor):
     block: tuple[int, int]  # rows × columns of the dense matrix that share a scale
     power_of_two: bool  # ue8m0 scales: powers of two (stored as float8_e8m0fnu or float32)
+    origin: str = "fp8"  # the quant_method: "fp8", or "compressed-tensors" (float-quantized, ``weight_scale``)
 
     dtype = "F8_E4M3"
     requantizable = True
@@ -34,7 +35,9 @@ class Fp8Tensor(QuantizedTensor):
         bm, bn = self.block
         kind = "one per tensor" if (bm, bn) == (rows, cols) else "one per row" if (bm, bn) == (1, cols) \
             else f"{bm}×{bn} blocks"
-        return f"FP8 e4m3, {'power-of-two' if self.power_of_two else 'float32'} scales {kind}"
+        scale = "power-of-two" if self.power_of_two else _SCALE_NAMES.get(self.parts[1].dtype, self.parts[1].dtype)
+        where = " (compressed-tensors)" if self.origin == "compressed-tensors" else ""
+        return f"FP8 e4m3{where}, {scale} scales {kind}"
 
     @property
     def stacked(self) -> bool:
@@ -107,8 +110,12 @@ class Fp8Tensor(QuantizedTensor):
 
         if self.power_of_two:
             scales = torch.ldexp(torch.ones_like(largest), smallest_power_of_two(largest, E4M3.largest))
-        else:
-            scales = (largest / E4M3.largest).to(torch.float32).to(torch.float64)
+        else:  # in float32, then in the scales' own dtype (compressed-tensors stores bfloat16 or float16 ones)
+            scales = (largest / E4M3.largest).to(torch.float32)
+            kind = _SCALE_TORCH.get(self.parts[1].dtype)
+            scales = (scales.to(getattr(torch, kind)) if kind else scales).to(torch.float64)
+        if self.origin == "compressed-tensors":  # an all-zero block: the scale dtype's epsilon, as its quantizer
+            return torch.where(scales > 0, scales, _EPSILON[self.parts[1].dtype])
         return torch.where(largest > 0, scales, 1.0)  # an all-zero block: any scale; 1, as transformers uses
 
     # ------------------------------------------------------------------------------------- geometry
@@ -147,7 +154,12 @@ class Fp8Tensor(QuantizedTensor):
         return x.reshape(*x.shape[:-1], sc, bn)
 
 
-def fp8_tensor(name: str, codes, scale, block_size, power_of_two: bool) -> Fp8Tensor | str:
+_SCALE_NAMES = {"F32": "float32", "BF16": "bfloat16", "F16": "float16", "F8_E8M0": "power-of-two"}
+_SCALE_TORCH = {"BF16": "bfloat16", "F16": "float16"}
+_EPSILON = {"F32": 2.0**-23, "BF16": 2.0**-7, "F16": 2.0**-10}
+
+
+def fp8_tensor(name: str, codes, scale, block_size, power_of_two: bool, origin: str = "fp8") -> Fp8Tensor | str:
     """The dense view of FP8 ``codes`` with ``scale`` (TensorInfos), or why they do not fit together."""
     shape = codes.shape
     if len(shape) not in (2, 3):
@@ -168,4 +180,4 @@ def fp8_tensor(name: str, codes, scale, block_size, power_of_two: bool) -> Fp8Te
     else:
         return (f"{name}: scales of shape {list(scale.shape)} do not tile a {rows}×{cols} weight "
                 f"(weight_block_size {block_size})")
-    return Fp8Tensor(name, tuple(shape), (codes, scale), block, power_of_two)
+    return Fp8Tensor(name, tuple(shape), (codes, scale), block, power_of_two, origin)

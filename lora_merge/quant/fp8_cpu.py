@@ -47,7 +47,7 @@ def fast(entry, device_type: str) -> bool:
     from .fp8 import Fp8Tensor
 
     q = entry.base
-    if device_type != "cpu" or not entry.requantized or not isinstance(q, Fp8Tensor):
+    if device_type != "cpu" or not entry.requantized or not isinstance(q, Fp8Tensor) or q.origin != "fp8":
         return False
     if q.stacked or len(q.parts[1].shape) != 2 or q.parts[1].dtype not in SCALE_DTYPES or q.parts[0].dtype != "F8_E4M3":
         return False
