@@ -46,8 +46,8 @@ def choose_tokenizer(base: Path, adapter: Path, tokenizer_from: str | None, resi
     own = [n for n in TOKENIZER_FILES if is_regular(adapter / n)]
     if tokenizer_from == "adapter" and not own:
         raise WrongInputError("--tokenizer-from adapter: the adapter's folder holds no tokenizer or chat template files",
-                         "save the tokenizer beside the adapter (tokenizer.save_pretrained), or leave the option out "
-                         "to keep BASE's")
+                              "save the tokenizer beside the adapter (tokenizer.save_pretrained), or leave the option "
+                              "out to keep BASE's")
     if tokenizer_from == "base" or not own:
         return TokenizerChoice(base)
     template = chat_template(adapter)
@@ -62,11 +62,11 @@ def choose_tokenizer(base: Path, adapter: Path, tokenizer_from: str | None, resi
         return TokenizerChoice(base)
     base_files = [n for n in TOKENIZER_FILES if is_regular(base / n)]
     if any(n in VOCABULARY_FILES for n in own):  # a tokenizer of its own: replaces BASE's as a set
-        taken, dropped = own, [n for n in base_files if n not in own]
+        taken, dropped, what = own, [n for n in base_files if n not in own], "tokenizer"
     else:  # a chat template alone (in a template file, or in a tokenizer_config.json): BASE's tokenizer otherwise
         taken = [n for n in own if n in TEMPLATE_FILES] or own
         dropped = [n for n in TEMPLATE_FILES if n in base_files and n not in taken]  # BASE's would take precedence
-    what = "tokenizer" if taken is own and any(n in VOCABULARY_FILES for n in own) else "chat template"
+        what = "chat template"
     return TokenizerChoice.make(adapter, taken, dropped, f"{what}: the adapter's ({why})")
 
 

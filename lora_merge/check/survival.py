@@ -27,7 +27,7 @@ def check_survival(plan: Plan, tensors: dict[str, TensorVerdict], min_kept: floa
     data = {"min_delta_kept": min_kept, **total.to_json(), "tensors": len(measured),
             "unchanged": unchanged, "kept_below_half": {n: round(measured[n].kept, 6) for n in low}}
     warnings = [f"{n}: the adapter changes it, but not one of its stored values changed: the change was rounded "
-                "away (keep more precision: --dtype float32, or a larger adapter scale)" for n in unchanged]
+                "away (a wider output dtype keeps it: --dtype float32)" for n in unchanged]
     failures = []
     if min_kept is not None:
         if total.kept is None:
