@@ -311,7 +311,7 @@ class TorchBlocks:
                 grid = (largest.new_zeros((rows, *largest.shape[1:])), changed.new_zeros((rows, *changed.shape[1:])))
             grid[0][first:last] = self.torch.maximum(grid[0][first:last], largest)
             grid[1][first:last] |= changed
-        return grid
+        return q.settle(grid)
 
     def _encode(self, entry: Entry, v, read: _Read, start: int, stop: int, prepared):
         from . import mathops
@@ -320,11 +320,11 @@ class TorchBlocks:
         if not mathops.all_finite(v):
             raise NonFiniteError(f"the merge gives NaN or Inf in {entry.name}, which {q.dtype} cannot store",
                                  "merge with --dtype to write a dequantized checkpoint, or repair the adapter")
-        if prepared is None:
-            prepared = q.prepare(v, self._decoded(entry, read, start, stop), start, stop)
+        if prepared is None:  # the whole tensor, or whole blocks of scale
+            prepared = q.settle(q.prepare(v, self._decoded(entry, read, start, stop), start, stop))
         else:
             first, last = q.part_rows(1, start, stop)
-            prepared = (prepared[0][first:last], prepared[1][first:last])
+            prepared = (prepared[0][first:last], prepared[1][first:last], *prepared[2:])
         return q.encode(v, self._on_device(read.stored), start, stop, prepared)
 
     def _decoded(self, entry: Entry, read: _Read, start: int, stop: int):

@@ -82,7 +82,7 @@ class Entry:
     def needs_prepass(self, step: int) -> bool:
         """Written in a quantized format whose scale blocks span more rows than a block of ``step``: each block's
         scale must be found over all of its rows first."""
-        return self.requantized and step % self.base.row_unit != 0 and step < self.shape[0]
+        return self.requantized and (step % self.base.row_unit != 0 or self.base.global_scale) and step < self.shape[0]
 
 
 @dataclass

@@ -135,3 +135,38 @@ def expect_error(r, *fragments, code=1):
     assert lines[0].startswith("error: ") and "Traceback" not in r.output, r.output
     for f in fragments:
         assert f in r.output, r.output
+
+
+# the command line in a child process whose progress bar waits a little at each tensor written: a merge of a small
+# model stays in flight long enough to be interrupted where a test means to, however fast the machine
+PACED = """
+import sys, time
+import lora_merge.progress
+
+
+class Paced:
+    def __init__(self, *args, **kwargs):
+        pass
+
+    def update(self, n=1):
+        time.sleep(PACE)
+
+    def close(self):
+        pass
+
+
+lora_merge.progress.byte_bar = lambda *args, **kwargs: Paced()
+from lora_merge.cli import main
+
+sys.argv = ["lora-merge", *sys.argv[1:]]
+main()
+"""
+
+
+def paced_cli(*args, pace: float = 0.02):
+    """``lora-merge ARGS`` in a child process (a Popen with text pipes), ``pace`` seconds added per tensor written."""
+    import subprocess
+    import sys
+
+    return subprocess.Popen([sys.executable, "-c", PACED.replace("PACE", repr(pace)), *map(str, args)],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)

@@ -15,7 +15,14 @@ from pathlib import Path
 
 import pytest
 import torch
-from helpers import build_adapter, build_model, expect_error, peft, transformers
+from helpers import (
+    build_adapter,
+    build_model,
+    expect_error,
+    paced_cli,
+    peft,
+    transformers,
+)
 from helpers import run_cli as run
 from make_model import make
 from safetensors.torch import load_file, save_file
@@ -179,8 +186,7 @@ def medium(tmp_path_factory):
 
 def test_a_killed_runs_temporary_output_is_cleared_by_the_next_run(medium, tmp_path):
     out = tmp_path / "out"
-    proc = subprocess.Popen([sys.executable, "-m", "lora_merge", str(medium / "base"), str(medium / "adapter"),
-                             str(out), "--block-mb", "1", "--device", "cpu", "-q"])
+    proc = paced_cli(medium / "base", medium / "adapter", out, "--block-mb", "1", "--device", "cpu", "-q")
     deadline = time.time() + 60
     while time.time() < deadline and not any(tmp_path.glob(".out.lora-merge-tmp-*/*.safetensors")):
         time.sleep(0.01)

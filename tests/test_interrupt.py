@@ -4,11 +4,10 @@ from __future__ import annotations
 
 import os
 import signal
-import subprocess
-import sys
 import time
 
 import pytest
+from helpers import paced_cli
 from make_model import make
 
 SHAPE = dict(hidden=512, inter=1536, layers=6, heads=8, kv=4, head_dim=64, vocab=8000)
@@ -24,11 +23,7 @@ def medium(tmp_path_factory):
 @pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM])
 def test_signal_mid_write_leaves_nothing(medium, tmp_path, sig):
     out = tmp_path / "out"
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "lora_merge", str(medium / "base"), str(medium / "adapter"), str(out),
-         "--block-mb", "1", "--device", "cpu"],
-        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-    )
+    proc = paced_cli(medium / "base", medium / "adapter", out, "--block-mb", "1", "--device", "cpu")
     deadline = time.time() + 60
     while time.time() < deadline and not any(tmp_path.glob(".out.lora-merge-tmp-*/*.safetensors")):
         time.sleep(0.01)

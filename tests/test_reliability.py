@@ -18,7 +18,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from helpers import build_adapter, expect_error
+from helpers import build_adapter, expect_error, paced_cli
 from helpers import run_cli as run
 from make_model import make
 from safetensors.torch import load_file, save_file
@@ -318,11 +318,7 @@ def interrupted(tmp_path_factory):
     root = tmp_path_factory.mktemp("resume")
     make(SHAPE, root, rank=8, shards=3)
     out = root / "out"
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "lora_merge", str(root / "base"), str(root / "adapter"), str(out), "--resume",
-         "--block-mb", "1", "--device", "cpu"],
-        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-    )
+    proc = paced_cli(root / "base", root / "adapter", out, "--resume", "--block-mb", "1", "--device", "cpu")
     journal = root / ".out.lora-merge-partial" / ".lora-merge-resume.json"
     deadline = time.time() + 60
     while time.time() < deadline and proc.poll() is None:

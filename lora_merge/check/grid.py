@@ -42,14 +42,18 @@ class GridCheck:
         self.blocks = self.exact_blocks = self.bad_scales = 0
         self.first_bad_scale = None
         self.pending = None  # a row of scale blocks begun in an earlier block: (index, largest, differs, scales)
+        self.stored, self.largest = None, 0.0  # the last stored parts seen; the largest exact |value| so far
         self.survival = Survival()
 
     def block(self, start: int, stop: int, stored) -> None:
         """Check dense rows [start, stop) from their stored parts (any device)."""
         q = self.q
         stored = tuple(t.to(self.device) for t in stored)
+        self.stored = stored
         rows = expected_rows(self.e, self.factors, start, stop, self.buffers)
         exact = rows.value
+        if exact.numel():
+            self.largest = max(self.largest, float(exact.abs().max()))
         got = q.decode(stored, start, stop)
         self.finite = self.finite and bool(torch.isfinite(got).all())
         error = (got - exact).abs_()
@@ -97,7 +101,7 @@ class GridCheck:
         q = self.q
         right = torch.zeros_like(differs)
         for nudge in (0.0, -NOISE, NOISE):  # a largest |value| on a rounding boundary of the scale
-            fresh = q.fresh_scales(largest * (1 + nudge))
+            fresh = q.fresh_scales(largest * (1 + nudge), self.stored)
             right |= (scales - fresh).abs() <= fresh * SCALE_TOLERANCE
         wrong = differs & ~right
         self.blocks += differs.numel()
@@ -110,12 +114,17 @@ class GridCheck:
                 index = [int(x) for x in torch.unravel_index(torch.tensor(i), wrong.shape)]
                 index[0] += first_row
                 self.first_bad_scale = {"block": index, "scale": float(scales.reshape(-1)[i]),
-                                        "expected": float(q.fresh_scales(largest.reshape(-1)[i:i + 1])[0])}
+                                        "expected": float(q.fresh_scales(largest.reshape(-1)[i:i + 1], self.stored)[0])}
 
     def result(self) -> TensorVerdict:
         if self.pending is not None:  # the tensor's last rows were never given: judge what was seen
             _, largest, differs, scales = self.pending
             self._judge(largest[None], differs[None], scales[None], self.pending[0])
+        wrong = self.q.check_global(self.stored, self.largest) if self.stored is not None else None
+        if wrong is not None:  # a tensor-wide scale that is neither BASE's nor the format's for the merge
+            self.bad_scales += 1
+            self.first_bad_scale = self.first_bad_scale or {"block": "the tensor's", "scale": wrong[0],
+                                                            "expected": wrong[1]}
             self.pending = None
         return TensorVerdict(
             check="requantized", format=self.q.description, finite=self.finite, failed_elements=self.failed,

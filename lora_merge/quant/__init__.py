@@ -152,26 +152,38 @@ def _fp8(stored: dict, qc: dict):
     return tensors, problems
 
 
-# compressed-tensors: the one format read, and what each config group's weights must be for it
+# compressed-tensors: the formats read, and what each config group's weights must be for them
 CT_FORMAT = "float-quantized"
+CT_NVFP4 = "nvfp4-pack-quantized"
 CT_STRATEGIES = ("channel", "tensor", "block")
 
 
 def _compressed(stored: dict, qc: dict):
     """compressed-tensors' ``float-quantized`` FP8: ``weight`` as float8_e4m3fn codes, ``weight_scale`` (its dtype)
-    per row (``channel``), per tensor or per ``block_structure`` block; value = code × scale. Any other format or
-    scheme (NVFP4 ``nvfp4-pack-quantized``, integer ``pack-quantized``, …) is refused by name."""
+    per row (``channel``), per tensor or per ``block_structure`` block; value = code × scale. And its NVFP4,
+    ``nvfp4-pack-quantized`` (``quant.nvfp4``). Any other format or scheme (the integer ``pack-quantized``, …) is
+    refused by name."""
     from .fp8 import fp8_tensor
+    from .nvfp4 import nvfp4_tensor
 
-    if qc.get("format") not in (None, CT_FORMAT):
+    if qc.get("format") not in (None, CT_FORMAT, CT_NVFP4):
         raise _refused_format(qc["format"])
     groups = qc.get("config_groups")
     if not isinstance(groups, dict) or not groups or not all(isinstance(g, dict) for g in groups.values()):
         raise QuantizationError(f"BASE's config.json: quantization_config.config_groups must be a JSON object of "
                                 f"groups, found {groups!r}", [], "restore the config.json the model was published with")
-    blocks = set()
+    blocks, nvfp4 = set(), False
     for name, group in groups.items():
         form, weights = group.get("format") or qc.get("format"), group.get("weights")
+        if form == CT_NVFP4:
+            fits = isinstance(weights, dict) and weights.get("type") == "float" and weights.get("num_bits") == 4 \
+                and weights.get("group_size") == 16 and weights.get("strategy") == "tensor_group"
+            if not fits:
+                raise QuantizationError(
+                    f"BASE's compressed-tensors config group {name!r} is {CT_NVFP4} with weights {weights!r}; "
+                    "lora-merge reads NVFP4 as 4-bit float weights in groups of 16 (tensor_group)", [], ORIGINAL)
+            nvfp4 = True
+            continue
         if form != CT_FORMAT:
             raise _refused_format(form, name)
         fits = isinstance(weights, dict) and weights.get("type") == "float" and weights.get("num_bits") == 8 \
@@ -193,7 +205,17 @@ def _compressed(stored: dict, qc: dict):
     block = list(next(iter(blocks))) if blocks else None
     tensors, problems = {}, []
     for name, info in stored.items():
-        if info.dtype != "F8_E4M3":
+        if nvfp4 and name.endswith(".weight_packed"):
+            dense = name[: -len("_packed")]
+            parts = [stored.get(dense + suffix) for suffix in ("_scale", "_global_scale")]
+            made = nvfp4_tensor(dense, info, *parts) if None not in parts else \
+                f"{name}: no {dense}_scale and {dense}_global_scale beside it"
+            if isinstance(made, str):
+                problems.append(made)
+            else:
+                tensors[dense] = made
+            continue
+        if info.dtype != "F8_E4M3" or (nvfp4 and name.endswith("_scale")):
             continue
         scale_name = name + "_scale"
         scale = stored.get(scale_name)
@@ -213,8 +235,8 @@ def _refused_format(form, group: str | None = None) -> QuantizationError:
     where = f", config group {group!r}" if group else ""
     return QuantizationError(
         f"BASE is quantized with 'compressed-tensors' ({form}{where}), which lora-merge cannot dequantize or "
-        f"requantize (of compressed-tensors it reads {CT_FORMAT!r}: FP8 weights with a scale per channel, tensor or "
-        "block)", [], ORIGINAL)
+        f"requantize (of compressed-tensors it reads {CT_FORMAT!r}, FP8 weights with a scale per channel, tensor or "
+        f"block, and {CT_NVFP4!r})", [], ORIGINAL)
 
 
 def _mxfp4(stored: dict, qc: dict):

@@ -31,6 +31,7 @@ class QuantizedTensor:
 
     dtype = "quantized"  # the format's name (F8_E4M3, MXFP4, NF4, ...): what the report calls it
     requantizable = False
+    global_scale = False  # a scale over the whole tensor that a merge may have to change: a first pass finds out
     row_unit = 1  # rows of the dense tensor that share scales: the blocks a merge encodes are multiples of it
 
     @property
@@ -77,6 +78,16 @@ class QuantizedTensor:
         spans more rows than one call sees takes the maximum and the or of every call's findings."""
         return self.block_max(values.abs(), start, stop), self.block_any(values != decoded, start, stop)
 
+    def settle(self, prepared: tuple) -> tuple:
+        """``prepared`` over the whole tensor (every block's largest |value| and whether it changed), with what the
+        format decides from all of it (a tensor-wide scale); as it is for formats without one."""
+        return prepared
+
+    def check_global(self, stored: tuple, largest: float) -> tuple[float, float] | None:
+        """Whether a tensor-wide scale in ``stored`` is BASE's or the format's for merged values whose largest
+        |value| is ``largest``: None when it is (or the format has none), else (the scale found, the expected one)."""
+        return None
+
     # --- what the check needs: the format's grid, scales and blocks
 
     def spacing(self, stored: tuple[torch.Tensor, ...], exact: torch.Tensor, start: int, stop: int) -> torch.Tensor:
@@ -97,8 +108,9 @@ class QuantizedTensor:
         """The scale of each block (float64), as stored for the rows."""
         raise NotImplementedError
 
-    def fresh_scales(self, largest: torch.Tensor) -> torch.Tensor:
-        """The scale the format defines for blocks whose largest |value| is ``largest`` (float64)."""
+    def fresh_scales(self, largest: torch.Tensor, stored: tuple | None = None) -> torch.Tensor:
+        """The scale the format defines for blocks whose largest |value| is ``largest`` (float64); ``stored``: the
+        parts written, for a format whose block scales depend on a tensor-wide one."""
         raise NotImplementedError
 
 

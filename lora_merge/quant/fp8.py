@@ -105,7 +105,7 @@ class Fp8Tensor(QuantizedTensor):
             values = scales.to(torch.float64)
         return values.reshape(self._grid_rows(values))
 
-    def fresh_scales(self, largest) -> torch.Tensor:
+    def fresh_scales(self, largest, stored=None) -> torch.Tensor:
         import torch
 
         if self.power_of_two:

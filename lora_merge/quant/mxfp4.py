@@ -66,7 +66,7 @@ class Mxfp4Tensor(QuantizedTensor):
     def stored_scales(self, stored) -> torch.Tensor:
         return self._scale_values(stored[1])
 
-    def fresh_scales(self, largest) -> torch.Tensor:
+    def fresh_scales(self, largest, stored=None) -> torch.Tensor:
         import torch
 
         exponent = smallest_power_of_two(largest, E2M1.largest).clamp_(-BIAS, BIAS)
