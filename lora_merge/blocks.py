@@ -329,7 +329,7 @@ class TorchBlocks:
 
     def _decoded(self, entry: Entry, read: _Read, start: int, stop: int):
         """BASE's values of the rows, where the merge computes: as read (on the CPU), or decoded there again."""
-        if not self.cuda and entry.ops.replace is None:
+        if not self.cuda and (entry.ops is None or entry.ops.replace is None):
             return read.values
         return entry.base.decode(self._on_device(read.stored), start, stop)
 

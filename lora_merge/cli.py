@@ -253,7 +253,7 @@ def merge_options(f):
     f = add_options(MergeOptions, ("tokenizer_from", "block_bytes"))(f)
     f = click.option("--dry-run", is_flag=True, help="Print the plan (targets, counts, bytes, peak memory) and "
                      "write nothing.")(f)
-    f = add_options(MergeOptions, ("dtype", "device", "overwrite"))(f)
+    f = add_options(MergeOptions, ("dtype", "quantize", "device", "overwrite"))(f)
     return adapter_options(f)
 
 
@@ -290,6 +290,8 @@ def merge_command(paths, adapters, dry_run, as_json, quiet, verbose, token, **gi
     push = push if push.repo_id else None
     base, adapter, out = merge_inputs(paths, adapters)
     options = make_options(given, push=push)
+    if options.quantize and options.dtype:
+        raise click.UsageError("--quantize and --dtype both say what OUT's weights are: give one")
     if options.resume:
         click.get_current_context().meta["resumable_out"] = Path(os.path.abspath(Path(out).expanduser()))
     if quiet:

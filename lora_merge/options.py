@@ -81,6 +81,10 @@ class MergeOptions:
                            metavar="auto|cpu|cuda|cuda:N|mps", show_default=True)
     overwrite: bool = cli_flag("--overwrite", "Replace OUT if it exists (only once the new output is complete and "
                                "has passed its checks).", False, is_flag=True)
+    quantize: str | None = cli_flag(
+        "--quantize", "Write BASE's float Linear weights in this format, each merged element rounded once: fp8 "
+        "(e4m3 with a float32 scale per 128×128 block, as DeepSeek-V3 and Qwen3-FP8 releases store them).",
+        type=click.Choice(["fp8"]))
     tokenizer_from: str | None = cli_flag(
         "--tokenizer-from", "Where the tokenizer files come from. Default: the base, or the adapter when it resized "
         "the vocabulary and carries a tokenizer.", type=click.Choice(["base", "adapter"]))

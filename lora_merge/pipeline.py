@@ -151,7 +151,7 @@ def _prepare(base: str, adapter: Adapters, options: MergeOptions, token: str | N
         if mismatch:
             log.warning(mismatch)
             loaded.notes.append(mismatch)
-    plan = make_plan(base_model, loaded, dtype=options.dtype)
+    plan = make_plan(base_model, loaded, dtype=options.dtype, quantize=options.quantize)
     if options.max_shard_bytes is not None:
         from .sharding import resharded
 
@@ -406,7 +406,7 @@ def unmerge(merged: str, adapter: Adapters, out: str | Path, options: MergeOptio
     from .unmerge import add_round_trip, refuse_irreversible
 
     options = MergeOptions.make(options, **settings)
-    if options.dtype or options.resume or options.allow_nonfinite or options.push:
+    if options.dtype or options.quantize or options.resume or options.allow_nonfinite or options.push:
         raise ValueError("unmerge writes MERGED's dtypes, all at once, with finite values only, and pushes nothing")
     specs = [(spec, -weight) for spec, weight in adapter_list(adapter)]
     merged_model, loaded = _load_inputs(merged, specs, token, options.adapter_options, role="MERGED",
@@ -458,7 +458,10 @@ def verify(out: str | Path, base: str, adapter: Adapters, options: MergeOptions 
     out_src = resolve_source(str(out), "OUT")
     out_model = load_out(out_src.path)
     base_model, loaded = _load_inputs(base, adapter_list(adapter), token, options.adapter_options)
-    plan = make_plan(base_model, loaded, dtype=_output_dtype(base_model, out_model))
+    quantize = "fp8" if base_model.quantization is None and out_model.quantization is not None \
+        and out_model.quantization.method == "fp8" else None  # written with --quantize fp8
+    plan = make_plan(base_model, loaded, dtype=None if quantize else _output_dtype(base_model, out_model),
+                     quantize=quantize)
     dev = resolve_device(options.device)
     log.info("checking on %s", dev)
     return _with_bar(progress, plan.total_bytes, "verifying",

@@ -13,6 +13,7 @@ from .adapter import Adapter, AddScaled, LowRank, TargetOps
 from .dtypes import DTYPES, FLOAT_DTYPES, OUTPUT_DTYPES
 from .errors import PlanError, QuantizationError
 from .quant import QuantizedTensor, sixteen_bit_original
+from .quantize import quantizable, quantization_config, quantized
 from .safetensors_file import TensorInfo
 from .sources import INDEX_NAME, BaseModel
 
@@ -55,7 +56,8 @@ class Entry:
 
     @property
     def is_copy(self) -> bool:
-        return self.ops is None and self.base is not None and self.base.dtype == self.dtype
+        return (self.ops is None and self.base is not None and self.base.dtype == self.dtype
+                and getattr(self.base, "stored_as_is", True))
 
     @property
     def is_merge(self) -> bool:
@@ -189,12 +191,18 @@ def _fit_target(op: TargetOps, w_shape: tuple[int, ...], info, conv1d: bool) -> 
     return replace(op, deltas=deltas, dora_transposed=dora_transposed), problems
 
 
-def make_plan(base: BaseModel, adapter: Adapter, dtype: str | None = None) -> Plan:
-    """Match the adapter against the base and lay out the output, or raise PlanError with every problem."""
+def make_plan(base: BaseModel, adapter: Adapter, dtype: str | None = None, quantize: str | None = None) -> Plan:
+    """Match the adapter against the base and lay out the output, or raise PlanError with every problem;
+    ``quantize``: the format OUT stores BASE's float Linear weights in (``quantize.py``)."""
     out_dtype = OUTPUT_DTYPES[dtype] if dtype else None
     tensors = base.tensors
     conv1d = str(base.config.get("model_type", "")) in CONV1D_MODEL_TYPES
     quant = base.quantization
+    if quantize and (quant is not None or dtype):
+        raise QuantizationError(
+            f"--quantize {quantize} writes a float BASE quantized; BASE is {quant.description}" if quant else
+            f"--quantize {quantize} and --dtype {dtype} both say what OUT's weights are", [],
+            "merge a quantized BASE keeping its format (or with --dtype); give one of --quantize and --dtype")
     keep = quant is not None and out_dtype is None  # merged tensors written back in BASE's quantized format
     if keep and not quant.requantizable:
         raise QuantizationError(
@@ -290,6 +298,13 @@ def make_plan(base: BaseModel, adapter: Adapter, dtype: str | None = None) -> Pl
                         order += [p.name for p in group.parts[1:] if p.path != codes.path]
                 continue
             dt = final_dtype(info.dtype)
+            if quantize and quantizable(name, info):  # FP8 codes and their scales, where BASE has the tensor
+                op = resolved[name][0] if name in resolved else None
+                q = quantized(name, info)
+                entries.append(Entry(name, q.dtype, info.shape, q, op, note=op.kind if op else "quantize"))
+                order += [p.name for p in q.parts]
+                tensor_shard[name] = header.path.name
+                continue
             if name in resolved:
                 op, _ = resolved[name]
                 shape = tuple(op.replace.shape) if op.replace is not None else info.shape
@@ -314,6 +329,9 @@ def make_plan(base: BaseModel, adapter: Adapter, dtype: str | None = None) -> Pl
     config, changes = _new_config(base.config, shards, out_dtype, untie, tie_source)
     if quant is not None and out_dtype is not None:
         _drop_quantization(config, changes, quant.method)
+    if quantize:
+        config["quantization_config"] = quantization_config(tensors)
+        changes.append(f"quantization_config: added ({quantize}, e4m3 with 128×128 block scales)")
     plan = Plan(base, adapter, shards, config, changes, notes, sharded=len(base.shards) > 1 or base.index_metadata != {},
                 index_name=base.index_name)
     _check_vocab(plan, tie_source)

@@ -164,9 +164,13 @@ main()
 
 
 def paced_cli(*args, pace: float = 0.02):
-    """``lora-merge ARGS`` in a child process (a Popen with text pipes), ``pace`` seconds added per tensor written."""
+    """``lora-merge ARGS`` in a child process (a Popen with text pipes), ``pace`` seconds added per tensor written.
+    The child takes Ctrl-C as a terminal would give it, even where the suite runs as a background job (whose
+    children start with SIGINT ignored, and Python then never raises KeyboardInterrupt)."""
+    import signal
     import subprocess
     import sys
 
     return subprocess.Popen([sys.executable, "-c", PACED.replace("PACE", repr(pace)), *map(str, args)],
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))

@@ -185,7 +185,7 @@ def _general_rows(e: Entry, ops: TargetOps, f: Factors, raw, start: int, stop: i
         flat_factor = factor.reshape(-1)
         plain = products
         products = lambda flat: (magnitude[flat] + plain(flat)) * flat_factor[flat].abs()  # noqa: E731
-    if ops.row_indices is not None:
+    if ops is not None and ops.row_indices is not None:
         rows = f.get(ops.rows)
         replaced = torch.zeros(value.shape[0], dtype=torch.bool, device=value.device)
         for j, idx in enumerate(ops.row_indices):
@@ -198,7 +198,7 @@ def _general_rows(e: Entry, ops: TargetOps, f: Factors, raw, start: int, stop: i
         unreplaced = products
         products = lambda flat: torch.where(replaced[flat // width], 0.0, unreplaced(flat))  # noqa: E731
     delta_at = (lambda flat: delta.reshape(-1)[flat]) if delta is not None else None
-    return Rows(value, rank, products, delta_at, None if ops.replace is not None else w)
+    return Rows(value, rank, products, delta_at, None if ops is not None and ops.replace is not None else w)
 
 
 def _dora_factor(ops: TargetOps, f: Factors, value, start: int, stop: int, column_norm):

@@ -37,7 +37,11 @@ def check_structure(plan: Plan, out_model) -> tuple[Check, dict]:
                     "cause": "vocabulary resized by the adapter",
                 }
             )
-        if e.dtype != e.base.dtype:
+        source = getattr(e.base, "source", None)
+        if source is not None:  # --quantize
+            differences.append({"tensor": e.name, "what": f"dtype {source.dtype} -> {e.dtype} with a weight_scale_inv",
+                                "cause": e.base.description})
+        elif e.dtype != e.base.dtype:
             dequantized = isinstance(e.base, QuantizedTensor)
             differences.append(
                 {"tensor": e.name, "what": f"dtype {e.base.dtype} -> {e.dtype}",

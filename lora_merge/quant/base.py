@@ -31,6 +31,7 @@ class QuantizedTensor:
 
     dtype = "quantized"  # the format's name (F8_E4M3, MXFP4, NF4, ...): what the report calls it
     requantizable = False
+    stored_as_is = True  # BASE stores it so: untouched, it is copied as bytes
     global_scale = False  # a scale over the whole tensor that a merge may have to change: a first pass finds out
     row_unit = 1  # rows of the dense tensor that share scales: the blocks a merge encodes are multiples of it
 

@@ -181,3 +181,50 @@ def fp8_tensor(name: str, codes, scale, block_size, power_of_two: bool, origin: 
         return (f"{name}: scales of shape {list(scale.shape)} do not tile a {rows}×{cols} weight "
                 f"(weight_block_size {block_size})")
     return Fp8Tensor(name, tuple(shape), (codes, scale), block, power_of_two, origin)
+
+
+@dataclass(frozen=True)
+class Fp8Quantized(Fp8Tensor):
+    """A float tensor of BASE written as FP8 (``--quantize fp8``): BASE's ``source`` tensor is decoded as it is
+    stored, and OUT gets e4m3 codes with a float32 ``weight_scale_inv`` per block, every block freshly scaled.
+    ``parts`` are OUT's tensors as planned (no bytes of BASE's until OUT has them: ``start`` -1)."""
+
+    source: object = None  # BASE's TensorInfo
+
+    @property
+    def description(self) -> str:
+        bm, bn = self.block
+        return f"FP8 e4m3, float32 scales {bm}×{bn} blocks (--quantize fp8 from {self.source.dtype})"
+
+    stored_as_is = False  # never BASE's bytes: quantized even where the adapter changes nothing
+
+    def rows(self, start: int, stop: int):
+        import torch
+
+        from .base import read_rows
+
+        return read_rows(self.source, start, stop).to(torch.float64)
+
+    def read(self, start: int, stop: int):
+        if self.parts[0].start >= 0:  # OUT's parts, read back
+            return super().read(start, stop)
+        from .base import read_rows
+
+        return (read_rows(self.source, start, stop),)
+
+    def decode(self, stored, start: int, stop: int):
+        import torch
+
+        return stored[0].to(torch.float64) if len(stored) == 1 else super().decode(stored, start, stop)
+
+    def prepare(self, values, decoded, start: int, stop: int):
+        largest = self.block_max(values.abs(), start, stop)
+        return largest, largest >= 0  # every block: none is stored in this format yet
+
+    def encode(self, values, original, start: int, stop: int, prepared):
+        import torch
+
+        largest = prepared[0]
+        chosen = self.fresh_scales(largest)
+        codes = E4M3.nearest(self._spread(values, chosen, start, stop, torch.div)).to(torch.float8_e4m3fn)
+        return codes.contiguous(), chosen.to(torch.float32).contiguous()
