@@ -97,3 +97,29 @@ def test_quantize_is_for_a_float_base_and_alone(qwen3, tmp_path):
     r = run_cli("merge", fp8_base, qwen3 / "adapter", tmp_path / "out", "--quantize", "fp8", "--device", "cpu")
     expect_error(r, "--quantize fp8 writes a float BASE quantized")
     assert not (tmp_path / "out").exists()
+
+
+def test_quantize_fp8_of_experts_stored_one_per_expert(tmp_path):
+    from architectures import tiny_config
+
+    config = tiny_config("qwen3_moe")
+    for key, value in dict(hidden_size=128, moe_intermediate_size=128, intermediate_size=256, head_dim=64,
+                           num_attention_heads=2, num_key_value_heads=2).items():
+        setattr(config, key, value)
+    torch.manual_seed(0)
+    transformers.AutoModelForCausalLM.from_config(config).to(torch.bfloat16).save_pretrained(tmp_path / "base")
+    model = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "base", dtype=torch.float32)
+    torch.manual_seed(1)
+    lora = peft.LoraConfig(r=2, lora_alpha=4, target_modules="all-linear", init_lora_weights=False)
+    peft.get_peft_model(model, lora).save_pretrained(tmp_path / "adapter")
+    result = merge(tmp_path / "base", tmp_path / "adapter", tmp_path / "out", device="cpu", quantize="fp8")
+    assert result.report.ok and result.report.tensors["model.layers.0.mlp.experts.1.up_proj.weight"].correctly_rounded
+    out = load_tensors(tmp_path / "out")
+    assert out["model.layers.0.mlp.experts.1.up_proj.weight"].dtype == torch.float8_e4m3fn
+    assert out["model.layers.0.mlp.gate.weight"].dtype == torch.bfloat16  # the router stays
+    qc = json.loads((tmp_path / "out" / "config.json").read_text())["quantization_config"]
+    assert "model.layers.0.mlp.gate" in qc["modules_to_not_convert"]
+    assert verify(tmp_path / "out", tmp_path / "base", tmp_path / "adapter", device="cpu").ok
+    loaded = transformers.AutoModelForCausalLM.from_pretrained(
+        tmp_path / "out", dtype=torch.float32, quantization_config=transformers.FineGrainedFP8Config(dequantize=True))
+    assert torch.isfinite(loaded(torch.tensor([[1, 5, 9]])).logits).all()
