@@ -130,6 +130,40 @@ def test_fp8_every_path_writes_the_same_bytes(qwen3, tmp_path, monkeypatch, kind
             assert f.read_bytes() == (tmp_path / other / f.name).read_bytes(), (other, f.name)
 
 
+def test_fp8_kept_says_what_bfloat16_would_keep(qwen3, tmp_path, monkeypatch):
+    """Beside what the FP8 output keeps of the change, what --dtype bfloat16 would: the C and numpy passes and the
+    torch check agree, and so does the figure computed here from peft's float64 merge."""
+    import os
+    import subprocess
+    import sys
+
+    from lora_merge import writer
+
+    base = to_fp8(qwen3 / "bf16", tmp_path / "fp8")
+    code = "import sys; from lora_merge import merge; merge(sys.argv[1], sys.argv[2], sys.argv[3], device='cpu')"
+    env = {k: v for k, v in os.environ.items() if k != "LORA_MERGE_PLAIN"}
+    for name, extra in (("c", {}), ("numpy", {"LORA_MERGE_PLAIN": "1"})):
+        r = subprocess.run([sys.executable, "-c", code, str(base), str(qwen3 / "adapter"), str(tmp_path / name)],
+                           capture_output=True, text=True, env={**env, **extra})
+        assert r.returncode == 0, r.stderr
+    monkeypatch.setattr(writer, "fp8_fast", lambda entry, device: False)
+    assert merge(base, qwen3 / "adapter", tmp_path / "torch", device="cpu").report.ok
+    reports = {n: json.loads((tmp_path / n / "merge_report.json").read_text()) for n in ("c", "numpy", "torch")}
+    expected, stored = oracle(base, qwen3 / "adapter", tmp_path), load_tensors(base)
+    merged = [n for n, t in reports["c"]["tensors"].items() if t.get("delta_survival_bfloat16")]
+    assert merged
+    for name in merged:
+        w = fp8_dense(stored[name], stored[name + "_scale_inv"], (32, 32))
+        d, b = expected[name] - w, expected[name].float().to(torch.bfloat16).double() - w
+        kept = float((b * d).sum() / (d * d).sum())
+        for who, report in reports.items():
+            got = report["tensors"][name]["delta_survival_bfloat16"]
+            assert got["kept"] == pytest.approx(kept, rel=1e-3), (who, name)
+    overall = reports["c"]["delta_survival"]["if_bfloat16"]
+    assert overall["kept"] == pytest.approx(reports["torch"]["delta_survival"]["if_bfloat16"]["kept"], rel=1e-3)
+    assert "written with --dtype bfloat16 it would keep" in reports["c"]["checks"]["delta"]["summary"]
+
+
 def test_fp8_layer_saved_whole_by_the_adapter(qwen3, tmp_path):
     """modules_to_save on an FP8 layer: its new values, not BASE's, decide which blocks change."""
     build_adapter(qwen3 / "bf16", tmp_path / "adapter", r=4, target_modules=["q_proj"], modules_to_save=["o_proj"])

@@ -17,7 +17,7 @@ from ..buffers import HostBuffers
 from ..dense import OPEN_SHARE
 from ..quant.fp8_cpu import E4M3, fresh_scale, fresh_scales, read_parts, scale_rows
 from .dense import COMPUTE_UNIT, own_terms
-from .verdict import HALF, NOISE, SCALE_TOLERANCE, RequantizedTally, largest
+from .verdict import HALF, NOISE, SCALE_TOLERANCE, SUMS, RequantizedTally, largest
 
 
 class Fp8Check(RequantizedTally):
@@ -43,7 +43,7 @@ class Fp8Check(RequantizedTally):
         self.c_terms = (self.rank + 6) * COMPUTE_UNIT * (1 + (self.rank + 2) * COMPUTE_UNIT)
         self.slack = (self.rank + 1) * 2.0**-126
         super().__init__(self.q.description)
-        self.sums = np.zeros(5)
+        self.sums = np.zeros(SUMS)
 
     def block(self, start: int, stop: int, stored) -> None:
         """Check dense rows [start, stop) (whole bands, or the tensor's last rows) from their stored codes and rows of
@@ -61,13 +61,13 @@ class Fp8Check(RequantizedTally):
     def _band(self, first: int, last: int, base_codes, base_scales, codes, scales) -> None:
         rows, n = last - first, (last - first) * self.cols
         nscale = len(scales)
-        blocks, sums = np.zeros((nscale, 3)), np.zeros(5)
+        blocks, sums = np.zeros((nscale, 3)), np.zeros(SUMS)
         bound = (self.rank, self.c_terms, self.slack, self.c, rows, self.cols, self.bn)
         idx = self.buffers("flagged", (n // OPEN_SHARE + 1,), np.int64)
         args = (base_codes, base_scales, codes, scales, self.left[first:last], self.right, *bound)
         count = kernels.FP8.fp8_check(*args, idx, sums, blocks)
         if count > len(idx):
-            idx, sums, blocks = self.buffers("flagged", (count,), np.int64), np.zeros(5), np.zeros((nscale, 3))
+            idx, sums, blocks = self.buffers("flagged", (count,), np.int64), np.zeros(SUMS), np.zeros((nscale, 3))
             count = kernels.FP8.fp8_check(*args, idx, sums, blocks)
         self.sums += sums
         self.elements += n

@@ -11,6 +11,7 @@ change keep BASE's bytes) need no particular scale. Errors are reported in steps
 from __future__ import annotations
 
 import math
+from dataclasses import replace
 
 import torch
 
@@ -43,7 +44,7 @@ class GridCheck:
         self.first_bad_scale = None
         self.pending = None  # a row of scale blocks begun in an earlier block: (index, largest, differs, scales)
         self.stored, self.largest = None, 0.0  # the last stored parts seen; the largest exact |value| so far
-        self.survival = Survival()
+        self.survival = self.survival_bf16 = Survival()
 
     def block(self, start: int, stop: int, stored) -> None:
         """Check dense rows [start, stop) from their stored parts (any device)."""
@@ -79,8 +80,13 @@ class GridCheck:
                               "expected": float(exact.reshape(-1)[i]), "bound": float(bound.reshape(-1)[i])}
         self._scales(start, stop, q.block_max(size, start, stop), q.block_any(got != exact, start, stop),
                      q.stored_scales(stored))
-        if rows.base is not None:  # how much of the change the format kept
-            self.survival += change_survival(rows.base.to(exact.device), exact, got)
+        if rows.base is not None:  # how much of the change the format kept, and --dtype bfloat16 would keep
+            w = rows.base.to(exact.device)
+            self.survival += change_survival(w, exact, got)
+            b = exact.to(torch.float32).to(torch.bfloat16)
+            alternative = change_survival(w, exact, b.to(torch.float64))
+            changed = int(torch.count_nonzero(b != w.to(torch.float32).to(torch.bfloat16)))
+            self.survival_bf16 += replace(alternative, changed=changed)
 
     def _scales(self, start: int, stop: int, largest, differs, scales) -> None:
         """Each row of scale blocks once all of its dense rows have been seen."""
@@ -131,7 +137,8 @@ class GridCheck:
             max_error_ulp=self.worst, max_error_of_bound=self.worst_of_bound,  # in steps of the format
             correctly_rounded=self.worst <= HALF + 1e-6, first_failure=self.first, scale_blocks=self.blocks,
             scale_blocks_exact=self.exact_blocks, scale_failures=self.bad_scales,
-            first_scale_failure=self.first_bad_scale, survival=self.survival if self.survival.elements else None)
+            first_scale_failure=self.first_bad_scale, survival=self.survival if self.survival.elements else None,
+            survival_bf16=self.survival_bf16 if self.survival_bf16.elements else None)
 
 
 def _largest(ratio) -> float:

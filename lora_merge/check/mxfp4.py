@@ -17,7 +17,7 @@ from ..dense import OPEN_SHARE
 from ..quant.mxfp4 import GROUP
 from ..quant.mxfp4_cpu import E2M1, ExpertFactors, fresh_exponent, read_rows
 from .dense import COMPUTE_UNIT
-from .verdict import HALF, NOISE, RequantizedTally, largest
+from .verdict import HALF, NOISE, SUMS, RequantizedTally, largest
 
 
 class Mxfp4Check(RequantizedTally):
@@ -34,7 +34,7 @@ class Mxfp4Check(RequantizedTally):
         self.c_terms = (self.f.rank + 6) * unit * (1 + (self.f.rank + 2) * unit)
         self.slack = (self.f.rank + 1) * 2.0**-126
         super().__init__(self.q.description)
-        self.sums = np.zeros(5)
+        self.sums = np.zeros(SUMS)
 
     def block(self, first: int, last: int, stored) -> None:
         """Check stored rows [first, last) (of one expert) from their block bytes and scale bytes as written."""
@@ -46,13 +46,13 @@ class Mxfp4Check(RequantizedTally):
         base_blocks, base_scales = read_rows(self.q, first, last, self.buffers, "check ")
         left, right, _, _, _ = self.f.expert(k)
         n = rows * self.width
-        verdicts, sums = np.zeros(rows * groups, np.uint8), np.zeros(5)
+        verdicts, sums = np.zeros(rows * groups, np.uint8), np.zeros(SUMS)
         args = (base_blocks, base_scales, blocks, scales, left[o0:o0 + rows], right, self.f.rank, self.c_terms,
                 self.slack, self.c, rows, self.width)
         idx = self.buffers("flagged", (n // OPEN_SHARE + 1,), np.int64)
         count = kernels.MXFP4.mx_check(*args, idx, sums, verdicts)
         if count > len(idx):
-            idx, sums = self.buffers("flagged", (n,), np.int64), np.zeros(5)
+            idx, sums = self.buffers("flagged", (n,), np.int64), np.zeros(SUMS)
             count = kernels.MXFP4.mx_check(*args, idx, sums, verdicts)
         self.sums += sums
         self.elements += n

@@ -26,6 +26,10 @@ def check_survival(plan: Plan, tensors: dict[str, TensorVerdict], min_kept: floa
                  key=lambda n: measured[n].kept)
     data = {"min_delta_kept": min_kept, **total.to_json(), "tensors": len(measured),
             "unchanged": unchanged, "kept_below_half": {n: round(measured[n].kept, 6) for n in low}}
+    alternatives = [tensors[n].survival_bf16 for n in measured if tensors[n].survival_bf16 is not None]
+    bf16 = sum(alternatives, Survival()) if alternatives else None
+    if bf16 is not None:  # written in a quantized format: what --dtype bfloat16 would have kept of the same change
+        data["if_bfloat16"] = bf16.to_json()
     warnings = [f"{n}: the adapter changes it, but not one of its stored values changed: the change was rounded "
                 "away (a wider output dtype keeps it: --dtype float32)" for n in unchanged]
     failures = []
@@ -36,8 +40,11 @@ def check_survival(plan: Plan, tensors: dict[str, TensorVerdict], min_kept: floa
             failures.append(f"the stored model keeps {total.kept:.1%} of the adapter's change, below --min-delta-kept "
                             f"{min_kept:g}")
         failures += [f"{n}: none of the adapter's change was stored (--min-delta-kept {min_kept:g})" for n in unchanged]
-    return Check("delta", not failures, _summary(total, measured, unchanged, low), failures,
-                 [] if failures else warnings), data
+    summary = _summary(total, measured, unchanged, low)
+    if bf16 is not None and bf16.kept is not None and total.kept is not None:
+        summary += (f" (written with --dtype bfloat16 it would keep {bf16.kept:.1%}, relative error "
+                    f"{bf16.relative_error:.2g})")
+    return Check("delta", not failures, summary, failures, [] if failures else warnings), data
 
 
 def _summary(total: Survival, measured: dict[str, Survival], unchanged: list[str], low: list[str]) -> str:

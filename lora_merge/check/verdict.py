@@ -18,6 +18,9 @@ import numpy as np
 HALF = 0.5
 NOISE = 2.0**-45
 SCALE_TOLERANCE = 2.0**-22
+# a kept-format check's sums: the change's five (``Survival``), then ‖b − w‖², ‖(b − w) − d‖², ⟨b − w, d⟩ and the
+# elements changed for b, what --dtype bfloat16 would store
+SUMS = 9
 
 
 @dataclass
@@ -111,6 +114,7 @@ class TensorVerdict:
     scale_failures: int = 0
     first_scale_failure: dict | None = None
     survival: Survival | None = None  # merged and requantized tensors: how much of the change was stored
+    survival_bf16: Survival | None = None  # requantized: how much --dtype bfloat16 would have stored
 
     @property
     def ok(self) -> bool:
@@ -143,6 +147,8 @@ class TensorVerdict:
                 out[key] = getattr(self, key)
         if self.survival is not None:
             out["delta_survival"] = self.survival.to_json()
+        if self.survival_bf16 is not None:
+            out["delta_survival_bfloat16"] = self.survival_bf16.to_json()
         return out
 
 
@@ -152,21 +158,22 @@ class RequantizedTally:
 
     def __init__(self, description: str):
         self.description = description
-        self.sums = [0.0] * 5
+        self.sums = [0.0] * SUMS
         self.elements = self.failed = self.blocks = self.exact_blocks = self.bad_scales = 0
         self.worst = self.worst_of_bound = 0.0
         self.first = self.first_bad_scale = None
         self.finite = True
 
     def result(self) -> TensorVerdict:
-        dd, rr, ee, rd, changed = (float(x) for x in self.sums)
+        dd, rr, ee, rd, changed, brr, bee, brd, bchanged = (float(x) for x in self.sums)
         return TensorVerdict(
             check="requantized", format=self.description, finite=self.finite, failed_elements=self.failed,
             max_error_ulp=self.worst, max_error_of_bound=self.worst_of_bound,  # in steps of the format
             correctly_rounded=self.worst <= HALF + 1e-6, first_failure=self.first, scale_blocks=self.blocks,
             scale_blocks_exact=self.exact_blocks, scale_failures=self.bad_scales,
             first_scale_failure=self.first_bad_scale,
-            survival=Survival(dd, rr, ee, rd, int(changed), self.elements) if self.elements else None)
+            survival=Survival(dd, rr, ee, rd, int(changed), self.elements) if self.elements else None,
+            survival_bf16=Survival(dd, brr, bee, brd, int(bchanged), self.elements) if self.elements else None)
 
 
 def largest(ratio) -> float:

@@ -29,6 +29,11 @@ INLINE float smaller(float x, float y) { return x < y ? x : y; }
 
 /* w + p, where a product of exactly zero leaves w as it is (-0 stays -0: a delta of zero changes no bit) */
 INLINE float add(float w, float p) { return p == 0.0f ? w : w + p; }
+/* x rounded to bfloat16, to nearest even (finite x): what --dtype bfloat16 would store, for the survival figures */
+INLINE float to_bf16(float x) {
+    uint32_t u = f2u(x);
+    return u2f((u + 0x7FFFu + ((u >> 16) & 1u)) & 0xFFFF0000u);
+}
 INLINE double add64(double w, double p) { return p == 0.0 ? w : w + p; }
 
 /* ------------------------------------------------------------------------------- the product, fused */

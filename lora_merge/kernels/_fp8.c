@@ -264,13 +264,15 @@ HOT static I check_band(const uint8_t *base_codes, const float *base_scales, con
     float p[COLS], m[COLS];
     uint8_t fl[COLS];
     /* per column: the largest |v| - e and |v| + e, whether a stored value certainly differs, the survival's sums */
-    float *acc = calloc((size_t)cols * 7, sizeof(float));
+    float *acc = calloc((size_t)cols * 11, sizeof(float));
     uint8_t *df = calloc((size_t)cols, 1);
     for (I g = 0; g < rows; g += GROUP)
     for (I b = 0; b < nb; b++) {
         I j0 = b * COLS, n = j0 + COLS < cols ? COLS : cols - j0;
         float *lo = acc + j0, *hi = acc + cols + j0, *sdd = acc + 2 * cols + j0, *srr = acc + 3 * cols + j0;
         float *see = acc + 4 * cols + j0, *srd = acc + 5 * cols + j0, *sch = acc + 6 * cols + j0;
+        float *brr = acc + 7 * cols + j0, *bee = acc + 8 * cols + j0, *brd = acc + 9 * cols + j0;
+        float *bch = acc + 10 * cols + j0;
         uint8_t *df0 = df + j0;
         for (I i = g; i < rows && i < g + GROUP; i++) {
             I base = i * cols + j0;
@@ -292,6 +294,9 @@ HOT static I check_band(const uint8_t *base_codes, const float *base_scales, con
                     float dv = v - w, sv = got - w, ev = sv - dv;
                     sdd[j] += dv * dv; srr[j] += sv * sv; see[j] += ev * ev; srd[j] += sv * dv;
                     sch[j] += sv != 0.0f ? 1.0f : 0.0f;
+                    float bv = to_bf16(v) - w, bev = bv - dv;  /* what --dtype bfloat16 would store */
+                    brr[j] += bv * bv; bee[j] += bev * bev; brd[j] += bv * dv;
+                    bch[j] += to_bf16(v) != to_bf16(w) ? 1.0f : 0.0f;
                 }
             }
             nflag = listed(fl, n, base, X, cap, nflag);
@@ -308,7 +313,7 @@ HOT static I check_band(const uint8_t *base_codes, const float *base_scales, con
         }
         blocks[3 * k] = l, blocks[3 * k + 1] = h, blocks[3 * k + 2] = d;
     }
-    for (I q = 0; q < 5; q++)
+    for (I q = 0; q < 9; q++)
         for (I j = 0; j < cols; j++) sums[q] += (double)acc[(2 + q) * cols + j];
     free(acc), free(df);
     return nflag;
@@ -379,7 +384,7 @@ static PyObject *fp8_check(PyObject *self, PyObject *args) {
     int ok = r >= 0 && rows >= 0 && cols > 0 && bn > 0 && sized(&bc, n, 1, "base codes") &&
              sized(&bs, nscale, 4, "base scales") && sized(&codes, n, 1, "codes") &&
              sized(&scales, nscale, 4, "scales") && sized(&L, rows * r, 4, "L") &&
-             sized(&R, (cols + COLS - 1) / COLS * r * COLS, 4, "R") && sized(&sums, 5, 8, "sums") &&
+             sized(&R, (cols + COLS - 1) / COLS * r * COLS, 4, "R") && sized(&sums, 9, 8, "sums") &&
              sized(&blocks, 3 * nscale, 8, "blocks");
     if (ok) {
         I cap = idx.len / 8;

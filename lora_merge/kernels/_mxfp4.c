@@ -183,7 +183,7 @@ HOT static I check_rows(const uint8_t *base_blocks, const uint8_t *base_scales, 
     I nflag = 0, nb = width / COLS, groups = width / 32;
     float p[COLS], m[COLS], lo[COLS], hi[COLS];
     uint8_t fl[COLS], df[COLS], bnib[COLS], onib[COLS];
-    float dd = 0, rr = 0, ee = 0, rd = 0, changed = 0;
+    float dd = 0, rr = 0, ee = 0, rd = 0, changed = 0, brr = 0, bee = 0, brd = 0, bch = 0;
     for (I g0 = 0; g0 < rows; g0 += GROUP)
     for (I b = 0; b < nb; b++) {
         I j0 = b * COLS;
@@ -196,7 +196,7 @@ HOT static I check_rows(const uint8_t *base_blocks, const uint8_t *base_scales, 
             float s0 = e8m0_value(scales[k]), s1 = e8m0_value(scales[k + 1]);
             unpack(bb, bnib);
             unpack(ob, onib);
-#pragma omp simd simdlen(8) reduction(+ : dd, rr, ee, rd, changed)
+#pragma omp simd simdlen(8) reduction(+ : dd, rr, ee, rd, changed, brr, bee, brd, bch)
             for (I j = 0; j < COLS; j++) {
                 float scale = j < 32 ? s0 : s1;
                 float w = e2m1_value(bnib[j]) * (j < 32 ? b0 : b1), got = e2m1_value(onib[j]) * scale;
@@ -209,6 +209,8 @@ HOT static I check_rows(const uint8_t *base_blocks, const uint8_t *base_scales, 
                 df[j] = (uint8_t)(d > e);
                 float dv = v - w, sv = got - w, ev = sv - dv;
                 dd += dv * dv; rr += sv * sv; ee += ev * ev; rd += sv * dv; changed += sv != 0.0f ? 1.0f : 0.0f;
+                float bv = to_bf16(v) - w, bev = bv - dv;  /* what --dtype bfloat16 would store */
+                brr += bv * bv; bee += bev * bev; brd += bv * dv; bch += to_bf16(v) != to_bf16(w) ? 1.0f : 0.0f;
             }
             for (int h = 0; h < 2; h++) {
                 float l = 0.0f, u = 0.0f;
@@ -238,6 +240,7 @@ HOT static I check_rows(const uint8_t *base_blocks, const uint8_t *base_scales, 
         }
     }
     sums[0] += dd; sums[1] += rr; sums[2] += ee; sums[3] += rd; sums[4] += changed;
+    sums[5] += brr; sums[6] += bee; sums[7] += brd; sums[8] += bch;
     return nflag;
 }
 
@@ -280,7 +283,7 @@ static PyObject *mx_check(PyObject *self, PyObject *args) {
     int ok = r >= 0 && rows >= 0 && width > 0 && width % COLS == 0 && sized(&bb, n / 2, 1, "base blocks") &&
              sized(&bs, groups, 1, "base scales") && sized(&blocks, n / 2, 1, "blocks") &&
              sized(&scales, groups, 1, "scales") && sized(&L, rows * r, 4, "L") && sized(&R, width / COLS * r * COLS, 4, "R") &&
-             sized(&sums, 5, 8, "sums") && sized(&verdicts, groups, 1, "verdicts");
+             sized(&sums, 9, 8, "sums") && sized(&verdicts, groups, 1, "verdicts");
     if (ok) {
         I cap = idx.len / 8;
         Py_BEGIN_ALLOW_THREADS

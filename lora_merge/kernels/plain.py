@@ -121,8 +121,22 @@ def half_spacing32(o: np.ndarray, below: np.ndarray) -> np.ndarray:
 def _survival(w, v, o, sums) -> None:
     """Adds to ``sums`` the survival of the change d = v - w in the stored r = o - w (see ``_kernels.c``)."""
     d, r = (v - w).astype(np.float64), (o - w).astype(np.float64)
-    sums += [float(np.dot(d.ravel(), d.ravel())), float(np.dot(r.ravel(), r.ravel())),
+    sums[:5] += [float(np.dot(d.ravel(), d.ravel())), float(np.dot(r.ravel(), r.ravel())),
              float(np.square(r - d).sum()), float(np.dot(r.ravel(), d.ravel())), float(np.count_nonzero(r))]
+
+
+def to_bf16(x: np.ndarray) -> np.ndarray:
+    """float32 ``x`` rounded to bfloat16, to nearest even (as float32): ``to_bf16`` of ``_common.h``."""
+    u = np.ascontiguousarray(x, np.float32).view(np.uint32)
+    return ((u + np.uint32(0x7FFF) + ((u >> 16) & 1)) & np.uint32(0xFFFF0000)).view(np.float32)
+
+
+def _bf16_survival(w, v, sums) -> None:
+    """Adds to ``sums[5:9]`` what --dtype bfloat16 would store of the change d = v - w: ‖b − w‖², ‖(b − w) − d‖²,
+    ⟨b − w, d⟩ and the count of b != bf16(w), b = bf16(v) (the quantized checks' second figure)."""
+    b = to_bf16(v)
+    d, r = (v - w).astype(np.float64).ravel(), (b - w).astype(np.float64).ravel()
+    sums[5:9] += [float(r @ r), float((r - d) @ (r - d)), float(r @ d), float(np.count_nonzero(b != to_bf16(w)))]
 
 
 def survival(w, v, o, sums) -> None:
@@ -368,6 +382,7 @@ class _Fp8:
             blocks[:, 1] = _block_max(a + e, cols, bn)
             blocks[:, 2] = _block_max((d > e).astype(np.float64), cols, bn)
             _survival(w, v, got, sums)
+            _bf16_survival(w, v, sums)
         return _listed(flag.reshape(-1), idx)
 
 
@@ -483,6 +498,7 @@ class _Mxfp4:
             wrong = differs & ~((low <= have) & (have <= high))
             verdicts[:] = (differs.astype(np.uint8) | (wrong.astype(np.uint8) << 1)).reshape(-1)
             _survival(w, v, got, sums)
+            _bf16_survival(w, v, sums)
         return _listed(flag.reshape(-1), idx)
 
 
