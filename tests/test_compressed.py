@@ -1,6 +1,7 @@
-"""compressed-tensors FP8 (``float-quantized``) and NVFP4 (``nvfp4-pack-quantized``) bases, built by the compressed-tensors library's own quantizer and
-compressor: kept in their format (each changed row, tensor or block re-scaled as its quantizer scales, every element the
-nearest e4m3 value of the exact merge) or dequantized, against peft's float64 merge of the exactly decoded base."""
+"""compressed-tensors FP8 (``float-quantized``) and NVFP4 (``nvfp4-pack-quantized``) bases, built by the
+compressed-tensors library's own quantizer and compressor: kept in their format (each changed group re-scaled as its
+quantizer scales it, every element the nearest value of the format at its scale) or dequantized, against peft's
+float64 merge of the exactly decoded base."""
 
 from __future__ import annotations
 

@@ -9,7 +9,8 @@ as compressed-tensors' quantizer computes it; an all-zero group gets e4m3's epsi
 that the groups the adapter does not change keep their bytes (a group's scale is clamped to e4m3's largest, 448, as
 the quantizer clamps it), unless a changed group's values would then pass 7 times its scale (6, e2m1's largest,
 plus half its step there): then the tensor gets the global scale compressed-tensors gives it, 448·6 / its largest
-|value| in float32 (as torch computes it: the reciprocal, then the product), and every group a fresh scale under that (a first pass over the tensor finds out).
+|value| in float32 (as torch computes it: the reciprocal, then the product), and every group a fresh scale under
+that (a first pass over the tensor finds out).
 """
 
 from __future__ import annotations
