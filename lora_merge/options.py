@@ -86,8 +86,9 @@ class MergeOptions:
         "(e4m3 with a float32 scale per 128×128 block, as DeepSeek-V3 and Qwen3-FP8 releases store them).",
         type=click.Choice(["fp8"]))
     tokenizer_from: str | None = cli_flag(
-        "--tokenizer-from", "Where the tokenizer files come from. Default: the base, or the adapter when it resized "
-        "the vocabulary and carries a tokenizer.", type=click.Choice(["base", "adapter"]))
+        "--tokenizer-from", "Where the tokenizer and chat template come from. Default: the base's, the adapter's "
+        "tokenizer when it resized the vocabulary, and the adapter's chat template when it differs from the base's.",
+        type=click.Choice(["base", "adapter"]))
     block_bytes: int | None = cli_flag("--block-mb", block_help(), type=click.IntRange(1, 65536),
                                        callback=_mib)
     max_shard_bytes: int | None = cli_flag(
