@@ -285,6 +285,17 @@ def test_compressed_nvfp4_keeps_its_format(bf16, tmp_path, strength):
     assert groups > 0
     assert (kept > 0) == (strength < 1), kept  # a strong change moves every tensor's largest value: all re-scaled
     assert "NVFP4" in result.report.tensors[next(iter(merged))].format
+    # a global scale that is neither BASE's nor the quantizer's fails, even with the group scales halved to match
+    name = sorted(merged)[0]
+    tampered = dict(out)
+    tampered[name + "_global_scale"] = out[name + "_global_scale"] / 2
+    tampered[name + "_scale"] = (out[name + "_scale"].float() / 2).to(torch.float8_e4m3fn)
+    (tmp_path / "tampered").mkdir()
+    save_file(tampered, tmp_path / "tampered" / "model.safetensors", metadata={"format": "pt"})
+    shutil.copy(tmp_path / "out" / "config.json", tmp_path / "tampered" / "config.json")
+    report = verify(tmp_path / "tampered", base, adapter, device="cpu")
+    assert not report.ok and report.failed_tensors == [name]
+    assert report.tensors[name].failed_elements == 0 and report.tensors[name].scale_failures == 1
     # transformers, with compressed-tensors, loads the output and runs it
     loaded = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "out", dtype=torch.bfloat16)
     assert torch.isfinite(loaded(torch.tensor([[1, 5, 9]])).logits).all()

@@ -126,12 +126,12 @@ class GridCheck:
         if self.pending is not None:  # the tensor's last rows were never given: judge what was seen
             _, largest, differs, scales = self.pending
             self._judge(largest[None], differs[None], scales[None], self.pending[0])
+            self.pending = None
         wrong = self.q.check_global(self.stored, self.largest) if self.stored is not None else None
         if wrong is not None:  # a tensor-wide scale that is neither BASE's nor the format's for the merge
             self.bad_scales += 1
             self.first_bad_scale = self.first_bad_scale or {"block": "the tensor's", "scale": wrong[0],
                                                             "expected": wrong[1]}
-            self.pending = None
         return TensorVerdict(
             check="requantized", format=self.q.description, finite=self.finite, failed_elements=self.failed,
             max_error_ulp=self.worst, max_error_of_bound=self.worst_of_bound,  # in steps of the format
