@@ -10,7 +10,7 @@ carries a chat template but no tokenizer of its own gives OUT its template and B
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 from .errors import WrongInputError
@@ -34,11 +34,11 @@ class TokenizerChoice:
     taken: tuple[str, ...] = ()
     dropped: tuple[str, ...] = ()
     note: str | None = None
-    skipped: frozenset[str] = field(default_factory=frozenset)  # BASE's files not copied: taken or dropped
 
-    @classmethod
-    def make(cls, folder: Path, taken, dropped, note) -> TokenizerChoice:
-        return cls(folder, tuple(taken), tuple(dropped), note, frozenset(taken) | frozenset(dropped))
+    @property
+    def skipped(self) -> frozenset[str]:
+        """BASE's files not copied: taken from the adapter instead, or dropped."""
+        return frozenset(self.taken) | frozenset(self.dropped)
 
 
 def choose_tokenizer(base: Path, adapter: Path, tokenizer_from: str | None, resized: bool) -> TokenizerChoice:
@@ -67,7 +67,7 @@ def choose_tokenizer(base: Path, adapter: Path, tokenizer_from: str | None, resi
         taken = [n for n in own if n in TEMPLATE_FILES] or own
         dropped = [n for n in TEMPLATE_FILES if n in base_files and n not in taken]  # BASE's would take precedence
         what = "chat template"
-    return TokenizerChoice.make(adapter, taken, dropped, f"{what}: the adapter's ({why})")
+    return TokenizerChoice(adapter, tuple(taken), tuple(dropped), f"{what}: the adapter's ({why})")
 
 
 def chat_template(folder: Path) -> str | None:

@@ -29,9 +29,19 @@ def bf16(tmp_path_factory):
     return root
 
 
+def save_compressed(model, dst, form: str):
+    """``model``, its quantization calibrated, compressed and saved by compressed-tensors' own compressor."""
+    from compressed_tensors.compressors import ModelCompressor
+
+    compressor = ModelCompressor.from_pretrained_model(model, quantization_format=form)
+    compressor.compress_model(model)
+    model.save_pretrained(dst)
+    compressor.update_config(dst)
+    return dst
+
+
 def compress(src, dst, strategy: str):
     """``src`` quantized to FP8 by compressed-tensors: its observer's scales, its compressor's codes and config."""
-    from compressed_tensors.compressors import ModelCompressor
     from compressed_tensors.quantization import (
         QuantizationArgs,
         QuantizationConfig,
@@ -56,10 +66,7 @@ def compress(src, dst, strategy: str):
             scale, zero = calculate_qparams(w.amin(**dims), w.amax(**dims), module.quantization_scheme.weights)
             module.weight_scale.data.copy_(scale.reshape(module.weight_scale.shape))
             module.weight_zero_point.data.copy_(zero.reshape(module.weight_zero_point.shape))
-    compressor = ModelCompressor.from_pretrained_model(model, quantization_format="float-quantized")
-    compressor.compress_model(model)
-    model.save_pretrained(dst)
-    compressor.update_config(dst)
+    save_compressed(model, dst, "float-quantized")
     for f in src.iterdir():  # the tokenizer and the rest
         if not (dst / f.name).exists():
             shutil.copy(f, dst / f.name)
@@ -173,7 +180,6 @@ def test_other_compressed_formats_are_refused_by_name(bf16, tmp_path, form):
 
 def compress_nvfp4(src, dst):
     """``src`` quantized to NVFP4 by compressed-tensors: its global and group scales, its compressor's packing."""
-    from compressed_tensors.compressors import ModelCompressor
     from compressed_tensors.quantization import (
         QuantizationConfig,
         apply_quantization_config,
@@ -198,11 +204,7 @@ def compress_nvfp4(src, dst):
                                             global_scale=g)
             module.weight_scale.data.copy_(scale.reshape(module.weight_scale.shape))
             module.weight_zero_point.data.copy_(zero.reshape(module.weight_zero_point.shape))
-    compressor = ModelCompressor.from_pretrained_model(model, quantization_format="nvfp4-pack-quantized")
-    compressor.compress_model(model)
-    model.save_pretrained(dst)
-    compressor.update_config(dst)
-    return dst
+    return save_compressed(model, dst, "nvfp4-pack-quantized")
 
 
 E2M1_VALUES = torch.tensor([0, 0.5, 1, 1.5, 2, 3, 4, 6], dtype=torch.float64)

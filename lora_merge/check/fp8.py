@@ -43,7 +43,6 @@ class Fp8Check(RequantizedTally):
         self.c_terms = (self.rank + 6) * COMPUTE_UNIT * (1 + (self.rank + 2) * COMPUTE_UNIT)
         self.slack = (self.rank + 1) * 2.0**-126
         super().__init__(self.q.description)
-        self.sums = np.zeros(SUMS)
 
     def block(self, start: int, stop: int, stored) -> None:
         """Check dense rows [start, stop) (whole bands, or the tensor's last rows) from their stored codes and rows of

@@ -34,7 +34,6 @@ class Mxfp4Check(RequantizedTally):
         self.c_terms = (self.f.rank + 6) * unit * (1 + (self.f.rank + 2) * unit)
         self.slack = (self.f.rank + 1) * 2.0**-126
         super().__init__(self.q.description)
-        self.sums = np.zeros(SUMS)
 
     def block(self, first: int, last: int, stored) -> None:
         """Check stored rows [first, last) (of one expert) from their block bytes and scale bytes as written."""

@@ -158,7 +158,7 @@ class RequantizedTally:
 
     def __init__(self, description: str):
         self.description = description
-        self.sums = [0.0] * SUMS
+        self.sums = np.zeros(SUMS)
         self.elements = self.failed = self.blocks = self.exact_blocks = self.bad_scales = 0
         self.worst = self.worst_of_bound = 0.0
         self.first = self.first_bad_scale = None

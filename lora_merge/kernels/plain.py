@@ -268,6 +268,7 @@ def trip(kind, u, merged, orig, L, R, r, ct, slack, rows, width, c, idx, stats) 
 # ------------------------------------------------------------------------------ FP8 e4m3 with block scales (_fp8.c)
 
 def _e4m3_table() -> np.ndarray:
+    """Each e4m3 code's value (float64; NaN for 0x7F and 0xFF)."""
     c = np.arange(256)
     e, m = (c >> 3) & 15, c & 7
     mag = np.where(e == 0, m * 2.0**-9, np.ldexp(1 + m / 8, e - 7))

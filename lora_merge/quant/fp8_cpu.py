@@ -29,16 +29,7 @@ SCALE_DTYPES = ("F32", "F8_E8M0")
 BAND_ELEMENTS = 1 << 22  # a band is merged whole: larger ones (a scale per tensor, say) go through the torch codec
 
 
-def e4m3_values() -> np.ndarray:
-    """Each code's value (float64; NaN for 0x7F and 0xFF)."""
-    c = np.arange(256)
-    e, m = (c >> 3) & 15, c & 7
-    mag = np.where(e == 0, m * 2.0**-9, np.ldexp(1 + m / 8, e - 7))
-    mag = np.where((c & 0x7F) == 0x7F, np.nan, mag)
-    return np.where(c & 0x80, -mag, mag)
-
-
-E4M3 = e4m3_values()
+E4M3 = kernels.plain.E4M3  # each code's value (float64; NaN for 0x7F and 0xFF)
 
 
 def fast(entry, device_type: str) -> bool:
