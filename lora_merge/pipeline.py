@@ -38,8 +38,11 @@ from .paths import copy_new, write_new
 from .placement import Placement
 from .plan import Plan, make_plan
 from .progress import no_bar
+from .quantize import Quantization
+from .quantize import choose as choose_quantization
 from .resume import Journal
 from .sources import (
+    BaseModel,
     Source,
     extra_files,
     load_base,
@@ -145,13 +148,14 @@ def prepare(base: str, adapter: Adapters, options: MergeOptions | None = None, *
 
 
 def _prepare(base: str, adapter: Adapters, options: MergeOptions, token: str | None) -> Plan:
-    base_model, loaded = _load_inputs(base, adapter_list(adapter), token, options.adapter_options)
+    base_model, loaded, placement = _load_inputs(base, adapter_list(adapter), token, options.adapter_options)
     for member in loaded.members:
         mismatch = _trained_on_other_base(member.config, base_model.source)
         if mismatch:
             log.warning(mismatch)
             loaded.notes.append(mismatch)
-    plan = make_plan(base_model, loaded, dtype=options.dtype, quantize=options.quantize)
+    plan = make_plan(base_model, loaded, dtype=options.dtype,
+                     quantize=_quantization(options.quantize, base_model, placement))
     if options.max_shard_bytes is not None:
         from .sharding import resharded
 
@@ -187,8 +191,8 @@ def _log_plan(plan: Plan) -> None:
 
 def _load_inputs(base: str, adapters: list[tuple[str, float]], token: str | None,
                  options: AdapterOptions | None, role: str = "BASE", each=None):
-    """BASE's headers and the adapters translated onto its files (summed, with their weights); nothing is
-    planned yet."""
+    """BASE's headers, the adapters translated onto its files (summed, with their weights) and the placement that
+    did it (it knows the model in memory, if that was needed); nothing is planned yet."""
     base_source = resolve_source(base, role, token)
     sources = [(resolve_source(spec, "ADAPTER", token), weight) for spec, weight in adapters]
     check_order(base_source, [s for s, _ in sources], role)
@@ -201,7 +205,15 @@ def _load_inputs(base: str, adapters: list[tuple[str, float]], token: str | None
         if each is not None:
             each(adapter)
         loaded.append(adapter)
-    return base_model, combine(loaded)
+    return base_model, combine(loaded), placement
+
+
+def _quantization(method: str | None, base: BaseModel, placement: Placement) -> Quantization | None:
+    """What ``--quantize method`` does to BASE's tensors (a quantized BASE is refused by the plan, unasked)."""
+    if method is None:
+        return None
+    return Quantization(method) if base.quantization is not None else choose_quantization(method, base,
+                                                                                          placement.layout)
 
 
 def check_order(base: Source, adapters: list[Source], role: str = "BASE") -> None:
@@ -409,8 +421,8 @@ def unmerge(merged: str, adapter: Adapters, out: str | Path, options: MergeOptio
     if options.dtype or options.quantize or options.resume or options.allow_nonfinite or options.push:
         raise ValueError("unmerge writes MERGED's dtypes, all at once, with finite values only, and pushes nothing")
     specs = [(spec, -weight) for spec, weight in adapter_list(adapter)]
-    merged_model, loaded = _load_inputs(merged, specs, token, options.adapter_options, role="MERGED",
-                                        each=refuse_irreversible)
+    merged_model, loaded, _ = _load_inputs(merged, specs, token, options.adapter_options, role="MERGED",
+                                           each=refuse_irreversible)
     if merged_model.quantization is not None:
         raise QuantizationError(
             f"MERGED is stored quantized ({merged_model.quantization.description}): its merged weights were rounded "
@@ -457,11 +469,11 @@ def verify(out: str | Path, base: str, adapter: Adapters, options: MergeOptions 
     options = MergeOptions.make(options, **settings)
     out_src = resolve_source(str(out), "OUT")
     out_model = load_out(out_src.path)
-    base_model, loaded = _load_inputs(base, adapter_list(adapter), token, options.adapter_options)
+    base_model, loaded, placement = _load_inputs(base, adapter_list(adapter), token, options.adapter_options)
     quantize = "fp8" if base_model.quantization is None and out_model.quantization is not None \
         and out_model.quantization.method == "fp8" else None  # written with --quantize fp8
     plan = make_plan(base_model, loaded, dtype=None if quantize else _output_dtype(base_model, out_model),
-                     quantize=quantize)
+                     quantize=_quantization(quantize, base_model, placement))
     dev = resolve_device(options.device)
     log.info("checking on %s", dev)
     return _with_bar(progress, plan.total_bytes, "verifying",

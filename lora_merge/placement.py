@@ -36,13 +36,18 @@ class Placement:
             why = [f"{n}: not a tensor in BASE's files" for n in missing]
         except LayoutNeeded as e:
             why = e.problems
+        try:
+            model = self.layout()
+        except LayoutError as e:  # say which targets needed it
+            raise LayoutError(e.args[0], e.problems or [name_list(why)], e.hint) from None
+        adapter = load_adapter(path, model, options)
+        return to_disk(adapter, model, self.files.shapes)
+
+    def layout(self) -> ModelLayout:
+        """The model transformers builds from BASE's files, built once."""
         if self.model is None:
-            try:
-                self.model = model_layout(self.base)
-            except LayoutError as e:  # say which targets needed it
-                raise LayoutError(e.args[0], e.problems or [name_list(why)], e.hint) from None
-        adapter = load_adapter(path, self.model, options)
-        return to_disk(adapter, self.model, self.files.shapes)
+            self.model = model_layout(self.base)
+        return self.model
 
     def _renamed(self, missing: list[str]) -> bool:
         """Whether some targets name tensors of a kind BASE's files do not have (``mlp.experts.gate_up_proj``, a

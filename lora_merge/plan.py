@@ -13,7 +13,7 @@ from .adapter import Adapter, AddScaled, LowRank, TargetOps
 from .dtypes import DTYPES, FLOAT_DTYPES, OUTPUT_DTYPES
 from .errors import PlanError, QuantizationError
 from .quant import QuantizedTensor, sixteen_bit_original
-from .quantize import quantizable, quantization_config, quantized
+from .quantize import Quantization
 from .safetensors_file import TensorInfo
 from .sources import INDEX_NAME, BaseModel
 
@@ -191,17 +191,18 @@ def _fit_target(op: TargetOps, w_shape: tuple[int, ...], info, conv1d: bool) -> 
     return replace(op, deltas=deltas, dora_transposed=dora_transposed), problems
 
 
-def make_plan(base: BaseModel, adapter: Adapter, dtype: str | None = None, quantize: str | None = None) -> Plan:
+def make_plan(base: BaseModel, adapter: Adapter, dtype: str | None = None,
+              quantize: Quantization | None = None) -> Plan:
     """Match the adapter against the base and lay out the output, or raise PlanError with every problem;
-    ``quantize``: the format OUT stores BASE's float Linear weights in (``quantize.py``)."""
+    ``quantize``: which of BASE's float weights OUT stores quantized, and how (``quantize.py``)."""
     out_dtype = OUTPUT_DTYPES[dtype] if dtype else None
     tensors = base.tensors
     conv1d = str(base.config.get("model_type", "")) in CONV1D_MODEL_TYPES
     quant = base.quantization
     if quantize and (quant is not None or dtype):
         raise QuantizationError(
-            f"--quantize {quantize} writes a float BASE quantized; BASE is {quant.description}" if quant else
-            f"--quantize {quantize} and --dtype {dtype} both say what OUT's weights are", [],
+            f"--quantize {quantize.method} writes a float BASE quantized; BASE is {quant.description}" if quant else
+            f"--quantize {quantize.method} and --dtype {dtype} both say what OUT's weights are", [],
             "merge a quantized BASE keeping its format (or with --dtype); give one of --quantize and --dtype")
     keep = quant is not None and out_dtype is None  # merged tensors written back in BASE's quantized format
     if keep and not quant.requantizable:
@@ -211,6 +212,7 @@ def make_plan(base: BaseModel, adapter: Adapter, dtype: str | None = None, quant
             "pass --dtype bfloat16 (or float16, float32)")
     problems: list[str] = []
     notes: list[str] = list(adapter.notes) + _quantization_notes(base, adapter, out_dtype)
+    notes += list(quantize.notes) if quantize else []
     tie_source = _find_input_embedding(tensors)
     added: dict[str, Entry] = {}  # tensors the base does not store (an untied lm_head)
     resolved: dict[str, tuple[TargetOps, TensorInfo]] = {}
@@ -298,9 +300,9 @@ def make_plan(base: BaseModel, adapter: Adapter, dtype: str | None = None, quant
                         order += [p.name for p in group.parts[1:] if p.path != codes.path]
                 continue
             dt = final_dtype(info.dtype)
-            if quantize and quantizable(name, info):  # FP8 codes and their scales, where BASE has the tensor
+            if quantize and quantize.takes(name, info):  # FP8 codes and their scales, where BASE has the tensor
                 op = resolved[name][0] if name in resolved else None
-                q = quantized(name, info)
+                q = quantize.quantized(name, info)
                 entries.append(Entry(name, q.dtype, info.shape, q, op, note=op.kind if op else "quantize"))
                 order += [p.name for p in q.parts]
                 tensor_shard[name] = header.path.name
@@ -330,8 +332,8 @@ def make_plan(base: BaseModel, adapter: Adapter, dtype: str | None = None, quant
     if quant is not None and out_dtype is not None:
         _drop_quantization(config, changes, quant.method)
     if quantize:
-        config["quantization_config"] = quantization_config(tensors)
-        changes.append(f"quantization_config: added ({quantize}, e4m3 with 128×128 block scales)")
+        config["quantization_config"] = quantize.config(tensors)
+        changes.append(f"quantization_config: added ({quantize.method}, e4m3 with 128×128 block scales)")
     plan = Plan(base, adapter, shards, config, changes, notes, sharded=len(base.shards) > 1 or base.index_metadata != {},
                 index_name=base.index_name)
     _check_vocab(plan, tie_source)

@@ -3,52 +3,190 @@
 The layout DeepSeek-V3 and Qwen3-FP8 releases use and transformers' FineGrainedFP8 loads: each Linear weight as
 float8_e4m3fn with a float32 ``weight_scale_inv`` per 128×128 block, every element the nearest e4m3 value of the
 exact W + s·B·A at its block's scale (``quant.fp8.Fp8Quantized``), rounded once. Embeddings, norms, the output
-layer, routers, experts stored stacked and any matrix whose sides are not multiples of 128 (transformers cannot load
-partial blocks) stay in BASE's dtype, and ``modules_to_not_convert`` names each of them.
+layer, routers and any matrix whose sides are not multiples of 128 (transformers cannot load partial blocks) stay
+in BASE's dtype, and ``modules_to_not_convert`` names each of them.
+
+Experts are decided a module at a time, as transformers loads them: every module of the model in memory named
+``….experts`` becomes one ``FP8Experts`` (gate_up_proj (E, 2I, H) and down_proj (E, H, I) with their block scales)
+unless the list names it. So a module's experts are all FP8 or all in BASE's dtype: FP8 where they are stored one
+matrix per expert in whole 128×128 blocks (the scales stack as the matrices do), or stacked exactly as in memory
+(the scale loads by its name); in BASE's dtype, with the module named, where FP8Experts cannot hold them (biases,
+experts stored (E, in, out), blocks cut by the stacking) or where transformers' renaming of the file's tensor would
+not carry the scale along. Which modules there are, and how each is made from the files, is transformers' own
+model class and conversion tables (``conversion.model_layout``).
 """
 
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
+import numpy as np
+
+from .conversion import EXTRA
 from .dtypes import FLOAT_DTYPES
+from .errors import LayoutError
 from .quant.fp8 import Fp8Quantized
 from .safetensors_file import TensorInfo
+
+if TYPE_CHECKING:
+    from collections.abc import Callable
+
+    from .layout import ModelLayout, ModelTensor, Piece
+    from .sources import BaseModel
 
 METHODS = ("fp8",)
 BLOCK = (128, 128)
 KEPT = ("lm_head", "embed_out", "output", "gate", "router", "score", "classifier")  # a module's last name
+EXPERT_PARAMETERS = ({"gate_up_proj", "down_proj"}, {"up_proj", "down_proj"})  # what FP8Experts holds
 
 
 def module(name: str) -> str:
     return name.removesuffix(".weight")
 
 
-def quantizable(name: str, info) -> bool:
-    """A Linear weight OUT stores as FP8."""
+def scale_name(name: str) -> str:
+    """The block scales' name beside ``name``: ``….weight_scale_inv``, or ``…_scale_inv`` for a stacked parameter."""
+    return name + "_scale_inv"
+
+
+def linear(name: str, info) -> bool:
+    """A Linear weight OUT can store as FP8: a float matrix in whole blocks, not an embedding, norm or router."""
     if not isinstance(info, TensorInfo) or info.dtype not in FLOAT_DTYPES or len(info.shape) != 2:
         return False
     if not name.endswith(".weight") or any(part in module(name).lower() for part in ("embed", "norm")):
         return False
-    return module(name).rsplit(".", 1)[-1] not in KEPT and all(n % b == 0 for n, b in zip(info.shape, BLOCK))
+    return module(name).rsplit(".", 1)[-1] not in KEPT and _whole_blocks(info.shape)
 
 
-def quantized(name: str, info: TensorInfo) -> Fp8Quantized:
-    """The FP8 form of BASE's ``info``: OUT's codes and scales, planned (start -1: not written yet)."""
-    rows, cols = info.shape
-    grid = (math.ceil(rows / BLOCK[0]), math.ceil(cols / BLOCK[1]))
-    codes = TensorInfo(name, info.path, "F8_E4M3", info.shape, -1, rows * cols)
-    scales = TensorInfo(module(name) + ".weight_scale_inv", info.path, "F32", grid, -1, 4 * math.prod(grid))
-    return Fp8Quantized(name, info.shape, (codes, scales), BLOCK, False, "quantize", source=info)
+def _whole_blocks(shape: tuple[int, ...]) -> bool:
+    return all(n % b == 0 for n, b in zip(shape[-2:], BLOCK))
 
 
-def quantization_config(tensors: dict) -> dict:
-    """config.json's ``quantization_config`` for OUT: the modules of every matrix left in BASE's dtype named."""
-    kept = {module(n) for n, info in tensors.items()
-            if isinstance(info, TensorInfo) and len(info.shape) == 2 and n.endswith(".weight") and not quantizable(n, info)}
-    # experts stored stacked (experts × out × in) stay in BASE's dtype too: their module is the parameter's owner
-    kept |= {n.rsplit(".", 1)[0] for n, info in tensors.items()
-             if isinstance(info, TensorInfo) and len(info.shape) == 3 and info.dtype in FLOAT_DTYPES}
-    kept = sorted(kept | {"lm_head"})
-    return {"quant_method": "fp8", "fmt": "e4m3", "activation_scheme": "dynamic", "weight_block_size": list(BLOCK),
-            "modules_to_not_convert": kept}
+@dataclass(frozen=True)
+class Quantization:
+    """What ``--quantize fp8`` does to BASE: which tensors become FP8, and the ``quantization_config`` saying so."""
+
+    method: str
+    expert_tensors: frozenset[str] = frozenset()  # every on-disk tensor of an experts module: decided per module
+    fp8_experts: frozenset[str] = frozenset()  # those of modules loaded as FP8Experts
+    kept_experts: tuple[str, ...] = ()  # experts modules left in BASE's dtype, as the model in memory names them
+    notes: tuple[str, ...] = field(default=(), compare=False)
+
+    def takes(self, name: str, info) -> bool:
+        """Whether OUT stores BASE's tensor ``name`` as FP8."""
+        if name in self.expert_tensors:
+            return name in self.fp8_experts
+        return linear(name, info)
+
+    def quantized(self, name: str, info: TensorInfo) -> Fp8Quantized:
+        """The FP8 form of BASE's ``info``: OUT's codes and scales, planned (start -1: not written yet)."""
+        *experts, rows, cols = info.shape
+        grid = (*experts, math.ceil(rows / BLOCK[0]), math.ceil(cols / BLOCK[1]))
+        codes = TensorInfo(name, info.path, "F8_E4M3", info.shape, -1, math.prod(info.shape))
+        scales = TensorInfo(scale_name(name), info.path, "F32", grid, -1, 4 * math.prod(grid))
+        return Fp8Quantized(name, info.shape, (codes, scales), BLOCK, False, "quantize", source=info)
+
+    def config(self, tensors: dict) -> dict:
+        """config.json's ``quantization_config`` for OUT: the modules of every matrix left in BASE's dtype named."""
+        kept = {module(n) for n, info in tensors.items() if n not in self.expert_tensors and isinstance(info, TensorInfo)
+                and len(info.shape) == 2 and n.endswith(".weight") and not self.takes(n, info)}
+        kept = sorted(kept | set(self.kept_experts) | {"lm_head"})
+        return {"quant_method": self.method, "fmt": "e4m3", "activation_scheme": "dynamic",
+                "weight_block_size": list(BLOCK), "modules_to_not_convert": kept}
+
+
+def choose(method: str, base: BaseModel, layout: Callable[[], ModelLayout]) -> Quantization:
+    """``--quantize method`` for BASE; ``layout`` builds the model transformers makes of BASE's files, asked for
+    only when BASE may have experts (a dense BASE needs no transformers)."""
+    if not _may_have_experts(base):
+        return Quantization(method)
+    said = f"--quantize {method}: BASE stores experts, and which of them transformers can load as FP8 takes its model class"
+    try:
+        import transformers  # noqa: F401  (the layout below is its model class and conversion tables)
+    except ImportError:
+        raise LayoutError(f"{said}, and transformers is not installed", [], f"install it: {EXTRA}") from None
+    try:
+        model = layout()
+    except LayoutError as e:
+        raise LayoutError(f"{said}: {e.args[0]}", e.problems, e.hint) from None
+    every: set[str] = set()
+    fp8: set[str] = set()
+    kept: list[str] = []
+    notes: list[str] = []
+    # transformers' FP8 swaps every module of that name for FP8Experts: the others are Linears, or kept
+    experts = {n.split(".experts.")[0] + ".experts" for n in model.tensors if ".experts." in n}
+    for name in sorted(experts | {m for m in model.module_parameters if m.endswith(".experts")}):
+        members = {n: t for n, t in model.tensors.items() if n.startswith(name + ".")}
+        every |= {piece.disk for t in members.values() for piece in t.pieces}
+        params = model.module_parameters.get(name, [])
+        why = _why_not_fp8(name, params, [members.get(f"{name}.{p}") for p in params], model, base) \
+            if len(members) == len(params) else f"{_kind(name)}: one module per expert (FP8Experts holds them stacked)"
+        if why is None:
+            fp8 |= {piece.disk for t in members.values() for piece in t.pieces}
+        else:
+            kept.append(name)
+            notes.append(why)
+    if kept:
+        notes.insert(0, f"--quantize {method}: {len(kept)} experts module{'s' if len(kept) > 1 else ''} left in "
+                        f"BASE's dtype and named in modules_to_not_convert")
+    return Quantization(method, frozenset(every), frozenset(fp8), tuple(sorted(kept)), tuple(dict.fromkeys(notes)))
+
+
+def _may_have_experts(base: BaseModel) -> bool:
+    return any(".experts." in n or len(i.shape) == 3 and i.dtype in FLOAT_DTYPES and "conv" not in n
+               for n, i in base.tensors.items())
+
+
+def _why_not_fp8(name: str, params: list[str], made: list[ModelTensor | None], model: ModelLayout,
+                 base: BaseModel) -> str | None:
+    """Why transformers could not load this experts module as FP8Experts from what OUT would store (None: it can)."""
+    kind = _kind(name)
+    if set(params) not in EXPERT_PARAMETERS:
+        extra = sorted(set(params) - {"gate_up_proj", "up_proj", "down_proj"})
+        return f"{kind}: {', '.join(extra) or 'its parameters'} (FP8Experts holds none)"
+    if model.experts_transposed(name):
+        return f"{kind}: stored (experts, in, out), FP8Experts takes (experts, out, in)"
+    for param, t in zip(params, made):
+        if t is None or t.why_not or len(t.shape) != 3:
+            return f"{kind}.{param}: not made from the files in a way lora-merge follows"
+        rows = t.shape[1] // 2 if param == "gate_up_proj" else t.shape[1]
+        if rows % BLOCK[0] or t.shape[2] % BLOCK[1] or (param == "gate_up_proj" and t.shape[1] % 2):
+            what = f"gate and up of {rows}×{t.shape[2]} each" if param == "gate_up_proj" else \
+                f"{rows}×{t.shape[2]} per expert"
+            return f"{kind}.{param}: {what}, not whole 128×128 blocks"
+        infos = [base.tensors.get(p.disk) for p in t.pieces]
+        if any(not isinstance(i, TensorInfo) or i.dtype not in FLOAT_DTYPES for i in infos):
+            return f"{kind}.{param}: not stored in a float dtype"
+        stored = t.renamed({p.disk: i.shape for p, i in zip(t.pieces, infos)})
+        if stored == t.name:
+            continue  # stacked in the files as in memory: the scale beside it loads by its name
+        if stored is not None:
+            return f"{kind}.{param}: stored as {stored.rsplit('.', 2)[-2]}, and transformers' renaming leaves its scale"
+        if not all(len(i.shape) == 2 and p.disk.endswith(".weight") and _stacks_whole_blocks(p, i.shape)
+                   for p, i in zip(t.pieces, infos)):
+            return (f"{kind}.{param}: its stored tensors do not stack into it in whole blocks under their own "
+                    "names, so transformers would not load their scales")
+    return None
+
+
+def _kind(name: str) -> str:
+    """``mlp.experts`` for ``model.layers.3.mlp.experts``: the module's kind, for the notes."""
+    return ".".join(name.split(".")[-2:])
+
+
+def _stacks_whole_blocks(piece: Piece, shape: tuple[int, ...]) -> bool:
+    """One expert's matrix, placed whole and unturned at a block boundary of the stacked parameter."""
+    from .layout import Along, Fixed
+
+    if len(piece.axes) != 3 or not isinstance(piece.axes[0], Fixed):
+        return False
+    for axis, (along, size, block) in enumerate(zip(piece.axes[1:], shape, BLOCK)):
+        if not isinstance(along, Along) or along.axis != axis or len(along.disk) != size:
+            return False
+        first = int(along.memory[0])
+        if first % block or not (np.array_equal(along.memory, np.arange(first, first + size))
+                                 and np.array_equal(along.disk, np.arange(size))):
+            return False
+    return True

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import sys
 import warnings
 
 import pytest
@@ -33,3 +34,11 @@ def models(tmp_path_factory):
         build_model(kind, root / name, **kw)
         made[name] = root / name
     return made
+
+
+@pytest.fixture
+def no_transformers(monkeypatch):
+    """As if transformers were not installed: importing it fails."""
+    for name in [m for m in sys.modules if m == "transformers" or m.startswith("transformers.")]:
+        monkeypatch.delitem(sys.modules, name)
+    monkeypatch.setitem(sys.modules, "transformers", None)

@@ -47,14 +47,6 @@ def assert_correctly_rounded(out, reference):
         assert ulps(got, reference[name], got.dtype).max() <= 0.5, name
 
 
-@pytest.fixture
-def no_transformers(monkeypatch):
-    """As if transformers were not installed: importing it fails."""
-    for name in [m for m in sys.modules if m == "transformers" or m.startswith("transformers.")]:
-        monkeypatch.delitem(sys.modules, name)
-    monkeypatch.setitem(sys.modules, "transformers", None)
-
-
 @pytest.fixture(scope="module")
 def square_gpt_oss(tmp_path_factory):
     """gpt-oss with intermediate = hidden, as in the published model: down_proj's (E, I, H) experts are square,

@@ -5,6 +5,7 @@ the output loaded by transformers' FineGrainedFP8 and checked again by verify.""
 from __future__ import annotations
 
 import json
+import sys
 
 import pytest
 import torch
@@ -42,7 +43,43 @@ def exact(base, adapter) -> dict[str, torch.Tensor]:
     return {k: v.detach().clone() for k, v in merged.state_dict().items()}
 
 
-def test_quantize_fp8_rounds_the_exact_merge_once(qwen3, tmp_path):
+def scale_of(name: str) -> str:
+    return name + "_scale_inv"
+
+
+def assert_rounded_once(codes, scales, value, name):
+    """Each 128×128 block's scale its largest exact |value| / 448 in float32, each element within half an e4m3 step
+    of its exact value; a stacked (experts, out, in) parameter expert by expert."""
+    if codes.dim() == 3:
+        for e in range(codes.shape[0]):
+            assert_rounded_once(codes[e], scales[e], value[e], f"{name}[{e}]")
+        return
+    assert scales.dtype == torch.float32 and scales.shape == (-(-codes.shape[0] // 128), -(-codes.shape[1] // 128))
+    for i in range(scales.shape[0]):
+        for j in range(scales.shape[1]):
+            block = value[i * 128:(i + 1) * 128, j * 128:(j + 1) * 128]
+            rule = (block.abs().max() / FP8_MAX).float()
+            assert scales[i, j] == (rule if rule > 0 else 1.0), (name, i, j)
+    got = fp8_dense(codes, scales, (128, 128))
+    spread = scales.double().repeat_interleave(128, 0).repeat_interleave(128, 1)[: codes.shape[0], : codes.shape[1]]
+    step = torch.exp2(torch.floor(torch.log2((value / spread).abs())).clamp(min=-6) - 3) * spread
+    assert ((got - value).abs() <= step / 2 * (1 + 1e-9)).all(), name
+
+
+def loaded_as_fp8(folder, monkeypatch):
+    """OUT loaded by transformers' FineGrainedFP8 as on a GPU (FP8Linear and FP8Experts holding the codes and
+    scales; no CUDA is needed to load, only to run): its parameters, and the keys it missed or did not expect."""
+    from transformers.quantizers.quantizer_finegrained_fp8 import (
+        FineGrainedFP8HfQuantizer,
+    )
+
+    monkeypatch.setattr(FineGrainedFP8HfQuantizer, "validate_environment", lambda self, *a, **k: None)
+    model, info = transformers.AutoModelForCausalLM.from_pretrained(folder, output_loading_info=True)
+    assert not info["missing_keys"] and not info["unexpected_keys"], info
+    return {k: v.detach() for k, v in model.state_dict().items()}
+
+
+def test_quantize_fp8_rounds_the_exact_merge_once(qwen3, tmp_path, monkeypatch):
     base, adapter = qwen3 / "bf16", qwen3 / "adapter"
     result = merge(base, adapter, tmp_path / "out", device="cpu", quantize="fp8")
     assert result.report.ok
@@ -50,15 +87,8 @@ def test_quantize_fp8_rounds_the_exact_merge_once(qwen3, tmp_path):
     fp8 = sorted(n for n, t in out.items() if t.dtype == torch.float8_e4m3fn)
     assert fp8 and all(n.endswith(("q_proj.weight", "k_proj.weight", "v_proj.weight", "o_proj.weight")) for n in fp8)
     for name in fp8:  # targeted (q, v) and not (k, o): each element once rounded from the exact value
-        codes, scales = out[name], out[name[: -len("weight")] + "weight_scale_inv"]
-        assert scales.dtype == torch.float32 and scales.shape == (1, 1)
-        value = want[name]
-        rule = (value.abs().max() / FP8_MAX).float()  # one block: its largest |value| / 448, in float32
-        assert scales.reshape(()) == rule, name
-        x = value / rule.double()
-        step = torch.exp2(torch.floor(torch.log2(x.abs())).clamp(min=-6) - 3) * rule.double()
-        got = fp8_dense(codes, scales, (128, 128))
-        assert ((got - value).abs() <= step / 2 * (1 + 1e-9)).all(), name
+        assert out[scale_of(name)].shape == (1, 1)
+        assert_rounded_once(out[name], out[scale_of(name)], want[name], name)
     for name, t in out.items():  # the rest: BASE's dtype, BASE's bytes or the merge rounded once to bf16
         if t.dtype == torch.float8_e4m3fn or name.endswith("_scale_inv"):
             continue
@@ -78,7 +108,9 @@ def test_quantize_fp8_rounds_the_exact_merge_once(qwen3, tmp_path):
         tmp_path / "out", dtype=torch.float32, quantization_config=transformers.FineGrainedFP8Config(dequantize=True))
     name = "model.layers.0.self_attn.q_proj.weight"
     assert torch.equal(loaded.state_dict()[name],
-                       fp8_dense(out[name], out[name[: -len("weight")] + "weight_scale_inv"], (128, 128)).float())
+                       fp8_dense(out[name], out[scale_of(name)], (128, 128)).float())
+    on_gpu = loaded_as_fp8(tmp_path / "out", monkeypatch)  # and as on a GPU: the codes and scales themselves
+    assert all(torch.equal(on_gpu[n].view(torch.uint8), out[n].view(torch.uint8)) for n in fp8)
     assert verify(tmp_path / "out", base, adapter, device="cpu").ok
     # verify fails an element moved one code
     codes = out[fp8[0]].view(torch.uint8).clone()
@@ -99,27 +131,124 @@ def test_quantize_is_for_a_float_base_and_alone(qwen3, tmp_path):
     assert not (tmp_path / "out").exists()
 
 
-def test_quantize_fp8_of_experts_stored_one_per_expert(tmp_path):
+def moe_base(model_type: str, folder, **sizes):
+    """A tiny bf16 mixture of experts of ``model_type`` with the given sizes, saved by transformers."""
     from architectures import tiny_config
 
-    config = tiny_config("qwen3_moe")
-    for key, value in dict(hidden_size=128, moe_intermediate_size=128, intermediate_size=256, head_dim=64,
-                           num_attention_heads=2, num_key_value_heads=2).items():
+    if model_type not in transformers.CONFIG_MAPPING:
+        pytest.skip(f"transformers {transformers.__version__} does not know {model_type}")
+    config = tiny_config(model_type)
+    for key, value in sizes.items():
         setattr(config, key, value)
     torch.manual_seed(0)
-    transformers.AutoModelForCausalLM.from_config(config).to(torch.bfloat16).save_pretrained(tmp_path / "base")
-    model = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "base", dtype=torch.float32)
+    transformers.AutoModelForCausalLM.from_config(config).to(torch.bfloat16).save_pretrained(folder)
+    return folder
+
+
+def moe_adapter(base, folder, experts: list[str]):
+    """A peft adapter on every linear layer, and on the stacked expert parameters ``experts``."""
+    model = transformers.AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32)
     torch.manual_seed(1)
-    lora = peft.LoraConfig(r=2, lora_alpha=4, target_modules="all-linear", init_lora_weights=False)
-    peft.get_peft_model(model, lora).save_pretrained(tmp_path / "adapter")
-    result = merge(tmp_path / "base", tmp_path / "adapter", tmp_path / "out", device="cpu", quantize="fp8")
+    lora = peft.LoraConfig(r=2, lora_alpha=4, target_modules="all-linear", target_parameters=experts or None,
+                           init_lora_weights=False)
+    peft.get_peft_model(model, lora).save_pretrained(folder)
+    return folder
+
+
+MOE = dict(hidden_size=128, head_dim=64, num_attention_heads=2, num_key_value_heads=2)
+
+
+def test_quantize_fp8_of_experts_stored_one_per_expert(tmp_path, monkeypatch):
+    """qwen3_moe: one matrix per expert in the files, stacked by transformers into FP8Experts with their scales."""
+    base = moe_base("qwen3_moe", tmp_path / "base", moe_intermediate_size=128, intermediate_size=256, **MOE)
+    adapter = moe_adapter(base, tmp_path / "adapter", [])
+    result = merge(base, adapter, tmp_path / "out", device="cpu", quantize="fp8")
     assert result.report.ok and result.report.tensors["model.layers.0.mlp.experts.1.up_proj.weight"].correctly_rounded
     out = load_tensors(tmp_path / "out")
     assert out["model.layers.0.mlp.experts.1.up_proj.weight"].dtype == torch.float8_e4m3fn
     assert out["model.layers.0.mlp.gate.weight"].dtype == torch.bfloat16  # the router stays
     qc = json.loads((tmp_path / "out" / "config.json").read_text())["quantization_config"]
     assert "model.layers.0.mlp.gate" in qc["modules_to_not_convert"]
-    assert verify(tmp_path / "out", tmp_path / "base", tmp_path / "adapter", device="cpu").ok
+    assert not any("experts" in m for m in qc["modules_to_not_convert"])
+    assert verify(tmp_path / "out", base, adapter, device="cpu").ok
+    want, on_gpu = exact(base, adapter), loaded_as_fp8(tmp_path / "out", monkeypatch)
+    for param in ("gate_up_proj", "down_proj"):  # what FP8Experts holds: the exact merge, rounded once
+        name = f"model.layers.1.mlp.experts.{param}"
+        assert on_gpu[name].dtype == torch.float8_e4m3fn
+        assert_rounded_once(on_gpu[name], on_gpu[scale_of(name)], want[name], name)
     loaded = transformers.AutoModelForCausalLM.from_pretrained(
         tmp_path / "out", dtype=torch.float32, quantization_config=transformers.FineGrainedFP8Config(dequantize=True))
     assert torch.isfinite(loaded(torch.tensor([[1, 5, 9]])).logits).all()
+
+
+def test_quantize_fp8_of_experts_stacked_in_the_files(tmp_path, monkeypatch):
+    """granitemoe_swa stores experts.gate_up_proj (E, 2I, H) as transformers holds it: codes and scales stacked."""
+    base = moe_base("granitemoe_swa", tmp_path / "base", intermediate_size=128, **MOE)
+    adapter = moe_adapter(base, tmp_path / "adapter", ["experts.gate_up_proj", "experts.down_proj"])
+    result = merge(base, adapter, tmp_path / "out", device="cpu", quantize="fp8")
+    name = "model.layers.0.block_sparse_moe.experts.gate_up_proj"
+    assert result.report.ok and result.report.tensors[name].correctly_rounded
+    out, want = load_tensors(tmp_path / "out"), exact(base, adapter)
+    assert out[name].dtype == torch.float8_e4m3fn and out[scale_of(name)].shape == (4, 2, 1)
+    qc = json.loads((tmp_path / "out" / "config.json").read_text())["quantization_config"]
+    assert not any("experts" in m for m in qc["modules_to_not_convert"])
+    on_gpu = loaded_as_fp8(tmp_path / "out", monkeypatch)
+    for param in ("gate_up_proj", "down_proj"):
+        name = f"model.layers.1.block_sparse_moe.experts.{param}"
+        assert torch.equal(on_gpu[name].view(torch.uint8), out[name].view(torch.uint8))
+        assert_rounded_once(on_gpu[name], on_gpu[scale_of(name)], want[name], name)
+    assert verify(tmp_path / "out", base, adapter, device="cpu").ok
+
+
+KEPT_EXPERTS = {  # experts FP8Experts cannot take from what OUT would store: left in bf16, their modules named
+    "granitemoe": (dict(intermediate_size=128, **MOE), "block_sparse_moe.experts",
+                   "block_sparse_moe.input_linear.weight", "renaming leaves its scale"),  # the scale would not be renamed along
+    "qwen3_moe": (dict(moe_intermediate_size=192, intermediate_size=256, **MOE), "mlp.experts",
+                  "mlp.experts.0.gate_proj.weight", "whole 128×128 blocks"),  # 192 rows: blocks cut where gate meets up
+    "gpt_oss": (dict(intermediate_size=128, **MOE), "mlp.experts", "mlp.experts.gate_up_proj", "bias (FP8Experts holds none)"),
+}
+
+
+@pytest.mark.parametrize("model_type", sorted(KEPT_EXPERTS))
+def test_quantize_fp8_keeps_experts_fp8experts_cannot_take(model_type, tmp_path, monkeypatch):
+    sizes, module, stored, why = KEPT_EXPERTS[model_type]
+    base = moe_base(model_type, tmp_path / "base", **sizes)
+    adapter = moe_adapter(base, tmp_path / "adapter", [])
+    result = merge(base, adapter, tmp_path / "out", device="cpu", quantize="fp8")
+    assert result.report.ok
+    assert any("experts module" in n and "left in BASE's dtype" in n for n in result.plan.notes), result.plan.notes
+    assert any(why in n for n in result.plan.notes), result.plan.notes
+    out = load_tensors(tmp_path / "out")
+    assert out[f"model.layers.0.{stored}"].dtype == torch.bfloat16
+    assert any(t.dtype == torch.float8_e4m3fn for t in out.values())  # attention is FP8
+    qc = json.loads((tmp_path / "out" / "config.json").read_text())["quantization_config"]
+    assert f"model.layers.0.{module}" in qc["modules_to_not_convert"]
+    on_gpu = loaded_as_fp8(tmp_path / "out", monkeypatch)  # every tensor found where transformers looks for it
+    assert on_gpu[f"model.layers.0.{module}.down_proj"].dtype == torch.bfloat16
+    assert verify(tmp_path / "out", base, adapter, device="cpu").ok
+
+
+def test_quantize_fp8_of_a_dense_base_needs_no_transformers(qwen3, tmp_path, no_transformers):
+    result = merge(qwen3 / "bf16", qwen3 / "adapter", tmp_path / "out", device="cpu", quantize="fp8")
+    assert result.report.ok and sys.modules["transformers"] is None  # never imported
+
+
+def test_quantize_fp8_of_experts_without_transformers_names_the_extra(tmp_path, no_transformers):
+    base = tmp_path / "base"
+    base.mkdir()
+    tensors = {"model.layers.0.mlp.experts.0.up_proj.weight": torch.ones(128, 128, dtype=torch.bfloat16)}
+    from safetensors.torch import save_file
+
+    save_file(tensors, base / "model.safetensors")
+    (base / "config.json").write_text(json.dumps({"model_type": "qwen3_moe"}))
+    adapter = tmp_path / "adapter"
+    adapter.mkdir()
+    save_file({"base_model.model.model.layers.0.mlp.experts.0.up_proj.lora_A.weight": torch.ones(2, 128),
+               "base_model.model.model.layers.0.mlp.experts.0.up_proj.lora_B.weight": torch.ones(128, 2)},
+              adapter / "adapter_model.safetensors")
+    (adapter / "adapter_config.json").write_text(json.dumps(
+        {"peft_type": "LORA", "r": 2, "lora_alpha": 2, "target_modules": ["up_proj"]}))
+    r = run_cli("merge", base, adapter, tmp_path / "out", "--quantize", "fp8", "--device", "cpu")
+    expect_error(r, "--quantize fp8: BASE stores experts, and which of them transformers can load as FP8")
+    assert "transformers is not installed" in r.output and "lora-merge[transformers]" in r.output
+    assert not (tmp_path / "out").exists()
