@@ -65,6 +65,10 @@ def _model_layout(transformers, base: BaseModel) -> ModelLayout:
         else:
             groups.setdefault(name, (by_pattern[pattern], {}))[1].setdefault(pattern, []).append(key)
 
+    # where a quantized checkpoint's scale beside a renamed tensor goes (a renaming may match the tensor's name only)
+    scaled = {**memory, **{n + "_scale_inv": () for n in renamed}}
+    carried = frozenset(key for name, key in renamed.items() if rename_source_key(
+        key + "_scale_inv", renamings, converters, model.base_model_prefix, scaled)[0] == name + "_scale_inv")
     tensors: dict[str, ModelTensor] = {}
     for name, key in renamed.items():
         tensors[name] = ModelTensor(name, base.tensors[key].shape, [_leaf(key, base.tensors[key].shape).pieces[0]])
@@ -86,12 +90,24 @@ def _model_layout(transformers, base: BaseModel) -> ModelLayout:
             t.why_not = "transformers' conversion does not make each of its elements from exactly one stored element"
     params: dict[str, list[str]] = {}
     turned: dict[str, bool] = {}
+    linears: set[str] = set()
     for module_name, module in model.named_modules():
         names = [n for n, _ in module.named_parameters(recurse=False)]
         if names:
             params[module_name] = names
             turned[module_name] = bool(getattr(module, "is_transposed", False))  # peft's own default
-    return ModelLayout(_describe(transformers, base), tensors, memory, params, turned)
+        if _plain_linear(module):
+            linears.add(module_name)
+    return ModelLayout(_describe(transformers, base), tensors, memory, params, turned, frozenset(linears), carried)
+
+
+def _plain_linear(module) -> bool:
+    """A Linear as transformers' quantizers take one: ``nn.Linear`` itself (or a grouped one), not a subclass such
+    as ``nn.MultiheadAttention``'s ``out_proj``."""
+    import torch
+
+    linear = torch.nn.Linear
+    return type(module) is linear or isinstance(module, linear) and "GroupedLinear" in type(module).__name__
 
 
 def _describe(transformers, base: BaseModel) -> str:

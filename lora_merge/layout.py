@@ -113,6 +113,8 @@ class ModelLayout:
     shapes: dict[str, tuple[int, ...]]  # every in-memory parameter, made from the files or not
     module_parameters: dict[str, list[str]] = field(default_factory=dict)  # in registration order
     transposed_experts: dict[str, bool] = field(default_factory=dict)
+    linears: frozenset[str] = frozenset()  # modules that are Linears as transformers' quantizers take them
+    scales_carried: frozenset[str] = frozenset()  # on-disk tensors whose ``…_scale_inv`` is renamed along with them
 
     def parameters(self, module: str) -> tuple[list[str], bool]:
         return self.module_parameters.get(module, []), True

@@ -13,6 +13,7 @@ from .adapter import Adapter, AddScaled, LowRank, TargetOps
 from .dtypes import DTYPES, FLOAT_DTYPES, OUTPUT_DTYPES
 from .errors import PlanError, QuantizationError
 from .quant import QuantizedTensor, sixteen_bit_original
+from .quant.fp8 import Fp8Quantized
 from .quantize import Quantization
 from .safetensors_file import TensorInfo
 from .sources import INDEX_NAME, BaseModel
@@ -318,6 +319,11 @@ def make_plan(base: BaseModel, adapter: Adapter, dtype: str | None = None,
         metadata = dict(header.metadata)
         metadata["format"] = "pt"
         shards.append(OutputShard(header.path.name, entries, metadata, order))
+    if quantize and not any(isinstance(e.base, Fp8Quantized) for s in shards for e in s.entries):
+        raise QuantizationError(
+            f"--quantize {quantize.method}: none of BASE's weights can be stored that way (a Linear's weight in whole "
+            "128×128 blocks, of a module transformers loads as FP8)", list(quantize.notes),
+            "merge without --quantize")
     for name in sorted(set(resolved) - set(tensors)):
         op, info = resolved[name]
         shape = tuple(op.replace.shape) if op.replace is not None else info.shape

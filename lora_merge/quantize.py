@@ -4,7 +4,10 @@ The layout DeepSeek-V3 and Qwen3-FP8 releases use and transformers' FineGrainedF
 float8_e4m3fn with a float32 ``weight_scale_inv`` per 128×128 block, every element the nearest e4m3 value of the
 exact W + s·B·A at its block's scale (``quant.fp8.Fp8Quantized``), rounded once. Embeddings, norms, the output
 layer, routers and any matrix whose sides are not multiples of 128 (transformers cannot load partial blocks) stay
-in BASE's dtype, and ``modules_to_not_convert`` names each of them.
+in BASE's dtype, and ``modules_to_not_convert`` names each of them. Of the rest, a weight is FP8 where transformers
+will find its scale: the weight of a plain ``nn.Linear`` (FineGrainedFP8 swaps no subclass), stored under a name
+whose renaming carries the scale along, or cut on loading in whole blocks (the scale is cut the same way).
+Without transformers, a dense BASE's weights are chosen by those names alone.
 
 Experts are decided a module at a time, as transformers loads them: every module of the model in memory named
 ``….experts`` becomes one ``FP8Experts`` (gate_up_proj (E, 2I, H) and down_proj (E, H, I) with their block scales)
@@ -13,7 +16,7 @@ matrix per expert in whole 128×128 blocks (the scales stack as the matrices do)
 (the scale loads by its name); in BASE's dtype, with the module named, where FP8Experts cannot hold them (biases,
 experts stored (E, in, out), blocks cut by the stacking) or where transformers' renaming of the file's tensor would
 not carry the scale along. Which modules there are, and how each is made from the files, is transformers' own
-model class and conversion tables (``conversion.model_layout``).
+model class and conversion tables (``conversion.model_layout``), built on the meta device.
 """
 
 from __future__ import annotations
@@ -69,16 +72,14 @@ class Quantization:
     """What ``--quantize fp8`` does to BASE: which tensors become FP8, and the ``quantization_config`` saying so."""
 
     method: str
+    chosen: frozenset[str] | None = None  # BASE's tensors OUT stores as FP8, as transformers loads them (None: by name)
     expert_tensors: frozenset[str] = frozenset()  # every on-disk tensor of an experts module: decided per module
-    fp8_experts: frozenset[str] = frozenset()  # those of modules loaded as FP8Experts
     kept_experts: tuple[str, ...] = ()  # experts modules left in BASE's dtype, as the model in memory names them
     notes: tuple[str, ...] = field(default=(), compare=False)
 
     def takes(self, name: str, info) -> bool:
         """Whether OUT stores BASE's tensor ``name`` as FP8."""
-        if name in self.expert_tensors:
-            return name in self.fp8_experts
-        return linear(name, info)
+        return linear(name, info) if self.chosen is None else name in self.chosen
 
     def quantized(self, name: str, info: TensorInfo) -> Fp8Quantized:
         """The FP8 form of BASE's ``info``: OUT's codes and scales, planned (start -1: not written yet)."""
@@ -98,19 +99,55 @@ class Quantization:
 
 
 def choose(method: str, base: BaseModel, layout: Callable[[], ModelLayout]) -> Quantization:
-    """``--quantize method`` for BASE; ``layout`` builds the model transformers makes of BASE's files, asked for
-    only when BASE may have experts (a dense BASE needs no transformers)."""
-    if not _may_have_experts(base):
-        return Quantization(method)
+    """``--quantize method`` for BASE, as transformers will load it: ``layout`` builds the model transformers makes
+    of BASE's files. Without transformers a dense BASE's Linear weights are chosen by their names; experts need it."""
+    experts = _may_have_experts(base)
     said = f"--quantize {method}: BASE stores experts, and which of them transformers can load as FP8 takes its model class"
+    by_name = f"--quantize {method}: Linear weights chosen by their names"
     try:
         import transformers  # noqa: F401  (the layout below is its model class and conversion tables)
     except ImportError:
-        raise LayoutError(f"{said}, and transformers is not installed", [], f"install it: {EXTRA}") from None
+        if experts:
+            raise LayoutError(f"{said}, and transformers is not installed", [], f"install it: {EXTRA}") from None
+        return Quantization(method, notes=(f"{by_name} (transformers, not installed, would say which modules it "
+                                           "loads as FP8)",))
     try:
         model = layout()
     except LayoutError as e:
-        raise LayoutError(f"{said}: {e.args[0]}", e.problems, e.hint) from None
+        if experts:
+            raise LayoutError(f"{said}: {e.args[0]}", e.problems, e.hint) from None
+        return Quantization(method, notes=(f"{by_name}: {e.args[0]}",))
+    every, fp8, kept, notes = _experts(method, model, base)
+    return Quantization(method, frozenset(fp8 | _linears(model, base, every)), frozenset(every), kept, notes)
+
+
+def _may_have_experts(base: BaseModel) -> bool:
+    return any(".experts." in n or len(i.shape) == 3 and i.dtype in FLOAT_DTYPES and "conv" not in n
+               for n, i in base.tensors.items())
+
+
+def _linears(model: ModelLayout, base: BaseModel, skip: set[str]) -> set[str]:
+    """BASE's Linear weights that transformers loads into FP8Linear modules with their scales: every tensor of the
+    model made from one is a plain Linear's weight, taking it whole (renamed with its scale) or in whole blocks."""
+    made_from: dict[str, list[tuple[ModelTensor, Piece]]] = {}
+    for t in model.tensors.values():
+        for piece in t.pieces:
+            made_from.setdefault(piece.disk, []).append((t, piece))
+    chosen = set()
+    for name, info in base.tensors.items():
+        uses = made_from.get(name)
+        if name in skip or not uses or not linear(name, info):
+            continue
+        if all(t.why_not is None and t.name.endswith(".weight") and module(t.name) in model.linears and (
+                name in model.scales_carried if t.renamed({name: info.shape}) else _whole(piece, info.shape, 0))
+               for t, piece in uses):
+            chosen.add(name)
+    return chosen
+
+
+def _experts(method: str, model: ModelLayout, base: BaseModel):
+    """Every experts module decided whole: (its on-disk tensors, those OUT stores as FP8, the modules kept in BASE's
+    dtype, the notes saying why)."""
     every: set[str] = set()
     fp8: set[str] = set()
     kept: list[str] = []
@@ -131,12 +168,7 @@ def choose(method: str, base: BaseModel, layout: Callable[[], ModelLayout]) -> Q
     if kept:
         notes.insert(0, f"--quantize {method}: {len(kept)} experts module{'s' if len(kept) > 1 else ''} left in "
                         f"BASE's dtype and named in modules_to_not_convert")
-    return Quantization(method, frozenset(every), frozenset(fp8), tuple(sorted(kept)), tuple(dict.fromkeys(notes)))
-
-
-def _may_have_experts(base: BaseModel) -> bool:
-    return any(".experts." in n or len(i.shape) == 3 and i.dtype in FLOAT_DTYPES and "conv" not in n
-               for n, i in base.tensors.items())
+    return every, fp8, tuple(sorted(kept)), tuple(dict.fromkeys(notes))
 
 
 def _why_not_fp8(name: str, params: list[str], made: list[ModelTensor | None], model: ModelLayout,
@@ -160,11 +192,11 @@ def _why_not_fp8(name: str, params: list[str], made: list[ModelTensor | None], m
         if any(not isinstance(i, TensorInfo) or i.dtype not in FLOAT_DTYPES for i in infos):
             return f"{kind}.{param}: not stored in a float dtype"
         stored = t.renamed({p.disk: i.shape for p, i in zip(t.pieces, infos)})
-        if stored == t.name:
-            continue  # stacked in the files as in memory: the scale beside it loads by its name
+        if stored in model.scales_carried:
+            continue  # stacked in the files as in memory: the scale beside it goes where the tensor goes
         if stored is not None:
             return f"{kind}.{param}: stored as {stored.rsplit('.', 2)[-2]}, and transformers' renaming leaves its scale"
-        if not all(len(i.shape) == 2 and p.disk.endswith(".weight") and _stacks_whole_blocks(p, i.shape)
+        if not all(len(i.shape) == 2 and p.disk.endswith(".weight") and _whole(p, i.shape, 1)
                    for p, i in zip(t.pieces, infos)):
             return (f"{kind}.{param}: its stored tensors do not stack into it in whole blocks under their own "
                     "names, so transformers would not load their scales")
@@ -176,17 +208,18 @@ def _kind(name: str) -> str:
     return ".".join(name.split(".")[-2:])
 
 
-def _stacks_whole_blocks(piece: Piece, shape: tuple[int, ...]) -> bool:
-    """One expert's matrix, placed whole and unturned at a block boundary of the stacked parameter."""
+def _whole(piece: Piece, shape: tuple[int, ...], experts: int) -> bool:
+    """A stored matrix of ``shape`` goes into the model's tensor unturned, in whole 128×128 blocks on both sides
+    (after ``experts`` leading axes it is one position of): its scales go along as transformers moves them."""
     from .layout import Along, Fixed
 
-    if len(piece.axes) != 3 or not isinstance(piece.axes[0], Fixed):
+    if len(piece.axes) != experts + 2 or not all(isinstance(a, Fixed) for a in piece.axes[:experts]):
         return False
-    for axis, (along, size, block) in enumerate(zip(piece.axes[1:], shape, BLOCK)):
-        if not isinstance(along, Along) or along.axis != axis or len(along.disk) != size:
+    for axis, (along, size, block) in enumerate(zip(piece.axes[experts:], shape, BLOCK)):
+        if not isinstance(along, Along) or along.axis != axis or len(along.memory) % block:
             return False
-        first = int(along.memory[0])
-        if first % block or not (np.array_equal(along.memory, np.arange(first, first + size))
-                                 and np.array_equal(along.disk, np.arange(size))):
-            return False
+        for index in (along.memory, along.disk):
+            first = int(index[0])
+            if first % block or not np.array_equal(index, np.arange(first, first + len(index))):
+                return False
     return True

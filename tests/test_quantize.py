@@ -37,8 +37,8 @@ def qwen3(tmp_path_factory):
     return root
 
 
-def exact(base, adapter) -> dict[str, torch.Tensor]:
-    model = transformers.AutoModelForCausalLM.from_pretrained(base, dtype=torch.float64)
+def exact(base, adapter, auto_class: str = "AutoModelForCausalLM") -> dict[str, torch.Tensor]:
+    model = getattr(transformers, auto_class).from_pretrained(base, dtype=torch.float64)
     merged = peft.PeftModel.from_pretrained(model, adapter, autocast_adapter_dtype=False).merge_and_unload()
     return {k: v.detach().clone() for k, v in merged.state_dict().items()}
 
@@ -66,7 +66,7 @@ def assert_rounded_once(codes, scales, value, name):
     assert ((got - value).abs() <= step / 2 * (1 + 1e-9)).all(), name
 
 
-def loaded_as_fp8(folder, monkeypatch):
+def loaded_as_fp8(folder, monkeypatch, auto_class: str = "AutoModelForCausalLM"):
     """OUT loaded by transformers' FineGrainedFP8 as on a GPU (FP8Linear and FP8Experts holding the codes and
     scales; no CUDA is needed to load, only to run): its parameters, and the keys it missed or did not expect."""
     from transformers.quantizers.quantizer_finegrained_fp8 import (
@@ -74,7 +74,7 @@ def loaded_as_fp8(folder, monkeypatch):
     )
 
     monkeypatch.setattr(FineGrainedFP8HfQuantizer, "validate_environment", lambda self, *a, **k: None)
-    model, info = transformers.AutoModelForCausalLM.from_pretrained(folder, output_loading_info=True)
+    model, info = getattr(transformers, auto_class).from_pretrained(folder, output_loading_info=True)
     assert not info["missing_keys"] and not info["unexpected_keys"], info
     return {k: v.detach() for k, v in model.state_dict().items()}
 
@@ -131,25 +131,29 @@ def test_quantize_is_for_a_float_base_and_alone(qwen3, tmp_path):
     assert not (tmp_path / "out").exists()
 
 
-def moe_base(model_type: str, folder, **sizes):
-    """A tiny bf16 mixture of experts of ``model_type`` with the given sizes, saved by transformers."""
-    from architectures import tiny_config
+def tiny_base(model_type: str, folder, vision: dict | None = None, **sizes):
+    """A tiny bf16 model of ``model_type`` with the given sizes (of its text and vision parts), saved by
+    transformers."""
+    from architectures import auto_class, tiny_config
 
     if model_type not in transformers.CONFIG_MAPPING:
         pytest.skip(f"transformers {transformers.__version__} does not know {model_type}")
     config = tiny_config(model_type)
-    for key, value in sizes.items():
-        setattr(config, key, value)
+    for part, values in ((getattr(config, "text_config", None) or config, sizes),
+                         (getattr(config, "vision_config", None), vision or {})):
+        for key, value in values.items():
+            if hasattr(part, key):
+                setattr(part, key, value)
     torch.manual_seed(0)
-    transformers.AutoModelForCausalLM.from_config(config).to(torch.bfloat16).save_pretrained(folder)
+    getattr(transformers, auto_class(model_type)).from_config(config).to(torch.bfloat16).save_pretrained(folder)
     return folder
 
 
-def moe_adapter(base, folder, experts: list[str]):
-    """A peft adapter on every linear layer, and on the stacked expert parameters ``experts``."""
-    model = transformers.AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32)
+def tiny_adapter(base, folder, experts: list[str], auto_class: str = "AutoModelForCausalLM", modules="all-linear"):
+    """A peft adapter on ``modules`` (every linear layer), and on the stacked expert parameters ``experts``."""
+    model = getattr(transformers, auto_class).from_pretrained(base, dtype=torch.float32)
     torch.manual_seed(1)
-    lora = peft.LoraConfig(r=2, lora_alpha=4, target_modules="all-linear", target_parameters=experts or None,
+    lora = peft.LoraConfig(r=2, lora_alpha=4, target_modules=modules, target_parameters=experts or None,
                            init_lora_weights=False)
     peft.get_peft_model(model, lora).save_pretrained(folder)
     return folder
@@ -160,8 +164,8 @@ MOE = dict(hidden_size=128, head_dim=64, num_attention_heads=2, num_key_value_he
 
 def test_quantize_fp8_of_experts_stored_one_per_expert(tmp_path, monkeypatch):
     """qwen3_moe: one matrix per expert in the files, stacked by transformers into FP8Experts with their scales."""
-    base = moe_base("qwen3_moe", tmp_path / "base", moe_intermediate_size=128, intermediate_size=256, **MOE)
-    adapter = moe_adapter(base, tmp_path / "adapter", [])
+    base = tiny_base("qwen3_moe", tmp_path / "base", moe_intermediate_size=128, intermediate_size=256, **MOE)
+    adapter = tiny_adapter(base, tmp_path / "adapter", [])
     result = merge(base, adapter, tmp_path / "out", device="cpu", quantize="fp8")
     assert result.report.ok and result.report.tensors["model.layers.0.mlp.experts.1.up_proj.weight"].correctly_rounded
     out = load_tensors(tmp_path / "out")
@@ -183,8 +187,8 @@ def test_quantize_fp8_of_experts_stored_one_per_expert(tmp_path, monkeypatch):
 
 def test_quantize_fp8_of_experts_stacked_in_the_files(tmp_path, monkeypatch):
     """granitemoe_swa stores experts.gate_up_proj (E, 2I, H) as transformers holds it: codes and scales stacked."""
-    base = moe_base("granitemoe_swa", tmp_path / "base", intermediate_size=128, **MOE)
-    adapter = moe_adapter(base, tmp_path / "adapter", ["experts.gate_up_proj", "experts.down_proj"])
+    base = tiny_base("granitemoe_swa", tmp_path / "base", intermediate_size=128, **MOE)
+    adapter = tiny_adapter(base, tmp_path / "adapter", ["experts.gate_up_proj", "experts.down_proj"])
     result = merge(base, adapter, tmp_path / "out", device="cpu", quantize="fp8")
     name = "model.layers.0.block_sparse_moe.experts.gate_up_proj"
     assert result.report.ok and result.report.tensors[name].correctly_rounded
@@ -212,8 +216,8 @@ KEPT_EXPERTS = {  # experts FP8Experts cannot take from what OUT would store: le
 @pytest.mark.parametrize("model_type", sorted(KEPT_EXPERTS))
 def test_quantize_fp8_keeps_experts_fp8experts_cannot_take(model_type, tmp_path, monkeypatch):
     sizes, module, stored, why = KEPT_EXPERTS[model_type]
-    base = moe_base(model_type, tmp_path / "base", **sizes)
-    adapter = moe_adapter(base, tmp_path / "adapter", [])
+    base = tiny_base(model_type, tmp_path / "base", **sizes)
+    adapter = tiny_adapter(base, tmp_path / "adapter", [])
     result = merge(base, adapter, tmp_path / "out", device="cpu", quantize="fp8")
     assert result.report.ok
     assert any("experts module" in n and "left in BASE's dtype" in n for n in result.plan.notes), result.plan.notes
@@ -251,4 +255,39 @@ def test_quantize_fp8_of_experts_without_transformers_names_the_extra(tmp_path, 
     r = run_cli("merge", base, adapter, tmp_path / "out", "--quantize", "fp8", "--device", "cpu")
     expect_error(r, "--quantize fp8: BASE stores experts, and which of them transformers can load as FP8")
     assert "transformers is not installed" in r.output and "lora-merge[transformers]" in r.output
+    assert not (tmp_path / "out").exists()
+
+
+LOADED_AS_STORED = {  # what transformers makes of the files, followed tensor by tensor
+    "qwen2_5_vl": "model.language_model.layers.0.self_attn.q_proj.weight",  # prefixes renamed on loading
+    "gemma3": "model.language_model.layers.0.self_attn.q_proj.weight",  # the vision head's MultiheadAttention
+    # out_proj is a Linear subclass transformers does not make FP8: stays bf16
+    "hrm_text": "model.L_module.layers.0.self_attn.q_proj.weight",  # q, k and v cut from one stored w_qkv, scales too
+}
+
+
+@pytest.mark.parametrize("model_type", sorted(LOADED_AS_STORED))
+def test_quantize_fp8_loads_where_transformers_looks(model_type, tmp_path, monkeypatch):
+    from architectures import auto_class
+
+    kind = auto_class(model_type)
+    base = tiny_base(model_type, tmp_path / "base", vision=dict(hidden_size=128, intermediate_size=256, embed_dim=128,
+                     out_hidden_size=128, num_heads=2, num_attention_heads=2), **MOE, intermediate_size=256)
+    adapter = tiny_adapter(base, tmp_path / "adapter", [], kind, modules=["q_proj"])
+    result = merge(base, adapter, tmp_path / "out", device="cpu", quantize="fp8")
+    assert result.report.ok
+    want, on_gpu = exact(base, adapter, kind), loaded_as_fp8(tmp_path / "out", monkeypatch, kind)
+    fp8 = [n for n, t in on_gpu.items() if t.dtype == torch.float8_e4m3fn]
+    assert LOADED_AS_STORED[model_type] in fp8
+    for name in fp8:  # each FP8 parameter as transformers holds it: the exact merge, rounded once
+        assert_rounded_once(on_gpu[name], on_gpu[scale_of(name)], want[name], name)
+    if model_type == "gemma3":
+        assert on_gpu["model.vision_tower.head.attention.out_proj.weight"].dtype == torch.bfloat16
+
+
+def test_quantize_fp8_with_nothing_to_quantize_says_so(tmp_path):
+    base = tiny_base("llama", tmp_path / "base")  # every side 32 or 64: no whole 128×128 block
+    adapter = tiny_adapter(base, tmp_path / "adapter", [])
+    r = run_cli("merge", base, adapter, tmp_path / "out", "--quantize", "fp8", "--device", "cpu")
+    expect_error(r, "--quantize fp8: none of BASE's weights can be stored that way")
     assert not (tmp_path / "out").exists()
