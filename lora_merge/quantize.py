@@ -29,7 +29,7 @@ import numpy as np
 
 from .conversion import EXTRA
 from .dtypes import FLOAT_DTYPES
-from .errors import LayoutError
+from .errors import LayoutError, QuantizationError, name_list
 from .quant.fp8 import Fp8Quantized
 from .safetensors_file import TensorInfo
 
@@ -74,7 +74,7 @@ class Quantization:
     method: str
     chosen: frozenset[str] | None = None  # BASE's tensors OUT stores as FP8, as transformers loads them (None: by name)
     expert_tensors: frozenset[str] = frozenset()  # every on-disk tensor of an experts module: decided per module
-    kept_experts: tuple[str, ...] = ()  # experts modules left in BASE's dtype, as the model in memory names them
+    kept_modules: tuple[str, ...] = ()  # Linears and experts left in BASE's dtype, as the model in memory names them
     notes: tuple[str, ...] = field(default=(), compare=False)
 
     def takes(self, name: str, info) -> bool:
@@ -93,7 +93,7 @@ class Quantization:
         """config.json's ``quantization_config`` for OUT: the modules of every matrix left in BASE's dtype named."""
         kept = {module(n) for n, info in tensors.items() if n not in self.expert_tensors and isinstance(info, TensorInfo)
                 and len(info.shape) == 2 and n.endswith(".weight") and not self.takes(n, info)}
-        kept = sorted(kept | set(self.kept_experts) | {"lm_head"})
+        kept = sorted(kept | set(self.kept_modules) | {"lm_head"})  # the files' names (vLLM's) and the model's
         return {"quant_method": self.method, "fmt": "e4m3", "activation_scheme": "dynamic",
                 "weight_block_size": list(BLOCK), "modules_to_not_convert": kept}
 
@@ -118,7 +118,11 @@ def choose(method: str, base: BaseModel, layout: Callable[[], ModelLayout]) -> Q
             raise LayoutError(f"{said}: {e.args[0]}", e.problems, e.hint) from None
         return Quantization(method, notes=(f"{by_name}: {e.args[0]}",))
     every, fp8, kept, notes = _experts(method, model, base)
-    return Quantization(method, frozenset(fp8 | _linears(model, base, every)), frozenset(every), kept, notes)
+    linears = _linears(model, base, every)
+    fp8 |= linears
+    kept |= {module(t.name) for t in model.tensors.values() if module(t.name) in model.linears
+             and t.name.endswith(".weight") and not all(p.disk in linears for p in t.pieces)}
+    return Quantization(method, frozenset(fp8), frozenset(every), tuple(sorted(kept)), notes)
 
 
 def _may_have_experts(base: BaseModel) -> bool:
@@ -142,6 +146,15 @@ def _linears(model: ModelLayout, base: BaseModel, skip: set[str]) -> set[str]:
                 name in model.scales_carried if t.renamed({name: info.shape}) else _whole(piece, info.shape, 0))
                for t, piece in uses):
             chosen.add(name)
+    # transformers loads a stored weight cut into several Linears through one converter, which for an FP8 checkpoint
+    # it rewrites to dequantize when those Linears are not FP8: from one tensor to several, it cannot
+    cut = sorted(n for n, uses in made_from.items() if n not in chosen and n not in skip and n.endswith(".weight")
+                 and len({t.name for t, _ in uses}) > 1 and all(module(t.name) in model.linears for t, _ in uses))
+    if cut:
+        raise QuantizationError(
+            f"--quantize fp8: {len(cut)} stored weight{'s' if len(cut) > 1 else ''} that transformers cuts into "
+            "several Linears cannot be FP8 (not in whole 128×128 blocks), and transformers cannot load an FP8 "
+            "checkpoint that keeps such a weight in BASE's dtype", [name_list(cut)], "merge without --quantize")
     return chosen
 
 
@@ -168,7 +181,7 @@ def _experts(method: str, model: ModelLayout, base: BaseModel):
     if kept:
         notes.insert(0, f"--quantize {method}: {len(kept)} experts module{'s' if len(kept) > 1 else ''} left in "
                         f"BASE's dtype and named in modules_to_not_convert")
-    return every, fp8, tuple(sorted(kept)), tuple(dict.fromkeys(notes))
+    return every, fp8, set(kept), tuple(dict.fromkeys(notes))
 
 
 def _why_not_fp8(name: str, params: list[str], made: list[ModelTensor | None], model: ModelLayout,

@@ -258,11 +258,12 @@ def test_quantize_fp8_of_experts_without_transformers_names_the_extra(tmp_path, 
     assert not (tmp_path / "out").exists()
 
 
-LOADED_AS_STORED = {  # what transformers makes of the files, followed tensor by tensor
-    "qwen2_5_vl": "model.language_model.layers.0.self_attn.q_proj.weight",  # prefixes renamed on loading
-    "gemma3": "model.language_model.layers.0.self_attn.q_proj.weight",  # the vision head's MultiheadAttention
-    # out_proj is a Linear subclass transformers does not make FP8: stays bf16
-    "hrm_text": "model.L_module.layers.0.self_attn.q_proj.weight",  # q, k and v cut from one stored w_qkv, scales too
+LOADED_AS_STORED = {  # what transformers makes of the files, followed tensor by tensor; an MLP of 192 stays bf16
+    "qwen2_5_vl": ("model.language_model.layers.0.self_attn.q_proj.weight", 192),  # prefixes renamed on loading
+    "gemma3": ("model.language_model.layers.0.self_attn.q_proj.weight", 192),  # the vision head's
+    # MultiheadAttention out_proj is a Linear subclass transformers does not make FP8: stays bf16
+    "hrm_text": ("model.L_module.layers.0.self_attn.q_proj.weight", 256),  # q, k, v (and gate, up) cut from one
+    # stored w_qkv (gate_up_proj) on loading, and their scales with them
 }
 
 
@@ -270,17 +271,22 @@ LOADED_AS_STORED = {  # what transformers makes of the files, followed tensor by
 def test_quantize_fp8_loads_where_transformers_looks(model_type, tmp_path, monkeypatch):
     from architectures import auto_class
 
-    kind = auto_class(model_type)
+    kind, (fp8_name, mlp_size) = auto_class(model_type), LOADED_AS_STORED[model_type]
     base = tiny_base(model_type, tmp_path / "base", vision=dict(hidden_size=128, intermediate_size=256, embed_dim=128,
-                     out_hidden_size=128, num_heads=2, num_attention_heads=2), **MOE, intermediate_size=256)
+                     out_hidden_size=128, num_heads=2, num_attention_heads=2), **MOE, intermediate_size=mlp_size)
     adapter = tiny_adapter(base, tmp_path / "adapter", [], kind, modules=["q_proj"])
     result = merge(base, adapter, tmp_path / "out", device="cpu", quantize="fp8")
     assert result.report.ok
     want, on_gpu = exact(base, adapter, kind), loaded_as_fp8(tmp_path / "out", monkeypatch, kind)
     fp8 = [n for n, t in on_gpu.items() if t.dtype == torch.float8_e4m3fn]
-    assert LOADED_AS_STORED[model_type] in fp8
+    assert fp8_name in fp8
     for name in fp8:  # each FP8 parameter as transformers holds it: the exact merge, rounded once
         assert_rounded_once(on_gpu[name], on_gpu[scale_of(name)], want[name], name)
+    mlp = fp8_name.replace("self_attn.q_proj", "mlp.down_proj")
+    assert (on_gpu[mlp].dtype == torch.bfloat16) == (mlp_size % 128 != 0)
+    if mlp_size % 128:  # named as the model in memory has it, and as the files do
+        kept = json.loads((tmp_path / "out" / "config.json").read_text())["quantization_config"]
+        assert mlp[: -len(".weight")] in kept["modules_to_not_convert"]
     if model_type == "gemma3":
         assert on_gpu["model.vision_tower.head.attention.out_proj.weight"].dtype == torch.bfloat16
 
@@ -291,3 +297,13 @@ def test_quantize_fp8_with_nothing_to_quantize_says_so(tmp_path):
     r = run_cli("merge", base, adapter, tmp_path / "out", "--quantize", "fp8", "--device", "cpu")
     expect_error(r, "--quantize fp8: none of BASE's weights can be stored that way")
     assert not (tmp_path / "out").exists()
+
+
+def test_quantize_fp8_refuses_a_cut_weight_transformers_could_not_load(tmp_path):
+    """hrm_text stores gate and up as one gate_up_proj that transformers cuts on loading; of 192 rows each they are
+    not whole blocks, and an FP8 checkpoint keeping it in bf16 does not load in transformers."""
+    base = tiny_base("hrm_text", tmp_path / "base", **MOE, intermediate_size=192)
+    adapter = tiny_adapter(base, tmp_path / "adapter", [], modules=["q_proj"])
+    r = run_cli("merge", base, adapter, tmp_path / "out", "--quantize", "fp8", "--device", "cpu")
+    expect_error(r, "transformers cannot load an FP8 checkpoint that keeps such a weight")
+    assert "mlp.gate_up_proj.weight" in r.output and not (tmp_path / "out").exists()
