@@ -307,3 +307,53 @@ def test_quantize_fp8_refuses_a_cut_weight_transformers_could_not_load(tmp_path)
     r = run_cli("merge", base, adapter, tmp_path / "out", "--quantize", "fp8", "--device", "cpu")
     expect_error(r, "transformers cannot load an FP8 checkpoint that keeps such a weight")
     assert "mlp.gate_up_proj.weight" in r.output and not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_quantize_fp8_every_path_writes_the_same_bytes(tmp_path, monkeypatch, dtype):
+    """The FP8 kernels in C reading a float BASE, the same passes in numpy, and the torch codec (the GPU's path): one
+    output, targeted and untouched matrices, several blocks each, an all-zero block among them."""
+    from safetensors.torch import save_file
+
+    from lora_merge import writer
+
+    base = tmp_path / "base"
+    build_model("qwen3", base, dtype=dtype, hidden_size=256, intermediate_size=384, head_dim=64,
+                num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=False)
+    tensors = load_tensors(base)
+    tensors["model.layers.0.self_attn.k_proj.weight"][:128, 128:] = 0  # a block that is zero, untouched
+    tensors["model.layers.0.self_attn.q_proj.weight"][128:256, :128] = 0  # and one the adapter changes
+    # a block whose scale is 2^-10 (its largest |value| 448 · 2^-10) and whose other values are ties between two
+    # codes at that scale (±1.0625 · 2^k): more open elements than the kernel lists in one go
+    o_proj = tensors["model.layers.0.self_attn.o_proj.weight"]
+    ties = torch.randint(-3, 5, (128, 128), generator=torch.Generator().manual_seed(0))
+    o_proj[:128, :128] = (torch.where(o_proj[:128, :128] < 0, -1.0625, 1.0625) * torch.exp2(ties - 10.0)).to(dtype)
+    o_proj[0, 0] = 448 * 2.0**-10
+    save_file(tensors, base / "model.safetensors", metadata={"format": "pt"})
+    adapter = tmp_path / "adapter"
+    build_adapter(base, adapter, r=4, lora_alpha=8, target_modules=["q_proj", "v_proj", "down_proj"])
+    from lora_merge import kernels
+
+    result = merge(base, adapter, tmp_path / "c", device="cpu", quantize="fp8")
+    assert result.report.ok
+    fp8 = [e for e in result.plan.entries if e.dtype == "F8_E4M3"]
+    assert fp8 and all(writer.fp8_fast(e, "cpu") for e in fp8)  # targeted or not, all through the FP8 kernels
+    report = json.loads((tmp_path / "c" / "merge_report.json").read_text())
+    assert report["tensors"]["model.layers.0.self_attn.q_proj.weight"]["correctly_rounded"]
+    with monkeypatch.context() as m:  # the numpy passes, as LORA_MERGE_PLAIN=1 picks them
+        m.setattr(kernels, "FP8", kernels.plain.FP8)
+        assert merge(base, adapter, tmp_path / "numpy", device="cpu", quantize="fp8").report.ok
+    with monkeypatch.context() as m:
+        m.setattr(writer, "fp8_fast", lambda entry, device: False)
+        assert merge(base, adapter, tmp_path / "torch", device="cpu", quantize="fp8").report.ok
+    for f in (tmp_path / "c").glob("*.safetensors"):
+        for other in ("numpy", "torch"):
+            assert f.read_bytes() == (tmp_path / other / f.name).read_bytes(), (other, f.name)
+    out, want = load_tensors(tmp_path / "c"), exact(base, adapter)
+    name = "model.layers.0.self_attn.k_proj.weight"
+    assert out[scale_of(name)][0, 1] == 1.0  # the zero block: scale 1, as transformers' quantizer
+    assert out[scale_of("model.layers.0.self_attn.o_proj.weight")][0, 0] == 2.0**-10
+    for name in ("model.layers.0.self_attn.q_proj.weight", name, "model.layers.0.self_attn.o_proj.weight",
+                 "model.layers.1.mlp.down_proj.weight"):
+        assert_rounded_once(out[name], out[scale_of(name)], want[name], name)
+    assert verify(tmp_path / "c", base, adapter, device="cpu").ok

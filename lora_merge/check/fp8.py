@@ -1,6 +1,6 @@
 """The check of an FP8 tensor written back in its format on the CPU (see ``quant/fp8_cpu.py``), with code of its own.
 
-It reads BASE's codes and scales itself, prepares the adapter's factors its own way (``dense.own_terms``: the scale
+It reads BASE's codes and scales itself (a float BASE's values, for ``--quantize fp8``), prepares the adapter's factors its own way (``dense.own_terms``: the scale
 folded into the right factor), and asks the FP8 kernel whether each stored value is, beyond the arithmetic's
 rigorous bound, within half a step of the e4m3 grid at its scale of the exact W + s·B·A (then it is the nearest
 code). Those it cannot prove so are measured in float64 against the same bound as ``grid.GridCheck``'s: half a step
@@ -15,7 +15,7 @@ import numpy as np
 from .. import kernels
 from ..buffers import HostBuffers
 from ..dense import OPEN_SHARE
-from ..quant.fp8_cpu import E4M3, fresh_scale, fresh_scales, read_parts, scale_rows
+from ..quant.fp8_cpu import E4M3, Base, base_rows, fresh_scale, fresh_scales, scale_rows
 from .dense import COMPUTE_UNIT, own_terms
 from .verdict import HALF, NOISE, SCALE_TOLERANCE, SUMS, RequantizedTally, largest
 
@@ -30,7 +30,9 @@ class Fp8Check(RequantizedTally):
         self.cols = entry.shape[1]
         self.bm, self.bn = self.q.block
         self.power_of_two = self.q.power_of_two or self.q.parts[1].dtype == "F8_E8M0"
-        self.terms = own_terms(entry)
+        # the adapter's factors side by side (none: a float BASE's matrix written as FP8, unchanged)
+        self.terms = own_terms(entry) or [(np.zeros((entry.shape[0], 0), np.float32),
+                                           np.zeros((0, self.cols), np.float32), 0.0)]
         self.rank = sum(left.shape[1] for left, _, _ in self.terms)
         self.left = np.concatenate([left for left, _, _ in self.terms], axis=1).astype(np.float32)
         right = np.concatenate([right.astype(np.float64) * s for _, right, s in self.terms]).astype(np.float32)
@@ -50,20 +52,19 @@ class Fp8Check(RequantizedTally):
         codes = np.asarray(stored[0]).reshape(-1).view(np.uint8).reshape(stop - start, self.cols)
         scales = scale_rows(self.q, np.asarray(stored[1]))
         self.finite = self.finite and not bool(np.any((codes & 0x7F) == 0x7F))
-        base_codes, raw = read_parts(self.q, start, stop, self.buffers, "check ")
-        base_scales = scale_rows(self.q, raw)
+        base = base_rows(self.q, start, stop, self.buffers, "check ")
         for k, first in enumerate(range(start, stop, self.bm)):
             last = min(stop, first + self.bm)
             band = slice(first - start, last - start)
-            self._band(first, last, base_codes[band], base_scales[k], codes[band], scales[k])
+            self._band(first, last, base.band(k, band), codes[band], scales[k])
 
-    def _band(self, first: int, last: int, base_codes, base_scales, codes, scales) -> None:
+    def _band(self, first: int, last: int, base: Base, codes, scales) -> None:
         rows, n = last - first, (last - first) * self.cols
         nscale = len(scales)
         blocks, sums = np.zeros((nscale, 3)), np.zeros(SUMS)
         bound = (self.rank, self.c_terms, self.slack, self.c, rows, self.cols, self.bn)
         idx = self.buffers("flagged", (n // OPEN_SHARE + 1,), np.int64)
-        args = (base_codes, base_scales, codes, scales, self.left[first:last], self.right, *bound)
+        args = (base.codes, base.scales, base.wf_arg, codes, scales, self.left[first:last], self.right, *bound)
         count = kernels.FP8.fp8_check(*args, idx, sums, blocks)
         if count > len(idx):
             idx, sums, blocks = self.buffers("flagged", (count,), np.int64), np.zeros(SUMS), np.zeros((nscale, 3))
@@ -73,12 +74,12 @@ class Fp8Check(RequantizedTally):
         if count < n:  # within half a step of the nearest grid value
             self.worst = max(self.worst, HALF)
         if count:
-            self._measure(idx[:count], first, base_codes, base_scales, codes, scales)
+            self._measure(idx[:count], first, base, codes, scales)
         self._scales(first, blocks, scales)
 
-    def _measure(self, flat, first: int, base_codes, base_scales, codes, scales) -> None:
+    def _measure(self, flat, first: int, base: Base, codes, scales) -> None:
         i, j = flat // self.cols, flat % self.cols
-        w = E4M3[base_codes.reshape(-1)[flat]] * base_scales[j // self.bn].astype(np.float64)
+        w = base.values(flat, self.bn)
         products = self.left[first + i].astype(np.float64) * self.right0[j].astype(np.float64) * self.scales
         exact = w + products.sum(axis=1)
         scale = scales[j // self.bn].astype(np.float64)

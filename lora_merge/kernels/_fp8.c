@@ -6,6 +6,9 @@
    A band is `rows` x `cols` elements; `scales` its row of block scales (float32 values, one per `bn` columns);
    L (rows x r) and R (packed by COLS columns, as _kernels.c) the low-rank factors with the scale folded in.
 
+   BASE's weights are FP8 codes and scales, or (`wf`, not empty: writing a float BASE as FP8) float32 values, exact
+   copies of a bfloat16, float16 or float32 tensor: w is then wf's, and every block gets a fresh scale (`fresh_all`).
+
    fp8_merge   a block of scale at a time, while it is in cache: w = e4m3(code) * scale, v = w + L @ R in float32,
                and E, a rigorous bound on |v - the exact value| (c (|v| + |w|) + ct m + slack); per element `state`
                2 where the delta is certainly not zero, 1 where it may be, 0 where it is exactly zero; an interval
@@ -35,6 +38,17 @@ INLINE float e4m3_value(uint8_t code) {
     float sub = u2f(sign | f2u((float)(int32_t)m * 0x1p-9f));
     float v = e == 0 ? sub : normal;
     return (c & 0x7Fu) == 0x7Fu ? u2f(sign | 0x7FC00000u) : v;
+}
+
+/* BASE's values at flat indices [at + ja, at + jb), as a row `w` to index by j in [ja, jb): a float BASE's own (wf,
+   in place), else each code times the scale, made in `room` (COLS floats); chosen once per segment, so that the
+   loops that use it stay vectorized */
+INLINE const float *w_row(const uint8_t *codes, const float *wf, I at, I ja, I jb, float scale, float *room) {
+    if (wf) return wf + at;
+    float *w = room - ja;
+#pragma omp simd simdlen(8)
+    for (I j = ja; j < jb; j++) w[j] = e4m3_value(codes[at + j]) * scale;
+    return w;
 }
 
 /* The nearest e4m3 code to t, ties to even, past 448 saturating to it, and whether a bound et on t's error can
@@ -88,9 +102,9 @@ INLINE I listed(const uint8_t *flags, I n, I base, int64_t *X, I cap, I nflag) {
    float32 pass's lower end (no other can be the largest), each computed again in float64 from the adapter's own
    factors (L0 rows x r, RT cols x r, each column's scale sc: every product of two float32 factors is exact there),
    with a bound of its own, (r + 4) 2^-52 of its terms' sizes. */
-static void extremes64(const uint8_t *codes, float scale, const float *BV, const float *BE, I rows, I cols, I first,
-                       I last, float lo32, const float *L0, const float *RT, const double *sc, I r, double *lo,
-                       double *hi) {
+static void extremes64(const uint8_t *codes, const float *wf, float scale, const float *BV, const float *BE, I rows,
+                       I cols, I first, I last, float lo32, const float *L0, const float *RT, const double *sc, I r,
+                       double *lo, double *hi) {
     double l = 0.0, h = 0.0;
     float from = lo32 * (1.0f - 0x1p-22f);
     I width = last - first;
@@ -98,7 +112,8 @@ static void extremes64(const uint8_t *codes, float scale, const float *BV, const
         for (I j = first; j < last; j++) {
             I at = i * width + j - first;  /* BV and BE hold the block alone, row after row */
             if (!(fabsf(BV[at]) + BE[at] >= from)) continue;
-            double w = (double)e4m3_value(codes[i * cols + j]) * (double)scale, d = 0.0, size = fabs(w);
+            double w = wf ? (double)wf[i * cols + j] : (double)e4m3_value(codes[i * cols + j]) * (double)scale;
+            double d = 0.0, size = fabs(w);
             for (I t = 0; t < r; t++) {
                 double x = sc[t] * ((double)L0[i * r + t] * (double)RT[j * r + t]);
                 d += x;
@@ -146,13 +161,14 @@ INLINE I encode_block(const float *BV, const float *BE, float s, I rows, I cols,
 
 /* A band merged a block of scale at a time, while its values are in cache: the values and their bounds, the block's
    largest |value| (extremes64), its scale where that decides it, its codes. status[k]: 0 the block is unchanged (its
-   codes copied, its scale kept), 1 merged (its scale in new_scales), 2 left to the caller (V, E and S filled). */
-HOT static I merge_band(const uint8_t *codes, const float *scales, const float *L, const float *R, I r, float ct,
-                        float slack, float c, I rows, I cols, I bn, const float *L0, const float *RT, const double *sc,
-                        int pow2, I k_first, I k_last, float *V, float *E, uint8_t *S, uint8_t *out,
-                        float *new_scales, uint8_t *status, int64_t *X, I cap) {
+   codes copied, its scale kept), 1 merged (its scale in new_scales), 2 left to the caller (V, E and S filled);
+   with `fresh_all` no block is 0, and a block the adapter may not change is merged as one it does. */
+HOT static I merge_band(const uint8_t *codes, const float *wf, const float *scales, const float *L, const float *R,
+                        I r, float ct, float slack, float c, I rows, I cols, I bn, const float *L0, const float *RT,
+                        const double *sc, int pow2, int fresh_all, I k_first, I k_last, float *V, float *E,
+                        uint8_t *S, uint8_t *out, float *new_scales, uint8_t *status, int64_t *X, I cap) {
     I nflag = 0;
-    float p[COLS], m[COLS];
+    float p[COLS], m[COLS], room[COLS];
     float *lo = malloc((size_t)(bn + COLS) * sizeof(float));
     uint8_t *st = malloc((size_t)(bn + COLS));
     /* the block's values, bounds and states, row after row: a few hundred KB at most, in cache */
@@ -169,13 +185,13 @@ HOT static I merge_band(const uint8_t *codes, const float *scales, const float *
             for (I i = g; i < rows && i < g + GROUP; i++) {
                 if (r) product32(L + i * r, R + (j0 / COLS) * r * COLS, r, p, m);
                 else memset(p, 0, sizeof p), memset(m, 0, sizeof m);
-                const float *pj = p - j0, *mj = m - j0;
+                const float *pj = p - j0, *mj = m - j0, *wj = w_row(codes, wf, i * cols, ja, jb, scale, room);
                 float *loj = lo - first;
                 uint8_t *stj = st - first;
 #pragma omp simd simdlen(8)
                 for (I j = ja; j < jb; j++) {
                     I local = i * width + j - first;
-                    float w = e4m3_value(codes[i * cols + j]) * scale;
+                    float w = wj[j];
                     float v = add(w, pj[j]), eb = ct * mj[j] + slack, a = fabsf(v);
                     float e = c * (a + fabsf(w)) + eb;
                     uint8_t state = (uint8_t)(fabsf(pj[j]) > eb ? 2 : (mj[j] > 0.0f ? 1 : 0));
@@ -193,6 +209,7 @@ HOT static I merge_band(const uint8_t *codes, const float *scales, const float *
             l = lo[j] > l ? lo[j] : l;
             t = st[j] > t ? st[j] : t;
         }
+        if (fresh_all) t = 2;  /* every block scaled afresh, whatever the adapter does to it */
         if (t == 0) {  /* the adapter changes nothing here */
             for (I i = 0; i < rows; i++) memcpy(out + i * cols + first, codes + i * cols + first, (size_t)width);
             new_scales[k] = scale;
@@ -200,7 +217,7 @@ HOT static I merge_band(const uint8_t *codes, const float *scales, const float *
             continue;
         }
         double l64 = 0.0, h64 = 0.0;
-        extremes64(codes, scale, BV, BE, rows, cols, first, last, l, L0, RT, sc, r, &l64, &h64);
+        extremes64(codes, wf, scale, BV, BE, rows, cols, first, last, l, L0, RT, sc, r, &l64, &h64);
         double low = fresh(l64 * (1.0 - 0x1p-50), pow2), high = fresh(h64 * (1.0 + 0x1p-50), pow2);
         if (t == 1 || !(l64 > 0.0) || low != high || !(low >= 0x1p-126 && low <= 0x1p127)) {
             status[k] = 2;  /* whether it changes, or its scale, is the caller's to decide exactly: V, E, S for it */
@@ -257,11 +274,11 @@ INLINE float half_step(uint8_t o, float scale, int below) {
     return below & ((o & 7) == 0) & (e > 1) ? h * 0.5f : h;
 }
 
-HOT static I check_band(const uint8_t *base_codes, const float *base_scales, const uint8_t *codes,
+HOT static I check_band(const uint8_t *base_codes, const float *base_scales, const float *wf, const uint8_t *codes,
                         const float *scales, const float *L, const float *R, I r, float ct, float slack, float c,
                         I rows, I cols, I bn, int64_t *X, I cap, double *sums, double *blocks) {
     I nflag = 0, nb = (cols + COLS - 1) / COLS, nscale = (cols + bn - 1) / bn;
-    float p[COLS], m[COLS];
+    float p[COLS], m[COLS], room[COLS];
     uint8_t fl[COLS];
     /* per column: the largest |v| - e and |v| + e, whether a stored value certainly differs, the survival's sums */
     float *acc = calloc((size_t)cols * 11, sizeof(float));
@@ -280,10 +297,11 @@ HOT static I check_band(const uint8_t *base_codes, const float *base_scales, con
             else memset(p, 0, sizeof p), memset(m, 0, sizeof m);
             SEGMENTS(j0, n, bn, ja, jb, k) {
                 float bscale = base_scales[k], scale = scales[k];
+                const float *wj = w_row(base_codes, wf, base, ja, jb, bscale, room);
 #pragma omp simd simdlen(8)
                 for (I j = ja; j < jb; j++) {
                     uint8_t o = codes[base + j];
-                    float w = e4m3_value(base_codes[base + j]) * bscale, got = e4m3_value(o) * scale;
+                    float w = wj[j], got = e4m3_value(o) * scale;
                     float v = add(w, p[j]), a = fabsf(v), d = fabsf(v - got);
                     float e = c * (a + fabsf(w) + fabsf(got)) + (ct * m[j] + slack);
                     int below = !(a >= fabsf(got) + e);
@@ -322,17 +340,17 @@ HOT static I check_band(const uint8_t *base_codes, const float *base_scales, con
 /* ---------------------------------------------------------------------------------------- Python side */
 
 static PyObject *fp8_merge(PyObject *self, PyObject *args) {
-    Py_buffer codes, scales, L, R, L0, RT, sc, V, E, S, out, fresh_scales, status, idx;
+    Py_buffer codes, wf, scales, L, R, L0, RT, sc, V, E, S, out, fresh_scales, status, idx;
     I r, rows, cols, bn, k_first, k_last, nflag = -1;
     double ct, slack, c;
-    int pow2;
-    if (!PyArg_ParseTuple(args, "y*y*y*y*ndddnnny*y*y*pnnw*w*w*w*w*w*w*", &codes, &scales, &L, &R, &r, &ct, &slack, &c,
-                          &rows, &cols, &bn, &L0, &RT, &sc, &pow2, &k_first, &k_last, &V, &E, &S, &out, &fresh_scales,
-                          &status, &idx))
+    int pow2, fresh_all;
+    if (!PyArg_ParseTuple(args, "y*y*y*y*y*ndddnnny*y*y*ppnnw*w*w*w*w*w*w*", &codes, &wf, &scales, &L, &R, &r, &ct,
+                          &slack, &c, &rows, &cols, &bn, &L0, &RT, &sc, &pow2, &fresh_all, &k_first, &k_last, &V, &E,
+                          &S, &out, &fresh_scales, &status, &idx))
         return NULL;
     I n = rows * cols, nscale = bn > 0 ? (cols + bn - 1) / bn : 0;
     int ok = r >= 0 && rows >= 0 && cols > 0 && bn > 0 && 0 <= k_first && k_first <= k_last && k_last <= nscale &&
-             sized(&codes, n, 1, "codes") &&
+             sized(&codes, n, 1, "codes") && (wf.len == 0 || sized(&wf, n, 4, "wf")) &&
              sized(&scales, nscale, 4, "scales") && sized(&L, rows * r, 4, "L") &&
              sized(&R, (cols + COLS - 1) / COLS * r * COLS, 4, "R") && sized(&L0, rows * r, 4, "L0") &&
              sized(&RT, cols * r, 4, "RT") && sized(&sc, r, 8, "sc") && sized(&V, n, 4, "v") && sized(&E, n, 4, "e") &&
@@ -341,13 +359,13 @@ static PyObject *fp8_merge(PyObject *self, PyObject *args) {
     if (ok) {
         I cap = idx.len / 8;
         Py_BEGIN_ALLOW_THREADS
-        nflag = merge_band(codes.buf, scales.buf, L.buf, R.buf, r, (float)ct, (float)slack, (float)c, rows, cols, bn,
-                           L0.buf, RT.buf, sc.buf, pow2, k_first, k_last, V.buf, E.buf, S.buf, out.buf,
-                           fresh_scales.buf, status.buf, idx.buf, cap);
+        nflag = merge_band(codes.buf, wf.len ? wf.buf : NULL, scales.buf, L.buf, R.buf, r, (float)ct, (float)slack,
+                           (float)c, rows, cols, bn, L0.buf, RT.buf, sc.buf, pow2, fresh_all, k_first, k_last, V.buf,
+                           E.buf, S.buf, out.buf, fresh_scales.buf, status.buf, idx.buf, cap);
         Py_END_ALLOW_THREADS
     } else if (!PyErr_Occurred())
         PyErr_SetString(PyExc_ValueError, "bad band arguments");
-    Py_buffer *all[] = {&codes, &scales, &L, &R, &L0, &RT, &sc, &V, &E, &S, &out, &fresh_scales, &status, &idx};
+    Py_buffer *all[] = {&codes, &wf, &scales, &L, &R, &L0, &RT, &sc, &V, &E, &S, &out, &fresh_scales, &status, &idx};
     for (size_t q = 0; q < sizeof all / sizeof *all; q++) PyBuffer_Release(all[q]);
     return nflag < 0 ? NULL : PyLong_FromSsize_t(nflag);
 }
@@ -374,14 +392,15 @@ static PyObject *fp8_encode(PyObject *self, PyObject *args) {
 }
 
 static PyObject *fp8_check(PyObject *self, PyObject *args) {
-    Py_buffer bc, bs, codes, scales, L, R, idx, sums, blocks;
+    Py_buffer bc, bs, wf, codes, scales, L, R, idx, sums, blocks;
     I r, rows, cols, bn, nflag = -1;
     double ct, slack, c;
-    if (!PyArg_ParseTuple(args, "y*y*y*y*y*y*ndddnnnw*w*w*", &bc, &bs, &codes, &scales, &L, &R, &r, &ct, &slack, &c,
-                          &rows, &cols, &bn, &idx, &sums, &blocks))
+    if (!PyArg_ParseTuple(args, "y*y*y*y*y*y*y*ndddnnnw*w*w*", &bc, &bs, &wf, &codes, &scales, &L, &R, &r, &ct, &slack,
+                          &c, &rows, &cols, &bn, &idx, &sums, &blocks))
         return NULL;
     I n = rows * cols, nscale = bn > 0 ? (cols + bn - 1) / bn : 0;
     int ok = r >= 0 && rows >= 0 && cols > 0 && bn > 0 && sized(&bc, n, 1, "base codes") &&
+             (wf.len == 0 || sized(&wf, n, 4, "wf")) &&
              sized(&bs, nscale, 4, "base scales") && sized(&codes, n, 1, "codes") &&
              sized(&scales, nscale, 4, "scales") && sized(&L, rows * r, 4, "L") &&
              sized(&R, (cols + COLS - 1) / COLS * r * COLS, 4, "R") && sized(&sums, 9, 8, "sums") &&
@@ -389,12 +408,12 @@ static PyObject *fp8_check(PyObject *self, PyObject *args) {
     if (ok) {
         I cap = idx.len / 8;
         Py_BEGIN_ALLOW_THREADS
-        nflag = check_band(bc.buf, bs.buf, codes.buf, scales.buf, L.buf, R.buf, r, (float)ct, (float)slack, (float)c,
-                           rows, cols, bn, idx.buf, cap, sums.buf, blocks.buf);
+        nflag = check_band(bc.buf, bs.buf, wf.len ? wf.buf : NULL, codes.buf, scales.buf, L.buf, R.buf, r, (float)ct,
+                           (float)slack, (float)c, rows, cols, bn, idx.buf, cap, sums.buf, blocks.buf);
         Py_END_ALLOW_THREADS
     } else if (!PyErr_Occurred())
         PyErr_SetString(PyExc_ValueError, "bad band arguments");
-    PyBuffer_Release(&bc); PyBuffer_Release(&bs); PyBuffer_Release(&codes); PyBuffer_Release(&scales);
+    PyBuffer_Release(&bc); PyBuffer_Release(&bs); PyBuffer_Release(&wf); PyBuffer_Release(&codes); PyBuffer_Release(&scales);
     PyBuffer_Release(&L); PyBuffer_Release(&R); PyBuffer_Release(&idx); PyBuffer_Release(&sums);
     PyBuffer_Release(&blocks);
     return nflag < 0 ? NULL : PyLong_FromSsize_t(nflag);
@@ -402,13 +421,13 @@ static PyObject *fp8_check(PyObject *self, PyObject *args) {
 
 static PyMethodDef methods[] = {
     {"fp8_merge", fp8_merge, METH_VARARGS,
-     "fp8_merge(codes, scales, L, R, r, ct, slack, c, rows, cols, bn, L0, RT, sc, power_of_two, k_first, k_last, v, e, "
-     "state, out, new_scales, status, idx) -> flagged"},
+     "fp8_merge(codes, wf, scales, L, R, r, ct, slack, c, rows, cols, bn, L0, RT, sc, power_of_two, fresh_all, k_first, "
+     "k_last, v, e, state, out, new_scales, status, idx) -> flagged"},
     {"fp8_encode", fp8_encode, METH_VARARGS,
      "fp8_encode(v, e, scales, keep, codes, rows, cols, bn, out, idx) -> flagged"},
     {"fp8_check", fp8_check, METH_VARARGS,
-     "fp8_check(base_codes, base_scales, codes, scales, L, R, r, ct, slack, c, rows, cols, bn, idx, sums, blocks) "
-     "-> flagged"},
+     "fp8_check(base_codes, base_scales, wf, codes, scales, L, R, r, ct, slack, c, rows, cols, bn, idx, sums, "
+     "blocks) -> flagged"},
     {NULL, NULL, 0, NULL},
 };
 

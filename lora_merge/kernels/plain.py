@@ -296,11 +296,11 @@ class _Fp8:
     """The FP8 passes in numpy, as ``_fp8.c`` makes them (see there for the arguments)."""
 
     @staticmethod
-    def fp8_merge(codes, scales, L, R, r, ct, slack, c, rows, cols, bn, L0, RT, sc, power_of_two, k_first, k_last,
-                  V, E, S, out, new_scales, status, idx) -> int:
+    def fp8_merge(codes, wf, scales, L, R, r, ct, slack, c, rows, cols, bn, L0, RT, sc, power_of_two, fresh_all,
+                  k_first, k_last, V, E, S, out, new_scales, status, idx) -> int:
         with np.errstate(all="ignore"):
             p, m = _product(L, R, r, rows, cols, np.float32)
-            w = E4M3_32[np.asarray(codes).reshape(rows, cols)] * _per_column(scales, cols, bn)
+            w = _w32(codes, wf, scales, rows, cols, bn)
             v = add(w, p)
             eb = np.float32(ct) * m + np.float32(slack)
             a = np.abs(v)
@@ -310,13 +310,14 @@ class _Fp8:
             # the largest exact |value| of each block, in float64 (every product of two float32 factors is exact)
             left = np.asarray(L0, np.float64).reshape(rows, r) * np.asarray(sc)
             right = np.asarray(RT, np.float64).reshape(cols, r).T
-            w64 = E4M3[np.asarray(codes).reshape(rows, cols)] * _per_column(scales, cols, bn).astype(np.float64)  # exact
+            w64 = w.astype(np.float64) if len(wf) else \
+                E4M3[np.asarray(codes).reshape(rows, cols)] * _per_column(scales, cols, bn).astype(np.float64)  # exact
             v64 = w64 + left @ right
             size = np.abs(w64) + np.abs(left) @ np.abs(right)
             b = (r + 4) * 2.0**-52 * size + 2.0**-1070
             lo = _block_max(np.maximum(np.abs(v64) - b, 0), cols, bn)
             hi = _block_max(np.abs(v64) + b, cols, bn)
-            most = _block_max(state, cols, bn)
+            most = np.full(-(-cols // bn), 2, np.uint8) if fresh_all else _block_max(state, cols, bn)
 
             def fresh(x):
                 q = x / 448.0
@@ -362,13 +363,13 @@ class _Fp8:
         return _listed(flag.reshape(-1), idx)
 
     @staticmethod
-    def fp8_check(base_codes, base_scales, codes, scales, L, R, r, ct, slack, c, rows, cols, bn, idx, sums,
+    def fp8_check(base_codes, base_scales, wf, codes, scales, L, R, r, ct, slack, c, rows, cols, bn, idx, sums,
                   blocks) -> int:
         f32 = np.float32
         with np.errstate(all="ignore"):
             p, m = _product(L, R, r, rows, cols, np.float32)
             o = np.asarray(codes).reshape(rows, cols)
-            w = E4M3_32[np.asarray(base_codes).reshape(rows, cols)] * _per_column(base_scales, cols, bn)
+            w = _w32(base_codes, wf, base_scales, rows, cols, bn)
             scale = _per_column(scales, cols, bn).astype(np.float32)
             got = E4M3_32[o] * scale
             v = add(w, p)
@@ -385,6 +386,13 @@ class _Fp8:
             _survival(w, v, got, sums)
             _bf16_survival(w, v, sums)
         return _listed(flag.reshape(-1), idx)
+
+
+def _w32(codes, wf, scales, rows: int, cols: int, bn: int) -> np.ndarray:
+    """BASE's values in float32: a float BASE's own (``wf`` not empty), else each code times its block's scale."""
+    if len(wf):
+        return np.asarray(wf, np.float32)[:rows * cols].reshape(rows, cols)
+    return E4M3_32[np.asarray(codes).reshape(rows, cols)] * _per_column(scales, cols, bn)
 
 
 FP8 = _Fp8()

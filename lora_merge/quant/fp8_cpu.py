@@ -9,23 +9,31 @@ at least it), decided here exactly where the interval leaves it open; then each 
 its exact value / the scale, ties to even, 448 at most: the kernel's where its bound is clear of a midpoint, else
 decided here in float64 or, within float64's own error, in exact rational arithmetic. So the bytes are those of the
 exact merge, rounded once, whatever order the products were summed in.
+
+A float BASE written as FP8 (``--quantize fp8``, ``Fp8Quantized``) goes the same way, its values read as float32
+(exact copies of bfloat16, float16 or float32) in place of codes times scales, and every block scaled afresh,
+whether the adapter changes it or not (or targets the matrix at all).
 """
 
 from __future__ import annotations
 
 import math
 import os
+from dataclasses import dataclass
 from fractions import Fraction
 
 import numpy as np
 
 from .. import kernels
 from ..dense import OPEN_SHARE, UNIT32, LowRankFactors, low_rank_only, round_fraction
+from ..dtypes import DTYPES
 from ..errors import NonFiniteError
 from ..safetensors_file import pread_into
 
 LARGEST = 448.0  # e4m3's largest value
 SCALE_DTYPES = ("F32", "F8_E8M0")
+SOURCE_DTYPES = ("BF16", "F16", "F32")  # a float BASE written as FP8: exact in float32
+NO_VALUES = np.zeros(0, np.float32)
 BAND_ELEMENTS = 1 << 22  # a band is merged whole: larger ones (a scale per tensor, say) go through the torch codec
 
 
@@ -34,17 +42,65 @@ E4M3 = kernels.plain.E4M3  # each code's value (float64; NaN for 0x7F and 0xFF)
 
 def fast(entry, device_type: str) -> bool:
     """Whether ``entry`` is merged here: an FP8 matrix written back as FP8 on the CPU, with a grid of float32 or
-    power-of-two scales, changed by low-rank products only."""
-    from .fp8 import Fp8Tensor
+    power-of-two scales, changed by low-rank products only; or a float matrix of BASE written as FP8
+    (``--quantize fp8``), changed so or not at all."""
+    from .fp8 import Fp8Quantized, Fp8Tensor
 
     q = entry.base
-    if device_type != "cpu" or not entry.requantized or not isinstance(q, Fp8Tensor) or q.origin != "fp8":
+    if device_type != "cpu" or not entry.requantized or not isinstance(q, Fp8Tensor):
+        return False
+    quantize = isinstance(q, Fp8Quantized) and q.source.dtype in SOURCE_DTYPES
+    if q.origin != "fp8" and not quantize:
         return False
     if q.stacked or len(q.parts[1].shape) != 2 or q.parts[1].dtype not in SCALE_DTYPES or q.parts[0].dtype != "F8_E4M3":
         return False
     if q.block[0] * q.shape[1] > BAND_ELEMENTS:
         return False
-    return entry.ops is not None and low_rank_only(entry.ops, 2)
+    return (entry.ops is None and quantize) or entry.ops is not None and low_rank_only(entry.ops, 2)
+
+
+def base_rows(q, start: int, stop: int, buffers, name: str) -> Base:
+    """BASE's dense rows [start, stop): its codes and rows of scales as stored, or a float BASE's values (float32,
+    exact copies) for ``--quantize``."""
+    if getattr(q, "source", None) is None:  # an FP8 BASE
+        codes, raw = read_parts(q, start, stop, buffers, name)
+        return Base(codes, scale_rows(q, raw), None)
+    info, cols = q.source, q.shape[1]
+    size = DTYPES[info.dtype].size
+    raw = buffers(f"{name}values", ((stop - start) * cols * size,), np.uint8)
+    fd = os.open(info.path, os.O_RDONLY)
+    try:
+        pread_into(fd, memoryview(raw), info.start + start * cols * size)
+    finally:
+        os.close(fd)
+    wf = kernels.plain.load(kernels.KINDS[info.dtype], raw.view(np.float32 if info.dtype == "F32" else np.uint16))
+    bands = -(-(stop - start) // q.block[0])
+    unused = buffers(f"{name}no codes", ((stop - start) * cols,), np.uint8)  # the kernels read wf instead
+    return Base(unused.reshape(stop - start, cols), np.ones((bands, -(-cols // q.block[1])), np.float32),
+                wf.reshape(stop - start, cols))
+
+
+@dataclass(frozen=True)
+class Base:
+    """BASE's rows as the FP8 kernels take them: codes and scales (an FP8 BASE), or float32 values ``wf``."""
+
+    codes: np.ndarray  # rows × cols
+    scales: np.ndarray  # bands × column blocks
+    wf: np.ndarray | None = None  # rows × cols
+
+    def band(self, k: int, rows: slice) -> Base:
+        return Base(self.codes[rows], self.scales[k], None if self.wf is None else self.wf[rows])
+
+    def values(self, flat: np.ndarray, bn: int) -> np.ndarray:
+        """The float64 values of a band's flat indices (exact)."""
+        if self.wf is not None:
+            return self.wf.reshape(-1)[flat].astype(np.float64)
+        return E4M3[self.codes.reshape(-1)[flat]] * self.scales[(flat % self.codes.shape[1]) // bn].astype(np.float64)
+
+    @property
+    def wf_arg(self):
+        """``wf`` as the kernels take it: empty for an FP8 BASE."""
+        return self.wf if self.wf is not None else NO_VALUES
 
 
 def read_parts(q, start: int, stop: int, buffers, name: str) -> tuple[np.ndarray, np.ndarray]:
@@ -146,6 +202,7 @@ class Fp8Merge:
         self.bm, self.bn = self.q.block
         self.scale_dtype = self.q.parts[1].dtype
         self.power_of_two = self.q.power_of_two or self.scale_dtype == "F8_E8M0"
+        self.fresh_all = not self.q.stored_as_is  # --quantize: every block scaled afresh, changed or not
         # w = code × scale is rounded once more than the dense merge's w: one more u for |w| and |v|
         self.c = UNIT32 * 4
         self.decided = self.rational = 0  # elements decided here, for the record
@@ -153,18 +210,18 @@ class Fp8Merge:
     def block(self, start: int, stop: int, buffers) -> tuple[np.ndarray, np.ndarray]:
         """Dense rows [start, stop) (whole bands, or the tensor's last rows) merged: their codes and their rows of
         scales as stored."""
-        codes, raw = read_parts(self.q, start, stop, buffers, "base")
-        scales = scale_rows(self.q, raw)
-        out = buffers("codes", codes.shape, np.uint8)
-        new = buffers("new scales", scales.shape, np.float32)
+        base = base_rows(self.q, start, stop, buffers, "base ")
+        out = buffers("codes", base.codes.shape, np.uint8)
+        new = buffers("new scales", base.scales.shape, np.float32)
         for k, first in enumerate(range(start, stop, self.bm)):
             last = min(stop, first + self.bm)
             band = slice(first - start, last - start)
-            new[k] = self._band(first, last, codes[band], scales[k], out[band], buffers)
+            new[k] = self._band(first, last, base.band(k, band), out[band], buffers)
         return out.reshape(-1), scale_bytes(new, self.scale_dtype)
 
-    def _band(self, first: int, last: int, codes, old, out, buffers) -> np.ndarray:
+    def _band(self, first: int, last: int, base: Base, out, buffers) -> np.ndarray:
         f, rows, n = self.f, last - first, (last - first) * self.cols
+        codes, old = base.codes, base.scales
         nscale = len(old)
         v, e, state = buffers("v", (n,), np.float32), buffers("e", (n,), np.float32), buffers("state", (n,), np.uint8)
         chosen, status = np.empty(nscale, np.float32), np.empty(nscale, np.uint8)
@@ -172,15 +229,13 @@ class Fp8Merge:
 
         def merged(part: int, k_first: int, k_last: int) -> np.ndarray:  # blocks [k_first, k_last), open elements
             idx = buffers(f"open {part}", (n // OPEN_SHARE + 1,), np.int64)
-            args = (codes, old, f.left[first:last], f.right, f.rank, f.c_terms, f.slack, self.c, *band,
-                    f.left0[first:last], f.right0, f.scales, self.power_of_two, k_first, k_last, v, e, state, out,
-                    chosen, status)
+            args = (codes, base.wf_arg, old, f.left[first:last], f.right, f.rank, f.c_terms, f.slack, self.c, *band,
+                    f.left0[first:last], f.right0, f.scales, self.power_of_two, self.fresh_all, k_first, k_last, v, e,
+                    state, out, chosen, status)
             count = kernels.FP8.fp8_merge(*args, idx)
-            if count > len(idx):  # more open elements than room for them: listed again, all of them
-                idx = buffers(f"open {part}", (n,), np.int64)
-                again = np.full(nscale, 2, np.uint8)
-                again[k_first:k_last] = np.where(status[k_first:k_last] == 1, 0, 2)
-                count = kernels.FP8.fp8_encode(v, e, chosen, again, codes, *band, out, idx)
+            if count > len(idx):  # more open elements than room for them: the blocks again, with room for all (the
+                idx = buffers(f"open {part}", (n,), np.int64)  # kernel keeps v and e only of the blocks it leaves)
+                count = kernels.FP8.fp8_merge(*args, idx)
             return idx[:count].copy()
 
         if self.pool is not None and nscale > 1:  # the band's blocks in two halves, side by side (no GIL held)
@@ -193,8 +248,8 @@ class Fp8Merge:
         if len(left):
             keep = np.full(nscale, 2, np.uint8)
             for k in left:
-                if self._changes(first, k, codes, old, state):
-                    keep[k], chosen[k] = 0, self._scale(first, k, codes, old, v, e)
+                if self.fresh_all or self._changes(first, k, base, state):
+                    keep[k], chosen[k] = 0, self._scale(first, k, base, v, e)
                 else:
                     keep[k], chosen[k] = 1, old[k]
             idx = buffers("open 0", (n,), np.int64)
@@ -202,17 +257,17 @@ class Fp8Merge:
             flagged.append(idx[:count].copy())
         flat = np.concatenate(flagged)
         if len(flat):
-            self._decide(flat, first, codes, old, chosen, out.reshape(-1))
+            self._decide(flat, first, base, chosen, out.reshape(-1))
         return chosen
 
     # ------------------------------------------------------------------ what the kernel leaves open
 
-    def _exact_parts(self, flat: np.ndarray, first: int, codes, old) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    def _exact_parts(self, flat: np.ndarray, first: int, base: Base) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """BASE's values, the deltas and the sizes of flat indices of a band, in float64 (each product of two
         float32 factors is exact there, so the sum is within (r + 1) ulp of the exact delta)."""
         f = self.f
         i, j = flat // self.cols, flat % self.cols
-        w = E4M3[codes.reshape(-1)[flat]] * old[j // self.bn].astype(np.float64)
+        w = base.values(flat, self.bn)
         products = f.left0[first + i].astype(np.float64) * f.right0[j].astype(np.float64) * f.scales
         return w, products.sum(axis=1), np.abs(w) + np.abs(products).sum(axis=1)
 
@@ -224,25 +279,25 @@ class Fp8Merge:
         cols = np.arange(k * self.bn, min(self.cols, (k + 1) * self.bn))
         return (np.arange(rows)[:, None] * self.cols + cols).reshape(-1)
 
-    def _changes(self, first: int, k: int, codes, old, state) -> bool:
+    def _changes(self, first: int, k: int, base: Base, state) -> bool:
         """Whether the adapter changes any element of block k of the band at all (the kernel could not tell)."""
-        flat = self._block(len(codes), k)
+        flat = self._block(len(base.codes), k)
         if np.any(state[flat] == 2):
             return True
         flat = flat[state[flat] == 1]
-        w, delta, size = self._exact_parts(flat, first, codes, old)
+        w, delta, size = self._exact_parts(flat, first, base)
         if np.any(np.abs(delta) > (self.f.rank + 2) * 2.0**-52 * (size - np.abs(w))):
             return True
         return any(self._exact(first + int(x // self.cols), int(x % self.cols), 0.0) != 0 for x in flat)
 
-    def _scale(self, first: int, k: int, codes, old, v, e) -> float:
+    def _scale(self, first: int, k: int, base: Base, v, e) -> float:
         """Block k's fresh scale from its largest exact |value| itself, where the kernel's interval for it holds a
         rounding boundary of the scale (or reaches zero)."""
-        flat = self._block(len(codes), k)
+        flat = self._block(len(base.codes), k)
         lo = float(np.max(np.abs(v[flat]) - e[flat])) * (1 - 2.0**-22)
         flat = flat[np.abs(v[flat]) + e[flat] >= lo]  # the elements that can be the largest
         self.decided += len(flat)
-        w, delta, size = self._exact_parts(flat, first, codes, old)  # in float64, with a bound of its own
+        w, delta, size = self._exact_parts(flat, first, base)  # in float64, with a bound of its own
         a, bound = np.abs(w + delta), (self.f.rank + 4) * 2.0**-52 * size + 2.0**-1070
         lo64, hi64 = float(np.max(a - bound)), float(np.max(a + bound))
         low, high = fresh_scale(max(lo64, 0.0), self.power_of_two), fresh_scale(hi64, self.power_of_two)
@@ -250,15 +305,16 @@ class Fp8Merge:
             return low
         flat = flat[a + bound >= lo64]
         self.rational += len(flat)
-        largest = max(abs(self._exact(first + int(x // self.cols), int(x % self.cols),
-                                      float(E4M3[codes.reshape(-1)[x]]) * float(old[k]))) for x in flat)
+        values = base.values(flat, self.bn)
+        largest = max(abs(self._exact(first + int(x // self.cols), int(x % self.cols), float(w)))
+                      for x, w in zip(flat, values, strict=True))
         return fresh_scale(largest, self.power_of_two)
 
-    def _decide(self, flat: np.ndarray, first: int, codes, old, chosen, out) -> None:
+    def _decide(self, flat: np.ndarray, first: int, base: Base, chosen, out) -> None:
         """The open elements' codes: their exact value / the scale rounded to the nearest code, in float64 where
         its error bound keeps clear of a midpoint, else with fractions."""
         self.decided += len(flat)
-        w, delta, size = self._exact_parts(flat, first, codes, old)
+        w, delta, size = self._exact_parts(flat, first, base)
         with np.errstate(all="ignore"):
             v = w + delta
             if not np.isfinite(v).all():
