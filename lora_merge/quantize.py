@@ -208,7 +208,8 @@ def _why_not_fp8(name: str, params: list[str], made: list[ModelTensor | None], m
         if stored in model.scales_carried:
             continue  # stacked in the files as in memory: the scale beside it goes where the tensor goes
         if stored is not None:
-            return f"{kind}.{param}: stored as {stored.rsplit('.', 2)[-2]}, and transformers' renaming leaves its scale"
+            return f"{kind}.{param}: stored as {module(stored).rsplit('.', 1)[-1]}, and transformers' renaming leaves " \
+                "its scale"
         if not all(len(i.shape) == 2 and p.disk.endswith(".weight") and _whole(p, i.shape, 1)
                    for p, i in zip(t.pieces, infos)):
             return (f"{kind}.{param}: its stored tensors do not stack into it in whole blocks under their own "

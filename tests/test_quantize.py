@@ -309,7 +309,7 @@ def test_quantize_fp8_refuses_a_cut_weight_transformers_could_not_load(tmp_path)
     assert "mlp.gate_up_proj.weight" in r.output and not (tmp_path / "out").exists()
 
 
-@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
 def test_quantize_fp8_every_path_writes_the_same_bytes(tmp_path, monkeypatch, dtype):
     """The FP8 kernels in C reading a float BASE, the same passes in numpy, and the torch codec (the GPU's path): one
     output, targeted and untouched matrices, several blocks each, an all-zero block among them."""
