@@ -61,3 +61,19 @@ def test_cuda_quantized_equals_cpu(models, tmp_path):
     assert result.report.ok
     for f in sorted((tmp_path / "cpu").glob("*.safetensors")):
         assert f.read_bytes() == (tmp_path / "gpu" / f.name).read_bytes(), f.name
+
+
+def test_cuda_quantize_fp8_equals_cpu(tmp_path):
+    """--quantize fp8 on the GPU (the torch codec) writes the bytes the CPU kernels write."""
+    from helpers import build_model
+
+    base = tmp_path / "base"
+    build_model("qwen3", base, dtype=torch.bfloat16, hidden_size=256, intermediate_size=384, head_dim=64,
+                num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=False)
+    build_adapter(base, tmp_path / "adapter", r=4, lora_alpha=8, target_modules=["q_proj", "down_proj"])
+    assert merge(str(base), str(tmp_path / "adapter"), tmp_path / "cpu", device="cpu", quantize="fp8").report.ok
+    result = merge(str(base), str(tmp_path / "adapter"), tmp_path / "gpu", device="cuda", block_bytes=4096,
+                   quantize="fp8")
+    assert result.report.ok
+    for f in sorted((tmp_path / "cpu").glob("*.safetensors")):
+        assert f.read_bytes() == (tmp_path / "gpu" / f.name).read_bytes(), f.name
