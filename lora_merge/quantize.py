@@ -108,14 +108,15 @@ def choose(method: str, base: BaseModel, layout: Callable[[], ModelLayout]) -> Q
         import transformers  # noqa: F401  (the layout below is its model class and conversion tables)
     except ImportError:
         if experts:
-            raise LayoutError(f"{said}, and transformers is not installed", [], f"install it: {EXTRA}") from None
+            raise LayoutError(f"{said}, and transformers is not installed", [],
+                              f"install it: {EXTRA}; or merge without --quantize") from None
         return Quantization(method, notes=(f"{by_name} (transformers, not installed, would say which modules it "
                                            "loads as FP8)",))
     try:
         model = layout()
     except LayoutError as e:
         if experts:
-            raise LayoutError(f"{said}: {e.args[0]}", e.problems, e.hint) from None
+            raise LayoutError(f"{said}: {e.args[0]}", e.problems, f"{e.hint}; or merge without --quantize") from None
         return Quantization(method, notes=(f"{by_name}: {e.args[0]}",))
     every, fp8, kept, notes = _experts(method, model, base)
     linears = _linears(model, base, every)
