@@ -91,6 +91,7 @@ def _model_layout(transformers, base: BaseModel) -> ModelLayout:
     params: dict[str, list[str]] = {}
     turned: dict[str, bool] = {}
     linears: set[str] = set()
+    forms: dict[str, str] = {}
     for module_name, module in model.named_modules():
         names = [n for n, _ in module.named_parameters(recurse=False)]
         if names:
@@ -98,7 +99,37 @@ def _model_layout(transformers, base: BaseModel) -> ModelLayout:
             turned[module_name] = bool(getattr(module, "is_transposed", False))  # peft's own default
         if _plain_linear(module):
             linears.add(module_name)
-    return ModelLayout(_describe(transformers, base), tensors, memory, params, turned, frozenset(linears), carried)
+        if module_name.endswith(".experts"):
+            forms[module_name] = _experts_form(module, model.config)
+    return ModelLayout(_describe(transformers, base), tensors, memory, params, turned, frozenset(linears), carried,
+                       forms)
+
+
+def _experts_form(module, config) -> str:
+    """How an experts module differs from what transformers' FP8Experts holds in its place ('' where it does not):
+    transformers' experts interface with (E, 2I, H) gate and up concatenated and (E, H, I), sized by the config."""
+    if not hasattr(module, "is_transposed"):
+        return f"{type(module).__name__} has a forward of its own, not transformers' experts interface"
+    if module.is_transposed:
+        return "stored (experts, in, out), FP8Experts takes (experts, out, in)"
+    if not getattr(module, "is_concatenated", True):
+        return "gate and up interleaved, FP8Experts takes them one after the other"
+    if getattr(module, "has_post_expert_norm", False):
+        return "a norm after each expert, which FP8Experts has not"
+    text = getattr(module, "config", None) or config.get_text_config()
+
+    def first(*names):  # as FP8Experts reads the config
+        return next((getattr(text, n) for n in names if hasattr(text, n)), None)
+
+    experts, inner, hidden = first("num_local_experts", "num_experts"), first("moe_intermediate_size",
+                                                                           "intermediate_size"), first("hidden_size")
+    gate = "gate_up_proj" if getattr(module, "has_gate", True) else "up_proj"
+    want = {gate: (experts, (2 if gate == "gate_up_proj" else 1) * (inner or 0), hidden),
+            "down_proj": (experts, hidden, inner)}
+    got = {n: tuple(p.shape) for n, p in module.named_parameters(recurse=False)}
+    if any(got.get(n) != shape for n, shape in want.items()):
+        return f"its parameters {got} are not the (experts, out, in) FP8Experts makes from the config, {want}"
+    return ""
 
 
 def _plain_linear(module) -> bool:

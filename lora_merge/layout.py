@@ -115,6 +115,7 @@ class ModelLayout:
     transposed_experts: dict[str, bool] = field(default_factory=dict)
     linears: frozenset[str] = frozenset()  # modules that are Linears as transformers' quantizers take them
     scales_carried: frozenset[str] = frozenset()  # on-disk tensors whose ``…_scale_inv`` is renamed along with them
+    experts_forms: dict[str, str] = field(default_factory=dict)  # ``….experts`` modules: how FP8Experts differs
 
     def parameters(self, module: str) -> tuple[list[str], bool]:
         return self.module_parameters.get(module, []), True

@@ -192,8 +192,9 @@ def _why_not_fp8(name: str, params: list[str], made: list[ModelTensor | None], m
     if set(params) not in EXPERT_PARAMETERS:
         extra = sorted(set(params) - {"gate_up_proj", "up_proj", "down_proj"})
         return f"{kind}: {', '.join(extra) or 'its parameters'} (FP8Experts holds none)"
-    if model.experts_transposed(name):
-        return f"{kind}: stored (experts, in, out), FP8Experts takes (experts, out, in)"
+    form = model.experts_forms.get(name, "not a module of the model")
+    if form:
+        return f"{kind}: {form}"
     for param, t in zip(params, made):
         if t is None or t.why_not or len(t.shape) != 3:
             return f"{kind}.{param}: not made from the files in a way lora-merge follows"

@@ -210,6 +210,9 @@ KEPT_EXPERTS = {  # experts FP8Experts cannot take from what OUT would store: le
     "qwen3_moe": (dict(moe_intermediate_size=192, intermediate_size=256, **MOE), "mlp.experts",
                   "mlp.experts.0.gate_proj.weight", "whole 128×128 blocks"),  # 192 rows: blocks cut where gate meets up
     "gpt_oss": (dict(intermediate_size=128, **MOE), "mlp.experts", "mlp.experts.gate_up_proj", "bias (FP8Experts holds none)"),
+    # (E, H, 2I) = (E, 256, 256): whole blocks either way round, so only the module class tells
+    "llama4_text": (dict(MOE, hidden_size=256, intermediate_size=128, intermediate_size_mlp=256),
+                    "feed_forward.experts", "feed_forward.experts.gate_up_proj", "a forward of its own"),
 }
 
 
