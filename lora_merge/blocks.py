@@ -9,20 +9,18 @@ order; a block's buffers are reused once everything that reads them (the check, 
 from __future__ import annotations
 
 import math
-import os
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
 import numpy as np
 
 from .buffers import HostBuffers
-from .dense import OPEN_SHARE, DenseMerge, is_dense
+from .dense import OPEN_SHARE, DenseMerge, is_dense, stored_rows
 from .dtypes import DTYPES
 from .errors import NonFiniteError
 from .options import BLOCK_BYTES
 from .plan import Entry, Plan
 from .quant.base import QuantizedTensor
-from .safetensors_file import pread_into
 
 # thread stacks and the allocator's per-thread arenas beside the buffers (measured: 12-15 MB on Linux)
 THREADS_ALLOWANCE = 16 * 1024 * 1024
@@ -158,17 +156,7 @@ class DenseBlocks:
         self.rational += merge.exact_rational
 
     def _read(self, entry: Entry, start: int, stop: int):
-        info = entry.base
-        row = info.nbytes if not info.shape or len(info.shape) == 1 else info.row_bytes
-        count = info.nbytes if len(info.shape) == 1 else row * (stop - start)
-        slot = self.raw.next()
-        raw = slot.device("raw", (count,), np.uint8)
-        fd = os.open(info.path, os.O_RDONLY)
-        try:
-            pread_into(fd, memoryview(raw), info.start + (0 if len(info.shape) == 1 else row * start))
-        finally:
-            os.close(fd)
-        return raw.view(np.float32 if info.dtype == "F32" else np.uint16)
+        return stored_rows(entry.base, start, stop, self.raw.next().device, "raw")
 
     def close(self) -> None:
         self.out.release()

@@ -76,6 +76,19 @@ def raw_bytes(t) -> np.ndarray:
     return raw
 
 
+def stored_rows(info: TensorInfo, start: int, stop: int, buffers, name: str) -> np.ndarray:
+    """Rows [start, stop) of a stored float tensor (a vector or scalar: all of it) as its elements' bits, uint16 or
+    float32, in ``buffers``' buffer ``name``."""
+    row = info.row_bytes if len(info.shape) > 1 else info.nbytes
+    raw = buffers(name, ((stop - start) * row,), np.uint8)
+    fd = os.open(info.path, os.O_RDONLY)
+    try:
+        pread_into(fd, memoryview(raw), info.start + row * start)
+    finally:
+        os.close(fd)
+    return raw.view(np.float32 if info.dtype == "F32" else np.uint16)
+
+
 def as_float32(t) -> np.ndarray:
     """An adapter tensor's values as float32 (exactly: it is stored as float32, bfloat16 or float16)."""
     if isinstance(t, MemoryTensor):

@@ -29,12 +29,12 @@ from .check.dense import DenseCheck
 from .check.readback import READ_BYTES, compare_copy
 from .check.report import Report
 from .check.verdict import Check
-from .dense import OPEN_SHARE, DenseMerge, is_dense
+from .dense import OPEN_SHARE, DenseMerge, is_dense, stored_rows
 from .dtypes import FLOAT_DTYPES
 from .errors import UnsupportedAdapterError
 from .paths import open_read
 from .plan import Plan
-from .safetensors_file import TensorInfo, pread_into
+from .safetensors_file import TensorInfo
 from .sources import BaseModel
 
 BLOCK_ELEMENTS = 1 << 18
@@ -82,18 +82,6 @@ class Recovered:
         return found
 
 
-def _rows(info: TensorInfo, start: int, stop: int, buffers: HostBuffers, name: str) -> np.ndarray:
-    """Rows [start, stop) of a stored tensor as its elements' bits (uint16, or float32)."""
-    row = info.row_bytes if len(info.shape) > 1 else info.nbytes
-    raw = buffers(name, ((stop - start) * row,), np.uint8)
-    fd = open_read(info.path)
-    try:
-        pread_into(fd, memoryview(raw), info.start + row * start)
-    finally:
-        os.close(fd)
-    return raw.view(np.float32 if info.dtype == "F32" else np.uint16)
-
-
 class _DenseTrip:
     """One tensor's round trip on the CPU (``kernels.trip``): u, MERGED's M and the original read a block of rows
     at a time; the elements the kernels cannot judge are decided exactly, as the merge decides (``DenseMerge``)."""
@@ -115,9 +103,9 @@ class _DenseTrip:
         for start in range(0, rows, step):
             stop = min(rows, start + step)
             n = (stop - start) * merge.width
-            m = _rows(e.base, start, stop, buffers, "merged")
-            u = _rows(self.got, start, stop, buffers, "u")
-            w = _rows(self.orig, start, stop, buffers, "orig") if self.orig else np.empty(0, np.uint8)
+            m = stored_rows(e.base, start, stop, buffers, "merged")
+            u = stored_rows(self.got, start, stop, buffers, "u")
+            w = stored_rows(self.orig, start, stop, buffers, "orig") if self.orig else np.empty(0, np.uint8)
             ct, slack, c = self.bound
             args = (self.kind, u, m, w, merge.f.left[start:stop], merge.f.right, merge.f.rank, ct, slack,
                     stop - start, merge.width, c)

@@ -386,8 +386,8 @@ static PyObject *fp8_encode(PyObject *self, PyObject *args) {
         Py_END_ALLOW_THREADS
     } else if (!PyErr_Occurred())
         PyErr_SetString(PyExc_ValueError, "bad band arguments");
-    PyBuffer_Release(&V); PyBuffer_Release(&E); PyBuffer_Release(&scales); PyBuffer_Release(&keep);
-    PyBuffer_Release(&codes); PyBuffer_Release(&out); PyBuffer_Release(&idx);
+    Py_buffer *all[] = {&V, &E, &scales, &keep, &codes, &out, &idx};
+    for (size_t q = 0; q < sizeof all / sizeof *all; q++) PyBuffer_Release(all[q]);
     return nflag < 0 ? NULL : PyLong_FromSsize_t(nflag);
 }
 
@@ -413,9 +413,8 @@ static PyObject *fp8_check(PyObject *self, PyObject *args) {
         Py_END_ALLOW_THREADS
     } else if (!PyErr_Occurred())
         PyErr_SetString(PyExc_ValueError, "bad band arguments");
-    PyBuffer_Release(&bc); PyBuffer_Release(&bs); PyBuffer_Release(&wf); PyBuffer_Release(&codes); PyBuffer_Release(&scales);
-    PyBuffer_Release(&L); PyBuffer_Release(&R); PyBuffer_Release(&idx); PyBuffer_Release(&sums);
-    PyBuffer_Release(&blocks);
+    Py_buffer *all[] = {&bc, &bs, &wf, &codes, &scales, &L, &R, &idx, &sums, &blocks};
+    for (size_t q = 0; q < sizeof all / sizeof *all; q++) PyBuffer_Release(all[q]);
     return nflag < 0 ? NULL : PyLong_FromSsize_t(nflag);
 }
 

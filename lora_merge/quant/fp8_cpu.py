@@ -25,8 +25,14 @@ from fractions import Fraction
 import numpy as np
 
 from .. import kernels
-from ..dense import OPEN_SHARE, UNIT32, LowRankFactors, low_rank_only, round_fraction
-from ..dtypes import DTYPES
+from ..dense import (
+    OPEN_SHARE,
+    UNIT32,
+    LowRankFactors,
+    low_rank_only,
+    round_fraction,
+    stored_rows,
+)
 from ..errors import NonFiniteError
 from ..safetensors_file import pread_into
 
@@ -66,14 +72,7 @@ def base_rows(q, start: int, stop: int, buffers, name: str) -> Base:
         codes, raw = read_parts(q, start, stop, buffers, name)
         return Base(codes, scale_rows(q, raw), None)
     info, cols = q.source, q.shape[1]
-    size = DTYPES[info.dtype].size
-    raw = buffers(f"{name}values", ((stop - start) * cols * size,), np.uint8)
-    fd = os.open(info.path, os.O_RDONLY)
-    try:
-        pread_into(fd, memoryview(raw), info.start + start * cols * size)
-    finally:
-        os.close(fd)
-    wf = kernels.plain.load(kernels.KINDS[info.dtype], raw.view(np.float32 if info.dtype == "F32" else np.uint16))
+    wf = kernels.plain.load(kernels.KINDS[info.dtype], stored_rows(info, start, stop, buffers, f"{name}values"))
     bands = -(-(stop - start) // q.block[0])
     unused = buffers(f"{name}no codes", ((stop - start) * cols,), np.uint8)  # the kernels read wf instead
     return Base(unused.reshape(stop - start, cols), np.ones((bands, -(-cols // q.block[1])), np.float32),
