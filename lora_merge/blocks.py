@@ -136,7 +136,7 @@ class DenseBlocks:
         self.scratch = HostBuffers()  # the merge's tiles
         self.raw = _Ring(2, HostBuffers)  # this block, and the next one being read
         self.out = _Ring(4, HostBuffers)  # blocks being checked and written, and the one being made
-        self.decided = self.rational = 0  # elements decided outside the kernels
+        self.decided = self.exact = 0  # elements decided outside the kernels, and of those exactly
 
     def blocks(self, entry: Entry):
         merge = DenseMerge(entry)
@@ -153,7 +153,7 @@ class DenseBlocks:
             merge.rows(start, stop, w, out, self.scratch)
             yield Block(start, stop, (out,), (out,), None, slot)
         self.decided += merge.flagged
-        self.rational += merge.exact_rational
+        self.exact += merge.exact
 
     def _read(self, entry: Entry, start: int, stop: int):
         return stored_rows(entry.base, start, stop, self.raw.next().device, "raw")
@@ -169,7 +169,7 @@ class Fp8Blocks:
     def __init__(self, block_bytes: int):
         self.block_bytes = block_bytes
         self.out = _Ring(4, HostBuffers)  # blocks being checked and written, and the one being made
-        self.decided = self.rational = 0  # elements decided outside the kernels
+        self.decided = self.exact = 0  # elements decided outside the kernels, and of those exactly
         self.pool: ThreadPoolExecutor | None = None  # two threads share each band, made on first use
 
     def blocks(self, entry: Entry):
@@ -186,7 +186,7 @@ class Fp8Blocks:
             made = merge.block(start, stop, slot.device)
             yield Block(start, stop, made, made, None, slot)
         self.decided += merge.decided
-        self.rational += merge.rational
+        self.exact += merge.exact
 
     def close(self) -> None:
         self.out.release()
@@ -200,7 +200,7 @@ class Mxfp4Blocks:
 
     def __init__(self):
         self.out = _Ring(4, HostBuffers)
-        self.decided = self.rational = 0
+        self.decided = self.exact = 0
 
     def blocks(self, entry: Entry):
         from .quant.mxfp4_cpu import Mxfp4Merge, spans
@@ -211,7 +211,7 @@ class Mxfp4Blocks:
             made = merge.block(first, last, slot.device)
             yield Block(first, last, made, made, None, slot)
         self.decided += merge.decided
-        self.rational += merge.rational
+        self.exact += merge.exact
 
     def close(self) -> None:
         self.out.release()

@@ -5,8 +5,8 @@ adapter's low-rank products (and LoRA's bias), each element rounded once to the 
 float32 output), adds BASE's element, rounds the sum and proves from a rigorous bound on that arithmetic's error
 that the result is the nearest value to the exact W + s·B·A. The few elements it cannot prove
 (those whose bound reaches a rounding midpoint) are decided here: in float64 with its own error bound, and where
-even that is too close to call, in exact rational arithmetic. So the bytes are those of the exact value rounded
-once, whichever path computed them and in whatever order BLAS summed.
+even that is too close to call, from their exact value (``exact``). So the bytes are those of the exact value
+rounded once, whichever path computed them and in whatever order BLAS summed.
 """
 
 from __future__ import annotations
@@ -19,6 +19,7 @@ import numpy as np
 
 from . import kernels
 from .adapter import AddScaled, FileTensor, LowRank, MemoryTensor
+from .exact import ExactSums
 from .safetensors_file import TensorInfo, pread_into
 
 FLOATS = ("BF16", "F16", "F32")
@@ -152,13 +153,9 @@ class LowRankFactors:
         self.c_terms = (self.rank + 5) * unit * (1 + (self.rank + 2) * unit)
         self.slack = (self.rank + 1) * (2.0**-1022 if wide else 2.0**-126) if self.terms else 0.0
 
-    def exact(self, i: int, j: int, w: float) -> Fraction:
-        """Element (i, j)'s exact value: w plus every delta, in rational arithmetic."""
-        exact = Fraction(w)
-        for left, right, s in self.terms:
-            exact += Fraction(s) * sum((Fraction(float(x)) * Fraction(float(y))
-                                        for x, y in zip(left[i], right[:, j], strict=True)), Fraction(0))
-        return exact
+    def sums(self, first: int, width: int) -> ExactSums:
+        """The exact values of the rows from ``first`` on (a block's flat indices)."""
+        return ExactSums(self.left0[first:], self.right0, self.scales, width)
 
     def untouched(self, i: int, j: int) -> bool:
         """Whether no delta has a term at (i, j): then the merge keeps BASE's bits (-0 included)."""
@@ -174,7 +171,7 @@ class DenseMerge:
         self.kind, self.in_kind = kernels.KINDS[entry.dtype], kernels.KINDS[entry.base.dtype]
         self.f = LowRankFactors(entry, self.wide)
         self.vector, self.width = self.f.vector, self.f.width
-        self.flagged = self.exact_rational = 0  # elements decided outside the kernels, for the record
+        self.flagged = self.exact = 0  # elements decided outside the kernels, and of those exactly, for the record
 
     def rows(self, start: int, stop: int, w: np.ndarray, out: np.ndarray, scratch) -> None:
         """Rows [start, stop): ``w`` BASE's elements as stored (a flat array of their dtype), ``out`` the output's
@@ -199,7 +196,7 @@ class DenseMerge:
 
     def _decide(self, flat: np.ndarray, t0: int, w: np.ndarray, out: np.ndarray) -> None:
         """The open elements of a block (flat indices in it), each the exact value rounded once: in float64 where
-        its error bound keeps clear of a midpoint, else with fractions."""
+        its error bound keeps clear of a midpoint, else from the exact value."""
         self.flagged += len(flat)
         n = len(flat)
         w64, delta, size = np.empty(n), np.empty(n), np.empty(n)
@@ -209,17 +206,19 @@ class DenseMerge:
         bound = (f.rank + 4) * 2.0**-52 * size + 2.0**-1070
         nearest = round_float64(v, self.entry.dtype)
         with np.errstate(invalid="ignore"):
-            close = ~(np.abs(v - nearest) + bound < half_spacing(nearest, v, self.entry.dtype)) & np.isfinite(v)
-        for k in np.flatnonzero(close):  # within float64's own error of a midpoint: the exact value decides
-            nearest[k] = self._rational(int(flat[k] // self.width) + t0, int(flat[k] % self.width), float(w64[k]))
-            self.exact_rational += 1
+            close = np.flatnonzero(~(np.abs(v - nearest) + bound < half_spacing(nearest, v, self.entry.dtype))
+                                   & np.isfinite(v))
+        if len(close):  # within float64's own error of a midpoint: the exact value decides
+            nearest[close] = self._exactly(flat[close], t0, w64[close])
         out[flat] = encode(nearest, self.entry.dtype)
 
-    def _rational(self, i: int, j: int, w: float) -> float:
-        exact = self.f.exact(i, j, w)
-        if exact == 0:
-            return w if self.f.untouched(i, j) else 0.0
-        return round_fraction(exact, self.entry.dtype)
+    def _exactly(self, flat: np.ndarray, t0: int, w: np.ndarray) -> np.ndarray:
+        self.exact += len(flat)
+        x = self.f.sums(t0, self.width)(flat, w)
+        y = round_float64(x, self.entry.dtype)
+        for k in np.flatnonzero(x == 0):  # exactly zero: BASE's bits (-0 too) where no delta has a term there
+            y[k] = w[k] if self.f.untouched(int(flat[k] // self.width) + t0, int(flat[k] % self.width)) else 0.0
+        return y
 
 
 def round_float64(x: np.ndarray, dtype: str) -> np.ndarray:

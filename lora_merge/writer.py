@@ -45,7 +45,7 @@ class WriteStats:
     tensors: dict[str, TensorVerdict] = field(default_factory=dict)
     digests: dict[str, str] = field(default_factory=dict)
     decided: int = 0  # merged elements the kernels left to be decided in float64 or exactly
-    rational: int = 0  # of those, the ones decided in exact rational arithmetic
+    exact: int = 0  # of those, the ones decided from their exact value (lora_merge.exact)
 
     def count(self, entry: Entry) -> None:
         if entry.is_copy:
@@ -229,7 +229,7 @@ class _Writing:
             raise AssertionError(f"{entry.name}: wrote {written} bytes, planned {entry.nbytes}")
         self.checked.append(self.checker.submit(lambda: (entry.name, check.result())))
         self.stats.decided = self.dense.decided + self.fp8.decided + self.mxfp4.decided
-        self.stats.rational = self.dense.rational + self.fp8.rational + self.mxfp4.rational
+        self.stats.exact = self.dense.exact + self.fp8.exact + self.mxfp4.exact
         return written
 
     def _buffers(self, kind: str):

@@ -1,9 +1,10 @@
 """Generate a bf16 base with real tensor names and shapes and random weights, and a PEFT adapter.
 
-    python scripts/make_model.py 0.6b DIR [--rank 16] [--shards 3] [--device cuda]
+    python scripts/make_model.py 0.6b DIR [--rank 16] [--factors bfloat16] [--shards 3] [--device cuda]
 
 Shapes: Qwen3-0.6B and Qwen3-1.7B (tied embeddings), Llama-3-8B (untied). Writes DIR/base (sharded
-safetensors, index, config.json) and DIR/adapter (LoRA on every linear layer of the decoder). Only
+safetensors, index, config.json) and DIR/adapter (LoRA on every linear layer of the decoder, its factors stored
+in ``--factors``: float32, or bfloat16 as peft saves an adapter trained on a bf16 model). Only
 torch and safetensors are needed; one shard is in memory at a time. ``--device cuda`` draws the
 random numbers on a GPU (an 8B base in seconds).
 """
@@ -52,7 +53,11 @@ def tensor_shapes(c: dict):
         yield "lm_head.weight", (c["vocab"], h)
 
 
-def make(shape: str | dict, folder: Path, rank: int = 16, shards: int = 3, seed: int = 0, device: str = "cpu") -> None:
+FACTORS = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def make(shape: str | dict, folder: Path, rank: int = 16, shards: int = 3, seed: int = 0, device: str = "cpu",
+         factors: str = "float32") -> None:
     c = SHAPES[shape] if isinstance(shape, str) else shape
     model_type, architecture, tied, _ = ARCH[c.get("arch", "qwen3")]
     g = torch.Generator(device).manual_seed(seed)
@@ -97,8 +102,9 @@ def make(shape: str | dict, folder: Path, rank: int = 16, shards: int = 3, seed:
         module = name.removesuffix(".weight")
         if module.rsplit(".", 1)[-1] in LINEAR:
             out, inn = s
-            lora[f"base_model.model.{module}.lora_A.weight"] = (torch.randn(rank, inn, generator=g, device=device) * 0.01).cpu()
-            lora[f"base_model.model.{module}.lora_B.weight"] = (torch.randn(out, rank, generator=g, device=device) * 0.01).cpu()
+            for part, shape_ in (("lora_A", (rank, inn)), ("lora_B", (out, rank))):
+                drawn = torch.randn(shape_, generator=g, device=device) * 0.01
+                lora[f"base_model.model.{module}.{part}.weight"] = drawn.to(FACTORS[factors]).cpu()
     save_file(lora, adapter / "adapter_model.safetensors", metadata={"format": "pt"})
     (adapter / "adapter_config.json").write_text(json.dumps({
         "peft_type": "LORA", "r": rank, "lora_alpha": 2 * rank, "target_modules": LINEAR, "bias": "none",
@@ -111,10 +117,11 @@ def main() -> None:
     parser.add_argument("shape", choices=sorted(SHAPES))
     parser.add_argument("folder", type=Path)
     parser.add_argument("--rank", type=int, default=16)
+    parser.add_argument("--factors", choices=sorted(FACTORS), default="float32", help="the adapter's stored dtype")
     parser.add_argument("--shards", type=int, default=3)
     parser.add_argument("--device", default="cpu", help="where the random numbers are drawn (cuda: much faster)")
     args = parser.parse_args()
-    make(args.shape, args.folder, args.rank, args.shards, device=args.device)
+    make(args.shape, args.folder, args.rank, args.shards, device=args.device, factors=args.factors)
 
 
 if __name__ == "__main__":

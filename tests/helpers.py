@@ -69,6 +69,26 @@ def build_adapter(base_dir: Path, folder: Path, *, seed: int = 1, perturb: bool 
     return pm
 
 
+def bf16_factors(adapter: Path, folder: Path, bits: int = 8, lora_alpha: float | None = None) -> Path:
+    """A copy of ``adapter`` with its tensors stored as bfloat16, as peft saves an adapter trained on a bfloat16
+    model, each value rounded to ``bits`` significant bits (8: bfloat16's own): many merged elements then land
+    exactly on a rounding midpoint, the more the fewer the bits (and where alpha / r is a power of two)."""
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+
+    shutil.copytree(adapter, folder)
+    weights = load_file(folder / "adapter_model.safetensors")
+    for k, v in weights.items():
+        mantissa, exponent = torch.frexp(v.double())
+        weights[k] = torch.ldexp(torch.round(mantissa * 2**bits) / 2**bits, exponent).to(torch.bfloat16)
+    save_file(weights, folder / "adapter_model.safetensors", metadata={"format": "pt"})
+    if lora_alpha is not None:
+        config = json.loads((folder / "adapter_config.json").read_text())
+        (folder / "adapter_config.json").write_text(json.dumps(config | {"lora_alpha": lora_alpha}))
+    return folder
+
+
 def load_tensors(folder: Path) -> dict[str, torch.Tensor]:
     from safetensors.torch import load_file
 

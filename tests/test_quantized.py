@@ -10,6 +10,7 @@ import pytest
 import torch
 from architectures import tiny_config
 from helpers import (
+    bf16_factors,
     build_adapter,
     build_model,
     expect_error,
@@ -128,6 +129,41 @@ def test_fp8_every_path_writes_the_same_bytes(qwen3, tmp_path, monkeypatch, kind
     for f in (tmp_path / "c").glob("*.safetensors"):
         for other in ("numpy", "torch"):
             assert f.read_bytes() == (tmp_path / other / f.name).read_bytes(), (other, f.name)
+
+
+def every_path(base, adapter, tmp_path, monkeypatch, fast: str):
+    """The merge through the C kernels (its stats), the numpy passes and the torch codec: their files agree."""
+    import os
+    import subprocess
+    import sys
+
+    from lora_merge import writer
+
+    code = "import sys; from lora_merge import merge; merge(sys.argv[1], sys.argv[2], sys.argv[3], device='cpu')"
+    env = {k: v for k, v in os.environ.items() if k != "LORA_MERGE_PLAIN"}
+    r = subprocess.run([sys.executable, "-c", code, str(base), str(adapter), str(tmp_path / "numpy")],
+                       capture_output=True, text=True, env={**env, "LORA_MERGE_PLAIN": "1"})
+    assert r.returncode == 0, r.stderr
+    result = merge(base, adapter, tmp_path / "c", device="cpu")
+    assert result.report.ok
+    monkeypatch.setattr(writer, fast, lambda entry, device: False)
+    assert merge(base, adapter, tmp_path / "torch", device="cpu").report.ok
+    for f in (tmp_path / "c").glob("*.safetensors"):
+        for other in ("numpy", "torch"):
+            assert f.read_bytes() == (tmp_path / other / f.name).read_bytes(), (other, f.name)
+    return result.stats
+
+
+def test_fp8_with_an_adapter_of_bfloat16_values(qwen3, tmp_path, monkeypatch):
+    """Factors of few bits (bfloat16 values, here of 3 bits) put elements exactly on midpoints of the e4m3 grid at
+    power-of-two scales: decided from their exact value, the same by every path (the torch codec's float64 sums are
+    exact for such factors)."""
+    base = to_fp8(qwen3 / "bf16", tmp_path / "fp8", ue8m0=True)
+    adapter = bf16_factors(qwen3 / "adapter", tmp_path / "adapter", bits=3)
+    stats = every_path(base, adapter, tmp_path, monkeypatch, "fp8_fast")
+    assert stats.exact > 0
+    expected = oracle(base, adapter, tmp_path)
+    assert assert_fp8_nearest(load_tensors(tmp_path / "c"), load_tensors(base), expected, (32, 32), True) > 0
 
 
 def test_fp8_kept_says_what_bfloat16_would_keep(qwen3, tmp_path, monkeypatch):
@@ -314,6 +350,14 @@ def test_mxfp4_every_path_writes_the_same_bytes(tmp_path, monkeypatch):
     for f in (tmp_path / "c").glob("*.safetensors"):
         for other in ("numpy", "torch"):
             assert f.read_bytes() == (tmp_path / other / f.name).read_bytes(), (other, f.name)
+
+
+def test_mxfp4_with_an_adapter_of_bfloat16_values(tmp_path, monkeypatch):
+    """As for FP8: factors of 3 bits, and alpha / r = 2, so that the torch codec's float64 sums are exact."""
+    base = gpt_oss(tmp_path)
+    expert_adapter(tmp_path / "bf16", tmp_path / "adapter32")
+    adapter = bf16_factors(tmp_path / "adapter32", tmp_path / "adapter", bits=3, lora_alpha=6)
+    assert every_path(base, adapter, tmp_path, monkeypatch, "mxfp4_fast").exact > 0
 
 
 def test_zero_delta_leaves_a_quantized_base_as_it_is(qwen3, tmp_path):

@@ -37,4 +37,5 @@ except ImportError:
 
 merge16, merge32, check16, check32 = _chosen.merge16, _chosen.merge32, _chosen.check16, _chosen.check32
 first_difference, nonfinite, gather, trip = _chosen.first_difference, _chosen.nonfinite, _chosen.gather, _chosen.trip
+exact = _chosen.exact
 survival = _chosen.survival

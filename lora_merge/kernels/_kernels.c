@@ -396,6 +396,104 @@ static PyObject *gather(PyObject *self, PyObject *args) {
     return ok ? Py_NewRef(Py_None) : NULL;
 }
 
+/* The exact sum of x[0..n), rounded once to the nearest double, ties to even: Python's math.fsum, step for step
+   (Shewchuk's partials, each sum of two doubles kept exactly as a rounded sum and its error, then their sum rounded
+   once, half-way cases carried across partials). `p` holds n doubles of scratch. No term may be infinite, and the
+   partial sums must stay finite: the caller keeps every term within 2^1000. */
+static double fsum(const double *x, I n, double *p) {
+    I m = 0;
+    for (I k = 0; k < n; k++) {
+        double a = x[k];
+        I i = 0;
+        for (I j = 0; j < m; j++) {
+            double b = p[j];
+            if (fabs(a) < fabs(b)) { double t = a; a = b; b = t; }
+            double hi = a + b, lo = b - (hi - a);
+            if (lo != 0.0) p[i++] = lo;
+            a = hi;
+        }
+        m = i;
+        if (a != 0.0) p[m++] = a;
+    }
+    double hi = 0.0, lo = 0.0;
+    if (m > 0) {
+        hi = p[--m];
+        while (m > 0) {  /* from the top, until a sum is inexact */
+            double a = hi, b = p[--m];
+            hi = a + b;
+            lo = b - (hi - a);
+            if (lo != 0.0) break;
+        }
+        if (m > 0 && ((lo < 0.0 && p[m - 1] < 0.0) || (lo > 0.0 && p[m - 1] > 0.0))) {  /* half-way, carried */
+            double b = lo * 2.0, a = hi + b;
+            if (b == a - hi) hi = a;
+        }
+    }
+    return hi;
+}
+
+#define EXACT_TOP 0x1p1000
+#define EXACT_LOW 0x1p-900
+
+/* exact(flat, width, L, RT, scales, w, out): for each flat index f of a block (row f / width, column f % width), the
+   exact value of w + sum_k scale_k L[row][k] RT[col][k] rounded to odd: itself where it is a double, else of its two
+   neighbouring doubles the one whose last bit is odd. Each product of two float32 factors is exact in a double, its
+   product with the scale splits exactly into a rounded product and its error (a fused multiply-add), the terms'
+   sum rounded to nearest (fsum) and the sign of what that rounding left (fsum once more) give the odd rounding. So
+   any rounding to a grid whose boundaries are doubles of at most 52 significant bits (a 16-bit or float32 value's
+   midpoints, FP8 or MXFP4 codes at a scale, a block's scale) gives from out what it gives from the exact value.
+   NaN where the split cannot be exact in doubles (a product's error below their range: a scale under about
+   2^-600) or a term reaches 2^1000: the caller decides those otherwise. */
+HOT static void exact_run(const int64_t *F, I n, I width, const float *L, const float *RT, const double *S, I r,
+                          const double *W, double *out, double *terms) {
+    for (I k = 0; k < n; k++) {
+        I i = F[k] / width, j = F[k] % width, count = 0;
+        int ok = fabs(W[k]) <= EXACT_TOP;
+        terms[count++] = W[k];
+        for (I t = 0; t < r; t++) {
+            double x = (double)L[i * r + t] * (double)RT[j * r + t], p = x * S[t];
+            if (p == 0.0 && (x == 0.0 || S[t] == 0.0)) continue;
+            ok &= fabs(p) >= EXACT_LOW && fabs(p) <= EXACT_TOP;
+            terms[count++] = p;
+            terms[count++] = fma(x, S[t], -p);
+        }
+        if (!ok) { out[k] = NAN; continue; }
+        double nearest = fsum(terms, count, terms + count + 1);
+        terms[count] = -nearest;
+        double left = fsum(terms, count + 1, terms + count + 1);
+        if (left != 0.0 && (d2u(nearest) & 1) == 0) nearest = nextafter(nearest, left > 0.0 ? INFINITY : -INFINITY);
+        out[k] = nearest;
+    }
+}
+
+static PyObject *exact(PyObject *self, PyObject *args) {
+    Py_buffer f, L, R, s, w, out;
+    I width;
+    if (!PyArg_ParseTuple(args, "y*ny*y*y*y*w*", &f, &width, &L, &R, &s, &w, &out)) return NULL;
+    I n = f.len / 8, r = s.len / 8;
+    double *terms = NULL;
+    int ok = width > 0 && R.len >= r * width * 4 && sized(&w, n, 8, "w") && sized(&out, n, 8, "out");
+    if (ok) {
+        const int64_t *F = f.buf;
+        I rows = 0;
+        for (I k = 0; k < n; k++) rows = F[k] < 0 || rows < 0 ? -1 : (F[k] / width + 1 > rows ? F[k] / width + 1 : rows);
+        if (rows < 0) { PyErr_SetString(PyExc_ValueError, "exact: a negative index"); ok = 0; }
+        else ok = sized(&L, rows * r, 4, "L");
+        terms = ok ? PyMem_RawMalloc(sizeof(double) * (4 * r + 4)) : NULL;  /* the terms, and fsum's partials */
+        if (ok && terms == NULL) { PyErr_NoMemory(); ok = 0; }
+    } else if (!PyErr_Occurred())
+        PyErr_SetString(PyExc_ValueError, "exact: buffers too small");
+    if (ok) {
+        Py_BEGIN_ALLOW_THREADS
+        exact_run(f.buf, n, width, L.buf, R.buf, s.buf, r, w.buf, out.buf, terms);
+        Py_END_ALLOW_THREADS
+    }
+    PyMem_RawFree(terms);
+    PyBuffer_Release(&f); PyBuffer_Release(&L); PyBuffer_Release(&R); PyBuffer_Release(&s); PyBuffer_Release(&w);
+    PyBuffer_Release(&out);
+    return ok ? Py_NewRef(Py_None) : NULL;
+}
+
 /* the first byte where two buffers differ (-1: none; the shorter one's length when one is a prefix of the other) */
 static PyObject *first_difference(PyObject *self, PyObject *args) {
     Py_buffer a, b;
@@ -715,6 +813,7 @@ static PyMethodDef methods[] = {
     {"trip", trip, METH_VARARGS,
      "trip(kind, u, merged, orig, L, R, r, ct, slack, rows, width, c, idx, stats) -> flagged"},
     {"gather", gather, METH_VARARGS, "gather(flat, w, in_kind, L, R, scales, width, base, delta, size)"},
+    {"exact", exact, METH_VARARGS, "exact(flat, width, L, RT, scales, w, out): w + the deltas, rounded to odd"},
     {"first_difference", first_difference, METH_VARARGS, "first_difference(a, b) -> the first byte that differs, or -1"},
     {"survival", survival, METH_VARARGS, "survival(w, v, o, sums): the change's sums, added to sums"},
     {"nonfinite", nonfinite, METH_VARARGS, "nonfinite(kind, buffer) -> whether a NaN or an infinity is there"},

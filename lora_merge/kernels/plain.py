@@ -4,6 +4,8 @@ listed for the caller to decide exactly (see ``_kernels.c`` for the arguments)."
 
 from __future__ import annotations
 
+import math
+
 import numpy as np
 
 BF16, F16, F32 = 0, 1, 2
@@ -199,6 +201,52 @@ def gather(flat, w, in_kind, L, RT, scales, width, base, delta, size) -> None:
     base[:n] = load(in_kind, np.asarray(w)[flat], wide=True) if n else 0
     delta[:n] = products.sum(axis=1)
     size[:n] = np.abs(base[:n]) + np.abs(products).sum(axis=1)
+
+
+EXACT_TOP, EXACT_LOW = 2.0**1000, 2.0**-900
+
+
+def _split(a: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """a = hi + lo exactly, each with at most 26 significant bits (Veltkamp's split; |a| < 2^995)."""
+    c = a * 134217729.0  # 2^27 + 1
+    hi = c - (c - a)
+    return hi, a - hi
+
+
+def product_error(a: np.ndarray, b: np.ndarray, p: np.ndarray) -> np.ndarray:
+    """a·b - p exactly, p = fl(a·b) (Dekker's product: what a fused multiply-add gives, without one)."""
+    ah, al = _split(a)
+    bh, bl = _split(b)
+    return ((ah * bh - p) + ah * bl + al * bh) + al * bl
+
+
+def exact(flat, width, L, RT, scales, w, out) -> None:
+    """``_kernels.exact``: w + Σ_k scale_k L[row, k] RT[col, k] for each flat index, exactly, rounded to odd (the
+    nearest double by math.fsum of the same terms, moved to its odd neighbour toward what that rounding left); NaN
+    where they cannot be split exactly in doubles."""
+    n, r = len(flat), len(scales)
+    if not n:
+        return
+    i, j = flat // width, flat % width
+    with np.errstate(all="ignore"):
+        x = np.asarray(L, np.float32).reshape(-1, r)[i].astype(np.float64) * \
+            np.asarray(RT, np.float32).reshape(width, r)[j].astype(np.float64)
+        s = np.broadcast_to(np.asarray(scales, np.float64), x.shape)
+        p = x * s
+        e = product_error(x, s, p)
+    there = (p != 0) | ((x != 0) & (s != 0))
+    ok = np.all(~there | ((np.abs(p) >= EXACT_LOW) & (np.abs(p) <= EXACT_TOP)), axis=1) & (np.abs(w[:n]) <= EXACT_TOP)
+    terms = np.concatenate([np.asarray(w[:n], np.float64)[:, None], np.where(there & ok[:, None], p, 0.0),
+                            np.where(there & ok[:, None], e, 0.0)], axis=1)
+    out[:n] = [_to_odd(row) if good else math.nan for row, good in zip(terms.tolist(), ok.tolist(), strict=True)]
+
+
+def _to_odd(terms: list[float]) -> float:
+    nearest = math.fsum(terms)
+    left = math.fsum([*terms, -nearest])
+    if left != 0 and int(np.float64(nearest).view(np.uint64)) & 1 == 0:
+        return math.nextafter(nearest, math.copysign(math.inf, left))
+    return nearest
 
 
 def next_up(x: np.ndarray, top: int) -> np.ndarray:

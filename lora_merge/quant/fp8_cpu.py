@@ -7,8 +7,8 @@ adapter does not change keeps BASE's codes and scale. A changed block gets the s
 largest exact |value| (``Fp8Tensor.fresh_scales``: that value / 448 rounded to float32, or the smallest power of two
 at least it), decided here exactly where the interval leaves it open; then each element the nearest e4m3 code to
 its exact value / the scale, ties to even, 448 at most: the kernel's where its bound is clear of a midpoint, else
-decided here in float64 or, within float64's own error, in exact rational arithmetic. So the bytes are those of the
-exact merge, rounded once, whatever order the products were summed in.
+decided here in float64 or, within float64's own error, from the exact value (``exact``). So the bytes are those of
+the exact merge, rounded once, whatever order the products were summed in.
 
 A float BASE written as FP8 (``--quantize fp8``, ``Fp8Quantized``) goes the same way, its values read as float32
 (exact copies of bfloat16, float16 or float32) in place of codes times scales, and every block scaled afresh,
@@ -170,24 +170,20 @@ def fresh_scales(largest: np.ndarray, power_of_two: bool) -> np.ndarray:
     return np.where(largest > 0, scales, 1.0)
 
 
-def nearest_code(t: Fraction) -> int:
-    """The e4m3 code nearest the exact ``t``, ties to even, past 448 the largest."""
-    a = abs(t)
-    if a >= Fraction(LARGEST):
-        mag = LARGEST
-    elif a == 0:
-        mag = 0.0
-    else:
-        e = a.numerator.bit_length() - a.denominator.bit_length()
-        if Fraction(2) ** e > a:
-            e -= 1
-        step = Fraction(2) ** (max(e, -6) - 3)
-        mag = float(min(round(a / step) * step, Fraction(LARGEST)))  # round(): half to even
-    return _code(mag, t < 0)
+MAGNITUDES = E4M3[:127]  # e4m3's magnitudes, increasing (codes 0 to 0x7E)
+MIDPOINTS = (MAGNITUDES[1:] + MAGNITUDES[:-1]) / 2  # exact, as is each one times a float32 scale
 
 
-def _code(magnitude: float, negative: bool) -> int:
-    return int(np.searchsorted(E4M3[:127], magnitude)) | (0x80 if negative else 0)
+def nearest_codes(x: np.ndarray, s: np.ndarray) -> np.ndarray:
+    """The e4m3 code nearest each x / s, exactly (doubles x, float32 scales s), ties to even, past 448 the largest:
+    x is compared with each midpoint times its scale, itself a double."""
+    a = np.abs(x)
+    k = np.searchsorted(MIDPOINTS, a / s)  # the midpoints below a / s, off by one at most where it is rounded
+    last = len(MIDPOINTS) - 1
+    k -= (k > 0) & (a <= MIDPOINTS[np.maximum(k - 1, 0)] * s)
+    k += (k <= last) & (a > MIDPOINTS[np.minimum(k, last)] * s)
+    k += (k <= last) & (a == MIDPOINTS[np.minimum(k, last)] * s) & (k % 2 == 1)  # a tie: to the even code
+    return (k | np.where(np.signbit(x), 0x80, 0)).astype(np.uint8)
 
 
 class Fp8Merge:
@@ -204,7 +200,7 @@ class Fp8Merge:
         self.fresh_all = not self.q.stored_as_is  # --quantize: every block scaled afresh, changed or not
         # w = code × scale is rounded once more than the dense merge's w: one more u for |w| and |v|
         self.c = UNIT32 * 4
-        self.decided = self.rational = 0  # elements decided here, for the record
+        self.decided = self.exact = 0  # elements decided here, and of those exactly, for the record
 
     def block(self, start: int, stop: int, buffers) -> tuple[np.ndarray, np.ndarray]:
         """Dense rows [start, stop) (whole bands, or the tensor's last rows) merged: their codes and their rows of
@@ -270,9 +266,6 @@ class Fp8Merge:
         products = f.left0[first + i].astype(np.float64) * f.right0[j].astype(np.float64) * f.scales
         return w, products.sum(axis=1), np.abs(w) + np.abs(products).sum(axis=1)
 
-    def _exact(self, i: int, j: int, w: float) -> Fraction:
-        return self.f.exact(i, j, w)
-
     def _block(self, rows: int, k: int) -> np.ndarray:
         """The flat indices of block k's elements in a band of ``rows`` rows."""
         cols = np.arange(k * self.bn, min(self.cols, (k + 1) * self.bn))
@@ -287,7 +280,7 @@ class Fp8Merge:
         w, delta, size = self._exact_parts(flat, first, base)
         if np.any(np.abs(delta) > (self.f.rank + 2) * 2.0**-52 * (size - np.abs(w))):
             return True
-        return any(self._exact(first + int(x // self.cols), int(x % self.cols), 0.0) != 0 for x in flat)
+        return bool(np.any(self.f.sums(first, self.cols)(flat, np.zeros(len(flat))) != 0))  # a delta of exactly 0?
 
     def _scale(self, first: int, k: int, base: Base, v, e) -> float:
         """Block k's fresh scale from its largest exact |value| itself, where the kernel's interval for it holds a
@@ -303,15 +296,14 @@ class Fp8Merge:
         if low == high:
             return low
         flat = flat[a + bound >= lo64]
-        self.rational += len(flat)
-        values = base.values(flat, self.bn)
-        largest = max(abs(self._exact(first + int(x // self.cols), int(x % self.cols), float(w)))
-                      for x, w in zip(flat, values, strict=True))
-        return fresh_scale(largest, self.power_of_two)
+        w = base.values(flat, self.bn)
+        self.exact += len(flat)
+        largest = np.max(np.abs(self.f.sums(first, self.cols)(flat, w)))  # rounded to odd, as is the largest |value|
+        return fresh_scale(float(largest), self.power_of_two)
 
     def _decide(self, flat: np.ndarray, first: int, base: Base, chosen, out) -> None:
         """The open elements' codes: their exact value / the scale rounded to the nearest code, in float64 where
-        its error bound keeps clear of a midpoint, else with fractions."""
+        its error bound keeps clear of a midpoint, else from the exact value."""
         self.decided += len(flat)
         w, delta, size = self._exact_parts(flat, first, base)
         with np.errstate(all="ignore"):
@@ -331,9 +323,9 @@ class Fp8Merge:
         negative = np.signbit(t)
         codes_clear = np.searchsorted(E4M3[:127], q) | np.where(negative, 0x80, 0)
         out[flat[clear]] = codes_clear[clear].astype(np.uint8)
-        for x in np.flatnonzero(~clear):
-            i, j = int(flat[x] // self.cols), int(flat[x] % self.cols)
-            exact = self._exact(first + i, j, float(w[x]))
-            out[flat[x]] = nearest_code(exact / Fraction(float(s[x]))) if exact != 0 else \
-                _code(0.0, math.copysign(1, float(v[x])) < 0)
-            self.rational += 1
+        close = np.flatnonzero(~clear)
+        if len(close):  # within float64's own error of a midpoint: the exact value decides
+            self.exact += len(close)
+            at = flat[close]
+            x = self.f.sums(first, self.cols)(at, w[close])
+            out[at] = np.where(x == 0, np.where(negative[close], 0x80, 0), nearest_codes(x, s[close]))  # 0: v's sign

@@ -6,12 +6,12 @@ write, and memory stays flat however large an expert is.
 In the stored orientation an expert's delta is ``left @ right`` (left: out × r, right: r × in), whichever way
 round the adapter's factors fit transformers' dense (experts × in × out) view. The kernel decides each group
 whose exponent the interval of its largest exact |value| decides (almost all), and each code whose error bound
-is clear of a midpoint; the rest are decided here in float64 or, within float64's own error, exactly.
+is clear of a midpoint; the rest are decided here in float64 or, within float64's own error, from their exact value
+(``exact``).
 """
 
 from __future__ import annotations
 
-import math
 import os
 from fractions import Fraction
 
@@ -21,6 +21,7 @@ from .. import kernels
 from ..adapter import FileTensor, LowRank, MemoryTensor
 from ..dense import FLOATS, OPEN_SHARE, UNIT32, as_float32
 from ..errors import NonFiniteError
+from ..exact import ExactSums
 from ..safetensors_file import pread_into
 from .mxfp4 import GROUP
 
@@ -85,13 +86,10 @@ class ExpertFactors:
         self.cached = (k, made)
         return made
 
-    def exact(self, k: int, o: int, i: int, w: float) -> Fraction:
-        """Stored element (o, i) of expert k exactly: w plus every delta."""
+    def sums(self, k: int, o0: int) -> ExactSums:
+        """The exact values of expert k's stored rows from ``o0`` on (a block's flat indices)."""
         _, _, left0, right0, sc = self.expert(k)
-        total = Fraction(w)
-        for t in range(len(sc)):
-            total += Fraction(float(sc[t])) * Fraction(float(left0[o, t])) * Fraction(float(right0[i, t]))
-        return total
+        return ExactSums(left0[o0:], right0, sc, right0.shape[0])
 
 
 def read_rows(q, first: int, last: int, buffers, name: str) -> tuple[np.ndarray, np.ndarray]:
@@ -116,11 +114,9 @@ def spans(q):
     return [(k * out + o, k * out + min(out, o + step)) for k in range(experts) for o in range(0, out, step)]
 
 
-def nearest_code(t: Fraction) -> int:
-    """The e2m1 code nearest the exact ``t``, ties to the even code, past 6 the largest."""
-    a = abs(t)
-    m = sum(a > Fraction(x) if i % 2 == 0 else a >= Fraction(x) for i, x in enumerate(MIDPOINTS))
-    return m | (8 if t < 0 else 0)
+def nearest_codes(t: np.ndarray) -> np.ndarray:
+    """The e2m1 code nearest each t (doubles), ties to the even code, past 6 the largest."""
+    return kernels.plain.e2m1_nearest(t, np.zeros_like(t))[0]
 
 
 def fresh_exponent(largest) -> int:
@@ -148,7 +144,7 @@ class Mxfp4Merge:
         self.c = 4 * unit
         self.c_terms = (self.f.rank + 5) * unit * (1 + (self.f.rank + 2) * unit)
         self.slack = (self.f.rank + 1) * 2.0**-126
-        self.decided = self.rational = 0
+        self.decided = self.exact = 0
 
     def block(self, first: int, last: int, buffers) -> tuple[np.ndarray, np.ndarray]:
         """Stored rows [first, last) of one expert merged: their block bytes and scale bytes."""
@@ -202,17 +198,17 @@ class Mxfp4Merge:
         if not np.isfinite(v).all():
             raise NonFiniteError(f"the merge gives NaN or Inf in {self.entry.name}, which MXFP4 cannot store",
                                  "merge with --dtype to write a dequantized checkpoint, or repair the adapter")
-        exact = [self.f.exact(k, o0 + i, int(c), float(x)) for c, x in zip(cols, w, strict=True)]
         self.decided += GROUP
-        self.rational += GROUP
-        if all(e == Fraction(float(x)) for e, x in zip(exact, w, strict=True)):  # nothing changes: BASE's bytes
+        self.exact += GROUP
+        sums, flat = self.f.sums(k, o0), i * self.width + cols
+        if not np.any(sums(flat, np.zeros(GROUP)) != 0):  # nothing changes: BASE's bytes
             codes[i, cols] = nib[i, cols]
             out_scales[g] = scales[g]
             return
-        ex = fresh_exponent(max(abs(e) for e in exact))
+        x = sums(flat, w)  # rounded to odd: its largest |value| and its codes are the exact value's
+        ex = fresh_exponent(float(np.max(np.abs(x))))
         out_scales[g] = ex + 127
-        scale = Fraction(2) ** ex
-        codes[i, cols] = [nearest_code(e / scale) for e in exact]
+        codes[i, cols] = nearest_codes(np.ldexp(x, -ex))
 
     def _decide(self, k: int, o0: int, flat, nib, scales, exponents, codes) -> None:
         """The open codes of merged groups: their exact value / the scale rounded to the nearest code."""
@@ -229,8 +225,9 @@ class Mxfp4Merge:
         distance = np.min(np.abs(np.abs(t)[:, None] - np.array(MIDPOINTS)), axis=1)
         clear = distance > tb
         codes[rows_[clear], cols[clear]] = near[clear]
-        for x in np.flatnonzero(~clear):
-            exact = self.f.exact(k, o0 + int(rows_[x]), int(cols[x]), float(w[x]))
-            codes[rows_[x], cols[x]] = nearest_code(exact / Fraction(2) ** int(ex[x])) if exact != 0 else \
-                (8 if math.copysign(1, float(v[x])) < 0 else 0)
-            self.rational += 1
+        close = np.flatnonzero(~clear)
+        if len(close):  # within float64's own error of a midpoint: the exact value decides
+            self.exact += len(close)
+            x = self.f.sums(k, o0)(flat[close], w[close])
+            codes[rows_[close], cols[close]] = np.where(x == 0, np.where(np.signbit(v[close]), 8, 0),
+                                                        nearest_codes(np.ldexp(x, -ex[close])))
