@@ -1,11 +1,13 @@
 """Speed and memory of lora-merge beside `cp -r`, peft and mergekit, measured in one run.
 
-    python scripts/bench.py [--shapes 0.6b 1.7b 8b] [--ranks 16] [--runs 3] [--device cpu|cuda] [--no-peft]
+    python scripts/bench.py [--shapes 0.6b 1.7b 8b] [--ranks 16] [--factors float32 bfloat16] [--deltas small large]
+                            [--runs 3] [--device cpu|cuda] [--cpus N] [--no-peft]
 
 On first run, it generates bf16 bases with real architectures and random weights (Qwen3-0.6B,
-Qwen3-1.7B and Llama-3-8B shapes; on a GPU when ``--device cuda``) and a peft adapter on every linear
-layer, with each rank asked for. Then, for each model, it runs the tools in alternation, `--runs`
-times each, under `/usr/bin/time -v`:
+Qwen3-1.7B and Llama-3-8B shapes; on a GPU when ``--device cuda``) and peft adapters on every linear
+layer: each rank asked for, with float32 factors or bfloat16 ones (as peft saves an adapter trained on a bf16
+model), drawn small or large (``make_model.make_adapter``). Then, for each model and adapter, it runs the tools in
+alternation, `--runs` times each, under `/usr/bin/time -v` (and `taskset` on the first N cores with `--cpus N`):
 - `cp -r BASE`, the I/O floor on this disk;
 - `lora-merge BASE ADAPTER OUT --device DEVICE` (the merge and its parity check);
 - peft, as users do it, on the same device: `from_pretrained` (with `device_map` on a GPU) +
@@ -19,7 +21,9 @@ of medians and ratios.
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
+import os
 import platform
 import re
 import shutil
@@ -29,7 +33,7 @@ import sys
 import tempfile
 from pathlib import Path
 
-from make_model import SHAPES, make
+from make_model import DELTAS, FACTORS, SHAPES, make_adapter, make_base
 
 PEFT_MERGE = """
 import sys, torch, transformers, peft
@@ -113,25 +117,34 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--shapes", nargs="+", default=["0.6b", "1.7b"], choices=["0.6b", "1.7b", "8b"])
     parser.add_argument("--ranks", nargs="+", type=int, default=[16], help="adapter ranks, e.g. 16 64 256")
+    parser.add_argument("--factors", nargs="+", default=["float32", "bfloat16"], choices=sorted(FACTORS),
+                        help="the adapters' stored dtypes")
+    parser.add_argument("--deltas", nargs="+", default=list(DELTAS), choices=DELTAS, help="the adapters' changes")
     parser.add_argument("--runs", type=int, default=3)
     parser.add_argument("--device", default="cpu")
+    parser.add_argument("--cpus", type=int, help="run every tool on the first N cores only (taskset)")
     parser.add_argument("--no-peft", action="store_true", help="leave peft out (it needs transformers and peft)")
     parser.add_argument("--dir", type=Path, default=Path(".bench"))
     args = parser.parse_args()
+    pin = ["taskset", "-c", f"0-{args.cpus - 1}"] if args.cpus else []
+    draw_on = "cuda" if args.device.startswith("cuda") else "cpu"
 
     rows = []
     for shape in args.shapes:
-        for rank in args.ranks:
-            name = f"{SHAPES[shape]['arch']}-{shape}"
-            folder = args.dir / (name if rank == 16 else f"{name}-r{rank}")
-            if not (folder / "base" / "model.safetensors.index.json").is_file():
-                print(f"generating {folder} …", file=sys.stderr)
-                make(shape, folder, rank=rank, device="cuda" if args.device.startswith("cuda") else "cpu")
-            base, adapter = folder / "base", folder / "adapter"
+        folder = args.dir / f"{SHAPES[shape]['arch']}-{shape}"
+        base = folder / "base"
+        if not (base / "model.safetensors.index.json").is_file():
+            print(f"generating {base} …", file=sys.stderr)
+            make_base(shape, base, device=draw_on)
+        for rank, factors, delta in itertools.product(args.ranks, args.factors, args.deltas):
+            kind = f"r={rank}, {factors} factors, {delta} delta"
+            adapter = folder / f"adapter-r{rank}-{factors}-{delta}"
+            if not (adapter / "adapter_config.json").is_file():
+                make_adapter(shape, adapter, base, rank, device=draw_on, factors=factors, delta=delta)
             work = folder / "runs"
             shutil.rmtree(work, ignore_errors=True)
             work.mkdir()
-            commands = tools(base, adapter, work / "out", args.device, not args.no_peft)
+            commands = {n: pin + c for n, c in tools(base, adapter, work / "out", args.device, not args.no_peft).items()}
             names = list(commands)
             results: dict[str, list[dict]] = {n: [] for n in names}
             kept: dict[str, Path] = {}
@@ -141,27 +154,28 @@ def main() -> None:
                     shutil.rmtree(out, ignore_errors=True)
                     shutil.rmtree(work / "mergekit-cache", ignore_errors=True)  # no run reuses another's
                     results[name].append(timed(commands[name]))
-                    print(f"{shape} r={rank} run {run + 1}: {name} {results[name][-1]['wall']:.2f} s", file=sys.stderr)
+                    print(f"{shape} {kind} run {run + 1}: {name} {results[name][-1]['wall']:.2f} s", file=sys.stderr)
                     if run == 0 and name != "cp -r":  # keep the first output of each tool to compare
                         kept[name] = work / name
                         shutil.move(out, kept[name])
             checks = {n: compare(kept["lora-merge"], p) for n, p in kept.items() if n != "lora-merge"}
             merged, back = kept["lora-merge"], work / "out"
-            undo = ["lora-merge", "unmerge", "-q", str(merged), str(adapter), str(back), "--device", args.device]
+            undo = pin + ["lora-merge", "unmerge", "-q", str(merged), str(adapter), str(back), "--device", args.device]
             for name, cmd in {"lora-merge unmerge": undo, "lora-merge unmerge --base": undo + ["--base", str(base)]}.items():
                 names.append(name)
                 results[name] = []
                 for run in range(args.runs):
                     shutil.rmtree(back, ignore_errors=True)
                     results[name].append(timed(cmd))
-                    print(f"{shape} r={rank} run {run + 1}: {name} {results[name][-1]['wall']:.2f} s", file=sys.stderr)
+                    print(f"{shape} {kind} run {run + 1}: {name} {results[name][-1]['wall']:.2f} s", file=sys.stderr)
                 checks[name] = compare(base, back).replace("identical", "identical to BASE")
             med = {n: {k: statistics.median(r[k] for r in rs) for k in ("wall", "cpu", "rss_mb")} for n, rs in results.items()}
             for name in names:
                 m = med[name]
                 rows.append(
-                    f"| {SHAPES[shape]['arch'].capitalize()}-{shape} shape, r={rank} | {name} | {m['wall']:.2f} | {m['cpu']:.2f} | {m['rss_mb']:,.0f} "
-                    f"| {m['wall'] / med['cp -r']['wall']:.2f}x | {m['wall'] / med['lora-merge']['wall']:.2f}x "
+                    f"| {SHAPES[shape]['arch'].capitalize()}-{shape} shape, {kind} | {name} | {m['wall']:.2f} "
+                    f"| {m['cpu']:.2f} | {m['rss_mb']:,.0f} | {m['wall'] / med['cp -r']['wall']:.2f}x "
+                    f"| {m['wall'] / med['lora-merge']['wall']:.2f}x "
                     f"| {checks.get(name, 'reference' if name == 'lora-merge' else '-')} |"
                 )
             shutil.rmtree(work, ignore_errors=True)
@@ -170,9 +184,10 @@ def main() -> None:
 
     helps = sorted(timed(["lora-merge", "--help"])["wall"] for _ in range(5))
     print(f"`lora-merge --help`: {helps[2]:.2f} s (median of 5)")
-    print(f"{platform.machine()}, {torch.get_num_threads()} threads, torch {torch.__version__}; "
+    cores = f"{args.cpus} of {os.cpu_count()} cores" if args.cpus else f"{os.cpu_count()} cores"
+    print(f"{platform.machine()}, {cores}, torch {torch.__version__}; "
           f"medians of {args.runs} runs, tools alternated; lora-merge --device {args.device}")
-    print("| model | tool | wall (s) | CPU (s) | peak RSS (MB) | vs cp | vs lora-merge | output vs lora-merge |")
+    print("| model and adapter | tool | wall (s) | CPU (s) | peak RSS (MB) | vs cp | vs lora-merge | output vs lora-merge |")
     print("|---|---|---|---|---|---|---|---|")
     print("\n".join(rows))
 

@@ -1,12 +1,12 @@
 """Generate a bf16 base with real tensor names and shapes and random weights, and a PEFT adapter.
 
-    python scripts/make_model.py 0.6b DIR [--rank 16] [--factors bfloat16] [--shards 3] [--device cuda]
+    python scripts/make_model.py 0.6b DIR [--rank 16] [--factors bfloat16] [--delta large] [--shards 3] [--device cuda]
 
 Shapes: Qwen3-0.6B and Qwen3-1.7B (tied embeddings), Llama-3-8B (untied). Writes DIR/base (sharded
 safetensors, index, config.json) and DIR/adapter (LoRA on every linear layer of the decoder, its factors stored
-in ``--factors``: float32, or bfloat16 as peft saves an adapter trained on a bf16 model). Only
-torch and safetensors are needed; one shard is in memory at a time. ``--device cuda`` draws the
-random numbers on a GPU (an 8B base in seconds).
+in ``--factors``: float32, or bfloat16 as peft saves an adapter trained on a bf16 model; ``--delta``: a small or a
+large change, see ``make_adapter``). Only torch and safetensors are needed; one shard is in memory at a time.
+``--device cuda`` draws the random numbers on a GPU (an 8B base in seconds).
 """
 
 from __future__ import annotations
@@ -54,21 +54,25 @@ def tensor_shapes(c: dict):
 
 
 FACTORS = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+DELTAS = ("small", "large")
 
 
 def make(shape: str | dict, folder: Path, rank: int = 16, shards: int = 3, seed: int = 0, device: str = "cpu",
-         factors: str = "float32") -> None:
+         factors: str = "float32", delta: str = "small") -> None:
+    """DIR/base and DIR/adapter."""
+    make_base(shape, folder / "base", shards, seed, device)
+    make_adapter(shape, folder / "adapter", folder / "base", rank, seed + 1, device, factors, delta)
+
+
+def make_base(shape: str | dict, base: Path, shards: int = 3, seed: int = 0, device: str = "cpu") -> None:
     c = SHAPES[shape] if isinstance(shape, str) else shape
     model_type, architecture, tied, _ = ARCH[c.get("arch", "qwen3")]
     g = torch.Generator(device).manual_seed(seed)
-    base, adapter = folder / "base", folder / "adapter"
     base.mkdir(parents=True, exist_ok=True)
-    adapter.mkdir(parents=True, exist_ok=True)
     items = list(tensor_shapes(c))
     total = sum(2 * torch.Size(s).numel() for _, s in items)
     per_shard = total / shards
     weight_map, current, size, index = {}, {}, 0, 1
-    names = []
 
     def flush():
         nonlocal current, size, index
@@ -82,7 +86,6 @@ def make(shape: str | dict, folder: Path, rank: int = 16, shards: int = 3, seed:
         t = (torch.randn(s, generator=g, device=device) * 0.02).to(torch.bfloat16).cpu()
         current[name] = t
         size += t.numel() * 2
-        names.append(name)
         if size >= per_shard and index < shards:
             flush()
     flush()
@@ -97,13 +100,25 @@ def make(shape: str | dict, folder: Path, rank: int = 16, shards: int = 3, seed:
     }, indent=2))
     (base / "generation_config.json").write_text(json.dumps({"do_sample": True, "temperature": 0.6}))
 
+
+def make_adapter(shape: str | dict, adapter: Path, base: Path, rank: int = 16, seed: int = 1, device: str = "cpu",
+                 factors: str = "float32", delta: str = "small") -> None:
+    """A LoRA adapter on every linear layer, alpha = 2r. ``delta``: small, normal factors of 0.01 (a change of about
+    a tenth of W's size); large, the uniform factors torch gives a fresh nn.Linear, as peft leaves them with
+    init_lora_weights=False (a change larger than W). ``factors``: their stored dtype."""
+    c = SHAPES[shape] if isinstance(shape, str) else shape
+    g = torch.Generator(device).manual_seed(seed)
+    adapter.mkdir(parents=True, exist_ok=True)
     lora = {}
-    for name, s in items:
+    for name, s in tensor_shapes(c):
         module = name.removesuffix(".weight")
         if module.rsplit(".", 1)[-1] in LINEAR:
             out, inn = s
-            for part, shape_ in (("lora_A", (rank, inn)), ("lora_B", (out, rank))):
-                drawn = torch.randn(shape_, generator=g, device=device) * 0.01
+            for part, (rows, cols) in (("lora_A", (rank, inn)), ("lora_B", (out, rank))):
+                if delta == "small":
+                    drawn = torch.randn((rows, cols), generator=g, device=device) * 0.01
+                else:  # kaiming_uniform_(a=sqrt(5)): bound 1 / sqrt(fan_in)
+                    drawn = (torch.rand((rows, cols), generator=g, device=device) * 2 - 1) / cols**0.5
                 lora[f"base_model.model.{module}.{part}.weight"] = drawn.to(FACTORS[factors]).cpu()
     save_file(lora, adapter / "adapter_model.safetensors", metadata={"format": "pt"})
     (adapter / "adapter_config.json").write_text(json.dumps({
@@ -118,10 +133,11 @@ def main() -> None:
     parser.add_argument("folder", type=Path)
     parser.add_argument("--rank", type=int, default=16)
     parser.add_argument("--factors", choices=sorted(FACTORS), default="float32", help="the adapter's stored dtype")
+    parser.add_argument("--delta", choices=DELTAS, default="small", help="the size of the adapter's change")
     parser.add_argument("--shards", type=int, default=3)
     parser.add_argument("--device", default="cpu", help="where the random numbers are drawn (cuda: much faster)")
     args = parser.parse_args()
-    make(args.shape, args.folder, args.rank, args.shards, device=args.device, factors=args.factors)
+    make(args.shape, args.folder, args.rank, args.shards, device=args.device, factors=args.factors, delta=args.delta)
 
 
 if __name__ == "__main__":
