@@ -235,8 +235,8 @@ class StagedOutput:
             self._flusher = ThreadPoolExecutor(1, "lora-merge-flush")
         self._flushes.append(self._flusher.submit(_flush_file, self.tmp / name, then))
 
-    def _flushed(self, raise_errors: bool) -> None:
-        """Wait for the flushes started; the first failure is raised when asked."""
+    def flushed(self, raise_errors: bool = True) -> None:
+        """Wait for the flushes started and what each calls after it; the first failure is raised when asked."""
         pending, self._flushes = self._flushes, []
         for f in pending:
             f.result() if raise_errors else f.exception()
@@ -255,7 +255,7 @@ class StagedOutput:
     def commit(self) -> None:
         """Flush every file to disk, then rename the temporary folder to OUT; an earlier --resume run's partial
         output for OUT, which this complete one makes obsolete, is removed."""
-        self._flushed(raise_errors=True)
+        self.flushed()
         _fsync_tree(self.tmp)  # the files not flushed yet (cheap for those that were)
         out = self.out
         old = None
@@ -282,14 +282,14 @@ class StagedOutput:
 
     def keep_failed(self) -> Path:
         """Rename the (complete) temporary folder to the place of a failed output beside OUT; return it."""
-        self._flushed(raise_errors=False)
+        self.flushed(raise_errors=False)
         place = failed_folder(self.out)
         os.rename(self.tmp, place)
         self._done = True
         return place
 
     def __exit__(self, exc_type, exc, tb) -> None:
-        self._flushed(raise_errors=False)
+        self.flushed(raise_errors=False)
         if self._done or not self.tmp.exists():
             return
         if self.resume and exc_type is not None:

@@ -402,6 +402,7 @@ class _Run:
         report = _with_bar(self.progress, kept, "verifying",
                            lambda bar: check(staged.tmp, plan, dev, provenance, bar, found))
         if journal is not None:
+            staged.flushed()  # the flush thread records each shard in the journal: done with it before it goes
             journal.remove()
         return stats, copied, report
 

@@ -367,6 +367,25 @@ def test_resume_continues_and_gives_the_same_bytes(interrupted):
     assert report["provenance"]["shards_reused"]
 
 
+def test_a_slow_flush_leaves_no_journal_in_the_finished_out(interrupted, monkeypatch):
+    """The flush thread records a finished shard in the journal after it is on disk; however late that comes, the
+    journal is gone from OUT, and nothing is written into the staged folder once it has become OUT."""
+    from lora_merge import output
+
+    flush = output._flush_file
+
+    def slow(path, then=None):
+        time.sleep(0.3)  # the disk is slow: the main thread reaches the end of the merge first
+        flush(path, then)
+
+    monkeypatch.setattr(output, "_flush_file", slow)
+    root, _, _, reference = interrupted
+    summary, out = _resume(root, root / ".out.lora-merge-partial")
+    assert summary["parity"] == "passed"
+    assert sorted(p.name for p in out.iterdir()) == sorted(p.name for p in reference.iterdir())
+    assert not (out.parent / ".out.lora-merge-partial").exists()
+
+
 def test_resume_rewrites_a_finished_shard_that_changed(interrupted, tmp_path):
     root, _, _, reference = interrupted
     partial = tmp_path / "partial"
