@@ -320,6 +320,7 @@ class _Run:
             for i, a in enumerate(plan.adapter.members)}
         out_path = check_output(Path(out), options.overwrite, protected)
         self._refuse_nonfinite_adapter()
+        self._refuse_nonfinite_scales()
         self.tokenizer = choose_tokenizer(plan.base.path, plan.adapter.folder, options.tokenizer_from,
                                           any("resized" in n for n in plan.notes))
         if self.tokenizer.note:
@@ -371,6 +372,20 @@ class _Run:
         if bad:
             self.plan.notes.append(f"merged with NaN or Inf in {len(bad)} adapter tensor(s) (--allow-nonfinite): "
                                    f"{name_list(bad)}")
+
+    def _refuse_nonfinite_scales(self) -> None:
+        """A quantized BASE whose scales hold NaN or Inf where the adapter changes it: its weights there are not
+        numbers, and no merge of them is."""
+        from .quant.base import QuantizedTensor
+
+        bad = sorted(name for e in self.plan.entries if e.is_merge and isinstance(e.base, QuantizedTensor)
+                     for name in e.base.nonfinite_scales())
+        if bad:
+            raise QuantizationError(
+                f"{self.plan.role}'s scales hold NaN or Inf in {len(bad)} tensor(s) the adapter changes: "
+                f"{name_list(bad)}", [],
+                f"{self.plan.role}'s files are damaged: download them again, or merge into the unquantized model "
+                "it was made from")
 
     def _merge_and_check(self, staged: StagedOutput, out_path: Path, dev):
         """The shards written (each block checked as it is made, each shard flushed as it is finished), the other

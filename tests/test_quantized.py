@@ -514,6 +514,36 @@ def test_fp8_files_that_do_not_fit_are_refused(qwen3, tmp_path):
     assert "q_proj.weight_scale_inv" in e.value.problems[0] + e.value.problems[1]
 
 
+@pytest.mark.parametrize("fmt,value", [("fp8", float("nan")), ("fp8", float("inf")), ("ue8m0", None),
+                                       ("mxfp4", None)])
+def test_scales_that_are_not_numbers_are_refused_before_writing(qwen3, tmp_path, fmt, value):
+    """A scale that is NaN or Inf (e8m0: the byte 255) on a weight the adapter changes: refused, naming it."""
+    from safetensors.torch import load_file, save_file
+
+    if fmt == "mxfp4":
+        base, adapter = gpt_oss(tmp_path), tmp_path / "adapter"
+        expert_adapter(tmp_path / "bf16", adapter)
+        name = "model.layers.1.mlp.experts.down_proj_scales"
+    else:
+        base, adapter = to_fp8(qwen3 / "bf16", tmp_path / "fp8", ue8m0=fmt == "ue8m0"), qwen3 / "adapter"
+        name = "model.layers.0.self_attn.q_proj.weight_scale_inv"
+    (tmp_path / "out").mkdir()
+    (tmp_path / "out" / "kept.txt").write_text("mine")
+    for file in base.glob("*.safetensors"):
+        tensors = load_file(file)
+        if name in tensors:
+            broken = tensors[name].clone()
+            if value is None:  # e8m0's NaN
+                broken.view(torch.uint8).reshape(-1)[1] = 255
+            else:
+                broken.reshape(-1)[1] = value
+            save_file(tensors | {name: broken}, file, metadata={"format": "pt"})
+    r = run_cli("merge", base, adapter, tmp_path / "out", "--overwrite", "--device", "cpu")
+    expect_error(r, "scales hold NaN or Inf in 1 tensor(s) the adapter changes", name, "download them again")
+    assert [p.name for p in (tmp_path / "out").iterdir()] == ["kept.txt"]
+    assert [p.name for p in tmp_path.iterdir() if "lora-merge" in p.name] == []
+
+
 def test_a_quantized_merge_is_not_unmerged(qwen3, tmp_path):
     base = to_fp8(qwen3 / "bf16", tmp_path / "fp8")
     merge(base, qwen3 / "adapter", tmp_path / "out", device="cpu")

@@ -34,6 +34,7 @@ class QuantizedTensor:
     stored_as_is = True  # BASE stores it so: untouched, it is copied as bytes
     global_scale = False  # a scale over the whole tensor that a merge may have to change: a first pass finds out
     row_unit = 1  # rows of the dense tensor that share scales: the blocks a merge encodes are multiples of it
+    exponent_bytes = False  # scales stored as uint8 biased exponents (e8m0, where 255 is NaN)
 
     @property
     def nbytes(self) -> int:
@@ -51,6 +52,12 @@ class QuantizedTensor:
     def rows(self, start: int, stop: int) -> torch.Tensor:
         """Rows [start, stop) of the dense tensor, exactly, as float64 on the CPU."""
         return self.decode(self.read(start, stop), start, stop)
+
+    def nonfinite_scales(self) -> list[str]:
+        """The stored scale parts that hold NaN or Inf (each read whole: scales are small)."""
+        if not self.stored_as_is:
+            return []  # its parts are OUT's, not BASE's
+        return [p.name for p in self.parts[1:] if _nonfinite(p, self.exponent_bytes)]
 
     # --- requantizable formats
 
@@ -113,6 +120,31 @@ class QuantizedTensor:
         """The scale the format defines for blocks whose largest |value| is ``largest`` (float64); ``stored``: the
         parts written, for a format whose block scales depend on a tensor-wide one."""
         raise NotImplementedError
+
+
+# the bits all set in a NaN (or infinity) of an 8-bit float, and in no finite value
+_NOT_FINITE_8 = {"F8_E4M3": 0x7F, "F8_E8M0": 0xFF}
+
+
+def _nonfinite(info: TensorInfo, exponent_bytes: bool) -> bool:
+    """Whether a stored tensor of floats (or of e8m0 exponent bytes) holds a NaN or an infinity."""
+    import numpy as np
+
+    from .. import kernels
+
+    mark = 0xFF if exponent_bytes and info.dtype == "U8" else _NOT_FINITE_8.get(info.dtype)
+    if mark is None and info.dtype not in kernels.KINDS:
+        return False  # integers: no NaN to hold
+    raw = np.empty(info.nbytes, np.uint8)
+    if info.nbytes:
+        fd = os.open(info.path, os.O_RDONLY)
+        try:
+            pread_into(fd, memoryview(raw), info.start)
+        finally:
+            os.close(fd)
+    if mark is not None:
+        return bool(np.any((raw & mark) == mark))
+    return kernels.nonfinite(kernels.KINDS[info.dtype], raw)
 
 
 def read_rows(info: TensorInfo, start: int, stop: int) -> torch.Tensor:

@@ -27,6 +27,7 @@ BIAS = 127
 class Mxfp4Tensor(QuantizedTensor):
     dtype = "MXFP4"
     requantizable = True
+    exponent_bytes = True
     description = "MXFP4 (e2m1, a power-of-two scale per 32 elements)"
 
     def part_rows(self, part: int, start: int, stop: int) -> tuple[int, int]:
