@@ -308,8 +308,8 @@ def merge_command(paths, adapters, dry_run, as_json, quiet, verbose, token, **gi
     try:
         result = pipeline.merge(base, adapter, out, options, token=token, command=_command_line(),
                                 progress=lambda total, label: byte_bar(total, label, not quiet))
-    except ParityError as e:
-        click.echo(json.dumps(e.report.to_json(), indent=2) if as_json else e.report.table())
+    except ParityError as e:  # the summary (of the output kept beside OUT), or the table of what failed
+        click.echo(json.dumps(e.result.summary(), indent=2) if as_json and e.result else e.report.table())
         raise
     summary = result.summary()
     if push:
@@ -360,7 +360,7 @@ def push_command(out, repo_id, token, **given):
         what = "failed its parity checks" if status == "failed" else f"has no readable {REPORT_NAME}"
         raise OutputError(
             f"OUT {out!r} {what}; only a checked merge is pushed",
-            f"merge again, or check it: lora-merge verify {out} --base BASE --adapter ADAPTER --json {report_path}",
+            f"merge again, or check it: lora-merge verify {out} --base BASE --adapter ADAPTER --report {report_path}",
         )
     hub.whoami(token)
     url = hub.push(folder, push, token=token)
@@ -373,8 +373,9 @@ def push_command(out, repo_id, token, **given):
 @click.option("--adapter", "adapters", required=True, multiple=True, metavar="ADAPTER[:WEIGHT]",
               help="The adapter that was merged (repeat it for several, with their weights).")
 @adapter_options
-@click.option("--json", "json_path", type=click.Path(dir_okay=False, allow_dash=True), default=None,
-              help="Also write the report as JSON to this file (- for stdout, instead of the table).")
+@click.option("--json", "as_json", is_flag=True, help="Print the report as JSON on stdout instead of the table.")
+@click.option("--report", "report_path", type=click.Path(dir_okay=False), default=None, metavar="FILE",
+              help="Also write the report as JSON to FILE.")
 @verify_options
 @click.option("--latency", is_flag=True,
               help="Also time greedy decoding with the base, the unmerged adapter and OUT "
@@ -386,13 +387,14 @@ def push_command(out, repo_id, token, **given):
 @click.option("--prompt", default=None, help="Prompt text (uses OUT's tokenizer). Default: 16 fixed token ids.")
 @click.option("-q", "--quiet", is_flag=True, help="No progress bar and no table; the exit code tells.")
 @token_option
-def verify_command(out, base, adapters, json_path, latency, new_tokens, runs, prompt, quiet, token, **given):
+def verify_command(out, base, adapters, as_json, report_path, latency, new_tokens, runs, prompt, quiet, token,
+                   **given):
     """Check a merged folder against BASE and ADAPTER; exit 1 when a check fails.
 
     \b
     Examples:
         lora-merge verify ./merged --base ./Qwen3-0.6B --adapter ./my-adapter
-        lora-merge verify ./merged --base ./base --adapter ./adapter --json report.json
+        lora-merge verify ./merged --base ./base --adapter ./adapter --report report.json
         lora-merge verify ./merged --base ./base --adapter ./adapter --latency --runs 10
 
     OUT may come from any tool and have any shard layout: tensors are matched by name. Checked:
@@ -414,21 +416,18 @@ def verify_command(out, base, adapters, json_path, latency, new_tokens, runs, pr
         result = measure_latency(report.plan.base.path, report.plan.adapter.path, report.folder, report.device,
                                  new_tokens=new_tokens, runs=runs, prompt=prompt)
         report.details["latency"] = result
-    if json_path == "-":
+    if report_path:
+        Path(report_path).write_text(report.text())
+    if as_json:
         click.echo(json.dumps(report.to_json(), indent=2))
-    else:
-        if json_path:
-            Path(json_path).write_text(report.text())
-        if not quiet:
-            click.echo(report.table())
-            if latency:
-                click.echo(latency_table(report.details["latency"]))
+    elif not quiet:
+        click.echo(report.table())
+        if latency:
+            click.echo(latency_table(report.details["latency"]))
     if not report.ok:
-        error = pipeline.parity_error(report, f"see {json_path}" if json_path and json_path != "-" else
-                                      "the failures are listed above")
-        if quiet and not json_path:
-            error.hint = "run without --quiet (or with --json PATH) to see the failures"
-        raise error
+        where = f"see {report_path}" if report_path else "the failures are listed above" if not quiet else \
+            "run without --quiet (or with --report FILE) to see the failures"
+        raise pipeline.parity_error(report, where)
 
 
 @cli.command("unmerge", context_settings=CONTEXT)

@@ -36,6 +36,15 @@ DTYPES = {d.name: d for d in [
 ]}
 FLOAT_DTYPES = {n for n, d in DTYPES.items() if d.computed}  # what a LoRA delta can be added to
 OUTPUT_DTYPES = {d.config_name: d.name for d in DTYPES.values() if d.computed and d.name != "F64"}  # --dtype
+SHORT_NAMES = {"bf16": "bfloat16", "fp16": "float16", "f16": "float16", "fp32": "float32", "f32": "float32"}
+
+
+def output_dtype(text: str) -> str:
+    """--dtype's value as config.json names it, from that name or a short one people type (bf16, fp16, fp32)."""
+    name = SHORT_NAMES.get(text.lower(), text.lower()) if isinstance(text, str) else text
+    if name not in OUTPUT_DTYPES:
+        raise ValueError(f"dtype {text!r} is not one of {', '.join(OUTPUT_DTYPES)} (or {', '.join(SHORT_NAMES)})")
+    return name
 
 
 def torch_dtype(name: str):

@@ -97,11 +97,13 @@ class DeviceError(LoraMergeError, RuntimeError):
 
 
 class ParityError(LoraMergeError, AssertionError):
-    """The merged folder failed its parity checks; ``report`` says which tensors and files."""
+    """The merged folder failed its parity checks; ``report`` says which tensors and files, and ``result`` (a merge's
+    MergeResult, where the failed output is kept) what was written."""
 
-    def __init__(self, message: str, report, hint: str | None = None):
+    def __init__(self, message: str, report, hint: str | None = None, result=None):
         super().__init__(message, hint)
         self.report = report
+        self.result = result
 
 
 class LatencyError(LoraMergeError, RuntimeError):

@@ -13,7 +13,7 @@ from fractions import Fraction
 
 import click
 
-from .dtypes import OUTPUT_DTYPES
+from .dtypes import OUTPUT_DTYPES, output_dtype
 from .flags import cli_flag
 from .formats import AdapterOptions
 
@@ -54,6 +54,13 @@ def _click_size(ctx, param, value):
         raise click.BadParameter(str(e)) from None
 
 
+def _click_dtype(ctx, param, value):
+    try:
+        return output_dtype(value) if value is not None else None
+    except ValueError as e:
+        raise click.BadParameter(str(e)) from None
+
+
 def _mib(ctx, param, value):
     return value * MIB if value is not None else None
 
@@ -74,8 +81,8 @@ class PushOptions:
 
 @dataclass(frozen=True)
 class MergeOptions:
-    dtype: str | None = cli_flag("--dtype", "Output dtype of floating-point tensors. Default: the base's.",
-                                 type=click.Choice(list(OUTPUT_DTYPES)))
+    dtype: str | None = cli_flag("--dtype", "Output dtype of floating-point tensors (bf16, fp16 and fp32 name them "
+                                 "too). Default: the base's.", metavar="|".join(OUTPUT_DTYPES), callback=_click_dtype)
     device: str = cli_flag("--device", "Where the arithmetic runs (and verify's latency runs). auto: CUDA when "
                            "present, else CPU.", "auto",
                            metavar="auto|cpu|cuda|cuda:N|mps", show_default=True)
@@ -107,8 +114,8 @@ class MergeOptions:
     push: PushOptions | None = None  # upload OUT once checked (its repo id also names the model card)
 
     def __post_init__(self):
-        if self.dtype is not None and self.dtype not in OUTPUT_DTYPES:
-            raise ValueError(f"dtype {self.dtype!r} is not one of {', '.join(OUTPUT_DTYPES)}")
+        if self.dtype is not None:
+            object.__setattr__(self, "dtype", output_dtype(self.dtype))  # bf16 is bfloat16
         for name in ("block_bytes", "max_shard_bytes"):
             value = getattr(self, name)
             if value is not None and (not isinstance(value, int) or isinstance(value, bool) or value < 1):

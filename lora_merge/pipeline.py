@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 import logging
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 from . import card
@@ -354,13 +354,16 @@ class _Run:
                         f"the merge gives NaN or Inf in {len(bad)} tensor(s): {name_list(bad)}",
                         "the adapter's scale overflows the output dtype (try --dtype float32), or the adapter is "
                         "broken; --allow-nonfinite writes it anyway")
+                result = MergeResult(plan, out_path, str(dev), prov["merge_seconds"], stats,
+                                     copied + [REPORT_NAME] + ([card.CARD_NAME] if self.model_card else []), report)
                 if not report.ok:  # never OUT: kept beside it for a look, OUT as it was
                     kept = staged.keep_failed()
-                    raise parity_error(report, f"OUT was not changed; the failed output is kept in {kept} (its "
-                                               f"report: {kept / REPORT_NAME})")
+                    error = parity_error(report, f"OUT was not changed; the failed output is kept in {kept} (its "
+                                                 f"report: {kept / REPORT_NAME})")
+                    error.result = replace(result, out=kept)
+                    raise error
                 staged.commit()
-        return MergeResult(plan, out_path, str(dev), prov["merge_seconds"], stats,
-                           copied + [REPORT_NAME] + ([card.CARD_NAME] if self.model_card else []), report)
+        return result
 
     def _refuse_nonfinite_adapter(self) -> None:
         bad = nonfinite_adapter_tensors(self.plan)
@@ -443,7 +446,8 @@ def unmerge(merged: str, adapter: Adapters, out: str | Path, options: MergeOptio
         raise QuantizationError(
             f"MERGED is stored quantized ({merged_model.quantization.description}): its merged weights were rounded "
             "to that format, so subtracting the adapter cannot give back BASE's", [],
-            "unmerge a merge written with --dtype, whose weights keep W + ΔW to the dtype's precision")
+            "unmerge works on a merge written in a float dtype (without --quantize; from a quantized BASE, with "
+            "--dtype); otherwise keep BASE, which the merged model cannot give back")
     plan = make_plan(merged_model, loaded)
     plan.role = "MERGED"
     plan.notes.append("unmerged: the adapter's delta was subtracted")
@@ -515,6 +519,10 @@ def _output_dtype(base_model, out_model) -> str | None:
 def parity_error(report: Report, hint: str = "the failures are listed above") -> ParityError:
     checks = [c.name for c in report.checks if not c.ok]
     named = f": {name_list(report.failed_tensors)}" if report.failed_tensors else ""
+    found = report.diagnosis()
+    if found is not None:
+        named += f"; {found[0]}"
+        hint = f"{found[1]}; {hint}"
     return ParityError(f"the parity check failed ({', '.join(checks)}){named}", report, hint)
 
 

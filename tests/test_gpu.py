@@ -38,14 +38,14 @@ def test_cuda_report_and_latency(models, tmp_path):
     gpu = json.loads((tmp_path / "out" / "merge_report.json").read_text())
     assert gpu["status"] == "passed" and gpu["provenance"]["device"].startswith("cuda")
     r = CliRunner().invoke(cli, ["verify", str(tmp_path / "out"), "--base", str(base), "--adapter",
-                                 str(tmp_path / "adapter"), "--device", "cpu", "--json", "-"])
+                                 str(tmp_path / "adapter"), "--device", "cpu", "--json"])
     assert r.exit_code == 0, r.output
     cpu = json.loads(r.output)
     assert cpu["files"]["weights"] == gpu["files"]["weights"]  # the merge's hashes of what it wrote, read back
     assert {k: v["ok"] for k, v in cpu["tensors"].items()} == {k: v["ok"] for k, v in gpu["tensors"].items()}
     r = CliRunner().invoke(cli, ["verify", str(tmp_path / "out"), "--base", str(base), "--adapter",
                                  str(tmp_path / "adapter"), "--device", "cuda", "--latency", "--new-tokens", "4",
-                                 "--runs", "2", "--json", "-"])
+                                 "--runs", "2", "--json"])
     assert r.exit_code == 0, r.output
     assert json.loads(r.output)["latency"]["device"].startswith("cuda")
 

@@ -112,6 +112,9 @@ def test_quantize_fp8_rounds_the_exact_merge_once(qwen3, tmp_path, monkeypatch):
     on_gpu = loaded_as_fp8(tmp_path / "out", monkeypatch)  # and as on a GPU: the codes and scales themselves
     assert all(torch.equal(on_gpu[n].view(torch.uint8), out[n].view(torch.uint8)) for n in fp8)
     assert verify(tmp_path / "out", base, adapter, device="cpu").ok
+    r = run_cli("unmerge", tmp_path / "out", adapter, tmp_path / "back")  # rounded to FP8: no way back
+    expect_error(r, "MERGED is stored quantized", "without --quantize", "keep BASE")
+    assert not (tmp_path / "back").exists()
     # verify fails an element moved one code
     codes = out[fp8[0]].view(torch.uint8).clone()
     codes[0, 0] ^= 1

@@ -106,12 +106,40 @@ def test_clean_merge_report(merged):
 
 def test_verify_passes_and_writes_json(merged, tmp_path):
     base, adapter, out = merged
-    r = verify(out, base, adapter, "--json", tmp_path / "r.json", "--device", "cpu")
+    r = verify(out, base, adapter, "--report", tmp_path / "r.json", "--device", "cpu")
     assert r.exit_code == 0, r.output
     assert "parity report: PASSED" in r.output and "| Check | Result | Details |" in r.output
     report = json.loads((tmp_path / "r.json").read_text())
     assert report["status"] == "passed"
     assert report["tensors"].keys() == json.loads((out / "merge_report.json").read_text())["tensors"].keys()
+
+
+@pytest.mark.parametrize("case", ["another adapter", "another scale", "the base itself"])
+def test_a_mismatch_says_what_the_stored_tensors_hold_instead(merged, tmp_path, case):
+    """verify against the wrong adapter (or scale, or against BASE itself): one line that says what OUT holds
+    instead and what to check, with figures a person reads (no ten-digit ulp counts, no million percent)."""
+    import re
+
+    base, adapter, out = merged
+    if case == "another adapter":
+        build_adapter(base, tmp_path / "other", seed=7, r=4, lora_alpha=8, target_modules=ALL_LINEAR)
+        said, todo = "their change is not this adapter's", "check that --adapter is the adapter that was merged"
+    elif case == "another scale":
+        shutil.copytree(adapter, tmp_path / "other")
+        config = json.loads((adapter / "adapter_config.json").read_text())
+        (tmp_path / "other" / "adapter_config.json").write_text(json.dumps(config | {"lora_alpha": 16}))
+        said, todo = "they carry 0.5 times this adapter's change: it was merged with another scale", "lora_alpha"
+    else:
+        out, said, todo = base, "they hold BASE's values: the adapter was not merged into them", "merge again"
+    r = verify(out, base, tmp_path / "other" if case != "the base itself" else adapter, "--device", "cpu")
+    assert r.exit_code == 1
+    row = next(line for line in r.output.splitlines() if line.startswith("| merged |"))
+    assert said in row and "%" not in row, row
+    error = [line for line in r.output.splitlines() if line.startswith(("error:", "hint:"))]
+    assert said in error[0] and todo in error[1], error
+    assert not re.search(r"\d{7}|\d{1,3}(,\d{3}){3}", row + "".join(error)), row  # no number of ten digits or more
+    delta = next(line for line in r.output.splitlines() if line.startswith("| delta |"))
+    assert "survived" not in delta and "-0.0%" not in delta, delta
 
 
 def _exact_value(base, adapter, name):
@@ -297,7 +325,7 @@ def test_verify_peft_merge_and_unload_output(case, models, tmp_path):
         shutil.copy(base / f, out / f)
     ours = sorted(p.name for p in base.glob("*.safetensors"))
     theirs = sorted(p.name for p in out.glob("*.safetensors"))
-    r = verify(out, base, tmp_path / "adapter", "--json", tmp_path / "r.json")
+    r = verify(out, base, tmp_path / "adapter", "--report", tmp_path / "r.json")
     assert r.exit_code == 0, r.output
     report = json.loads((tmp_path / "r.json").read_text())
     assert report["status"] == "passed"
@@ -310,7 +338,7 @@ def test_latency_three_way(merged):
     r = verify(out, base, adapter, "--latency", "--new-tokens", 3, "--runs", 2, "--device", "cpu")
     assert r.exit_code == 0, r.output
     assert "| Condition | Mean latency (s) | Std dev (s) | Runs |" in r.output
-    r = verify(out, base, adapter, "--latency", "--new-tokens", 3, "--runs", 2, "--json", "-")
+    r = verify(out, base, adapter, "--latency", "--new-tokens", 3, "--runs", 2, "--json")
     assert r.exit_code == 0, r.output
     lat = json.loads(r.output)["latency"]
     auto = "cuda" if torch.cuda.is_available() else "cpu"  # --device left at auto

@@ -55,7 +55,7 @@ def test_the_share_kept_is_what_the_files_hold(models, adapter, tmp_path):
     assert total["kept"] == pytest.approx(cross / energy, rel=1e-5)
     assert total["tensors"] == len(merged) and total["unchanged"] == []
     check = result.report.check("delta")
-    assert check.ok and f"{cross / energy:.1%} of its energy kept" in check.summary
+    assert check.ok and f"OUT keeps {cross / energy:.1%} of the adapter's change (by energy" in check.summary
     assert result.summary()["delta_survival"] == total
     # verify reads the same figures back from the files
     again = verify(tmp_path / "out", base, adapter, device="cpu")
@@ -92,6 +92,13 @@ def test_a_change_rounded_away_is_named_and_fails_with_min_delta_kept(models, ad
     assert not (tmp_path / "gated").exists() and (tmp_path / "gated.lora-merge-failed").is_dir()
     report = json.loads((tmp_path / "gated.lora-merge-failed" / "merge_report.json").read_text())
     assert report["status"] == "failed" and not report["checks"]["delta"]["ok"]
+    # --json prints the summary, failed or not, naming where the output is
+    r = run_cli("merge", base, weak, tmp_path / "gated", "--device", "cpu", "--min-delta-kept", "0.5", "--json")
+    assert r.exit_code == 1
+    summary = json.loads(r.stdout)
+    kept = tmp_path / "gated.lora-merge-failed"
+    assert summary["parity"] == "failed" and summary["out"] == str(kept)
+    assert summary["report"] == str(kept / "merge_report.json") and summary["merged"] >= 1
     # the same gate in verify, on the output that passed without it
     assert not verify(tmp_path / "out", base, weak, device="cpu", min_delta_kept=0.5).ok
 

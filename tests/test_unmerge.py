@@ -21,6 +21,7 @@ def test_merge_then_unmerge(models, tmp_path, base_name, dtype):
     assert r.exit_code == 0, r.output
     report = json.loads(r.output)
     assert report["status"] == "passed"
+    assert report["checks"]["delta"]["summary"].startswith("OUT keeps 100.0% of the change of taking the adapter out")
     trip = report["round_trip"]
     ours, original, merged = load_tensors(tmp_path / "back"), load_tensors(base), load_tensors(tmp_path / "merged")
     assert set(ours) == set(original)

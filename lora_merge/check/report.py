@@ -25,8 +25,8 @@ from ..version import __version__
 from .files import check_files
 from .readback import Found, read_back
 from .structure import check_coverage, check_structure
-from .survival import check_survival
-from .verdict import Acceptance, Check, TensorVerdict
+from .survival import check_survival, diagnose
+from .verdict import Acceptance, Check, Survival, TensorVerdict
 
 REPORT_NAME = "merge_report.json"
 ADAPTER_CONFIG_KEYS = (
@@ -64,6 +64,10 @@ class Report:
     @property
     def failed_tensors(self) -> list[str]:
         return sorted(n for n in self.tensors if not self.tensor_ok(n))
+
+    def diagnosis(self) -> tuple[str, str] | None:
+        """What the tensors outside their rounding bound hold instead, and what to do (None: there are none)."""
+        return _diagnosis(self.tensors, self.plan.role if self.plan is not None else "BASE")
 
     def to_json(self) -> dict:
         return {
@@ -219,11 +223,14 @@ def _check_tensors(plan: Plan, tensors: dict[str, TensorVerdict], allow_nonfinit
         within = ("every element within half a step" if not requantized.failed
                   else f"checked, {requantized.failed} with elements beyond half a step")
         summary = (f"{requantized.checked} merged tensors written as {formats}: {within} of {plan.formula} at its "
-                   f"block's scale (max {requantized.worst:.2f} step), {requantized.correctly_rounded} of "
+                   f"block's scale (max {readable(requantized.worst)} step), {requantized.correctly_rounded} of "
                    f"{requantized.checked} correctly rounded, "
                    + ("every changed block scaled as the format defines" if not requantized.scale_failures
                       else f"{requantized.scale_failures} blocks not scaled as the format defines")
                    + (f"; {summary}" if dense.checked else ""))
+    found = _diagnosis(tensors, plan.role)
+    if found is not None:
+        summary += f": {found[0]}"
     merged = Check("merged", not merge_failures, summary, merge_failures)
     finite = Check(
         "finite",
@@ -239,15 +246,36 @@ def _dense_summary(what: str, dense: _Rounding, formula: str) -> str:
     """The merged check's line, read once: a pass reads as one, and says whether the elements are also the nearest
     values of their dtype."""
     if dense.failed:
-        return (f"{what} tensors checked, {dense.failed} outside the rounding bound of {formula} (their worst element "
-                f"at {dense.worst_of_bound:.0%} of it); max error {dense.worst:,.2f} ulp")
+        return (f"{what} tensors checked, {dense.failed} outside the rounding bound of {formula} (elements up to "
+                f"{readable(dense.worst)} ulp off, {readable(dense.worst_of_bound)} times the bound)")
     if dense.correctly_rounded == dense.checked:
         return (f"{what} tensors: every element is {formula} correctly rounded, the nearest value of its dtype "
                 f"(max error {dense.worst:.2f} ulp)")
     off = dense.checked - dense.correctly_rounded
     return (f"{what} tensors pass: every element within the bound of {formula} that a sound merge meets, one rounded "
             f"once or computed in float32 (max {dense.worst_of_bound:.0%} of the bound); {off} of {dense.checked} are "
-            f"not correctly rounded (max error {dense.worst:,.2f} ulp, where W and the delta nearly cancel)")
+            f"not correctly rounded (max error {readable(dense.worst)} ulp, where W and the delta nearly cancel)")
+
+
+def readable(x: float) -> str:
+    """A figure a person reads at a glance: 0.73, 1,234, 2.1 million, 10^41."""
+    import math
+
+    if not math.isfinite(x):
+        return str(x)
+    if x < 1000:
+        return f"{x:.2f}"
+    if x < 1e6:
+        return f"{x:,.0f}"
+    if x < 1e9:
+        return f"{x / 1e6:.1f} million"
+    return f"10^{int(math.log10(x))}"
+
+
+def _diagnosis(tensors: dict[str, TensorVerdict], role: str) -> tuple[str, str] | None:
+    """``survival.diagnose`` of the tensors with elements outside their rounding bound."""
+    failed = [v.survival for v in tensors.values() if v.failed_elements and v.survival is not None]
+    return diagnose(sum(failed, Survival()), role) if failed else None
 
 
 def _merge_failures(e: Entry, v: TensorVerdict) -> list[str]:

@@ -40,24 +40,49 @@ def check_survival(plan: Plan, tensors: dict[str, TensorVerdict], min_kept: floa
             failures.append(f"the stored model keeps {total.kept:.1%} of the adapter's change, below --min-delta-kept "
                             f"{min_kept:g}")
         failures += [f"{n}: none of the adapter's change was stored (--min-delta-kept {min_kept:g})" for n in unchanged]
-    summary = _summary(total, measured, unchanged, low)
+    summary = _summary(total, measured, unchanged, low, "the change of taking the adapter out" if plan.role == "MERGED"
+                       else "the adapter's change")
     if bf16 is not None and bf16.kept is not None and total.kept is not None:
         summary += (f" (written with --dtype bfloat16 it would keep {bf16.kept:.1%}, relative error "
                     f"{bf16.relative_error:.2g})")
     return Check("delta", not failures, summary, failures, [] if failures else warnings), data
 
 
-def _summary(total: Survival, measured: dict[str, Survival], unchanged: list[str], low: list[str]) -> str:
+def share(x: float) -> str:
+    """A share as a percentage, a rounded-away negative one as 0."""
+    return f"{max(x, 0.0) if x > -0.0005 else x:.1%}"
+
+
+def _summary(total: Survival, measured: dict[str, Survival], unchanged: list[str], low: list[str], change: str) -> str:
     if not measured:
         return "no merged tensor to measure"
     if total.kept is None:
-        return "the adapter's change is zero everywhere: the output holds BASE's values"
-    line = (f"the adapter's change survived: {total.kept:.1%} of its energy kept (relative error "
-            f"{total.relative_error:.2g}), {total.changed_share:.1%} of the merged elements changed")
+        return f"{change} is zero everywhere: the output holds the input's values"
+    line = (f"OUT keeps {share(total.kept)} of {change} (by energy; relative error {total.relative_error:.2g}), "
+            f"{total.changed_share:.1%} of the merged elements changed")
     if low:
-        line += (f"; {len(low)} tensor{'s' if len(low) > 1 else ''} kept less than {LOW:.0%}, e.g. "
-                 + ", ".join(f"{n} ({measured[n].kept:.0%})" for n in low[:NAMED]))
+        line += (f"; {len(low)} tensor{'s' if len(low) > 1 else ''} keep less than {LOW:.0%}, e.g. "
+                 + ", ".join(f"{n} ({share(measured[n].kept)})" for n in low[:NAMED]))
     if unchanged:
         line += (f"; {len(unchanged)} tensor{'s' if len(unchanged) > 1 else ''} the adapter changes stored "
                  "unchanged, e.g. " + ", ".join(unchanged[:NAMED]))
     return line
+
+
+def diagnose(found: Survival, role: str = "BASE") -> tuple[str, str]:
+    """What a set of tensors that fail the merged check holds instead of the exact merge, from how their stored change
+    compares with the adapter's, and what to do: (what, hint)."""
+    cosine, kept = found.cosine, found.kept
+    if found.changed == 0:
+        return (f"they hold {role}'s values: the adapter was not merged into them",
+                "check that OUT is the merged folder, or merge again")
+    if cosine is not None and cosine >= 0.999 and abs(kept - 1) <= 0.01:
+        return ("they carry this adapter's change, rounded less exactly than the exact merge rounded once (a merge "
+                "in lower precision, or rounded twice)", "merge again with lora-merge for correctly rounded weights")
+    if cosine is not None and cosine >= 0.99:
+        return (f"they carry {kept:.3g} times this adapter's change: it was merged with another scale",
+                "check lora_alpha and r in the adapter's config, or give the weight it was merged with "
+                "(--adapter ADAPTER:WEIGHT)")
+    alike = f" (correlation {cosine:.2f})" if cosine is not None else ""
+    return (f"their change is not this adapter's{alike}: another adapter was merged, or into another base",
+            "check that --adapter is the adapter that was merged and --base the model it was merged into")
