@@ -299,7 +299,7 @@ def merge_command(paths, adapters, dry_run, as_json, quiet, verbose, token, **gi
     if dry_run:
         plan = pipeline.prepare(base, adapter, options, token=token)
         described = pipeline.describe_plan(plan, options)
-        click.echo(json.dumps(described, indent=2) if as_json else _format_plan(described))
+        click.echo(json.dumps(described, indent=2) if as_json else _format_plan(described, every=verbose))
         return
     if push:
         from . import hub
@@ -319,7 +319,7 @@ def merge_command(paths, adapters, dry_run, as_json, quiet, verbose, token, **gi
     if as_json:
         click.echo(json.dumps(summary, indent=2))
     elif not quiet:
-        click.echo(_format_summary(summary))
+        click.echo(result)
         click.echo(result.report.table())
     if push and not as_json:
         click.echo(f"pushed to {summary['pushed_to']}")
@@ -344,7 +344,7 @@ def push_command(out, repo_id, token, **given):
     from .check.report import REPORT_NAME
     from .flags import take
     from .options import PushOptions
-    from .paths import read_text
+    from .output import report_status
 
     push = take(PushOptions, given, repo_id=repo_id)
     _check_push_options(push)
@@ -352,10 +352,7 @@ def push_command(out, repo_id, token, **given):
     report_path = folder / REPORT_NAME
     if not folder.is_dir():
         raise OutputError(f"OUT {out!r} is not a folder", "pass the folder lora-merge wrote")
-    try:
-        status = json.loads(read_text(report_path)).get("status")
-    except (OSError, ValueError, AttributeError):
-        status = None
+    status = report_status(folder)
     if status != "passed":
         what = "failed its parity checks" if status == "failed" else f"has no readable {REPORT_NAME}"
         raise OutputError(
@@ -378,7 +375,7 @@ def push_command(out, repo_id, token, **given):
               help="Also write the report as JSON to FILE.")
 @verify_options
 @click.option("--latency", is_flag=True,
-              help="Also time greedy decoding with the base, the unmerged adapter and OUT "
+              help="Also time greedy decoding with the base, the unmerged adapter and OUT, on --device "
                    "(needs the latency extra: pip install 'lora-merge[latency]').")
 @click.option("--new-tokens", type=click.IntRange(1), default=64, show_default=True,
               help="Tokens decoded per timed run.")
@@ -479,7 +476,8 @@ def _mb(n: int) -> str:
     return f"{n / 1e6:,.1f} MB"
 
 
-def _format_plan(d: dict) -> str:
+def _format_plan(d: dict, every: bool = False) -> str:
+    """The plan in a few lines: its targets counted by operation, or each listed (``every``, with -v)."""
     c = d["counts"]
     lines = [
         f"plan: {d['adapter']} into {d['base']}",
@@ -490,8 +488,15 @@ def _format_plan(d: dict) -> str:
     ]
     lines += [f"  {n} targets named for the model in memory, placed through {how}"
               for how, n in d["placed_through_layout"].items()]
-    for t in d["targets"]:
-        lines.append(f"  {t['tensor']}  [{t['dtype']} {t['shape']}]  {t['operation']}")
+    if every:
+        lines += [f"  {t['tensor']}  [{t['dtype']} {t['shape']}]  {t['operation']}" for t in d["targets"]]
+    else:
+        kinds: dict[str, int] = {}
+        for t in d["targets"]:
+            kinds[t["operation"]] = kinds.get(t["operation"], 0) + 1
+        lines += [f"  {n} target{'s' if n != 1 else ''}: {op}" for op, n in kinds.items()]
+        if d["targets"]:
+            lines.append("  (-v lists every target)")
     lines += [f"  config: {c}" for c in d["config_changes"]]
     lines += [f"  note: {n}" for n in d["notes"]]
     lines.append("dry run: nothing was written")
@@ -504,22 +509,6 @@ def _memory_line(m: dict) -> str:
     if m.get("estimated_gpu_bytes"):
         line += f", and about {_mb(m['estimated_gpu_bytes'])} on the GPU"
     return line
-
-
-def _format_summary(s: dict) -> str:
-    m = s["memory"]
-    lines = [
-        f"merged {s['merged']} tensors, copied {s['copied']}, converted {s['converted']} -> {s['out']}",
-        f"  {_mb(s['bytes'])} in {s['seconds']:.2f} s ({s['throughput_mb_s']} MB/s) on {s['device']}, every merged "
-        "block checked as it was made and read back as it was written",
-        f"  peak memory {_mb(m['peak_bytes'])}: {_mb(m['added_bytes'])} above the {_mb(m['baseline_bytes'])} the "
-        "process held before the merge" + (f"; {_mb(m['gpu_peak_bytes'])} on the GPU" if m.get("gpu_peak_bytes") else ""),
-    ]
-    if s.get("shards_reused"):
-        lines.append(f"  {s['shards_reused']} shard(s) kept from the interrupted run (--resume), checked like the rest")
-    lines += [f"  config: {c}" for c in s["config_changes"]]
-    lines += [f"  note: {n}" for n in s["notes"]]
-    return "\n".join(lines)
 
 
 class _ClosedStdoutIsFine:

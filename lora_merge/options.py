@@ -28,15 +28,19 @@ def block_help() -> str:
             "bounds peak memory.")
 
 
-SIZE_UNITS = {"": 1, "b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "tb": 10**12,
-              "kib": 2**10, "mib": 2**20, "gib": 2**30, "tib": 2**40}
+SIZE_UNITS = {"b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "tb": 10**12,
+              "kib": 2**10, "mib": 2**20, "gib": 2**30, "tib": 2**40,
+              "k": 2**10, "m": 2**20, "g": 2**30, "t": 2**40}  # a letter alone: powers of 1024, as split -b and du
 LARGEST_SIZE = 2**62  # far past any disk; a larger number is a typo
 
 
 def parse_size(text: str) -> int:
-    """``5GB`` (10^9 bytes), ``500MiB`` (2^20), ``1000000`` (bytes) as a number of bytes; ValueError otherwise."""
+    """``5GB`` (10^9 bytes), ``500MiB`` or ``500M`` (2^20), ``1000000B`` (bytes) as a number of bytes; ValueError
+    otherwise. Every size has a unit: a bare number (bytes? megabytes?) is refused, whatever it is."""
     m = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([a-zA-Z]*)\s*", str(text))
     unit = m[2].lower() if m else None
+    if m is not None and not unit:
+        raise ValueError(f"{text!r} has no unit: give {m[1]}MB, {m[1]}GB, or {m[1]}B for bytes")
     if m is None or unit not in SIZE_UNITS:
         raise ValueError(f"{text!r} is not a size: give a number with a unit, such as 5GB, 500MB or 2GiB")
     value = Fraction(m[1]) * SIZE_UNITS[unit]  # exact, however many digits
@@ -83,8 +87,7 @@ class PushOptions:
 class MergeOptions:
     dtype: str | None = cli_flag("--dtype", "Output dtype of floating-point tensors (bf16, fp16 and fp32 name them "
                                  "too). Default: the base's.", metavar="|".join(OUTPUT_DTYPES), callback=_click_dtype)
-    device: str = cli_flag("--device", "Where the arithmetic runs (and verify's latency runs). auto: CUDA when "
-                           "present, else CPU.", "auto",
+    device: str = cli_flag("--device", "Where the arithmetic runs. auto: CUDA when present, else CPU.", "auto",
                            metavar="auto|cpu|cuda|cuda:N|mps", show_default=True)
     overwrite: bool = cli_flag("--overwrite", "Replace OUT if it exists (only once the new output is complete and "
                                "has passed its checks).", False, is_flag=True)
@@ -99,7 +102,7 @@ class MergeOptions:
     block_bytes: int | None = cli_flag("--block-mb", block_help(), type=click.IntRange(1, 65536),
                                        callback=_mib)
     max_shard_bytes: int | None = cli_flag(
-        "--max-shard-size", "Cut OUT's weights into files of at most SIZE (5GB, 500MB, 2GiB), in BASE's tensor "
+        "--max-shard-size", "Cut OUT's weights into files of at most SIZE (5GB, 500MB, 2GiB or 2G), in BASE's tensor "
         "order, with an index. Default: the same files as BASE.", metavar="SIZE", callback=_click_size)
     allow_nonfinite: bool = cli_flag("--allow-nonfinite", "Accept NaN or Inf in the adapter and where the exact merge "
                                      "holds them (refused otherwise; the report says so).", False, is_flag=True)

@@ -41,6 +41,10 @@ def check_output(out: Path, overwrite: bool, protected: dict[str, Path]) -> Path
             raise OutputError(f"OUT {str(out)!r} exists and is not a folder", "remove it or choose another path")
         if any(out.iterdir()) and not overwrite:
             partial = partial_folder(out)
+            if report_status(out) == "passed" and not partial.exists():  # a run of this command that finished
+                raise OutputError(f"OUT {str(out)!r} already holds a finished merge, checked (its report passed)",
+                                  f"lora-merge verify {out} --base BASE --adapter ADAPTER checks it again; pass "
+                                  "--overwrite to merge anew")
             also = (f", or remove {partial} (the partial output of an interrupted --resume run) if it is not needed"
                     if partial.exists() else "")
             raise OutputError(f"OUT {str(out)!r} already exists and is not empty", f"pass --overwrite to replace it{also}")
@@ -171,14 +175,19 @@ def failed_folder(out: Path) -> Path:
 
 
 def _is_failed_output(folder: Path) -> bool:
+    return not folder.is_symlink() and report_status(folder) == "failed"
+
+
+def report_status(folder: Path) -> str | None:
+    """What the parity report in ``folder`` says (passed, failed), or None where there is none to read."""
     from .check.report import REPORT_NAME
 
-    if not folder.is_dir() or folder.is_symlink():
-        return False
+    if not folder.is_dir():
+        return None
     try:
-        return json.loads(read_text(folder / REPORT_NAME)).get("status") == "failed"
+        return json.loads(read_text(folder / REPORT_NAME)).get("status")
     except (OSError, ValueError, AttributeError):
-        return False
+        return None
 
 
 def clear_leftovers(out: Path) -> list[str]:

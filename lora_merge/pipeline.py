@@ -64,6 +64,25 @@ class MergeResult:
     files_copied: list[str] = field(default_factory=list)
     report: Report | None = None
 
+    def __str__(self) -> str:
+        """The summary as the command line prints it, a few lines (the report's table is ``report.table()``)."""
+        s = self.summary()
+        lines = [f"merged {s['merged']} tensors, copied {s['copied']}, converted {s['converted']} -> {s['out']}"]
+        if self.stats is not None:
+            lines.append(f"  {_mb(s['bytes'])} in {s['seconds']:.2f} s ({s['throughput_mb_s']} MB/s) on {s['device']}, "
+                         "every merged block checked as it was made and read back as it was written")
+        if self.report is not None:
+            m = s["memory"]
+            lines.append(f"  peak memory {_mb(m['peak_bytes'])}: {_mb(m['added_bytes'])} above the "
+                         f"{_mb(m['baseline_bytes'])} the process held before the merge"
+                         + (f"; {_mb(m['gpu_peak_bytes'])} on the GPU" if m.get("gpu_peak_bytes") else ""))
+            lines.append(f"  parity: {s['parity']} (report: {s['report']})")
+        if s.get("shards_reused"):
+            lines.append(f"  {s['shards_reused']} shard(s) kept from the interrupted run (--resume), checked like the rest")
+        lines += [f"  config: {c}" for c in s["config_changes"]]
+        lines += [f"  note: {n}" for n in s["notes"]]
+        return "\n".join(lines)
+
     def summary(self) -> dict:
         counts = self.plan.counts()
         total = self.plan.total_bytes
@@ -91,6 +110,10 @@ class MergeResult:
             result["delta_survival"] = self.report.details["delta_survival"]
             result["report"] = str(self.out / REPORT_NAME) if self.out else None
         return result
+
+
+def _mb(n: int) -> str:
+    return f"{n / 1e6:,.1f} MB"
 
 
 def resolve_device(spec: str):
@@ -150,10 +173,11 @@ def prepare(base: str, adapter: Adapters, options: MergeOptions | None = None, *
 def _prepare(base: str, adapter: Adapters, options: MergeOptions, token: str | None) -> Plan:
     base_model, loaded, placement = _load_inputs(base, adapter_list(adapter), token, options.adapter_options)
     for member in loaded.members:
-        mismatch = _trained_on_other_base(member.config, base_model.source)
-        if mismatch:
-            log.warning(mismatch)
-            loaded.notes.append(mismatch)
+        for mismatch in (_trained_on_other_base(member.config, base_model.source),
+                         _trained_on_other_architecture(member.config, base_model.config)):
+            if mismatch:
+                log.warning(mismatch)
+                loaded.notes.append(mismatch)
     plan = make_plan(base_model, loaded, dtype=options.dtype,
                      quantize=_quantization(options.quantize, base_model, placement))
     if options.max_shard_bytes is not None:
@@ -249,6 +273,18 @@ def _trained_on_other_base(adapter_config: dict, base) -> str | None:
     if same:
         return None
     return f"the adapter was trained on {named!r} (base_model_name_or_path) but BASE is {base.repo_id or base.spec!r}"
+
+
+def _trained_on_other_architecture(adapter_config: dict, base_config: dict) -> str | None:
+    """A warning when the adapter's config names the model class it was trained on (peft's auto_mapping) and BASE's
+    config.json names other classes: same-shaped tensors of another architecture would merge without a word."""
+    mapping = adapter_config.get("auto_mapping")
+    trained = mapping.get("base_model_class") if isinstance(mapping, dict) else None
+    classes = base_config.get("architectures")
+    if not isinstance(trained, str) or not isinstance(classes, list) or not classes or trained in classes:
+        return None
+    return (f"the adapter was trained on a {trained} (auto_mapping.base_model_class) but BASE is a "
+            f"{', '.join(map(str, classes))}: check that it is the model the adapter was made for")
 
 
 def finish_files(plan: Plan, folder: Path, tokenizer: TokenizerChoice) -> list[str]:

@@ -7,7 +7,9 @@ layer, routers and any matrix whose sides are not multiples of 128 (transformers
 in BASE's dtype, and ``modules_to_not_convert`` names each of them. Of the rest, a weight is FP8 where transformers
 will find its scale: the weight of a plain ``nn.Linear`` (FineGrainedFP8 swaps no subclass), stored under a name
 whose renaming carries the scale along, or cut on loading in whole blocks (the scale is cut the same way).
-Without transformers, a dense BASE's weights are chosen by those names alone.
+A dense BASE of a model type whose model class makes each Linear from the tensor of its name (``NAMED_AS_STORED``,
+checked against transformers by the tests) is decided by those names alone, without importing transformers; so is
+any dense BASE where transformers is not installed, with a note.
 
 Experts are decided a module at a time, as transformers loads them: every module of the model in memory named
 ``….experts`` becomes one ``FP8Experts`` (gate_up_proj (E, 2I, H) and down_proj (E, H, I) with their block scales)
@@ -43,6 +45,10 @@ METHODS = ("fp8",)
 BLOCK = (128, 128)
 KEPT = ("lm_head", "embed_out", "output", "gate", "router", "score", "classifier")  # a module's last name
 EXPERT_PARAMETERS = ({"gate_up_proj", "down_proj"}, {"up_proj", "down_proj"})  # what FP8Experts holds
+# dense model types whose every Linear is a plain nn.Linear holding the stored tensor of its own name: the names
+# decide what transformers would (tests/test_quantize.py holds each against its model class)
+NAMED_AS_STORED = ("apertus", "cohere", "gemma", "gemma2", "gemma3_text", "glm4", "gpt_neox", "granite", "lfm2",
+                   "llama", "mistral", "olmo2", "phi", "phi3", "qwen2", "qwen3", "seed_oss", "smollm3", "starcoder2")
 
 
 def module(name: str) -> str:
@@ -100,8 +106,11 @@ class Quantization:
 
 def choose(method: str, base: BaseModel, layout: Callable[[], ModelLayout]) -> Quantization:
     """``--quantize method`` for BASE, as transformers will load it: ``layout`` builds the model transformers makes
-    of BASE's files. Without transformers a dense BASE's Linear weights are chosen by their names; experts need it."""
+    of BASE's files. A dense BASE's Linear weights are chosen by their names where its model type is known to store
+    them as loaded, or where transformers is not installed; experts need it."""
     experts = _may_have_experts(base)
+    if not experts and base.config.get("model_type") in NAMED_AS_STORED:
+        return Quantization(method)
     said = f"--quantize {method}: BASE stores experts, and which of them transformers can load as FP8 takes its model class"
     by_name = f"--quantize {method}: Linear weights chosen by their names"
     try:

@@ -52,9 +52,11 @@ def test_dry_run_writes_nothing(models, adapter, tmp_path):
     out = tmp_path / "out"
     r = run(models["llama_sharded"], adapter, out, "--dry-run")
     assert r.exit_code == 0, r.output
-    assert "model.layers.0.self_attn.q_proj.weight" in r.output and "lora(r=4, s=2)" in r.output
+    assert "  4 targets: lora(r=4, s=2)\n  (-v lists every target)" in r.output and "q_proj.weight" not in r.output
     assert "estimated peak memory" in r.output
     assert not out.exists() and leftovers(tmp_path) == []
+    r = run(models["llama_sharded"], adapter, out, "--dry-run", "-v")  # every target, a line each
+    assert "model.layers.0.self_attn.q_proj.weight  [F32 [32, 32]]  lora(r=4, s=2)" in r.output, r.output
     r = run(models["llama_sharded"], adapter, out, "--dry-run", "--json")
     plan = json.loads(r.output)
     assert plan["counts"]["merged"] == 4 and len(plan["targets"]) == 4
@@ -65,6 +67,19 @@ def test_version_and_help():
     r = run("-h")
     assert r.exit_code == 0 and "lora-merge BASE ADAPTER OUT" in r.output
     assert "--dtype" in run("merge", "--help").output
+    for command in ("merge", "unmerge"):  # --device says what it does there, and only that
+        assert "latency" not in run(command, "--help").output
+    assert "on --device" in run("verify", "--help").output
+
+
+def test_a_finished_merge_run_again_says_it_is_finished(models, adapter, tmp_path):
+    """The same --resume command once more, after it completed: OUT is finished and checked, not in the way."""
+    out = tmp_path / "out"
+    assert run(models["llama_sharded"], adapter, out, "--resume", "-q").exit_code == 0
+    before = {p.name: p.read_bytes() for p in out.iterdir()}
+    r = run(models["llama_sharded"], adapter, out, "--resume")
+    expect_error(r, "already holds a finished merge, checked", f"lora-merge verify {out}", "--overwrite")
+    assert {p.name: p.read_bytes() for p in out.iterdir()} == before and leftovers(tmp_path) == []
 
 
 def test_missing_base(adapter, tmp_path):
@@ -357,6 +372,20 @@ def test_max_shard_size_cuts_out_into_shards(models, adapter, tmp_path):
     assert r.exit_code == 2 and "'lots' is not a size" in r.output and not (tmp_path / "bad").exists()
 
 
+@pytest.mark.parametrize("text, size", [("5GB", 5 * 10**9), ("1.5MB", 1_500_000), ("2GiB", 2 * 2**30),
+                                        ("1M", 2**20), ("3k", 3 * 2**10), ("100B", 100), ("100", None), ("1e9", None)])
+def test_a_shard_size_has_a_unit(text, size):
+    """One rule: every size has a unit (a letter alone is a power of 1024, as for split and du); a bare number is
+    refused rather than read as bytes (100 bytes a file) or as anything else."""
+    from lora_merge.options import parse_size
+
+    if size is not None:
+        assert parse_size(text) == size
+    else:
+        with pytest.raises(ValueError, match="has no unit" if text == "100" else "is not a size"):
+            parse_size(text)
+
+
 def test_resume_follows_the_shard_layout(models, adapter):
     from lora_merge import prepare
     from lora_merge.resume import fingerprint
@@ -366,3 +395,18 @@ def test_resume_follows_the_shard_layout(models, adapter):
     again = prepare(models["llama_sharded"], adapter, device="cpu", max_shard_bytes=20_000)
     assert [s.name for s in cut.shards] != [s.name for s in mirrored.shards]
     assert fingerprint(cut) == fingerprint(again) != fingerprint(mirrored)  # a partial output of another layout is not kept
+
+
+@pytest.mark.parametrize("trained_on, warned", [("Qwen3ForCausalLM", True), ("LlamaForCausalLM", False)])
+def test_an_adapter_of_another_architecture_is_named(models, adapter, tmp_path, trained_on, warned):
+    """Same shapes, another model class (peft's auto_mapping): the merge goes on, and says so."""
+    from lora_merge import prepare
+
+    shutil.copytree(adapter, tmp_path / "adapter")
+    config = json.loads((adapter / "adapter_config.json").read_text())
+    config["auto_mapping"] = {"base_model_class": trained_on, "parent_library": "transformers"}
+    (tmp_path / "adapter" / "adapter_config.json").write_text(json.dumps(config))
+    notes = prepare(models["llama_sharded"], tmp_path / "adapter").notes
+    said = [n for n in notes if "auto_mapping" in n]
+    assert said == ([f"the adapter was trained on a {trained_on} (auto_mapping.base_model_class) but BASE is a "
+                     "LlamaForCausalLM: check that it is the model the adapter was made for"] if warned else [])

@@ -207,7 +207,7 @@ def test_an_old_out_moved_aside_by_a_killed_commit_is_put_back(models, adapter, 
     before = snapshot(out)
     out.rename(tmp_path / ".out.lora-merge-old-12345")  # killed between moving the old OUT and renaming the new
     r = run(models["llama"], adapter, out)
-    expect_error(r, "already exists", "--overwrite")
+    expect_error(r, "already holds a finished merge", "--overwrite")
     assert "put back" in caplog.text and snapshot(out) == before and beside(out) == []
 
 

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import sys
+from dataclasses import replace
 
 import pytest
 import torch
@@ -22,6 +23,7 @@ from helpers import (
 from quantized import fp8_dense, to_fp8
 
 from lora_merge import merge, verify
+from lora_merge.quantize import NAMED_AS_STORED
 
 FP8_MAX = 448.0
 
@@ -241,6 +243,23 @@ def test_quantize_fp8_keeps_experts_fp8experts_cannot_take(model_type, tmp_path,
 def test_quantize_fp8_of_a_dense_base_needs_no_transformers(qwen3, tmp_path, no_transformers):
     result = merge(qwen3 / "bf16", qwen3 / "adapter", tmp_path / "out", device="cpu", quantize="fp8")
     assert result.report.ok and sys.modules["transformers"] is None  # never imported
+
+
+@pytest.mark.parametrize("model_type", NAMED_AS_STORED)
+def test_quantize_fp8_of_a_plain_dense_type_chooses_as_transformers_would(model_type, tmp_path):
+    """For these model types --quantize fp8 chooses by name, without importing transformers: the same weights, and
+    the same modules_to_not_convert, as transformers' own model class gives."""
+    from lora_merge.placement import Placement
+    from lora_merge.quantize import Quantization, choose
+    from lora_merge.sources import Source, load_base
+
+    folder = tiny_base(model_type, tmp_path / "base", **MOE, intermediate_size=256)
+    base = load_base(Source(str(folder), folder))
+    assert choose("fp8", base, lambda: pytest.fail("no model class needed")) == Quantization("fp8")
+    by_class = choose("fp8", replace(base, config=base.config | {"model_type": "not listed"}), Placement(base).layout)
+    assert not by_class.notes and by_class.chosen  # transformers' own answer, with Linear weights to choose
+    assert by_class.chosen == {n for n, i in base.tensors.items() if Quantization("fp8").takes(n, i)}
+    assert by_class.config(base.tensors) == Quantization("fp8").config(base.tensors)
 
 
 def test_quantize_fp8_of_experts_without_transformers_names_the_extra(tmp_path, no_transformers):
