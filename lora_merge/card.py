@@ -107,7 +107,7 @@ dtypes, so this model loads and runs like the base, with no adapter at inference
 
 {chr(10).join(facts)}
 
-Every merged element is `W + Σ weight·(alpha/r)·B·A`, computed in float64 and rounded once to the output dtype.
+Every merged element is the exact `W + Σ weight·(alpha/r)·B·A` rounded once to the output dtype.
 
 ## How it was made
 

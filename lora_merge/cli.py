@@ -205,7 +205,7 @@ def cli():
 
     BASE is a model folder with safetensors weights; ADAPTER a PEFT or mlx-lm adapter folder, or a
     loralib or kohya tensor file. The base is streamed one tensor at a time: untouched tensors are
-    copied as bytes, merged ones are computed in float64 and rounded once to the output dtype. OUT
+    copied as bytes, each merged element is the exact W + s·B·A rounded once to the output dtype. OUT
     gets the base's shard layout, config, tokenizer and other files.
 
     \b
@@ -220,8 +220,7 @@ def cli():
     --adapter ADAPTER` checks any merged folder the same way.
 
     Run `lora-merge merge --help`, `lora-merge verify --help` or `lora-merge unmerge --help` for
-    every option. Set
-    LORA_MERGE_DEBUG=1 to see tracebacks.
+    every option. Set LORA_MERGE_DEBUG=1 to see tracebacks.
     """
 
 

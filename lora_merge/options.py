@@ -24,8 +24,8 @@ BLOCK_BYTES = {"cpu": 6 * MIB, "cuda": 256 * MIB}
 
 def block_help() -> str:
     cpu, gpu = BLOCK_BYTES["cpu"] // MIB, BLOCK_BYTES["cuda"] // MIB
-    return (f"Size in MiB of the float64 block a large tensor is merged in (default: {cpu} on a CPU, {gpu} on a GPU); "
-            "bounds peak memory.")
+    return (f"Size in MiB of the block a large tensor is merged and checked in, counted in float64 elements (default: "
+            f"{cpu} on a CPU, {gpu} on a GPU); bounds peak memory.")
 
 
 SIZE_UNITS = {"b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "tb": 10**12,

@@ -301,18 +301,6 @@ def test_the_progress_bar_counts_as_the_summary_does():
     quiet.close()
 
 
-@pytest.mark.parametrize("command", ["merge", "verify"])
-def test_the_readme_lists_only_options_the_command_has(command):
-    import re
-    from pathlib import Path
-
-    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
-    section = readme.split(f"### Options (`lora-merge {command} --help`)")[1].split("\n#")[0]
-    listed = set(re.findall(r"`(--[a-z][a-z0-9-]*)", section))
-    known = run(command, "--help").output
-    assert listed and [o for o in sorted(listed) if o not in known] == []
-
-
 @pytest.mark.parametrize("key, value, said", [
     ("rank_pattern", {"q_proj": 0}, "rank_pattern['q_proj'] must be a positive integer, found 0"),
     ("alpha_pattern", {"q_proj": float("nan")}, "alpha_pattern['q_proj'] must be a positive finite number, found nan"),

@@ -457,18 +457,3 @@ def test_a_full_disk_while_copying_the_other_files(models, adapter, tmp_path):
     assert r.returncode == 1, r.stderr
     assert "\nerror: no room left on the disk while writing the files beside the weights" in r.stderr, r.stderr
     assert "Traceback" not in r.stderr and not out.exists() and beside(out) == []
-
-
-def test_the_readme_loralib_example_runs_as_written(tmp_path, monkeypatch):
-    import re
-
-    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
-    section = readme.split("### loralib")[1].split("\n### ")[0]
-    python, = re.findall(r"```python\n(.*?)```", section, re.S)
-    bash, = re.findall(r"```bash\n(.*?)```", section, re.S)
-    monkeypatch.chdir(tmp_path)
-    exec(compile(python, "README loralib example", "exec"), {})
-    args = bash.split()
-    assert args[0] == "lora-merge"
-    r = run(*args[1:])
-    assert r.exit_code == 0, r.output

@@ -114,24 +114,33 @@ def test_verify_passes_and_writes_json(merged, tmp_path):
     assert report["tensors"].keys() == json.loads((out / "merge_report.json").read_text())["tensors"].keys()
 
 
-@pytest.mark.parametrize("case", ["another adapter", "another scale", "the base itself"])
+@pytest.mark.parametrize("case", ["another adapter", "another scale", "another base", "the base itself"])
 def test_a_mismatch_says_what_the_stored_tensors_hold_instead(merged, tmp_path, case):
-    """verify against the wrong adapter (or scale, or against BASE itself): one line that says what OUT holds
+    """verify against the wrong adapter, scale or base (or against BASE itself): one line that says what OUT holds
     instead and what to check, with figures a person reads (no ten-digit ulp counts, no million percent)."""
     import re
 
     base, adapter, out = merged
+    other = tmp_path / "other"
     if case == "another adapter":
-        build_adapter(base, tmp_path / "other", seed=7, r=4, lora_alpha=8, target_modules=ALL_LINEAR)
+        build_adapter(base, other, seed=7, r=4, lora_alpha=8, target_modules=ALL_LINEAR)
         said, todo = "their change is not this adapter's", "check that --adapter is the adapter that was merged"
     elif case == "another scale":
-        shutil.copytree(adapter, tmp_path / "other")
+        shutil.copytree(adapter, other)
         config = json.loads((adapter / "adapter_config.json").read_text())
-        (tmp_path / "other" / "adapter_config.json").write_text(json.dumps(config | {"lora_alpha": 16}))
+        (other / "adapter_config.json").write_text(json.dumps(config | {"lora_alpha": 16}))
         said, todo = "they carry 0.5 times this adapter's change: it was merged with another scale", "lora_alpha"
+    elif case == "another base":
+        shutil.copytree(base, other)
+        for shard in other.glob("*.safetensors"):
+            torch.manual_seed(3)
+            tensors = {k: (v.float() + torch.randn_like(v.float()) * 0.02).to(v.dtype)
+                       for k, v in load_file(shard).items()}
+            save_file(tensors, shard, metadata={"format": "pt"})
+        base, said, todo = other, "but on other weights: it was merged into another base", "check that --base"
     else:
         out, said, todo = base, "they hold BASE's values: the adapter was not merged into them", "merge again"
-    r = verify(out, base, tmp_path / "other" if case != "the base itself" else adapter, "--device", "cpu")
+    r = verify(out, base, other if case in ("another adapter", "another scale") else adapter, "--device", "cpu")
     assert r.exit_code == 1
     row = next(line for line in r.output.splitlines() if line.startswith("| merged |"))
     assert said in row and "%" not in row, row
@@ -191,6 +200,7 @@ def test_one_element_one_ulp_beyond_the_bound(out_copy):
     assert name in r.output.splitlines()[-2]
     row = next(line for line in r.output.splitlines() if line.startswith("| merged |"))
     assert "| FAIL |" in row and "within" not in row and "checked, 1 outside the rounding bound" in row, row
+    assert "they carry this adapter's change, rounded less exactly than the exact merge rounded once" in row, row
 
 
 def test_an_untouched_tensor_altered(out_copy):

@@ -274,8 +274,11 @@ def readable(x: float) -> str:
 
 def _diagnosis(tensors: dict[str, TensorVerdict], role: str) -> tuple[str, str] | None:
     """``survival.diagnose`` of the tensors with elements outside their rounding bound."""
-    failed = [v.survival for v in tensors.values() if v.failed_elements and v.survival is not None]
-    return diagnose(sum(failed, Survival()), role) if failed else None
+    failed = [v for v in tensors.values() if v.failed_elements and v.survival is not None]
+    if not failed:
+        return None
+    unit = "steps" if any(v.check == "requantized" for v in failed) else "ulp"
+    return diagnose(sum((v.survival for v in failed), Survival()), max(v.max_error_ulp for v in failed), unit, role)
 
 
 def _merge_failures(e: Entry, v: TensorVerdict) -> list[str]:

@@ -69,20 +69,27 @@ def _summary(total: Survival, measured: dict[str, Survival], unchanged: list[str
     return line
 
 
-def diagnose(found: Survival, role: str = "BASE") -> tuple[str, str]:
-    """What a set of tensors that fail the merged check holds instead of the exact merge, from how their stored change
-    compares with the adapter's, and what to do: (what, hint)."""
-    cosine, kept = found.cosine, found.kept
+CLOSE = 4  # ulp (or steps of a quantized format): farther than this, it is not a rounding that went astray
+
+
+def diagnose(found: Survival, worst: float, unit: str = "ulp", role: str = "BASE") -> tuple[str, str]:
+    """What a set of tensors that fail the merged check holds instead of the exact merge, from their largest error
+    (``worst`` ulp, or steps of their format) and how their stored change compares with the adapter's; and what to
+    do: (what, hint)."""
+    kept = found.kept
     if found.changed == 0:
         return (f"they hold {role}'s values: the adapter was not merged into them",
                 "check that OUT is the merged folder, or merge again")
-    if cosine is not None and cosine >= 0.999 and abs(kept - 1) <= 0.01:
-        return ("they carry this adapter's change, rounded less exactly than the exact merge rounded once (a merge "
-                "in lower precision, or rounded twice)", "merge again with lora-merge for correctly rounded weights")
-    if cosine is not None and cosine >= 0.99:
-        return (f"they carry {kept:.3g} times this adapter's change: it was merged with another scale",
-                "check lora_alpha and r in the adapter's config, or give the weight it was merged with "
-                "(--adapter ADAPTER:WEIGHT)")
-    alike = f" (correlation {cosine:.2f})" if cosine is not None else ""
-    return (f"their change is not this adapter's{alike}: another adapter was merged, or into another base",
-            "check that --adapter is the adapter that was merged and --base the model it was merged into")
+    if worst <= CLOSE:
+        return (f"they carry this adapter's change, rounded less exactly than the exact merge rounded once (up to "
+                f"{worst:.2f} {unit} from it): a merge in lower precision, or rounded twice",
+                "merge again with lora-merge for correctly rounded weights")
+    if kept is None or abs(kept) < 0.1:
+        return ("their change is not this adapter's: another adapter was merged (or into another base)",
+                "check that --adapter is the adapter that was merged and --base the model it was merged into")
+    if abs(kept - 1) <= 0.05:
+        return ("they carry this adapter's change, but on other weights: it was merged into another base",
+                "check that --base is the model the adapter was merged into")
+    return (f"they carry {kept:.3g} times this adapter's change: it was merged with another scale",
+            "check lora_alpha and r in the adapter's config, or give the weight it was merged with "
+            "(--adapter ADAPTER:WEIGHT)")

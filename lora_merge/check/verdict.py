@@ -79,13 +79,6 @@ class Survival:
     def changed_share(self) -> float:
         return self.changed / self.elements if self.elements else 0.0
 
-    @property
-    def cosine(self) -> float | None:
-        """How alike the stored change and ΔW are in direction: ⟨O − W, ΔW⟩ / (‖O − W‖ ‖ΔW‖) (1: the same up to a
-        factor; None: either is zero)."""
-        size = self.delta_energy * self.realized_energy
-        return self.cross / size**0.5 if size > 0 else None
-
     def to_json(self) -> dict:
         kept, error = self.kept, self.relative_error
         number = lambda x: round(x, 6) if x is not None and math.isfinite(x) else None  # noqa: E731

@@ -131,17 +131,13 @@ def _nonfinite(info: TensorInfo, exponent_bytes: bool) -> bool:
     import numpy as np
 
     from .. import kernels
+    from ..adapter import FileTensor
+    from ..dense import raw_bytes
 
     mark = 0xFF if exponent_bytes and info.dtype == "U8" else _NOT_FINITE_8.get(info.dtype)
     if mark is None and info.dtype not in kernels.KINDS:
         return False  # integers: no NaN to hold
-    raw = np.empty(info.nbytes, np.uint8)
-    if info.nbytes:
-        fd = os.open(info.path, os.O_RDONLY)
-        try:
-            pread_into(fd, memoryview(raw), info.start)
-        finally:
-            os.close(fd)
+    raw = raw_bytes(FileTensor(info))
     if mark is not None:
         return bool(np.any((raw & mark) == mark))
     return kernels.nonfinite(kernels.KINDS[info.dtype], raw)
