@@ -398,3 +398,26 @@ def test_an_adapter_of_another_architecture_is_named(models, adapter, tmp_path, 
     said = [n for n in notes if "auto_mapping" in n]
     assert said == ([f"the adapter was trained on a {trained_on} (auto_mapping.base_model_class) but BASE is a "
                      "LlamaForCausalLM: check that it is the model the adapter was made for"] if warned else [])
+
+
+@pytest.mark.parametrize("short, name", [("bf16", "bfloat16"), ("fp16", "float16"), ("FP32", "float32")])
+def test_dtype_takes_the_short_names_people_type(models, adapter, tmp_path, short, name):
+    r = run(models["llama_sharded"], adapter, tmp_path / "out", "--dtype", short, "-q")
+    assert r.exit_code == 0, r.output
+    config = json.loads((tmp_path / "out" / "config.json").read_text())
+    assert config.get("dtype", config.get("torch_dtype")) == name
+    from lora_merge.options import MergeOptions
+
+    assert MergeOptions(dtype=short).dtype == name
+    r = run(models["llama_sharded"], adapter, tmp_path / "bad", "--dtype", "int8")
+    assert r.exit_code == 2 and "'int8' is not one of float32, float16, bfloat16 (or bf16, fp16" in r.output
+
+
+def test_a_result_prints_as_the_summary(models, adapter, tmp_path):
+    """print(merge(...)) reads as the command line's summary, not as a dict."""
+    from lora_merge import merge
+
+    result = merge(models["llama_sharded"], adapter, tmp_path / "out", device="cpu")
+    text = str(result).splitlines()
+    assert text[0] == f"merged 4 tensors, copied {result.summary()['copied']}, converted 0 -> {tmp_path / 'out'}"
+    assert text[3] == f"  parity: passed (report: {tmp_path / 'out' / 'merge_report.json'})"
