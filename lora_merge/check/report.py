@@ -12,6 +12,7 @@ dtypes and the adapter's coverage (``structure``), NaN/Inf, how much of the adap
 from __future__ import annotations
 
 import json
+import math
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -259,8 +260,6 @@ def _dense_summary(what: str, dense: _Rounding, formula: str) -> str:
 
 def readable(x: float) -> str:
     """A figure a person reads at a glance: 0.73, 1,234, 2.1 million, 10^41."""
-    import math
-
     if not math.isfinite(x):
         return str(x)
     if x < 1000:
