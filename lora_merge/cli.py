@@ -8,11 +8,13 @@ import logging
 import os
 import signal
 import sys
+from collections import Counter
 from pathlib import Path
 
 import click
 
 from .errors import LoraMergeError, OutputError, ParityError
+from .memory import megabytes
 from .version import __version__
 
 CONTEXT = {"help_option_names": ["-h", "--help"], "max_content_width": 100}
@@ -471,17 +473,14 @@ def unmerge_command(merged, adapter, out, original, as_json, quiet, token, **giv
         click.echo(result.report.table())
 
 
-def _mb(n: int) -> str:
-    return f"{n / 1e6:,.1f} MB"
-
-
 def _format_plan(d: dict, every: bool = False) -> str:
     """The plan in a few lines: its targets counted by operation, or each listed (``every``, with -v)."""
     c = d["counts"]
     lines = [
         f"plan: {d['adapter']} into {d['base']}",
         f"  {c['merged']} tensors merged, {c['copied']} copied as bytes, {c['converted']} converted "
-        f"({c['tensors']} in all, {len(d['shards'])} shard{'s' if len(d['shards']) != 1 else ''}, {_mb(d['bytes'])})",
+        f"({c['tensors']} in all, {len(d['shards'])} shard{'s' if len(d['shards']) != 1 else ''}, "
+        f"{megabytes(d['bytes'])})",
         f"  adapter: {c['adapter_tensors']} tensors onto {c['adapter_targets']} base tensors",
         _memory_line(d["memory"]),
     ]
@@ -490,9 +489,7 @@ def _format_plan(d: dict, every: bool = False) -> str:
     if every:
         lines += [f"  {t['tensor']}  [{t['dtype']} {t['shape']}]  {t['operation']}" for t in d["targets"]]
     else:
-        kinds: dict[str, int] = {}
-        for t in d["targets"]:
-            kinds[t["operation"]] = kinds.get(t["operation"], 0) + 1
+        kinds = Counter(t["operation"] for t in d["targets"])
         lines += [f"  {n} target{'s' if n != 1 else ''}: {op}" for op, n in kinds.items()]
         if d["targets"]:
             lines.append("  (-v lists every target)")
@@ -503,10 +500,10 @@ def _format_plan(d: dict, every: bool = False) -> str:
 
 
 def _memory_line(m: dict) -> str:
-    line = (f"  estimated peak memory: {_mb(m['estimated_peak_bytes'])} (this process holds {_mb(m['baseline_bytes'])} "
-            f"now; the merge adds about {_mb(m['estimated_added_bytes'])})")
+    line = (f"  estimated peak memory: {megabytes(m['estimated_peak_bytes'])} (this process holds "
+            f"{megabytes(m['baseline_bytes'])} now; the merge adds about {megabytes(m['estimated_added_bytes'])})")
     if m.get("estimated_gpu_bytes"):
-        line += f", and about {_mb(m['estimated_gpu_bytes'])} on the GPU"
+        line += f", and about {megabytes(m['estimated_gpu_bytes'])} on the GPU"
     return line
 
 

@@ -11,6 +11,11 @@ from pathlib import Path
 STATUS = Path("/proc/self/status")
 
 
+def megabytes(n: int) -> str:
+    """A byte count as people read memory and file sizes here: 1,192.1 MB."""
+    return f"{n / 1e6:,.1f} MB"
+
+
 def resident_bytes() -> int:
     """The process's resident memory now (Linux), or its peak so far elsewhere."""
     found = _status("VmRSS")

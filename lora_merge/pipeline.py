@@ -23,7 +23,7 @@ from .errors import (
     name_list,
 )
 from .formats import AdapterOptions
-from .memory import measure, resident_bytes
+from .memory import measure, megabytes, resident_bytes
 from .names import family
 from .options import MergeOptions
 from .output import (
@@ -69,16 +69,17 @@ class MergeResult:
         s = self.summary()
         lines = [f"merged {s['merged']} tensors, copied {s['copied']}, converted {s['converted']} -> {s['out']}"]
         if self.stats is not None:
-            lines.append(f"  {_mb(s['bytes'])} in {s['seconds']:.2f} s ({s['throughput_mb_s']} MB/s) on {s['device']}, "
-                         "every merged block checked as it was made and read back as it was written")
+            lines.append(f"  {megabytes(s['bytes'])} in {s['seconds']:.2f} s ({s['throughput_mb_s']} MB/s) on "
+                         f"{s['device']}, every merged block checked as it was made and read back as it was written")
         if self.report is not None:
             m = s["memory"]
-            lines.append(f"  peak memory {_mb(m['peak_bytes'])}: {_mb(m['added_bytes'])} above the "
-                         f"{_mb(m['baseline_bytes'])} the process held before the merge"
-                         + (f"; {_mb(m['gpu_peak_bytes'])} on the GPU" if m.get("gpu_peak_bytes") else ""))
+            lines.append(f"  peak memory {megabytes(m['peak_bytes'])}: {megabytes(m['added_bytes'])} above the "
+                         f"{megabytes(m['baseline_bytes'])} the process held before the merge"
+                         + (f"; {megabytes(m['gpu_peak_bytes'])} on the GPU" if m.get("gpu_peak_bytes") else ""))
             lines.append(f"  parity: {s['parity']} (report: {s['report']})")
         if s.get("shards_reused"):
-            lines.append(f"  {s['shards_reused']} shard(s) kept from the interrupted run (--resume), checked like the rest")
+            lines.append(f"  {s['shards_reused']} shard(s) kept from the interrupted run (--resume), checked like the "
+                         "rest")
         lines += [f"  config: {c}" for c in s["config_changes"]]
         lines += [f"  note: {n}" for n in s["notes"]]
         return "\n".join(lines)
@@ -110,10 +111,6 @@ class MergeResult:
             result["delta_survival"] = self.report.details["delta_survival"]
             result["report"] = str(self.out / REPORT_NAME) if self.out else None
         return result
-
-
-def _mb(n: int) -> str:
-    return f"{n / 1e6:,.1f} MB"
 
 
 def resolve_device(spec: str):

@@ -290,11 +290,11 @@ def test_a_misspelt_command_is_named(typo, meant, tmp_path):
 def test_the_progress_bar_counts_as_the_summary_does():
     from tqdm import tqdm
 
-    from lora_merge.cli import _mb
+    from lora_merge.memory import megabytes
     from lora_merge.progress import UNITS, byte_bar
 
     meter = tqdm.format_meter(1_192_100_000, 2_000_000_000, 1.0, **UNITS)
-    assert "1.19GB" in meter and _mb(1_192_100_000) == "1,192.1 MB"
+    assert "1.19GB" in meter and megabytes(1_192_100_000) == "1,192.1 MB"
     quiet = byte_bar(10, enabled=False)
     quiet.update(5)  # a real bar, that shows nothing
     assert quiet.disable

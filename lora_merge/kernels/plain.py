@@ -236,8 +236,7 @@ def exact(flat, width, L, RT, scales, w, out) -> None:
         e = product_error(x, s, p)
     there = (p != 0) | ((x != 0) & (s != 0))
     ok = np.all(~there | ((np.abs(p) >= EXACT_LOW) & (np.abs(p) <= EXACT_TOP)), axis=1) & (np.abs(w[:n]) <= EXACT_TOP)
-    terms = np.concatenate([np.asarray(w[:n], np.float64)[:, None], np.where(there & ok[:, None], p, 0.0),
-                            np.where(there & ok[:, None], e, 0.0)], axis=1)
+    terms = np.concatenate([np.asarray(w[:n], np.float64)[:, None], p, e], axis=1)  # a row not ok is not summed
     out[:n] = [_to_odd(row) if good else math.nan for row, good in zip(terms.tolist(), ok.tolist(), strict=True)]
 
 
