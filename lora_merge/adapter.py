@@ -9,12 +9,12 @@ tensor is (in × out), as for GPT-2's Conv1D and for embeddings.
 from __future__ import annotations
 
 import math
-import os
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 from .dtypes import from_torch, torch_dtype
-from .safetensors_file import TensorInfo, pread_exact
+from .reader import read_rows
+from .safetensors_file import TensorInfo
 
 
 class FileTensor:
@@ -42,13 +42,8 @@ class FileTensor:
         shape = (stop - start, *info.shape[1:]) if info.shape else ()
         if info.nbytes == 0 or (shape and shape[0] == 0):
             return torch.empty(shape, dtype=torch_dtype(info.dtype))
-        fd = os.open(info.path, os.O_RDONLY)
-        try:
-            rb = info.row_bytes if info.shape else info.nbytes
-            buf = pread_exact(fd, rb * (stop - start) if info.shape else info.nbytes, info.start + rb * start)
-        finally:
-            os.close(fd)
-        return torch.frombuffer(buf, dtype=torch_dtype(info.dtype)).reshape(shape)
+        raw = read_rows(info, start, stop)
+        return torch.frombuffer(bytearray(raw), dtype=torch_dtype(info.dtype)).reshape(shape)
 
     def load(self):
         return self.rows(0, self.shape[0] if self.shape else 1)

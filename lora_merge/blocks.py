@@ -1,71 +1,26 @@
 """The merged blocks of each planned tensor, made for the writer: BASE's rows read ahead on a thread, merged,
 rounded once (or encoded in BASE's quantized format) into buffers reused block after block.
 
-Two makers: ``DenseBlocks`` merges tensors of a float dtype on the CPU in numpy (``dense.py``; torch is not
-imported for it), ``TorchBlocks`` every other tensor, and every tensor on a GPU. Each yields ``Block``s in row
-order; a block's buffers are reused once everything that reads them (the check, the write) is done.
+A maker per ``Route.maker`` (``MAKERS``): ``FloatBlocks`` merges tensors of a float dtype on the CPU in numpy
+(``numbers/floats``; torch is not imported for it), ``Fp8Blocks`` and ``Mxfp4Blocks`` those formats written back on
+the CPU (``numbers/fp8``, ``numbers/mxfp4``), ``TorchBlocks`` every other tensor, and every tensor on a GPU. Each
+yields ``Block``s in row order; a block's buffers are reused once everything that reads them (the check, the
+write) is done.
 """
 
 from __future__ import annotations
 
-import math
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
 import numpy as np
 
 from .buffers import HostBuffers
-from .dense import OPEN_SHARE, DenseMerge, is_dense, stored_rows
-from .dtypes import DTYPES
 from .errors import NonFiniteError
-from .options import BLOCK_BYTES
-from .plan import Entry, Plan
-from .quant.base import QuantizedTensor
-
-# thread stacks and the allocator's per-thread arenas beside the buffers (measured: 12-15 MB on Linux)
-THREADS_ALLOWANCE = 16 * 1024 * 1024
-COMPARE_BYTES = 4 * 1024 * 1024  # what the writer reads back at a time
-
-
-def block_bytes_for(device, asked: int | None) -> int:
-    return asked or BLOCK_BYTES.get(device.type, BLOCK_BYTES["cpu"])
-
-
-def working_set(plan: Plan, device, block_bytes: int | None) -> tuple[int, int]:
-    """What the writer holds at its largest, in host memory and on a GPU: the buffers below added up for the tensor
-    that needs most (the rings of blocks read and made, each side's tile buffers and factors, the block read back)."""
-    block_bytes = block_bytes_for(device, block_bytes)
-    cuda = device.type == "cuda"
-    host, gpu = THREADS_ALLOWANCE + 2 * COMPARE_BYTES, 0
-    for e in plan.entries:
-        if e.is_copy:
-            continue
-        n = min(math.prod(e.shape), e.rows_per_block(block_bytes) * e.width)
-        if isinstance(e.base, QuantizedTensor):  # read decoded to float64, beside its stored bytes
-            base = 8 + math.ceil(e.base.nbytes / max(e.base.numel, 1))
-        else:
-            base = DTYPES[e.base.dtype].size if e.base is not None else 8
-        out = math.ceil(e.nbytes / max(math.prod(e.shape), 1)) if e.requantized else DTYPES[e.dtype].size
-        rings = 2 * base * n + 4 * out * n  # blocks read ahead, and blocks made (checked and written)
-        if is_dense(e, device.type):  # each side: its factors, the elements it leaves open, the check's own read
-            wide = 8 if e.dtype == "F32" else 4
-            factors = 2 * sum(wide * math.prod(t.shape) for t in e.ops.tensors()) if e.ops is not None else 0
-            flags = 2 * 8 * (n // OPEN_SHARE + 1)
-            host = max(host, THREADS_ALLOWANCE + rings + base * n + factors + flags + 2 * COMPARE_BYTES)
-            continue
-        factors = 2 * sum(8 * math.prod(t.shape) for t in e.ops.tensors()) if e.ops is not None else 0
-        merge = 8 * n + 4 * n  # the float64 block and its float32 step
-        check = 8 * n + 4 * n + out * n + 2 * n + base * n  # float64 block, float32 step, nearest, masks, own read
-        scales = 0
-        if e.requantized:  # encoding, and the check's decoding, steps and bounds: float64 temporaries on each side
-            merge, check = merge + 6 * 8 * n, check + 6 * 8 * n
-            scales = sum(p.nbytes for p in e.base.parts[1:])  # held until the codes are written
-        if cuda:  # on a GPU every element is rounded through round-to-odd: a few float64 temporaries more
-            host = max(host, THREADS_ALLOWANCE + rings + out * n + 2 * COMPARE_BYTES + scales)
-            gpu = max(gpu, merge + 3 * 8 * n + 4 * out * n + check + factors)
-        else:
-            host = max(host, THREADS_ALLOWANCE + rings + merge + check + out * n + 2 * COMPARE_BYTES + factors + scales)
-    return host, gpu
+from .numbers.floats.merge import FloatMerge
+from .numbers.quantized import QuantizedTensor
+from .plan import Entry
+from .reader import read_rows, row_bytes, stored_rows
 
 
 @dataclass
@@ -127,10 +82,10 @@ class _Read:
     stored: tuple | None
 
 
-class DenseBlocks:
-    """Merges the tensors ``is_dense`` picks, in numpy on the CPU, block by block (``dense.DenseMerge``)."""
+class FloatBlocks:
+    """Merges the tensors ``route.FloatRoute`` takes, in numpy on the CPU, block by block (``numbers.floats.merge``)."""
 
-    def __init__(self, block_bytes: int, reader: ThreadPoolExecutor):
+    def __init__(self, device, block_bytes: int, reader: ThreadPoolExecutor):
         self.block_bytes = block_bytes
         self.reader = reader
         self.scratch = HostBuffers()  # the merge's tiles
@@ -139,7 +94,7 @@ class DenseBlocks:
         self.decided = self.exact = 0  # elements decided outside the kernels, and of those exactly
 
     def blocks(self, entry: Entry):
-        merge = DenseMerge(entry)
+        merge = FloatMerge(entry)
         n = 1 if merge.vector else entry.shape[0]
         step = n if merge.vector else entry.rows_per_block(self.block_bytes)
         spans = [(start, min(n, start + step)) for start in range(0, n, step)]
@@ -164,16 +119,16 @@ class DenseBlocks:
 
 
 class Fp8Blocks:
-    """Merges the FP8 tensors ``quant.fp8_cpu.fast`` picks, in numpy on the CPU, whole bands of rows at a time."""
+    """Merges the FP8 tensors ``route.Fp8Route`` takes, in numpy on the CPU, whole bands of rows at a time."""
 
-    def __init__(self, block_bytes: int):
+    def __init__(self, device, block_bytes: int, reader: ThreadPoolExecutor):
         self.block_bytes = block_bytes
         self.out = _Ring(4, HostBuffers)  # blocks being checked and written, and the one being made
         self.decided = self.exact = 0  # elements decided outside the kernels, and of those exactly
         self.pool: ThreadPoolExecutor | None = None  # two threads share each band, made on first use
 
     def blocks(self, entry: Entry):
-        from .quant.fp8_cpu import Fp8Merge
+        from .numbers.fp8.merge import Fp8Merge
 
         if self.pool is None:
             self.pool = ThreadPoolExecutor(2, "lora-merge-fp8")
@@ -195,15 +150,16 @@ class Fp8Blocks:
 
 
 class Mxfp4Blocks:
-    """Merges the MXFP4 experts ``quant.mxfp4_cpu.fast`` picks, in numpy on the CPU, a block of stored rows at a
+    """Merges the MXFP4 experts ``route.Mxfp4Route`` takes, in numpy on the CPU, a block of stored rows at a
     time: a Block's start and stop count stored rows (expert-major), not experts."""
 
-    def __init__(self):
+    def __init__(self, device, block_bytes: int, reader: ThreadPoolExecutor):
         self.out = _Ring(4, HostBuffers)
         self.decided = self.exact = 0
 
     def blocks(self, entry: Entry):
-        from .quant.mxfp4_cpu import Mxfp4Merge, spans
+        from .numbers.mxfp4.merge import Mxfp4Merge
+        from .numbers.mxfp4.spec import spans
 
         merge = Mxfp4Merge(entry)
         for first, last in spans(entry.base):
@@ -219,7 +175,7 @@ class Mxfp4Blocks:
 
 class TorchBlocks:
     """Merges planned tensors with torch, on the CPU or a GPU, block by block, into reused buffers: every
-    tensor ``DenseBlocks`` does not take (DoRA, replacements and trainable rows, experts, quantized formats, and
+    tensor ``FloatBlocks`` does not take (DoRA, replacements and trainable rows, experts, quantized formats, and
     all of them on a GPU)."""
 
     def __init__(self, device, block_bytes: int, reader: ThreadPoolExecutor):
@@ -236,6 +192,7 @@ class TorchBlocks:
         # blocks being checked and written: a few in flight on each side, one being made
         self.out = _Ring(4, lambda: Buffers(self.device), lambda: Buffers("cpu", self.cuda))
         self.torch = torch
+        self.decided = self.exact = 0  # torch decides every element itself: none is left to the exact step
 
     def blocks(self, entry: Entry):
         """Each row block of the tensor as it is written (a ``_Block``): rounded to the output dtype, or encoded
@@ -353,10 +310,14 @@ class TorchBlocks:
             return _Read(source.rows(start, stop) if source.shape else source.load(), None, stored)
         if isinstance(info, QuantizedTensor):
             return _Read(info.decode(stored, start, stop) if stored else info.rows(start, stop), None, stored)
-        from .check.elements import read_stored_rows
+        from .dtypes import torch_dtype
 
         slot = self.raw.next()
-        return _Read(read_stored_rows(info, start, stop, slot.device, "raw"), slot, None)
+        raw = slot.device.take("raw", (row_bytes(info) * (stop - start) if info.shape else info.nbytes,),
+                               self.torch.uint8)
+        read_rows(info, start, stop, raw.numpy())
+        shape = (stop - start, *info.shape[1:]) if info.shape else ()
+        return _Read(raw.view(torch_dtype(info.dtype)).reshape(shape), slot, None)
 
     def _value(self, read: _Read, ops, start: int, stop: int, cache: dict):
         from . import mathops
@@ -380,3 +341,6 @@ class TorchBlocks:
         self.raw.release()
 
 
+
+
+MAKERS = {"float": FloatBlocks, "fp8": Fp8Blocks, "mxfp4": Mxfp4Blocks, "torch": TorchBlocks}  # by ``Route.maker``

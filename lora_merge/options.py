@@ -70,6 +70,15 @@ def _mib(ctx, param, value):
 
 
 @dataclass(frozen=True)
+class Acceptance:
+    """What a user accepts of an output beyond its bytes being right: NaN or Inf (``--allow-nonfinite``), and how
+    little of the adapter's change may survive (``--min-delta-kept``; None: any share, the figures only reported)."""
+
+    allow_nonfinite: bool = False
+    min_delta_kept: float | None = None
+
+
+@dataclass(frozen=True)
 class PushOptions:
     """Where and how OUT goes to the Hub after its checks pass."""
 
@@ -132,9 +141,7 @@ class MergeOptions:
 
     @property
     def acceptance(self):
-        """What the checks accept beyond right bytes (``check.verdict.Acceptance``)."""
-        from .check.verdict import Acceptance
-
+        """What the checks accept beyond right bytes."""
         return Acceptance(self.allow_nonfinite, self.min_delta_kept)
 
     @classmethod

@@ -10,7 +10,6 @@ from pathlib import Path
 
 from . import card
 from .adapter import combine
-from .blocks import block_bytes_for, working_set
 from .check.readback import Found
 from .check.report import REPORT_NAME, Report, load_out, verify_output
 from .devices import resolve
@@ -41,6 +40,7 @@ from .progress import no_bar
 from .quantize import Quantization
 from .quantize import choose as choose_quantization
 from .resume import Journal
+from .route import block_bytes_for, working_set
 from .sources import (
     BaseModel,
     Source,
@@ -356,8 +356,7 @@ class _Run:
         self._refuse_nonfinite_scales()
         self.tokenizer = choose_tokenizer(plan.base.path, plan.adapter.folder, options.tokenizer_from,
                                           any("resized" in n for n in plan.notes))
-        if self.tokenizer.note:
-            plan.notes.append(self.tokenizer.note)
+        plan = self.plan = self.plan.with_notes(self.tokenizer.note)
         log.info("%s", self.tokenizer.note or "tokenizer: from BASE")
         log.info("computing on %s, in blocks of %.1f MiB of float64", dev,
                  block_bytes_for(dev, options.block_bytes) / (1 << 20))
@@ -406,13 +405,13 @@ class _Run:
                 "repair or retrain the adapter; --allow-nonfinite merges it anyway (the report says so)",
             )
         if bad:
-            self.plan.notes.append(f"merged with NaN or Inf in {len(bad)} adapter tensor(s) (--allow-nonfinite): "
-                                   f"{name_list(bad)}")
+            self.plan = self.plan.with_notes(f"merged with NaN or Inf in {len(bad)} adapter tensor(s) "
+                                             f"(--allow-nonfinite): {name_list(bad)}")
 
     def _refuse_nonfinite_scales(self) -> None:
         """A quantized BASE whose scales hold NaN or Inf where the adapter changes it: its weights there are not
         numbers, and no merge of them is."""
-        from .quant.base import QuantizedTensor
+        from .numbers.quantized import QuantizedTensor
 
         bad = sorted(name for e in self.plan.entries if e.is_merge and isinstance(e.base, QuantizedTensor)
                      for name in e.base.nonfinite_scales())
@@ -481,9 +480,7 @@ def unmerge(merged: str, adapter: Adapters, out: str | Path, options: MergeOptio
             "to that format, so subtracting the adapter cannot give back BASE's", [],
             "unmerge works on a merge written in a float dtype (without --quantize; from a quantized BASE, with "
             "--dtype); otherwise keep BASE, which the merged model cannot give back")
-    plan = make_plan(merged_model, loaded)
-    plan.role = "MERGED"
-    plan.notes.append("unmerged: the adapter's delta was subtracted")
+    plan = make_plan(merged_model, loaded, role="MERGED").with_notes("unmerged: the adapter's delta was subtracted")
     original_model = load_base(resolve_source(original, "BASE")) if original is not None else None
 
     def check(folder, plan, dev, provenance, bar, found):
@@ -499,7 +496,7 @@ def nonfinite_adapter_tensors(plan: Plan) -> list[str]:
     """Names of the adapter tensors the merge uses that hold NaN or Inf (each stored tensor read once;
     adapters are small)."""
     from .check.readback import finite
-    from .dense import raw_bytes
+    from .reader import raw_bytes
 
     stored = {id(t.stored): t.stored for op in plan.adapter.targets.values() for t in op.tensors()}
     return sorted({t.name for t in stored.values() if t.dtype in FLOAT_DTYPES and not finite(raw_bytes(t), t.dtype)})

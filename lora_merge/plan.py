@@ -8,12 +8,13 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field, replace
+from functools import cached_property
 
 from .adapter import Adapter, AddScaled, LowRank, TargetOps
 from .dtypes import DTYPES, FLOAT_DTYPES, OUTPUT_DTYPES
 from .errors import PlanError, QuantizationError
-from .quant import QuantizedTensor, sixteen_bit_original
-from .quant.fp8 import Fp8Quantized
+from .numbers import QuantizedTensor, sixteen_bit_original
+from .numbers.fp8.codec import Fp8Quantized
 from .quantize import Quantization
 from .safetensors_file import TensorInfo
 from .sources import INDEX_NAME, BaseModel
@@ -28,7 +29,7 @@ INPUT_EMBEDDING_SUFFIXES = (
 CONV1D_MODEL_TYPES = {"gpt2", "openai-gpt", "imagegpt", "decision_transformer"}
 
 
-@dataclass
+@dataclass(frozen=True)
 class Entry:
     """One tensor of an output shard."""
 
@@ -88,14 +89,14 @@ class Entry:
         return self.requantized and (step % self.base.row_unit != 0 or self.base.global_scale) and step < self.shape[0]
 
 
-@dataclass
+@dataclass(frozen=True)
 class OutputShard:
     name: str
-    entries: list[Entry]
+    entries: tuple[Entry, ...]
     metadata: dict[str, str]
     # the stored tensors' names in file order, where OUT keeps BASE's (None: the entries' order): a quantized
     # tensor's codes and scales may lie apart, and a merge that changes nothing must give BASE's bytes
-    order: list[str] | None = None
+    order: tuple[str, ...] | None = None
 
     @property
     def nbytes(self) -> int:
@@ -108,26 +109,33 @@ class OutputShard:
         return list(parts.values()) if self.order is None else [parts[n] for n in self.order]
 
 
-@dataclass
+@dataclass(frozen=True)
 class Plan:
+    """The whole output, decided from headers alone: a value, never edited once made (``with_notes`` and
+    ``sharding.resharded`` make new ones)."""
+
     base: BaseModel
     adapter: Adapter
-    shards: list[OutputShard]
+    shards: tuple[OutputShard, ...]
     config: dict
-    config_changes: list[str]
-    notes: list[str] = field(default_factory=list)
+    config_changes: tuple[str, ...]
+    notes: tuple[str, ...] = ()
     sharded: bool = True
     index_name: str = INDEX_NAME  # the index OUT gets when sharded
     role: str = "BASE"  # what the plan starts from, as reports name it: MERGED when unmerging
+
+    def with_notes(self, *notes: str) -> Plan:
+        """The same plan with more notes for the report (what the run found before writing)."""
+        return replace(self, notes=self.notes + tuple(n for n in notes if n))
 
     @property
     def formula(self) -> str:
         """What each changed element is, in words for the report."""
         return "W − s·B·A" if self.role == "MERGED" else "W + s·B·A"
 
-    @property
-    def entries(self) -> list[Entry]:
-        return [e for s in self.shards for e in s.entries]
+    @cached_property
+    def entries(self) -> tuple[Entry, ...]:
+        return tuple(e for s in self.shards for e in s.entries)
 
     @property
     def total_bytes(self) -> int:
@@ -192,158 +200,214 @@ def _fit_target(op: TargetOps, w_shape: tuple[int, ...], info, conv1d: bool) -> 
     return replace(op, deltas=deltas, dora_transposed=dora_transposed), problems
 
 
+@dataclass
+class _Targets:
+    """What matching the adapter against BASE found: each target with its deltas fitted to the stored tensor and the
+    tensor it starts from, every problem and note, and what the tied embeddings need."""
+
+    resolved: dict[str, tuple[TargetOps, TensorInfo]] = field(default_factory=dict)
+    problems: list[str] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)
+    added: dict[str, Entry] = field(default_factory=dict)  # tensors the base does not store (an untied lm_head)
+    untie: bool = False
+    tie_source: str | None = None
+
+
 def make_plan(base: BaseModel, adapter: Adapter, dtype: str | None = None,
-              quantize: Quantization | None = None) -> Plan:
+              quantize: Quantization | None = None, role: str = "BASE") -> Plan:
     """Match the adapter against the base and lay out the output, or raise PlanError with every problem;
-    ``quantize``: which of BASE's float weights OUT stores quantized, and how (``quantize.py``)."""
+    ``quantize``: which of BASE's float weights OUT stores quantized, and how (``quantize.py``); ``role``: what
+    the plan starts from, as reports name it (MERGED when unmerging)."""
     out_dtype = OUTPUT_DTYPES[dtype] if dtype else None
-    tensors = base.tensors
-    conv1d = str(base.config.get("model_type", "")) in CONV1D_MODEL_TYPES
+    keep = refuse_combinations(base, dtype, quantize)
+    found = resolve_targets(base, adapter, keep)
+    untie_embeddings(base, found, keep, out_dtype)
+    raise_problems(found.problems)
+    shards = lay_out(base, found, keep, out_dtype, quantize)
+    config, changes = rewrite_config(base, shards, out_dtype, found, quantize)
+    notes = (list(adapter.notes) + _quantization_notes(base, adapter, out_dtype) + (list(quantize.notes) if quantize
+             else []) + found.notes)
+    plan = Plan(base, adapter, tuple(shards), config, tuple(changes), tuple(notes),
+                sharded=len(base.shards) > 1 or base.index_metadata != {}, index_name=base.index_name, role=role)
+    _check_vocab(plan, found.tie_source)
+    return plan
+
+
+def refuse_combinations(base: BaseModel, dtype: str | None, quantize: Quantization | None) -> bool:
+    """Refuse what cannot be asked together; whether merged tensors are written back in BASE's quantized format."""
     quant = base.quantization
     if quantize and (quant is not None or dtype):
         raise QuantizationError(
             f"--quantize {quantize.method} writes a float BASE quantized; BASE is {quant.description}" if quant else
             f"--quantize {quantize.method} and --dtype {dtype} both say what OUT's weights are", [],
             "merge a quantized BASE keeping its format (or with --dtype); give one of --quantize and --dtype")
-    keep = quant is not None and out_dtype is None  # merged tensors written back in BASE's quantized format
+    keep = quant is not None and not dtype
     if keep and not quant.requantizable:
         raise QuantizationError(
             f"BASE is {quant.description}: lora-merge merges it into a dequantized checkpoint only (requantizing "
             "would change the weights more than the adapter does), and --dtype says into which dtype", [],
             "pass --dtype bfloat16 (or float16, float32)")
-    problems: list[str] = []
-    notes: list[str] = list(adapter.notes) + _quantization_notes(base, adapter, out_dtype)
-    notes += list(quantize.notes) if quantize else []
-    tie_source = _find_input_embedding(tensors)
-    added: dict[str, Entry] = {}  # tensors the base does not store (an untied lm_head)
-    resolved: dict[str, tuple[TargetOps, TensorInfo]] = {}
-    untie = False
+    return keep
 
+
+def resolve_targets(base: BaseModel, adapter: Adapter, keep: bool) -> _Targets:
+    """Each adapter target on the tensor of BASE it changes (the input embedding for a tied output layer), its
+    deltas fitted to that tensor, and every reason one does not fit."""
+    tensors = base.tensors
+    conv1d = str(base.config.get("model_type", "")) in CONV1D_MODEL_TYPES
+    found = _Targets(tie_source=_find_input_embedding(tensors))
     for name, op in adapter.targets.items():
         info = tensors.get(name)
-        if info is None and name in OUTPUT_EMBEDDINGS and tie_source is not None:
+        if info is None and name in OUTPUT_EMBEDDINGS and found.tie_source is not None:
             # tied embeddings: the output layer shares the input embedding, which the base stores once
-            info = tensors[tie_source]
-            untie = True
-            notes.append(f"{name} was tied to {tie_source}: it is written on its own and the tie is removed")
+            info = tensors[found.tie_source]
+            found.untie = True
+            found.notes.append(f"{name} was tied to {found.tie_source}: it is written on its own and the tie is removed")
         if info is None:
-            hint = ""
-            if op.replace is not None and not op.deltas:
-                hint = " (a saved full tensor)"
-            problems.append(f"{name}: the adapter's {op.module}{hint} has no tensor {name!r} in BASE")
+            hint = " (a saved full tensor)" if op.replace is not None and not op.deltas else ""
+            found.problems.append(f"{name}: the adapter's {op.module}{hint} has no tensor {name!r} in BASE")
             continue
-        w_shape = info.shape
-        if op.replace is not None:
-            r_shape = tuple(op.replace.shape)
-            if r_shape != w_shape:
-                resizable = op.may_resize and len(r_shape) == len(w_shape) >= 1 and r_shape[1:] == w_shape[1:]
-                if not resizable:
-                    problems.append(f"{name}: the adapter's full tensor has shape {list(r_shape)}, the base {list(w_shape)}")
-                    continue
-                if keep and isinstance(info, QuantizedTensor):
-                    problems.append(f"{name}: resized by the adapter, which BASE's {info.dtype} format cannot "
-                                    "follow; merge with --dtype")
-                    continue
-                notes.append(f"{name}: resized from {w_shape[0]} to {r_shape[0]} rows by the adapter")
-            w_shape = r_shape
-        fitted, found = _fit_target(op, w_shape, info, conv1d)
-        problems += found
-        resolved[name] = (fitted, info)
+        w_shape = _target_shape(name, op, info, keep, found)
+        if w_shape is None:
+            continue
+        fitted, problems = _fit_target(op, w_shape, info, conv1d)
+        found.problems += problems
+        found.resolved[name] = (fitted, info)
+    return found
 
-    # An input embedding changed in a tied model: the output layer keeps the original, untied.
-    if tie_source in resolved and not any(n in tensors for n in OUTPUT_EMBEDDINGS):
-        op, info = resolved[tie_source]
-        changes_values = op.replace is not None or op.deltas or op.dora_magnitude is not None
-        head = next((n for n in OUTPUT_EMBEDDINGS if n in resolved), None)
-        if changes_values and head is None:
-            if keep and isinstance(info, QuantizedTensor):
-                problems.append(f"{tie_source}: changed, and tied to the output layer, which would need an untied "
-                                f"copy in BASE's {info.dtype} format; merge with --dtype")
-            elif base.config.get("tie_word_embeddings", _nested_get(base.config, "tie_word_embeddings")) is not False:
-                head = OUTPUT_EMBEDDINGS[0]
-                added[head] = Entry(head, out_dtype or info.dtype, info.shape, info, None,
-                                    note=f"untied copy of {tie_source}")
-                untie = True
-                notes.append(f"{tie_source} was tied to {head}: {head} keeps the original and the tie is removed")
 
-    if problems:
-        absent = sum(1 for p in problems if p.endswith("in BASE") and "has no tensor" in p)
-        kinds = (f": {absent} target{'s' if absent != 1 else ''} BASE does not have, {len(problems) - absent} that "
-                 "do not fit the tensor of that name" if absent and absent < len(problems) else
-                 ": targets BASE does not have" if absent else "")
-        raise PlanError(
-            f"the adapter does not fit BASE ({len(problems)} problem{'s' if len(problems) > 1 else ''}{kinds}):",
-            problems,
-            "check that ADAPTER was trained on this BASE (the adapter's base_model_name_or_path says which model)",
-        )
+def _target_shape(name: str, op: TargetOps, info, keep: bool, found: _Targets) -> tuple[int, ...] | None:
+    """The shape the target gives the tensor (a saved full tensor may resize it); None where it cannot."""
+    w_shape = info.shape
+    if op.replace is None:
+        return w_shape
+    r_shape = tuple(op.replace.shape)
+    if r_shape != w_shape:
+        resizable = op.may_resize and len(r_shape) == len(w_shape) >= 1 and r_shape[1:] == w_shape[1:]
+        if not resizable:
+            found.problems.append(f"{name}: the adapter's full tensor has shape {list(r_shape)}, the base {list(w_shape)}")
+            return None
+        if keep and isinstance(info, QuantizedTensor):
+            found.problems.append(f"{name}: resized by the adapter, which BASE's {info.dtype} format cannot follow; "
+                                  "merge with --dtype")
+            return None
+        found.notes.append(f"{name}: resized from {w_shape[0]} to {r_shape[0]} rows by the adapter")
+    return r_shape
 
-    def final_dtype(src: str) -> str:
-        return out_dtype if out_dtype and src in FLOAT_DTYPES else src
 
-    shards: list[OutputShard] = []
+def untie_embeddings(base: BaseModel, found: _Targets, keep: bool, out_dtype: str | None) -> None:
+    """An input embedding changed in a tied model: the output layer keeps the original, untied (an added entry)."""
+    tie_source, tensors = found.tie_source, base.tensors
+    if tie_source not in found.resolved or any(n in tensors for n in OUTPUT_EMBEDDINGS):
+        return
+    op, info = found.resolved[tie_source]
+    changes_values = op.replace is not None or op.deltas or op.dora_magnitude is not None
+    if not changes_values or any(n in found.resolved for n in OUTPUT_EMBEDDINGS):
+        return
+    if keep and isinstance(info, QuantizedTensor):
+        found.problems.append(f"{tie_source}: changed, and tied to the output layer, which would need an untied "
+                              f"copy in BASE's {info.dtype} format; merge with --dtype")
+    elif base.config.get("tie_word_embeddings", _nested_get(base.config, "tie_word_embeddings")) is not False:
+        head = OUTPUT_EMBEDDINGS[0]
+        found.added[head] = Entry(head, out_dtype or info.dtype, info.shape, info, None,
+                                  note=f"untied copy of {tie_source}")
+        found.untie = True
+        found.notes.append(f"{tie_source} was tied to {head}: {head} keeps the original and the tie is removed")
+
+
+def raise_problems(problems: list[str]) -> None:
+    """Every reason the adapter does not fit, at once."""
+    if not problems:
+        return
+    absent = sum(1 for p in problems if p.endswith("in BASE") and "has no tensor" in p)
+    kinds = (f": {absent} target{'s' if absent != 1 else ''} BASE does not have, {len(problems) - absent} that "
+             "do not fit the tensor of that name" if absent and absent < len(problems) else
+             ": targets BASE does not have" if absent else "")
+    raise PlanError(
+        f"the adapter does not fit BASE ({len(problems)} problem{'s' if len(problems) > 1 else ''}{kinds}):",
+        problems,
+        "check that ADAPTER was trained on this BASE (the adapter's base_model_name_or_path says which model)",
+    )
+
+
+def lay_out(base: BaseModel, found: _Targets, keep: bool, out_dtype: str | None,
+            quantize: Quantization | None) -> list[OutputShard]:
+    """BASE's shards as OUT's: each tensor where BASE keeps it, in its file order (a quantized tensor's parts where
+    BASE keeps them, or one tensor where its codes were), then the tensors the plan adds."""
+    shards: list[tuple[str, list[Entry], dict, list[str]]] = []  # each file's name, entries, metadata, order
     tensor_shard: dict[str, str] = {}
     for header in base.shards:
         entries, order = [], []
         for name, info in header.tensors.items():  # in file order
-            group = quant.owner(name) if quant else None
-            if group is not None and (group.name in resolved or not keep):  # written as one entry, at its codes
-                codes = group.parts[0]
-                if name == codes.name:
-                    op = resolved[group.name][0] if group.name in resolved else None
-                    entries.append(Entry(group.name, out_dtype or group.dtype, group.shape, group, op,
-                                         note=op.kind if op else "dequantize"))
-                    tensor_shard[group.name] = header.path.name
-                if not keep:  # dequantized: one tensor where the codes were
-                    order += [group.name] if name == codes.name else []
-                elif info.path == codes.path:  # in its format: each part where BASE keeps it
-                    order.append(name)
-                    if name == codes.name:  # and the parts BASE keeps in another file, with the codes
-                        order += [p.name for p in group.parts[1:] if p.path != codes.path]
-                continue
-            dt = final_dtype(info.dtype)
-            if quantize and quantize.takes(name, info):  # FP8 codes and their scales, where BASE has the tensor
-                op = resolved[name][0] if name in resolved else None
-                q = quantize.quantized(name, info)
-                entries.append(Entry(name, q.dtype, info.shape, q, op, note=op.kind if op else "quantize"))
-                order += [p.name for p in q.parts]
-                tensor_shard[name] = header.path.name
-                continue
-            if name in resolved:
-                op, _ = resolved[name]
-                shape = tuple(op.replace.shape) if op.replace is not None else info.shape
-                entries.append(Entry(name, dt, shape, info, op, note=op.kind))
-            else:
-                entries.append(Entry(name, dt, info.shape, info, None, note="copy" if dt == info.dtype else "convert"))
-            order.append(name)
-            tensor_shard[name] = header.path.name
-        metadata = dict(header.metadata)
-        metadata["format"] = "pt"
-        shards.append(OutputShard(header.path.name, entries, metadata, order))
-    if quantize and not any(isinstance(e.base, Fp8Quantized) for s in shards for e in s.entries):
+            entry, stored = _place(name, info, base, found, keep, out_dtype, quantize)
+            if entry is not None:
+                entries.append(entry)
+                tensor_shard[entry.name] = header.path.name
+            order += stored
+        shards.append((header.path.name, entries, {**header.metadata, "format": "pt"}, order))
+    if quantize and not any(isinstance(e.base, Fp8Quantized) for s in shards for e in s[1]):
         raise QuantizationError(
             f"--quantize {quantize.method}: none of BASE's weights can be stored that way (a Linear's weight in whole "
             "128×128 blocks, of a module transformers loads as FP8)", list(quantize.notes),
             "merge without --quantize")
-    for name in sorted(set(resolved) - set(tensors)):
-        op, info = resolved[name]
+    added = dict(found.added)
+    for name in sorted(set(found.resolved) - set(base.tensors)):
+        op, info = found.resolved[name]
         shape = tuple(op.replace.shape) if op.replace is not None else info.shape
-        added[name] = Entry(name, final_dtype(info.dtype), shape, info, op, note=op.kind)
+        added[name] = Entry(name, _final_dtype(info.dtype, out_dtype), shape, info, op, note=op.kind)
     for name, entry in added.items():
         # the new tensor goes into the shard of the tensor it was tied to, after BASE's own
-        shard = next(s for s in shards if s.name == tensor_shard[entry.base.name])
-        shard.entries.append(entry)
-        shard.order.append(entry.name)
+        _, entries, _, order = next(s for s in shards if s[0] == tensor_shard[entry.base.name])
+        entries.append(entry)
+        order.append(entry.name)
+    return [OutputShard(name, tuple(entries), metadata, tuple(order)) for name, entries, metadata, order in shards]
 
-    config, changes = _new_config(base.config, shards, out_dtype, untie, tie_source)
+
+def _final_dtype(src: str, out_dtype: str | None) -> str:
+    return out_dtype if out_dtype and src in FLOAT_DTYPES else src
+
+
+def _place(name: str, info, base: BaseModel, found: _Targets, keep: bool, out_dtype: str | None,
+           quantize: Quantization | None) -> tuple[Entry | None, list[str]]:
+    """BASE's stored tensor ``name`` in OUT: the entry it starts (None: a part of an entry placed at its codes) and
+    the stored names it puts in the file's order."""
+    quant = base.quantization
+    group = quant.owner(name) if quant else None
+    if group is not None and (group.name in found.resolved or not keep):  # written as one entry, at its codes
+        codes = group.parts[0]
+        entry = None
+        if name == codes.name:
+            op = found.resolved[group.name][0] if group.name in found.resolved else None
+            entry = Entry(group.name, out_dtype or group.dtype, group.shape, group, op,
+                          note=op.kind if op else "dequantize")
+        if not keep:  # dequantized: one tensor where the codes were
+            return entry, [group.name] if name == codes.name else []
+        if info.path != codes.path:  # a part BASE keeps in another file: written with the codes
+            return entry, []
+        return entry, [name] + ([p.name for p in group.parts[1:] if p.path != codes.path] if name == codes.name else [])
+    if quantize and quantize.takes(name, info):  # FP8 codes and their scales, where BASE has the tensor
+        op = found.resolved[name][0] if name in found.resolved else None
+        q = quantize.quantized(name, info)
+        return Entry(name, q.dtype, info.shape, q, op, note=op.kind if op else "quantize"), [p.name for p in q.parts]
+    dt = _final_dtype(info.dtype, out_dtype)
+    if name in found.resolved:
+        op, _ = found.resolved[name]
+        shape = tuple(op.replace.shape) if op.replace is not None else info.shape
+        return Entry(name, dt, shape, info, op, note=op.kind), [name]
+    return Entry(name, dt, info.shape, info, None, note="copy" if dt == info.dtype else "convert"), [name]
+
+
+def rewrite_config(base: BaseModel, shards: list[OutputShard], out_dtype: str | None, found: _Targets,
+                   quantize: Quantization | None) -> tuple[dict, list[str]]:
+    """OUT's config.json, and each change to BASE's in words."""
+    quant = base.quantization
+    config, changes = _new_config(base.config, shards, out_dtype, found.untie, found.tie_source)
     if quant is not None and out_dtype is not None:
         _drop_quantization(config, changes, quant.method)
     if quantize:
-        config["quantization_config"] = quantize.config(tensors)
+        config["quantization_config"] = quantize.config(base.tensors)
         changes.append(f"quantization_config: added ({quantize.method}, e4m3 with 128×128 block scales)")
-    plan = Plan(base, adapter, shards, config, changes, notes, sharded=len(base.shards) > 1 or base.index_metadata != {},
-                index_name=base.index_name)
-    _check_vocab(plan, tie_source)
-    return plan
+    return config, changes
 
 
 def _quantization_notes(base: BaseModel, adapter: Adapter, out_dtype: str | None) -> list[str]:

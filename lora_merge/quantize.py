@@ -32,7 +32,7 @@ import numpy as np
 from .conversion import EXTRA
 from .dtypes import FLOAT_DTYPES
 from .errors import LayoutError, QuantizationError, name_list
-from .quant.fp8 import Fp8Quantized
+from .numbers.fp8.codec import Fp8Quantized
 from .safetensors_file import TensorInfo
 
 if TYPE_CHECKING:

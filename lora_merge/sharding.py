@@ -24,7 +24,7 @@ def resharded(plan: Plan, max_bytes: int) -> Plan:
     stem = weights_stem(plan)
     n = len(groups)
     names = [f"{stem}.safetensors"] if n == 1 else [f"{stem}-{i + 1:05d}-of-{n:05d}.safetensors" for i in range(n)]
-    shards = [OutputShard(name, entries, {"format": "pt"}) for name, entries in zip(names, groups)]
+    shards = tuple(OutputShard(name, tuple(entries), {"format": "pt"}) for name, entries in zip(names, groups))
     return replace(plan, shards=shards, sharded=n > 1, index_name=f"{stem}.safetensors.index.json")
 
 

@@ -12,8 +12,8 @@ from pathlib import Path
 
 from .errors import HeaderError, InputFileError, SourceNotFoundError, name_list
 from .names import is_weight_file, parse_spec
+from .numbers import Quantization, find_quantization
 from .paths import is_regular, read_text, resolved, within
-from .quant import Quantization, find_quantization
 from .safetensors_file import SafetensorsHeader, TensorInfo, read_header
 
 INDEX_NAME = "model.safetensors.index.json"

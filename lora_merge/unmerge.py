@@ -25,15 +25,18 @@ import numpy as np
 from . import kernels
 from .adapter import FileTensor
 from .buffers import HostBuffers
-from .check.dense import DenseCheck
 from .check.readback import READ_BYTES, compare_copy
 from .check.report import Report
 from .check.verdict import Check
-from .dense import OPEN_SHARE, DenseMerge, is_dense, stored_rows
 from .dtypes import FLOAT_DTYPES
 from .errors import UnsupportedAdapterError
+from .numbers.floats.check import FloatCheck
+from .numbers.floats.merge import FloatMerge
+from .numbers.floats.spec import OPEN_SHARE
+from .numbers.floats.spec import takes as float_takes
 from .paths import open_read
 from .plan import Plan
+from .reader import stored_rows
 from .safetensors_file import TensorInfo
 from .sources import BaseModel
 
@@ -84,13 +87,13 @@ class Recovered:
 
 class _DenseTrip:
     """One tensor's round trip on the CPU (``kernels.trip``): u, MERGED's M and the original read a block of rows
-    at a time; the elements the kernels cannot judge are decided exactly, as the merge decides (``DenseMerge``)."""
+    at a time; the elements the kernels cannot judge are decided exactly, as the merge decides (``FloatMerge``)."""
 
     def __init__(self, entry, got: TensorInfo, orig: TensorInfo | None):
         forward = replace(entry.ops, deltas=[replace(d, scale=-d.scale) for d in entry.ops.deltas])
         self.entry, self.got, self.orig = entry, got, orig
-        self.merge = DenseMerge(replace(entry, ops=forward))  # u + the adapter's delta, as the merge made M
-        check = DenseCheck(entry)  # the judgement's error bound is the check's: it compares as the check does
+        self.merge = FloatMerge(replace(entry, ops=forward))  # u + the adapter's delta, as the merge made M
+        check = FloatCheck(entry)  # the judgement's error bound is the check's: it compares as the check does
         self.bound = (check.c_terms, check.slack, check.c)
         self.kind = kernels.KINDS[entry.dtype]
 
@@ -144,7 +147,7 @@ def _recovered(entry, got: TensorInfo, orig: TensorInfo | None, device) -> Recov
     """One tensor's round trip: on the CPU in numpy for the tensors the merge computes so, where u, M and the
     original share a dtype; else in torch."""
     same = got.dtype == entry.dtype == entry.base.dtype and (orig is None or orig.dtype == entry.dtype)
-    if device.type == "cpu" and same and is_dense(entry, "cpu"):
+    if device.type == "cpu" and same and float_takes(entry, "cpu"):
         return _DenseTrip(entry, got, orig).run()
     return _torch_trip(entry, got, orig, device)
 

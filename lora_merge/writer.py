@@ -17,19 +17,16 @@ from pathlib import Path
 
 import numpy as np
 
-from .blocks import DenseBlocks, Fp8Blocks, Mxfp4Blocks, TorchBlocks, block_bytes_for
-from .check.fp8 import Fp8Check
-from .check.mxfp4 import Mxfp4Check
-from .check.readback import Compared, copy_verdict, element_check
+from .blocks import MAKERS
+from .check.readback import Compared, copy_verdict
 from .check.verdict import TensorVerdict
-from .dense import is_dense
 from .dtypes import DTYPES
 from .kernels import blas
 from .output import no_room
 from .paths import open_read, write_new
 from .plan import Entry, Plan
-from .quant.fp8_cpu import fast as fp8_fast
-from .quant.mxfp4_cpu import fast as mxfp4_fast
+from .reader import kept_open
+from .route import Route, block_bytes_for, routes
 from .safetensors_file import encode_header
 from .shardfile import ShardFile, as_bytes
 
@@ -65,13 +62,13 @@ def write_shards(plan: Plan, folder: Path, device, options, progress, *, reuse: 
     called as each written shard is complete. Whether NaN or Inf in a merged tensor is acceptable is not judged
     here: each tensor's verdict says whether it holds any, and the report's finite check judges.
     """
-    torch_needed = any(not e.is_copy and not is_dense(e, device.type) and not fp8_fast(e, device.type)
-                       and not mxfp4_fast(e, device.type) for e in plan.entries)
-    with _torch_threads(device if torch_needed else None), blas.one_thread(), \
+    chosen = {r.entry.name: r for r in routes(plan, device)}
+    torch_needed = any(r.torch for r in chosen.values())
+    with _torch_threads(device if torch_needed else None), blas.one_thread(), kept_open(), \
             ThreadPoolExecutor(1, "lora-merge-read") as reader, ThreadPoolExecutor(1, "lora-merge-check") as checker, \
             ThreadPoolExecutor(1, "lora-merge-write") as writer:
         job = _Writing(folder, device, block_bytes_for(device, options.block_bytes), reader, checker, writer,
-                       progress)
+                       progress, chosen)
         try:
             for shard in plan.shards:
                 if shard.name in reuse:
@@ -124,25 +121,22 @@ class _Writing:
     """One run of the writer: the shards written so far, and what their checks found."""
 
     def __init__(self, folder: Path, device, block_bytes: int, reader: ThreadPoolExecutor, checker: ThreadPoolExecutor,
-                 writer: ThreadPoolExecutor, progress):
+                 writer: ThreadPoolExecutor, progress, chosen: dict[str, Route]):
         self.folder, self.device, self.block_bytes = folder, device, block_bytes
         self.reader, self.checker, self.writer = reader, checker, writer
         self.progress = progress
-        self.dense = DenseBlocks(block_bytes, reader)
-        self.fp8 = Fp8Blocks(block_bytes)
-        self.mxfp4 = Mxfp4Blocks()
-        self._torch: TorchBlocks | None = None  # made on first use: torch is imported only then
+        self.routes = chosen
+        self.makers: dict[str, object] = {}  # each route's maker, made on first use (torch's imports torch)
         self.stats = WriteStats()
         self.src_fds: dict[Path, int] = {}
         self.checked: list = []  # futures of (tensor, its verdict)
-        self.check_buffers: dict[str, object] = {}  # the check thread's, shared by the tensors it checks in turn
+        self.check_buffers: dict[bool, object] = {}  # the check thread's, shared by the tensors it checks in turn
         self.offsets: dict[str, int] = {}  # where each stored tensor of the shard being written starts
 
-    @property
-    def torch(self) -> TorchBlocks:
-        if self._torch is None:
-            self._torch = TorchBlocks(self.device, self.block_bytes, self.reader)
-        return self._torch
+    def maker(self, route: Route):
+        if route.maker not in self.makers:
+            self.makers[route.maker] = MAKERS[route.maker](self.device, self.block_bytes, self.reader)
+        return self.makers[route.maker]
 
     def reused(self, shard) -> None:
         self.stats.reused += 1
@@ -199,23 +193,11 @@ class _Writing:
         """Each block is checked on the check thread while the write thread writes it and reads it back: the file is
         then known to hold the bytes that were checked. A quantized format's scales follow its codes."""
         written = 0
-        if entry.requantized and fp8_fast(entry, self.device.type):
-            check, scales, maker = Fp8Check(entry, self._buffers("numpy")), _Scales(entry), self.fp8
-        elif entry.requantized and mxfp4_fast(entry, self.device.type):
-            check, scales, maker = Mxfp4Check(entry, self._buffers("numpy")), _Scales(entry, True), self.mxfp4
-        elif entry.requantized:
-            from .check.grid import GridCheck
-
-            check = GridCheck(entry, self.device.torch, self._buffers("torch"))
-            scales = _Scales(entry)
-            maker = self.torch
-        else:
-            dense = is_dense(entry, self.device.type)
-            check = element_check(entry, self.device, self._buffers("numpy" if dense else "torch"))
-            scales = None
-            maker = self.dense if dense else self.torch
+        route = self.routes[entry.name]
+        check = route.check(self._buffers(route.numpy_check))
+        scales = _Scales(entry, route.part_rows) if route.parts else None
         first = entry.stored[0][0]
-        for b in maker.blocks(entry):
+        for b in self.maker(route).blocks(entry):
             stored = b.device if scales is not None else b.device[0]
             b.slot.waits.append(self.checker.submit(check.block, b.start, b.stop, stored))
             b.slot.waits.append(out.block(entry.name, self.offsets[first] + written, written, b.host[0], b.ready))
@@ -228,24 +210,21 @@ class _Writing:
         if written != entry.nbytes:  # a planning bug, never a user error
             raise AssertionError(f"{entry.name}: wrote {written} bytes, planned {entry.nbytes}")
         self.checked.append(self.checker.submit(lambda: (entry.name, check.result())))
-        self.stats.decided = self.dense.decided + self.fp8.decided + self.mxfp4.decided
-        self.stats.exact = self.dense.exact + self.fp8.exact + self.mxfp4.exact
+        self.stats.decided = sum(m.decided for m in self.makers.values())
+        self.stats.exact = sum(m.exact for m in self.makers.values())
         return written
 
-    def _buffers(self, kind: str):
+    def _buffers(self, numpy: bool):
         """The check thread's buffers: numpy's for the numpy checks, torch's on the device for the others."""
-        if kind not in self.check_buffers:
+        if numpy not in self.check_buffers:
             from .buffers import Buffers, HostBuffers
 
-            self.check_buffers[kind] = HostBuffers() if kind == "numpy" else Buffers(self.device.torch)
-        return self.check_buffers[kind]
+            self.check_buffers[numpy] = HostBuffers() if numpy else Buffers(self.device.torch)
+        return self.check_buffers[numpy]
 
     def close(self) -> None:
-        self.dense.close()
-        self.fp8.close()
-        self.mxfp4.close()
-        if self._torch is not None:
-            self._torch.close()
+        for maker in self.makers.values():
+            maker.close()
         for f in self.src_fds.values():
             os.close(f)
 
@@ -258,17 +237,17 @@ class _Scales:
     """The scale parts of a tensor written in a quantized format: filled block by block on the write thread, written
     after the codes."""
 
-    def __init__(self, entry: Entry, stored_rows: bool = False):
+    def __init__(self, entry: Entry, part_rows: bool = False):
         self.tensor = entry.base
         self.buffers = [np.empty(p.nbytes, np.uint8) for p in self.tensor.parts[1:]]
-        self.stored_rows = stored_rows  # blocks count the parts' own rows (their last axis), not the dense tensor's
+        self.part_rows = part_rows  # blocks count the parts' own rows (their last axis), not the dense tensor's
 
     def fill(self, start: int, stop: int, pieces, ready) -> None:
         if ready is not None:
             ready.synchronize()
         for i, (buffer, piece) in enumerate(zip(self.buffers, pieces, strict=True), start=1):
             part = self.tensor.parts[i]
-            if self.stored_rows:
+            if self.part_rows:
                 first, last, row = start, stop, part.shape[-1] * DTYPES[part.dtype].size
             else:
                 first, last = self.tensor.part_rows(i, start, stop)

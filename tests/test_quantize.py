@@ -340,7 +340,7 @@ def test_quantize_fp8_every_path_writes_the_same_bytes(tmp_path, monkeypatch, dt
     output, targeted and untouched matrices, several blocks each, an all-zero block among them."""
     from safetensors.torch import save_file
 
-    from lora_merge import writer
+    from lora_merge import route
 
     base = tmp_path / "base"
     build_model("qwen3", base, dtype=dtype, hidden_size=256, intermediate_size=384, head_dim=64,
@@ -362,14 +362,14 @@ def test_quantize_fp8_every_path_writes_the_same_bytes(tmp_path, monkeypatch, dt
     result = merge(base, adapter, tmp_path / "c", device="cpu", quantize="fp8")
     assert result.report.ok
     fp8 = [e for e in result.plan.entries if e.dtype == "F8_E4M3"]
-    assert fp8 and all(writer.fp8_fast(e, "cpu") for e in fp8)  # targeted or not, all through the FP8 kernels
+    assert fp8 and all(route.Fp8Route.takes(e, "cpu") for e in fp8)  # targeted or not, all through the FP8 kernels
     report = json.loads((tmp_path / "c" / "merge_report.json").read_text())
     assert report["tensors"]["model.layers.0.self_attn.q_proj.weight"]["correctly_rounded"]
     with monkeypatch.context() as m:  # the numpy passes, as LORA_MERGE_PLAIN=1 picks them
         m.setattr(kernels, "FP8", kernels.plain.FP8)
         assert merge(base, adapter, tmp_path / "numpy", device="cpu", quantize="fp8").report.ok
     with monkeypatch.context() as m:
-        m.setattr(writer, "fp8_fast", lambda entry, device: False)
+        m.setattr(route, "ROUTES", [r for r in route.ROUTES if r.name != "fp8"])
         assert merge(base, adapter, tmp_path / "torch", device="cpu", quantize="fp8").report.ok
     for f in (tmp_path / "c").glob("*.safetensors"):
         for other in ("numpy", "torch"):

@@ -112,7 +112,7 @@ def test_fp8_every_path_writes_the_same_bytes(qwen3, tmp_path, monkeypatch, kind
     import subprocess
     import sys
 
-    from lora_merge import writer
+    from lora_merge import route
 
     if kind == "edges":
         base, adapter = to_fp8(qwen3 / "bf16_80", tmp_path / "fp8", own=True, shards=4), qwen3 / "adapter_80"
@@ -124,7 +124,7 @@ def test_fp8_every_path_writes_the_same_bytes(qwen3, tmp_path, monkeypatch, kind
         r = subprocess.run([sys.executable, "-c", code, str(base), str(adapter), str(tmp_path / name)],
                            capture_output=True, text=True, env={**env, **extra})
         assert r.returncode == 0, r.stderr
-    monkeypatch.setattr(writer, "fp8_fast", lambda entry, device: False)
+    monkeypatch.setattr(route, "ROUTES", [r for r in route.ROUTES if r.name != "fp8"])
     assert merge(base, adapter, tmp_path / "torch", device="cpu").report.ok
     for f in (tmp_path / "c").glob("*.safetensors"):
         for other in ("numpy", "torch"):
@@ -137,7 +137,7 @@ def every_path(base, adapter, tmp_path, monkeypatch, fast: str):
     import subprocess
     import sys
 
-    from lora_merge import writer
+    from lora_merge import route
 
     code = "import sys; from lora_merge import merge; merge(sys.argv[1], sys.argv[2], sys.argv[3], device='cpu')"
     env = {k: v for k, v in os.environ.items() if k != "LORA_MERGE_PLAIN"}
@@ -146,7 +146,7 @@ def every_path(base, adapter, tmp_path, monkeypatch, fast: str):
     assert r.returncode == 0, r.stderr
     result = merge(base, adapter, tmp_path / "c", device="cpu")
     assert result.report.ok
-    monkeypatch.setattr(writer, fast, lambda entry, device: False)
+    monkeypatch.setattr(route, "ROUTES", [r for r in route.ROUTES if r.name != fast])
     assert merge(base, adapter, tmp_path / "torch", device="cpu").report.ok
     for f in (tmp_path / "c").glob("*.safetensors"):
         for other in ("numpy", "torch"):
@@ -160,7 +160,7 @@ def test_fp8_with_an_adapter_of_bfloat16_values(qwen3, tmp_path, monkeypatch):
     exact for such factors)."""
     base = to_fp8(qwen3 / "bf16", tmp_path / "fp8", ue8m0=True)
     adapter = bf16_factors(qwen3 / "adapter", tmp_path / "adapter", bits=3)
-    stats = every_path(base, adapter, tmp_path, monkeypatch, "fp8_fast")
+    stats = every_path(base, adapter, tmp_path, monkeypatch, "fp8")
     assert stats.exact > 0
     expected = oracle(base, adapter, tmp_path)
     assert assert_fp8_nearest(load_tensors(tmp_path / "c"), load_tensors(base), expected, (32, 32), True) > 0
@@ -173,7 +173,7 @@ def test_fp8_kept_says_what_bfloat16_would_keep(qwen3, tmp_path, monkeypatch):
     import subprocess
     import sys
 
-    from lora_merge import writer
+    from lora_merge import route
 
     base = to_fp8(qwen3 / "bf16", tmp_path / "fp8")
     code = "import sys; from lora_merge import merge; merge(sys.argv[1], sys.argv[2], sys.argv[3], device='cpu')"
@@ -182,7 +182,7 @@ def test_fp8_kept_says_what_bfloat16_would_keep(qwen3, tmp_path, monkeypatch):
         r = subprocess.run([sys.executable, "-c", code, str(base), str(qwen3 / "adapter"), str(tmp_path / name)],
                            capture_output=True, text=True, env={**env, **extra})
         assert r.returncode == 0, r.stderr
-    monkeypatch.setattr(writer, "fp8_fast", lambda entry, device: False)
+    monkeypatch.setattr(route, "ROUTES", [r for r in route.ROUTES if r.name != "fp8"])
     assert merge(base, qwen3 / "adapter", tmp_path / "torch", device="cpu").report.ok
     reports = {n: json.loads((tmp_path / n / "merge_report.json").read_text()) for n in ("c", "numpy", "torch")}
     expected, stored = oracle(base, qwen3 / "adapter", tmp_path), load_tensors(base)
@@ -335,7 +335,7 @@ def test_mxfp4_every_path_writes_the_same_bytes(tmp_path, monkeypatch):
     import subprocess
     import sys
 
-    from lora_merge import writer
+    from lora_merge import route
 
     base = gpt_oss(tmp_path)
     expert_adapter(tmp_path / "bf16", tmp_path / "adapter")
@@ -345,7 +345,7 @@ def test_mxfp4_every_path_writes_the_same_bytes(tmp_path, monkeypatch):
         r = subprocess.run([sys.executable, "-c", code, str(base), str(tmp_path / "adapter"), str(tmp_path / name)],
                            capture_output=True, text=True, env={**env, **extra})
         assert r.returncode == 0, r.stderr
-    monkeypatch.setattr(writer, "mxfp4_fast", lambda entry, device: False)
+    monkeypatch.setattr(route, "ROUTES", [r for r in route.ROUTES if r.name != "mxfp4"])
     assert merge(base, tmp_path / "adapter", tmp_path / "torch", device="cpu").report.ok
     for f in (tmp_path / "c").glob("*.safetensors"):
         for other in ("numpy", "torch"):
@@ -357,7 +357,7 @@ def test_mxfp4_with_an_adapter_of_bfloat16_values(tmp_path, monkeypatch):
     base = gpt_oss(tmp_path)
     expert_adapter(tmp_path / "bf16", tmp_path / "adapter32")
     adapter = bf16_factors(tmp_path / "adapter32", tmp_path / "adapter", bits=3, lora_alpha=6)
-    assert every_path(base, adapter, tmp_path, monkeypatch, "mxfp4_fast").exact > 0
+    assert every_path(base, adapter, tmp_path, monkeypatch, "mxfp4").exact > 0
 
 
 def test_zero_delta_leaves_a_quantized_base_as_it_is(qwen3, tmp_path):

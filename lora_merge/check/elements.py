@@ -24,13 +24,12 @@ from .. import kernels
 from ..adapter import FileTensor, LowRank, TargetOps
 from ..buffers import Buffers
 from ..dtypes import DTYPES, torch_dtype
+from ..numbers.quantized import QuantizedTensor
 from ..plan import Entry
-from ..quant.base import QuantizedTensor
-from ..safetensors_file import pread_into
-from .verdict import Survival, TensorVerdict
+from ..reader import read_rows
+from .verdict import CHECK_BLOCK_BYTES, Survival, TensorVerdict
 
 COMPUTE_UNIT = 2.0**-24  # float32 unit roundoff: the bound admits a merge computed in float32
-CHECK_BLOCK_BYTES = 6 * 1024 * 1024  # float64 bytes per row block when reading back
 
 
 def ulp(x, dtype: str):
@@ -104,16 +103,10 @@ def expected_rows(e: Entry, f: Factors, start: int, stop: int, buffers: Buffers 
 
 def read_stored_rows(info, start: int, stop: int, buffers: Buffers, key: str = "base"):
     """Rows [start, stop) of a stored tensor, in its dtype, into the buffers' bytes named ``key``."""
-    import os
-
     row = info.row_bytes if info.shape else info.nbytes
     count = row * (stop - start) if info.shape else info.nbytes
     raw = buffers.take(key, (count,), torch.uint8)
-    fd = os.open(info.path, os.O_RDONLY)
-    try:
-        pread_into(fd, memoryview(raw.numpy()), info.start + row * start)
-    finally:
-        os.close(fd)
+    read_rows(info, start, stop, raw.numpy())
     shape = (stop - start, *info.shape[1:]) if info.shape else ()
     return raw.view(torch_dtype(info.dtype)).reshape(shape)
 

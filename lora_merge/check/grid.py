@@ -15,7 +15,7 @@ from dataclasses import replace
 
 import torch
 
-from ..quant.base import QuantizedTensor
+from ..numbers.quantized import QuantizedTensor
 from .elements import (
     COMPUTE_UNIT,
     Factors,

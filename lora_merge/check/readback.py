@@ -11,17 +11,13 @@ from dataclasses import dataclass, field, replace
 import numpy as np
 
 from .. import kernels
-from ..buffers import HostBuffers
 from ..dtypes import DTYPES
 from ..paths import open_read
-from ..quant.fp8_cpu import fast as fp8_fast
-from ..quant.fp8_cpu import read_parts
-from ..quant.mxfp4_cpu import fast as mxfp4_fast
+from ..reader import kept_open
 from ..safetensors_file import TensorInfo, pread_into
-from .verdict import TensorVerdict
+from .verdict import CHECK_BLOCK_BYTES, TensorVerdict
 
 READ_BYTES = 4 * 1024 * 1024  # read back, compared and hashed at a time
-CHECK_BLOCK_BYTES = 6 * 1024 * 1024  # float64 bytes per row block when a folder is checked
 
 
 def first_difference(ours, theirs) -> int:
@@ -80,7 +76,14 @@ class Found:
 
 def read_back(out_model, plan, device, progress, only: set[str] | None = None) -> Found:
     """Read the weights files of a folder front to back (``only``: these files), hashing each, checking every tensor
-    the plan has: copies byte for byte against BASE, the others element by element."""
+    the plan has: copies byte for byte against BASE, the others element by element, each as its route says."""
+    from ..route import route
+
+    with kept_open():
+        return _read_back(out_model, plan, {e.name: route(e, device) for e in plan.entries}, progress, only)
+
+
+def _read_back(out_model, plan, routes: dict, progress, only: set[str] | None) -> Found:
     entries = {e.name: e for e in plan.entries}
     parts = {p.name: e for e in plan.entries if e.requantized for p in e.base.parts}
     found = Found()
@@ -99,7 +102,7 @@ def read_back(out_model, plan, device, progress, only: set[str] | None = None) -
                     _hash_range(fd, digest, info.start, info.start + info.nbytes, buffer)
                     e = parts[info.name]
                     if info.name == e.base.parts[0].name:
-                        verdict = _check_requantized(out_model, e, device)
+                        verdict = _check_requantized(out_model, routes[e.name])
                         if verdict is not None:
                             found.tensors[e.name] = verdict
                 elif e is None or e.shape != info.shape or e.dtype != info.dtype:  # the structure check says so
@@ -113,7 +116,7 @@ def read_back(out_model, plan, device, progress, only: set[str] | None = None) -
                     finally:
                         os.close(src)
                 else:
-                    found.tensors[e.name] = _check_stored(fd, info, e, device, digest)
+                    found.tensors[e.name] = _check_stored(fd, info, routes[e.name], digest)
                 at = info.start + info.nbytes
                 progress.update(info.nbytes)
             _hash_range(fd, digest, at, os.fstat(fd).st_size, buffer)
@@ -130,23 +133,10 @@ def _hash_range(fd: int, digest, start: int, stop: int, buffer: np.ndarray) -> N
         digest.update(piece)
 
 
-def element_check(entry, device, buffers=None):
-    """The element check of a merged or converted tensor: in numpy where the merge ran in numpy (``dense``), else
-    with torch on ``device``."""
-    from ..dense import is_dense
-
-    if is_dense(entry, device.type):
-        from .dense import DenseCheck
-
-        return DenseCheck(entry, buffers)
-    from .elements import ElementCheck
-
-    return ElementCheck(entry, device.torch, buffers=buffers)
-
-
-def _check_stored(fd: int, got: TensorInfo, e, device, digest) -> TensorVerdict:
+def _check_stored(fd: int, got: TensorInfo, route, digest) -> TensorVerdict:
     """Every element of a merged or converted tensor, as stored, against its exact value."""
-    check = element_check(e, device)
+    e = route.entry
+    check = route.check()
     n = e.shape[0] if e.shape else 1
     step = e.rows_per_block(CHECK_BLOCK_BYTES)
     row = got.row_bytes if got.shape else got.nbytes
@@ -155,16 +145,12 @@ def _check_stored(fd: int, got: TensorInfo, e, device, digest) -> TensorVerdict:
         raw = np.empty(row * (stop - start), np.uint8)
         pread_into(fd, memoryview(raw), got.start + row * start)
         digest.update(raw)
-        check.block(start, stop, _as_stored(raw, got, stop - start, e, check))
+        check.block(start, stop, raw if route.numpy_check else _as_tensor(raw, got, stop - start, e))
     return check.result()
 
 
-def _as_stored(raw: np.ndarray, got: TensorInfo, rows: int, e, check):
-    """The raw bytes of rows as the check takes them: numpy for the numpy check, a torch tensor for torch's."""
-    from .dense import DenseCheck
-
-    if isinstance(check, DenseCheck):
-        return raw
+def _as_tensor(raw: np.ndarray, got: TensorInfo, rows: int, e):
+    """The raw bytes of rows as a torch tensor of the stored dtype, for torch's checks."""
     import torch
 
     from ..dtypes import torch_dtype
@@ -173,33 +159,14 @@ def _as_stored(raw: np.ndarray, got: TensorInfo, rows: int, e, check):
     return torch.from_numpy(raw).view(torch_dtype(got.dtype)).reshape(shape)
 
 
-def _check_requantized(out_model, e, device) -> TensorVerdict | None:
+def _check_requantized(out_model, route) -> TensorVerdict | None:
     """A tensor stored in BASE's quantized format, its parts read from OUT (None: OUT does not store them as planned;
     the structure check says so)."""
+    e = route.entry
     got = [out_model.stored.get(p.name) for p in e.base.parts]
     if any(g is None or (g.dtype, g.shape) != (p.dtype, p.shape) for g, p in zip(got, e.base.parts, strict=True)):
         return None
-    stored = replace(e.base, parts=tuple(got))
-    n = e.shape[0]
-    step = e.rows_per_block(CHECK_BLOCK_BYTES)
-    if mxfp4_fast(e, device.type):
-        from ..quant.mxfp4_cpu import read_rows, spans
-        from .mxfp4 import Mxfp4Check
-
-        check, buffers = Mxfp4Check(e), HostBuffers()
-        for first, last in spans(stored):
-            check.block(first, last, read_rows(stored, first, last, buffers, "out "))
-        return check.result()
-    if fp8_fast(e, device.type):
-        from .fp8 import Fp8Check
-
-        check, buffers = Fp8Check(e), HostBuffers()
-        for start in range(0, n, step):
-            check.block(start, min(n, start + step), read_parts(stored, start, min(n, start + step), buffers, "out "))
-        return check.result()
-    from .grid import GridCheck
-
-    check = GridCheck(e, device.torch)
-    for start in range(0, n, step):
-        check.block(start, min(n, start + step), stored.read(start, min(n, start + step)))
+    check = route.check()
+    for start, stop, parts in route.read_back(replace(e.base, parts=tuple(got))):
+        check.block(start, stop, parts)
     return check.result()

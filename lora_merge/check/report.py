@@ -17,6 +17,7 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from ..options import Acceptance
 from ..paths import is_regular
 from ..plan import Entry, Plan
 from ..progress import no_bar
@@ -27,7 +28,7 @@ from .files import check_files
 from .readback import Found, read_back
 from .structure import check_coverage, check_structure
 from .survival import check_survival, diagnose
-from .verdict import Acceptance, Check, Survival, TensorVerdict
+from .verdict import Check, Survival, TensorVerdict
 
 REPORT_NAME = "merge_report.json"
 ADAPTER_CONFIG_KEYS = (

@@ -6,8 +6,8 @@ from __future__ import annotations
 
 import math
 
+from ..numbers.quantized import QuantizedTensor
 from ..plan import Plan
-from ..quant.base import QuantizedTensor
 from .verdict import Check
 
 

@@ -12,6 +12,8 @@ from dataclasses import dataclass, field, replace
 
 import numpy as np
 
+CHECK_BLOCK_BYTES = 6 * 1024 * 1024  # float64 bytes per row block when a written tensor is read back and checked
+
 # the bound of an element written back in a quantized format: half a step of the format's grid at its exact value,
 # and float64's own error in that value (relative); a scale within SCALE_TOLERANCE of the format's is that scale
 # (float32 rounding, computed in either order)
@@ -36,15 +38,6 @@ class Check:
     def to_json(self) -> dict:
         return {"ok": self.ok, "summary": self.summary, "failures": self.failures} | (
             {"warnings": self.warnings} if self.warnings else {})
-
-
-@dataclass(frozen=True)
-class Acceptance:
-    """What a user accepts of an output beyond its bytes being right: NaN or Inf (``--allow-nonfinite``), and how
-    little of the adapter's change may survive (``--min-delta-kept``; None: any share, the figures only reported)."""
-
-    allow_nonfinite: bool = False
-    min_delta_kept: float | None = None
 
 
 @dataclass(frozen=True)

@@ -16,10 +16,10 @@ from typing import TYPE_CHECKING
 if TYPE_CHECKING:
     import torch
 
-from .base import QuantizedTensor
-from .grid import E2M1, e2m1_codes, e2m1_values, smallest_power_of_two
+from ..grid import E2M1, e2m1_codes, e2m1_values, smallest_power_of_two
+from ..quantized import QuantizedTensor
+from .spec import GROUP
 
-GROUP = 32
 BIAS = 127
 
 

@@ -13,12 +13,19 @@ from __future__ import annotations
 
 import numpy as np
 
-from .. import kernels
-from ..buffers import HostBuffers
-from ..dense import OPEN_SHARE
-from ..quant.fp8_cpu import E4M3, Base, base_rows, fresh_scale, fresh_scales, scale_rows
-from .dense import COMPUTE_UNIT, own_terms
-from .verdict import HALF, NOISE, SCALE_TOLERANCE, SUMS, RequantizedTally, largest
+from ... import kernels
+from ...buffers import HostBuffers
+from ...check.verdict import (
+    HALF,
+    NOISE,
+    SCALE_TOLERANCE,
+    SUMS,
+    RequantizedTally,
+    largest,
+)
+from ..floats.check import COMPUTE_UNIT, own_terms
+from ..floats.spec import OPEN_SHARE
+from .spec import E4M3, Base, base_rows, fresh_scale, fresh_scales, scale_rows
 
 
 class Fp8Check(RequantizedTally):

@@ -12,16 +12,15 @@ tensor carries (``Survival``).
 from __future__ import annotations
 
 import math
-import os
 
 import numpy as np
 
-from .. import kernels
-from ..buffers import HostBuffers
-from ..dense import OPEN_SHARE, as_float32
-from ..dtypes import DTYPES
-from ..safetensors_file import pread_into
-from .verdict import Survival, TensorVerdict
+from ... import kernels
+from ...buffers import HostBuffers
+from ...check.verdict import Survival, TensorVerdict
+from ...dtypes import DTYPES
+from ...reader import as_float32, read_into
+from .spec import OPEN_SHARE
 
 COMPUTE_UNIT = 2.0**-24  # float32's unit roundoff: the bound admits a merge computed in float32
 
@@ -29,7 +28,7 @@ COMPUTE_UNIT = 2.0**-24  # float32's unit roundoff: the bound admits a merge com
 def own_terms(entry) -> list[tuple[np.ndarray, np.ndarray, float]]:
     """(left, right, scale) of each delta, so that the delta on the stored tensor seen as rows × width is
     left @ (scale · right): prepared from the adapter's tensors by the check's own reading of them."""
-    from ..adapter import AddScaled
+    from ...adapter import AddScaled
 
     width = math.prod(entry.shape[1:]) if len(entry.shape) > 1 else entry.shape[0]
     found = []
@@ -45,7 +44,7 @@ def own_terms(entry) -> list[tuple[np.ndarray, np.ndarray, float]]:
     return found
 
 
-class DenseCheck:
+class FloatCheck:
     """Every element of one merged (or converted) tensor: feed it the stored rows in blocks (``block``), in any
     order, then read ``result()``."""
 
@@ -91,11 +90,7 @@ class DenseCheck:
         info = self.e.base
         row = info.nbytes if self.vector else info.row_bytes
         raw = self.buffers("base", ((stop - start) * row,), np.uint8)
-        fd = os.open(info.path, os.O_RDONLY)
-        try:
-            pread_into(fd, memoryview(raw), info.start + row * start)
-        finally:
-            os.close(fd)
+        read_into(info.path, info.start + row * start, raw)
         return raw.view(np.float32 if info.dtype == "F32" else np.uint16)
 
     def block(self, start: int, stop: int, stored) -> None:

@@ -10,12 +10,12 @@ nearest value of the format, and the stored bytes of every block whose values di
 from __future__ import annotations
 
 import math
-import os
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 from ..dtypes import DTYPES, torch_dtype
-from ..safetensors_file import TensorInfo, pread_into
+from ..reader import read_into
+from ..safetensors_file import TensorInfo
 
 if TYPE_CHECKING:
     import torch
@@ -132,7 +132,7 @@ def _nonfinite(info: TensorInfo, exponent_bytes: bool) -> bool:
 
     from .. import kernels
     from ..adapter import FileTensor
-    from ..dense import raw_bytes
+    from ..reader import raw_bytes
 
     mark = 0xFF if exponent_bytes and info.dtype == "U8" else _NOT_FINITE_8.get(info.dtype)
     if mark is None and info.dtype not in kernels.KINDS:
@@ -157,10 +157,5 @@ def read_flat(info: TensorInfo, first: int, last: int) -> torch.Tensor:
 
     size = DTYPES[info.dtype].size
     raw = torch.empty((last - first) * size, dtype=torch.uint8)
-    if raw.numel():
-        fd = os.open(info.path, os.O_RDONLY)
-        try:
-            pread_into(fd, memoryview(raw.numpy()), info.start + first * size)
-        finally:
-            os.close(fd)
+    read_into(info.path, info.start + first * size, raw.numpy())
     return raw.view(torch_dtype(info.dtype))

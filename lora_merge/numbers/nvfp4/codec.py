@@ -18,8 +18,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
-from .base import QuantizedTensor
-from .grid import E2M1, E4M3, e2m1_codes, e2m1_values
+from ..grid import E2M1, E4M3, e2m1_codes, e2m1_values
+from ..quantized import QuantizedTensor
 
 if TYPE_CHECKING:
     import torch
@@ -105,7 +105,7 @@ class Nvfp4Tensor(QuantizedTensor):
         return None if found == expected else (found, expected)
 
     def _global(self):
-        from .base import read_rows
+        from ..quantized import read_rows
 
         return read_rows(self.parts[2], 0, 1)
 

@@ -11,13 +11,12 @@ import math
 
 import numpy as np
 
-from .. import kernels
-from ..buffers import HostBuffers
-from ..dense import OPEN_SHARE
-from ..quant.mxfp4 import GROUP
-from ..quant.mxfp4_cpu import E2M1, ExpertFactors, fresh_exponent, read_rows
-from .dense import COMPUTE_UNIT
-from .verdict import HALF, NOISE, SUMS, RequantizedTally, largest
+from ... import kernels
+from ...buffers import HostBuffers
+from ...check.verdict import HALF, NOISE, SUMS, RequantizedTally, largest
+from ..floats.check import COMPUTE_UNIT
+from ..floats.spec import OPEN_SHARE
+from .spec import E2M1, GROUP, ExpertFactors, fresh_exponent, read_rows
 
 
 class Mxfp4Check(RequantizedTally):

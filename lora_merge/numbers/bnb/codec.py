@@ -17,7 +17,7 @@ from dataclasses import dataclass
 
 import torch
 
-from .base import QuantizedTensor, read_flat
+from ..quantized import QuantizedTensor, read_flat
 
 STATE_PREFIX = ".quant_state.bitsandbytes__"
 STATE_KINDS = ("nf4", "fp4")

@@ -13,7 +13,7 @@ import re
 from dataclasses import dataclass
 
 from ..errors import QuantizationError
-from .base import QuantizedTensor
+from .quantized import QuantizedTensor
 
 __all__ = ["Quantization", "QuantizedTensor", "find_quantization", "sixteen_bit_original"]
 
@@ -128,7 +128,7 @@ def find_quantization(config: dict, stored: dict, role: str = "BASE") -> Quantiz
 
 
 def _fp8(stored: dict, qc: dict):
-    from .fp8 import fp8_tensor
+    from .fp8.codec import fp8_tensor
 
     tensors, problems = {}, []
     block = qc.get("weight_block_size")
@@ -163,8 +163,8 @@ def _compressed(stored: dict, qc: dict):
     per row (``channel``), per tensor or per ``block_structure`` block; value = code × scale. And its NVFP4,
     ``nvfp4-pack-quantized`` (``quant.nvfp4``). Any other format or scheme (the integer ``pack-quantized``, …) is
     refused by name."""
-    from .fp8 import fp8_tensor
-    from .nvfp4 import nvfp4_tensor
+    from .fp8.codec import fp8_tensor
+    from .nvfp4.codec import nvfp4_tensor
 
     if qc.get("format") not in (None, CT_FORMAT, CT_NVFP4):
         raise _refused_format(qc["format"])
@@ -240,7 +240,7 @@ def _refused_format(form, group: str | None = None) -> QuantizationError:
 
 
 def _mxfp4(stored: dict, qc: dict):
-    from .mxfp4 import mxfp4_tensor
+    from .mxfp4.codec import mxfp4_tensor
 
     tensors, problems = {}, []
     for name, info in stored.items():
@@ -257,7 +257,7 @@ def _mxfp4(stored: dict, qc: dict):
 
 
 def _bnb(stored: dict, qc: dict):
-    from .bnb import bnb_tensors
+    from .bnb.codec import bnb_tensors
 
     return bnb_tensors(stored)
 

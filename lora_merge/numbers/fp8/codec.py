@@ -13,8 +13,8 @@ import math
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
-from .base import QuantizedTensor
-from .grid import E4M3, smallest_power_of_two
+from ..grid import E4M3, smallest_power_of_two
+from ..quantized import QuantizedTensor
 
 if TYPE_CHECKING:
     import torch
@@ -201,14 +201,14 @@ class Fp8Quantized(Fp8Tensor):
     def rows(self, start: int, stop: int):
         import torch
 
-        from .base import read_rows
+        from ..quantized import read_rows
 
         return read_rows(self.source, start, stop).to(torch.float64)
 
     def read(self, start: int, stop: int):
         if self.parts[0].start >= 0:  # OUT's parts, read back
             return super().read(start, stop)
-        from .base import read_rows
+        from ..quantized import read_rows
 
         return (read_rows(self.source, start, stop),)
 
