@@ -319,58 +319,87 @@ def _one(value) -> _Sym:
     return value[0] if isinstance(value, list) else value
 
 
+@dataclass(frozen=True)
+class _Chain:
+    """What a converter's operations see besides the tensors: its patterns, the in-memory shapes and the config."""
+
+    sources: list[str]
+    targets: list[str]
+    first: str  # the first in-memory name it makes
+    memory: dict  # in-memory shapes by full name
+    config: object
+
+
 def _convert(converter, first: str, collected: dict[str, list[str]], base: BaseModel, memory: dict, config) -> dict:
     """``converter``'s operations on the collected on-disk tensors, as transformers' ``WeightConverter.convert``
     runs them; returns each in-memory tensor it makes by full name."""
     from transformers import core_model_loading as c
 
-    def op_is(kind, *names) -> bool:  # by the classes this transformers has (older ones lack Interleave)
-        return any(getattr(c, n, None) is kind for n in names)
-
-    sources, targets = list(converter.source_patterns), list(converter.target_patterns)
+    chain = _Chain(list(converter.source_patterns), list(converter.target_patterns), first, memory, config)
     state: dict[str, object] = {p: [_leaf(k, base.tensors[k].shape) for k in keys] for p, keys in collected.items()}
     for op in converter.operations:
-        kind = type(op)
-        if op_is(kind, "MergeModulelist"):
-            if len(state) == 1 and len(targets) != 1:
-                raise _CannotFollow(f"{op!r} onto several targets")
-            state = {(targets[0] if len(state) == 1 else p): (_stack(v, op.dim) if isinstance(v, list) else v)
-                     for p, v in state.items()}
-        elif op_is(kind, "Concatenate"):
-            if len(targets) != 1:
-                raise _CannotFollow(f"{op!r} onto several targets")
-            parts = [x for p in sources if p in state for x in (state[p] if isinstance(state[p], list) else [state[p]])]
-            state = {targets[0]: _cat(parts, op.dim)}
-        elif op_is(kind, "Chunk", "Split"):
-            (value,) = state.values()
-            sym = _one(value)
-            if op_is(kind, "Split"):
-                sizes = [memory[first.replace(targets[0], t)][op.dim] for t in targets]
-                names = targets
-            else:
-                names = op.get_target_patterns(targets, config=config)
-                step = -(-sym.shape[op.dim] // len(names))  # torch.chunk's chunk size
-                sizes = [max(0, min(step, sym.shape[op.dim] - i * step)) for i in range(len(names))]
-            starts = np.cumsum([0] + sizes[:-1])
-            state = {t: _narrow(sym, op.dim, int(s), n) for t, s, n in zip(names, starts, sizes) if n}
-        elif op_is(kind, "Transpose"):
-            (value,) = state.values()
-            target = targets[0] if len(targets) == 1 else sources[0] if len(sources) == 1 else None
-            if target is None:
-                raise _CannotFollow(f"{op!r} in a chain of several sources and targets")
-            sym = _one(value)
-            if op.check_dims and sym.shape == memory.get(first):
-                state = {target: sym}
-            else:
-                state = {target: _transpose(sym, op.dim0, op.dim1)}
-        elif op_is(kind, "Interleave", "PermuteForRope"):
-            state = _permutations(op, state, sources, targets, config)
-        else:
-            raise _CannotFollow(f"transformers makes it with {kind.__name__}, which lora-merge cannot follow")
+        # by the classes this transformers has (older ones lack Interleave)
+        step = next((f for names, f in _STEPS if any(getattr(c, n, None) is type(op) for n in names)), None)
+        if step is None:
+            raise _CannotFollow(f"transformers makes it with {type(op).__name__}, which lora-merge cannot follow")
+        state = step(op, state, chain)
     # the targets' full names: the first target's name around each pattern, as transformers names them
     full = first.replace("*.", "0.") if "*." in first else first
     prefix, _, suffix = next((full.partition(k) for k in state if k in full), ("", "", ""))
     return {prefix + key + suffix: _one(value) for key, value in state.items()}
+
+
+def _merge_module_list(op, state: dict, chain: _Chain) -> dict:
+    if len(state) == 1 and len(chain.targets) != 1:
+        raise _CannotFollow(f"{op!r} onto several targets")
+    return {(chain.targets[0] if len(state) == 1 else p): (_stack(v, op.dim) if isinstance(v, list) else v)
+            for p, v in state.items()}
+
+
+def _concatenate(op, state: dict, chain: _Chain) -> dict:
+    if len(chain.targets) != 1:
+        raise _CannotFollow(f"{op!r} onto several targets")
+    parts = [x for p in chain.sources if p in state for x in (state[p] if isinstance(state[p], list) else [state[p]])]
+    return {chain.targets[0]: _cat(parts, op.dim)}
+
+
+def _split(op, state: dict, chain: _Chain, chunk: bool) -> dict:
+    (value,) = state.values()
+    sym = _one(value)
+    targets = chain.targets
+    if not chunk:
+        sizes = [chain.memory[chain.first.replace(targets[0], t)][op.dim] for t in targets]
+        names = targets
+    else:
+        names = op.get_target_patterns(targets, config=chain.config)
+        step = -(-sym.shape[op.dim] // len(names))  # torch.chunk's chunk size
+        sizes = [max(0, min(step, sym.shape[op.dim] - i * step)) for i in range(len(names))]
+    starts = np.cumsum([0] + sizes[:-1])
+    return {t: _narrow(sym, op.dim, int(s), n) for t, s, n in zip(names, starts, sizes) if n}
+
+
+def _transposed(op, state: dict, chain: _Chain) -> dict:
+    (value,) = state.values()
+    sources, targets = chain.sources, chain.targets
+    target = targets[0] if len(targets) == 1 else sources[0] if len(sources) == 1 else None
+    if target is None:
+        raise _CannotFollow(f"{op!r} in a chain of several sources and targets")
+    sym = _one(value)
+    if op.check_dims and sym.shape == chain.memory.get(chain.first):
+        return {target: sym}
+    return {target: _transpose(sym, op.dim0, op.dim1)}
+
+
+# each operation transformers runs, by its class names, and how the conversion follows it
+_STEPS = (
+    (("MergeModulelist",), _merge_module_list),
+    (("Concatenate",), _concatenate),
+    (("Split",), lambda op, state, chain: _split(op, state, chain, chunk=False)),
+    (("Chunk",), lambda op, state, chain: _split(op, state, chain, chunk=True)),
+    (("Transpose",), _transposed),
+    (("Interleave", "PermuteForRope"),
+     lambda op, state, chain: _permutations(op, state, chain.sources, chain.targets, chain.config)),
+)
 
 
 def _permutations(op, state: dict, sources: list[str], targets: list[str], config) -> dict:

@@ -129,58 +129,12 @@ def _no_duplicate_keys(pairs: list) -> dict:
 def load_base(source: Source, role: str = "BASE") -> BaseModel:
     """Read a model folder's config and every shard header; no tensor data is read."""
     folder = source.path
-    index_path = folder / INDEX_NAME
-    if not index_path.exists():  # a diffusers component names its index after its weights
-        others = sorted(folder.glob("*.safetensors.index.json"))
-        if len(others) == 1:
-            index_path = others[0]
-    index_metadata: dict = {}
+    index_path = _index_path(folder)
     if index_path.exists():
-        try:
-            index = json.loads(read_text(index_path), object_pairs_hook=_no_duplicate_keys)
-            weight_map = index["weight_map"]
-            index_metadata = index.get("metadata") or {}
-            if not isinstance(weight_map, dict) or not all(isinstance(v, str) for v in weight_map.values()):
-                raise TypeError("weight_map must map tensor names to file names")
-            if not isinstance(index_metadata, dict):
-                raise TypeError("metadata must be a JSON object")
-        except InputFileError:
-            raise
-        except (OSError, ValueError, KeyError, TypeError, AttributeError) as e:
-            raise HeaderError(f"{index_path}: not a valid safetensors index ({e})", "re-download the base model") from e
-        shard_names = list(dict.fromkeys(weight_map.values()))
-        shard_names.sort()
-        bad = [n for n in shard_names if "/" in n or "\\" in n or n in ("", ".", "..")]
-        if bad:
-            raise HeaderError(f"{index_path}: weight_map names files outside the model folder: {name_list(bad)}")
-        missing = [n for n in shard_names if not (folder / n).exists()]  # anything else is read and refused by kind
-        if missing:
-            raise SourceNotFoundError(
-                f"{role} {source.spec!r}: the index lists shards that are missing: {', '.join(missing)}",
-                "re-download the base model",
-            )
-    elif (folder / SINGLE_NAME).exists():
-        weight_map = None
-        shard_names = [SINGLE_NAME]
+        weight_map, index_metadata = _read_index(index_path)
+        shard_names = _indexed_shards(index_path, weight_map, source, role)
     else:
-        found = sorted(p.name for p in folder.glob("*.safetensors"))
-        if len(found) == 1:
-            weight_map = None
-            shard_names = found
-        elif found:
-            raise SourceNotFoundError(
-                f"{role} {source.spec!r} holds several .safetensors files but no {INDEX_NAME}",
-                "add the index that maps tensors to files",
-            )
-        else:
-            others = sorted(p.name for p in folder.iterdir() if p.name.endswith((".bin", ".pt", ".pth")))
-            hint = (
-                "convert it first, e.g. `python -c \"from transformers import AutoModelForCausalLM as M; "
-                f"M.from_pretrained('{source.spec}').save_pretrained('{source.spec}-st')\"`"
-            )
-            what = f" (found {', '.join(others[:3])})" if others else ""
-            raise SourceNotFoundError(f"{role} {source.spec!r} has no safetensors weights{what}", hint)
-
+        weight_map, index_metadata, shard_names = None, {}, _single_shard(source, role)
     shards = []
     tensors: dict[str, TensorInfo] = {}
     for name in shard_names:
@@ -194,30 +148,102 @@ def load_base(source: Source, role: str = "BASE") -> BaseModel:
                 raise HeaderError(f"{role}: tensor {tname!r} is stored twice ({tensors[tname].path.name} and {name})")
             tensors[tname] = info
     if weight_map is not None:
-        for tname, shard in weight_map.items():
-            info = tensors.get(tname)
-            if info is None or info.path.name != shard:
-                raise HeaderError(
-                    f"{index_path}: says {tname!r} is in {shard} but that file does not hold it",
-                    "re-download the base model",
-                )
-        extra = sorted(set(tensors) - set(weight_map))
-        if extra:
-            raise HeaderError(f"{index_path}: shards hold tensors the index does not list: {name_list(extra)}")
-
-    config_path = folder / "config.json"
-    config: dict = {}
-    if config_path.exists():
-        try:
-            config = json.loads(read_text(config_path))
-        except InputFileError:
-            raise
-        except (OSError, ValueError) as e:
-            raise HeaderError(f"{config_path}: not valid JSON ({e})") from e
-        if not isinstance(config, dict):
-            raise HeaderError(f"{config_path}: not a JSON object", "restore the config.json the model was published with")
+        _check_index(index_path, weight_map, tensors)
+    config = _read_config(folder / "config.json")
     return BaseModel(source, shards, tensors, config, index_metadata, index_path.name,
                      find_quantization(config, tensors, role))
+
+
+def _index_path(folder: Path) -> Path:
+    """Where the folder's index is, or would be (a diffusers component names its index after its weights)."""
+    index_path = folder / INDEX_NAME
+    if not index_path.exists():
+        others = sorted(folder.glob("*.safetensors.index.json"))
+        if len(others) == 1:
+            return others[0]
+    return index_path
+
+
+def _read_index(index_path: Path) -> tuple[dict, dict]:
+    """An index's weight map and metadata, checked for their types."""
+    try:
+        index = json.loads(read_text(index_path), object_pairs_hook=_no_duplicate_keys)
+        weight_map = index["weight_map"]
+        index_metadata = index.get("metadata") or {}
+        if not isinstance(weight_map, dict) or not all(isinstance(v, str) for v in weight_map.values()):
+            raise TypeError("weight_map must map tensor names to file names")
+        if not isinstance(index_metadata, dict):
+            raise TypeError("metadata must be a JSON object")
+    except InputFileError:
+        raise
+    except (OSError, ValueError, KeyError, TypeError, AttributeError) as e:
+        raise HeaderError(f"{index_path}: not a valid safetensors index ({e})", "re-download the base model") from e
+    return weight_map, index_metadata
+
+
+def _indexed_shards(index_path: Path, weight_map: dict, source: Source, role: str) -> list[str]:
+    """The files an index names, each inside the folder and there."""
+    shard_names = sorted(dict.fromkeys(weight_map.values()))
+    bad = [n for n in shard_names if "/" in n or "\\" in n or n in ("", ".", "..")]
+    if bad:
+        raise HeaderError(f"{index_path}: weight_map names files outside the model folder: {name_list(bad)}")
+    missing = [n for n in shard_names if not (source.path / n).exists()]  # anything else is read and refused by kind
+    if missing:
+        raise SourceNotFoundError(
+            f"{role} {source.spec!r}: the index lists shards that are missing: {', '.join(missing)}",
+            "re-download the base model",
+        )
+    return shard_names
+
+
+def _single_shard(source: Source, role: str) -> list[str]:
+    """The one weights file of a folder without an index, or why there is none."""
+    folder = source.path
+    if (folder / SINGLE_NAME).exists():
+        return [SINGLE_NAME]
+    found = sorted(p.name for p in folder.glob("*.safetensors"))
+    if len(found) == 1:
+        return found
+    if found:
+        raise SourceNotFoundError(
+            f"{role} {source.spec!r} holds several .safetensors files but no {INDEX_NAME}",
+            "add the index that maps tensors to files",
+        )
+    others = sorted(p.name for p in folder.iterdir() if p.name.endswith((".bin", ".pt", ".pth")))
+    hint = (
+        "convert it first, e.g. `python -c \"from transformers import AutoModelForCausalLM as M; "
+        f"M.from_pretrained('{source.spec}').save_pretrained('{source.spec}-st')\"`"
+    )
+    what = f" (found {', '.join(others[:3])})" if others else ""
+    raise SourceNotFoundError(f"{role} {source.spec!r} has no safetensors weights{what}", hint)
+
+
+def _check_index(index_path: Path, weight_map: dict, tensors: dict[str, TensorInfo]) -> None:
+    """The index and the shards' headers agree on where every tensor is."""
+    for tname, shard in weight_map.items():
+        info = tensors.get(tname)
+        if info is None or info.path.name != shard:
+            raise HeaderError(
+                f"{index_path}: says {tname!r} is in {shard} but that file does not hold it",
+                "re-download the base model",
+            )
+    extra = sorted(set(tensors) - set(weight_map))
+    if extra:
+        raise HeaderError(f"{index_path}: shards hold tensors the index does not list: {name_list(extra)}")
+
+
+def _read_config(config_path: Path) -> dict:
+    if not config_path.exists():
+        return {}
+    try:
+        config = json.loads(read_text(config_path))
+    except InputFileError:
+        raise
+    except (OSError, ValueError) as e:
+        raise HeaderError(f"{config_path}: not valid JSON ({e})") from e
+    if not isinstance(config, dict):
+        raise HeaderError(f"{config_path}: not a JSON object", "restore the config.json the model was published with")
+    return config
 
 
 def extra_files(folder: Path) -> list[Path]:

@@ -35,6 +35,46 @@ def _split(key: str) -> tuple[str, str]:
 def load_kohya_adapter(path: Path, base_names: list[str]) -> Adapter:
     file = tensor_file(path, "kohya")
     tensors = read_tensor_file(file)
+    modules = _modules(path, tensors)
+    spelled, clashes = _spelled(base_names)
+    by_prefix: dict[str, list[str]] = {}
+    for name in modules:
+        prefix = next((p for p in PREFIXES if name.startswith(p)), name.split("_", 2)[0] + "_")
+        by_prefix.setdefault(prefix, []).append(name)
+    matching = {p for p, names in by_prefix.items() if any(n[len(p):] in spelled for n in names)}
+    if not matching:
+        raise PlanError(
+            f"ADAPTER {str(path)!r} (kohya) names no module of BASE:",
+            [f"{p}…: {len(names)} modules, e.g. {min(names)}" for p, names in sorted(by_prefix.items())],
+            "pass the component folder these modules belong to (e.g. the unet/ or text_encoder/ folder)",
+        )
+    targets: dict[str, TargetOps] = {}
+    ignored: dict[str, str] = {}
+    notes: list[str] = []
+    problems: list[str] = []
+    for prefix, names in sorted(by_prefix.items()):
+        if prefix not in matching:
+            for name in names:
+                for t in modules[name].values():
+                    ignored[t.name] = f"for another component ({prefix}…): merge it into that component's folder"
+            notes.append(f"{len(names)} {prefix}… modules are for another component and were not merged "
+                         "(merge the same file into that component's folder)")
+            continue
+        for name in sorted(names):
+            found = _target(name, modules[name], name[len(prefix):], spelled, clashes)
+            if isinstance(found, str):
+                problems.append(found)
+            else:
+                targets[found.name] = found
+    if problems:
+        raise PlanError(f"ADAPTER {str(path)!r} (kohya) does not fit BASE:", problems)
+    alphas = {parts["alpha"].name for parts in modules.values() if "alpha" in parts} - set(ignored)
+    return Adapter(path, "kohya", {"prefixes": sorted(matching)}, targets, list(tensors), files=[file],
+                   notes=notes, ignored=ignored, read_at_load=alphas)
+
+
+def _modules(path: Path, tensors: dict) -> dict[str, dict]:
+    """The file's tensors by module and role (a, b, alpha); what is not a plain LoRA tensor is refused by name."""
     modules: dict[str, dict] = {}
     problems: list[str] = []
     unsupported: dict[str, list[str]] = {}
@@ -53,8 +93,11 @@ def load_kohya_adapter(path: Path, base_names: list[str]) -> Adapter:
                                       "plain LoRA (lora_down/lora_up/alpha) only")
     if problems:
         raise PlanError(f"ADAPTER {str(path)!r} is not a kohya LoRA file:", problems)
+    return modules
 
-    # BASE's module paths as kohya spells them
+
+def _spelled(base_names: list[str]) -> tuple[dict[str, str], set[str]]:
+    """BASE's module paths as kohya spells them (dots as underscores), and the spellings two modules share."""
     spelled: dict[str, str] = {}
     clashes: set[str] = set()
     for name in base_names:
@@ -64,63 +107,30 @@ def load_kohya_adapter(path: Path, base_names: list[str]) -> Adapter:
             if flat in spelled and spelled[flat] != module:
                 clashes.add(flat)
             spelled[flat] = module
+    return spelled, clashes
 
-    by_prefix: dict[str, list[str]] = {}
-    for name in modules:
-        prefix = next((p for p in PREFIXES if name.startswith(p)), name.split("_", 2)[0] + "_")
-        by_prefix.setdefault(prefix, []).append(name)
-    matching = {p for p, names in by_prefix.items() if any(n[len(p):] in spelled for n in names)}
-    if not matching:
-        raise PlanError(
-            f"ADAPTER {str(path)!r} (kohya) names no module of BASE:",
-            [f"{p}…: {len(names)} modules, e.g. {min(names)}" for p, names in sorted(by_prefix.items())],
-            "pass the component folder these modules belong to (e.g. the unet/ or text_encoder/ folder)",
-        )
 
-    targets: dict[str, TargetOps] = {}
-    ignored: dict[str, str] = {}
-    notes: list[str] = []
-    for prefix, names in sorted(by_prefix.items()):
-        if prefix not in matching:
-            for name in names:
-                for t in modules[name].values():
-                    ignored[t.name] = f"for another component ({prefix}…): merge it into that component's folder"
-            notes.append(f"{len(names)} {prefix}… modules are for another component and were not merged "
-                         "(merge the same file into that component's folder)")
-            continue
-        for name in sorted(names):
-            parts = modules[name]
-            flat = name[len(prefix):]
-            if flat not in spelled:
-                problems.append(f"{name}: BASE has no module spelled {flat!r}")
-                continue
-            if flat in clashes:
-                problems.append(f"{name}: more than one module of BASE is spelled {flat!r}")
-                continue
-            a, b = parts.get("a"), parts.get("b")
-            if a is None or b is None:
-                problems.append(f"{name}: has lora_{'down' if a is not None else 'up'} but not its partner")
-                continue
-            r = a.shape[0] if a.shape else 0
-            alpha = r
-            if "alpha" in parts:
-                value = parts["alpha"].load()
-                if value.numel() != 1:
-                    problems.append(f"{name}: alpha has shape {list(value.shape)}, expected a single number")
-                    continue
-                alpha = float(value.reshape(-1)[0])
-                if not math.isfinite(alpha) or alpha <= 0:
-                    problems.append(f"{name}: alpha must be a positive finite number, found {alpha!r}")
-                    continue
-            if r <= 0:
-                problems.append(f"{name}: lora_down has shape {list(a.shape)}")
-                continue
-            module = spelled[flat]
-            op = TargetOps(name=f"{module}.weight", module=module)
-            op.deltas.append(LowRank(a, b, alpha / r))
-            targets[op.name] = op
-    if problems:
-        raise PlanError(f"ADAPTER {str(path)!r} (kohya) does not fit BASE:", problems)
-    alphas = {parts["alpha"].name for parts in modules.values() if "alpha" in parts} - set(ignored)
-    return Adapter(path, "kohya", {"prefixes": sorted(matching)}, targets, list(tensors), files=[file],
-                   notes=notes, ignored=ignored, read_at_load=alphas)
+def _target(name: str, parts: dict, flat: str, spelled: dict[str, str], clashes: set[str]) -> TargetOps | str:
+    """The module's target, or the problem with it."""
+    if flat not in spelled:
+        return f"{name}: BASE has no module spelled {flat!r}"
+    if flat in clashes:
+        return f"{name}: more than one module of BASE is spelled {flat!r}"
+    a, b = parts.get("a"), parts.get("b")
+    if a is None or b is None:
+        return f"{name}: has lora_{'down' if a is not None else 'up'} but not its partner"
+    r = a.shape[0] if a.shape else 0
+    alpha = r
+    if "alpha" in parts:
+        value = parts["alpha"].load()
+        if value.numel() != 1:
+            return f"{name}: alpha has shape {list(value.shape)}, expected a single number"
+        alpha = float(value.reshape(-1)[0])
+        if not math.isfinite(alpha) or alpha <= 0:
+            return f"{name}: alpha must be a positive finite number, found {alpha!r}"
+    if r <= 0:
+        return f"{name}: lora_down has shape {list(a.shape)}"
+    module = spelled[flat]
+    op = TargetOps(name=f"{module}.weight", module=module)
+    op.deltas.append(LowRank(a, b, alpha / r))
+    return op

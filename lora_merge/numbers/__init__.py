@@ -161,11 +161,47 @@ CT_STRATEGIES = ("channel", "tensor", "block")
 def _compressed(stored: dict, qc: dict):
     """compressed-tensors' ``float-quantized`` FP8: ``weight`` as float8_e4m3fn codes, ``weight_scale`` (its dtype)
     per row (``channel``), per tensor or per ``block_structure`` block; value = code × scale. And its NVFP4,
-    ``nvfp4-pack-quantized`` (``quant.nvfp4``). Any other format or scheme (the integer ``pack-quantized``, …) is
+    ``nvfp4-pack-quantized`` (``numbers.nvfp4``). Any other format or scheme (the integer ``pack-quantized``, …) is
     refused by name."""
-    from .fp8.codec import fp8_tensor
+    block, nvfp4 = _compressed_groups(qc)
+    tensors, problems = {}, []
+    for name, info in stored.items():
+        if nvfp4 and name.endswith(".weight_packed"):
+            made = _compressed_nvfp4(name, info, stored)
+        elif info.dtype != "F8_E4M3" or (nvfp4 and name.endswith("_scale")):
+            continue
+        else:
+            made = _compressed_fp8(name, info, stored, block)
+        if isinstance(made, str):
+            problems.append(made)
+        else:
+            tensors[made.name] = made
+    return tensors, problems
+
+
+def _compressed_nvfp4(name: str, info, stored: dict):
     from .nvfp4.codec import nvfp4_tensor
 
+    dense = name[: -len("_packed")]
+    parts = [stored.get(dense + suffix) for suffix in ("_scale", "_global_scale")]
+    return nvfp4_tensor(dense, info, *parts) if None not in parts else \
+        f"{name}: no {dense}_scale and {dense}_global_scale beside it"
+
+
+def _compressed_fp8(name: str, info, stored: dict, block):
+    from .fp8.codec import fp8_tensor
+
+    scale_name = name + "_scale"
+    scale = stored.get(scale_name)
+    if scale is None or scale.dtype not in ("F32", "BF16", "F16"):
+        return (f"{name}: no float32, bfloat16 or float16 scale {scale_name}" if scale is None else
+                f"{scale_name}: scales of dtype {scale.dtype}, not float32, bfloat16 or float16")
+    return fp8_tensor(name, info, scale, block, False, "compressed-tensors")
+
+
+def _compressed_groups(qc: dict) -> tuple[list[int] | None, bool]:
+    """The one block size the config's FP8 groups use (None: none by blocks), and whether any group is NVFP4; any
+    group lora-merge does not read is refused by name."""
     if qc.get("format") not in (None, CT_FORMAT, CT_NVFP4):
         raise _refused_format(qc["format"])
     groups = qc.get("config_groups")
@@ -176,59 +212,45 @@ def _compressed(stored: dict, qc: dict):
     for name, group in groups.items():
         form, weights = group.get("format") or qc.get("format"), group.get("weights")
         if form == CT_NVFP4:
-            fits = isinstance(weights, dict) and weights.get("type") == "float" and weights.get("num_bits") == 4 \
-                and weights.get("group_size") == 16 and weights.get("strategy") == "tensor_group"
-            if not fits:
-                raise QuantizationError(
-                    f"BASE's compressed-tensors config group {name!r} is {CT_NVFP4} with weights {weights!r}; "
-                    "lora-merge reads NVFP4 as 4-bit float weights in groups of 16 (tensor_group)", [], ORIGINAL)
+            _nvfp4_group(name, weights)
             nvfp4 = True
             continue
         if form != CT_FORMAT:
             raise _refused_format(form, name)
-        fits = isinstance(weights, dict) and weights.get("type") == "float" and weights.get("num_bits") == 8 \
-            and weights.get("symmetric", True) is True and weights.get("strategy") in CT_STRATEGIES
-        if not fits:
-            raise QuantizationError(
-                f"BASE's compressed-tensors config group {name!r} quantizes weights as {weights!r}; lora-merge reads "
-                "symmetric 8-bit float weights with a channel, tensor or block strategy", [], ORIGINAL)
-        if weights["strategy"] == "block":
-            size = weights.get("block_structure")
-            if not (isinstance(size, list) and len(size) == 2 and all(isinstance(v, int) and v > 0 for v in size)):
-                raise QuantizationError(f"BASE's compressed-tensors config group {name!r}: block_structure must be "
-                                        f"two positive integers, found {size!r}", [],
-                                        "restore the config.json the model was published with")
-            blocks.add(tuple(size))
+        size = _fp8_group(name, weights)
+        if size is not None:
+            blocks.add(size)
     if len(blocks) > 1:
         raise QuantizationError(f"BASE's compressed-tensors groups use blocks of several sizes ({sorted(blocks)}); "
                                 "lora-merge reads one", [], ORIGINAL)
-    block = list(next(iter(blocks))) if blocks else None
-    tensors, problems = {}, []
-    for name, info in stored.items():
-        if nvfp4 and name.endswith(".weight_packed"):
-            dense = name[: -len("_packed")]
-            parts = [stored.get(dense + suffix) for suffix in ("_scale", "_global_scale")]
-            made = nvfp4_tensor(dense, info, *parts) if None not in parts else \
-                f"{name}: no {dense}_scale and {dense}_global_scale beside it"
-            if isinstance(made, str):
-                problems.append(made)
-            else:
-                tensors[dense] = made
-            continue
-        if info.dtype != "F8_E4M3" or (nvfp4 and name.endswith("_scale")):
-            continue
-        scale_name = name + "_scale"
-        scale = stored.get(scale_name)
-        if scale is None or scale.dtype not in ("F32", "BF16", "F16"):
-            problems.append(f"{name}: no float32, bfloat16 or float16 scale {scale_name}" if scale is None else
-                            f"{scale_name}: scales of dtype {scale.dtype}, not float32, bfloat16 or float16")
-            continue
-        made = fp8_tensor(name, info, scale, block, False, "compressed-tensors")
-        if isinstance(made, str):
-            problems.append(made)
-        else:
-            tensors[name] = made
-    return tensors, problems
+    return (list(next(iter(blocks))) if blocks else None), nvfp4
+
+
+def _nvfp4_group(name: str, weights) -> None:
+    fits = isinstance(weights, dict) and weights.get("type") == "float" and weights.get("num_bits") == 4 \
+        and weights.get("group_size") == 16 and weights.get("strategy") == "tensor_group"
+    if not fits:
+        raise QuantizationError(
+            f"BASE's compressed-tensors config group {name!r} is {CT_NVFP4} with weights {weights!r}; "
+            "lora-merge reads NVFP4 as 4-bit float weights in groups of 16 (tensor_group)", [], ORIGINAL)
+
+
+def _fp8_group(name: str, weights) -> tuple[int, int] | None:
+    """An FP8 group's block size (None: by channel or tensor)."""
+    fits = isinstance(weights, dict) and weights.get("type") == "float" and weights.get("num_bits") == 8 \
+        and weights.get("symmetric", True) is True and weights.get("strategy") in CT_STRATEGIES
+    if not fits:
+        raise QuantizationError(
+            f"BASE's compressed-tensors config group {name!r} quantizes weights as {weights!r}; lora-merge reads "
+            "symmetric 8-bit float weights with a channel, tensor or block strategy", [], ORIGINAL)
+    if weights["strategy"] != "block":
+        return None
+    size = weights.get("block_structure")
+    if not (isinstance(size, list) and len(size) == 2 and all(isinstance(v, int) and v > 0 for v in size)):
+        raise QuantizationError(f"BASE's compressed-tensors config group {name!r}: block_structure must be "
+                                f"two positive integers, found {size!r}", [],
+                                "restore the config.json the model was published with")
+    return tuple(size)
 
 
 def _refused_format(form, group: str | None = None) -> QuantizationError:
