@@ -425,7 +425,9 @@ def verify_command(out, base, adapters, as_json, report_path, latency, new_token
     if not report.ok:
         where = f"see {report_path}" if report_path else "the failures are listed above" if not quiet else \
             "run without --quiet (or with --report FILE) to see the failures"
-        raise pipeline.parity_error(report, where)
+        from .run import parity_error
+
+        raise parity_error(report, where)
 
 
 @cli.command("unmerge", context_settings=CONTEXT)

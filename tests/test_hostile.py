@@ -87,16 +87,16 @@ def test_a_failed_overwrite_keeps_the_old_out(models, adapter, tmp_path, monkeyp
     elif how == "merged tensor not finite":
         _inf_in_a_merged_tensor(base)
     elif how == "disk full writing the report":
-        from lora_merge import pipeline
+        from lora_merge import run as the_run
 
-        real = pipeline.write_new
+        real = the_run.write_new
 
         def full(path, data):
             if path.name == "merge_report.json":
                 raise OSError(errno.ENOSPC, "No space left on device", str(path))
             return real(path, data)
 
-        monkeypatch.setattr(pipeline, "write_new", full)
+        monkeypatch.setattr(the_run, "write_new", full)
     else:
         from lora_merge import card
 

@@ -64,6 +64,21 @@ class Report:
         return next(c for c in self.checks if c.name == name)
 
     @property
+    def failed_checks(self) -> list[str]:
+        """The names of the checks that failed, in the report's order."""
+        return [c.name for c in self.checks if not c.ok]
+
+    @property
+    def only_nonfinite(self) -> bool:
+        """Every byte is right and the only failure is NaN or Inf that was not accepted."""
+        return self.failed_checks == ["finite"]
+
+    @property
+    def nonfinite_tensors(self) -> list[str]:
+        """The tensors that hold NaN or Inf, accepted or not."""
+        return sorted(n for n, v in self.tensors.items() if not v.finite)
+
+    @property
     def failed_tensors(self) -> list[str]:
         return sorted(n for n in self.tensors if not self.tensor_ok(n))
 
