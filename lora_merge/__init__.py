@@ -9,7 +9,13 @@ from typing import TYPE_CHECKING
 
 from .errors import LoraMergeError, ParityError
 from .formats import AdapterOptions
-from .options import MergeOptions, PushOptions
+from .options import (
+    CheckOptions,
+    MergeOptions,
+    PushOptions,
+    UnmergeOptions,
+    VerifyOptions,
+)
 from .version import __version__
 
 if TYPE_CHECKING:
@@ -17,8 +23,8 @@ if TYPE_CHECKING:
     from .pipeline import MergeResult, merge, prepare, unmerge, verify
 
 __all__ = [
-    "AdapterOptions", "LoraMergeError", "MergeOptions", "MergeResult", "ParityError", "PushOptions", "Report",
-    "__version__", "merge", "prepare", "unmerge", "verify",
+    "AdapterOptions", "CheckOptions", "LoraMergeError", "MergeOptions", "MergeResult", "ParityError", "PushOptions",
+    "Report", "UnmergeOptions", "VerifyOptions", "__version__", "merge", "prepare", "unmerge", "verify",
 ]
 
 _LAZY = {"merge": "pipeline", "prepare": "pipeline", "unmerge": "pipeline", "verify": "pipeline",

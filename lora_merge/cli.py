@@ -113,25 +113,6 @@ def push_options(f):
     return add_options(PushOptions, ("private", "revision", "create_pr", "commit_message"))(f)
 
 
-def adapter_options(f):
-    from .flags import add_options
-    from .formats import AdapterOptions
-    from .formats.loralib import LoralibOptions
-
-    return add_options(AdapterOptions)(add_options(LoralibOptions)(f))
-
-
-def make_options(given: dict, **settings):
-    """The one MergeOptions of a command, from its parsed options (removed from ``given``) and ``settings``."""
-    from .flags import take
-    from .formats import AdapterOptions
-    from .formats.loralib import LoralibOptions
-    from .options import MergeOptions
-
-    adapter = take(AdapterOptions, given, loralib=take(LoralibOptions, given))
-    return take(MergeOptions, given, adapter_options=adapter, **settings)
-
-
 def parse_adapter(text: str) -> tuple[str, float]:
     """``PATH`` or ``PATH:WEIGHT`` (``./a:0.5``); a path that exists as typed is never split."""
     import math
@@ -228,34 +209,31 @@ def cli():
 
 def verify_options(f):
     from .flags import add_options
-    from .options import MergeOptions
+    from .options import VerifyOptions
 
-    return add_options(MergeOptions, ("device", "allow_nonfinite", "min_delta_kept"))(f)
+    return add_options(VerifyOptions)(f)
 
 
 def unmerge_options(f):
     from .flags import add_options
-    from .options import MergeOptions
+    from .options import UnmergeOptions
 
-    return add_options(MergeOptions, ("device", "overwrite"))(f)
+    return add_options(UnmergeOptions)(f)
 
 
 def merge_options(f):
-    """The options of a merge: each declared once, on the field of MergeOptions it sets."""
+    """The options of a merge: each field of MergeOptions (its flag in ``flags.FLAGS``), then the command's own."""
     from .flags import add_options
     from .options import MergeOptions, PushOptions
 
     f = add_options(PushOptions)(f)
     f = token_option(f)
-    f = add_options(MergeOptions, ("allow_nonfinite", "min_delta_kept", "max_shard_bytes", "resume"))(f)
     f = click.option("-v", "--verbose", is_flag=True, help="Log what is decided along the way.")(f)
     f = click.option("-q", "--quiet", is_flag=True, help="No progress bar and no summary.")(f)
     f = click.option("--json", "as_json", is_flag=True, help="Print the summary (or the plan) as JSON on stdout.")(f)
-    f = add_options(MergeOptions, ("tokenizer_from", "block_bytes"))(f)
     f = click.option("--dry-run", is_flag=True, help="Print the plan (targets, counts, bytes, peak memory) and "
                      "write nothing.")(f)
-    f = add_options(MergeOptions, ("dtype", "quantize", "device", "overwrite"))(f)
-    return adapter_options(f)
+    return add_options(MergeOptions)(f)
 
 
 @cli.command("merge", context_settings=CONTEXT)
@@ -283,14 +261,14 @@ def merge_command(paths, adapters, dry_run, as_json, quiet, verbose, token, **gi
     logging.basicConfig(level=logging.INFO if verbose else logging.WARNING, format="%(levelname)s: %(message)s")
     from . import pipeline
     from .flags import take
-    from .options import PushOptions
+    from .options import MergeOptions, PushOptions
     from .progress import byte_bar
 
     push = take(PushOptions, given)
     _check_push_options(push)
     push = push if push.repo_id else None
     base, adapter, out = merge_inputs(paths, adapters)
-    options = make_options(given, push=push)
+    options = take(MergeOptions, given, push=push)
     if options.quantize and options.dtype:
         raise click.UsageError("--quantize and --dtype both say what OUT's weights are: give one")
     if options.resume:
@@ -370,7 +348,6 @@ def push_command(out, repo_id, token, **given):
 @click.option("--base", required=True, help="The base model the merge started from.")
 @click.option("--adapter", "adapters", required=True, multiple=True, metavar="ADAPTER[:WEIGHT]",
               help="The adapter that was merged (repeat it for several, with their weights).")
-@adapter_options
 @click.option("--json", "as_json", is_flag=True, help="Print the report as JSON on stdout instead of the table.")
 @click.option("--report", "report_path", type=click.Path(dir_okay=False), default=None, metavar="FILE",
               help="Also write the report as JSON to FILE.")
@@ -401,11 +378,13 @@ def verify_command(out, base, adapters, as_json, report_path, latency, new_token
     tokenizer and other files.
     """
     from . import pipeline
+    from .flags import take
+    from .options import VerifyOptions
     from .progress import byte_bar
 
     if quiet:
         _quiet_hub()
-    options = make_options(given)
+    options = take(VerifyOptions, given)
     report = pipeline.verify(out, base, [parse_adapter(a) for a in adapters], options, token=token,
                              progress=lambda total, label: byte_bar(total, label, not quiet))
     if latency:
@@ -437,7 +416,6 @@ def verify_command(out, base, adapters, as_json, report_path, latency, new_token
 @click.option("--base", "original", default=None, metavar="ORIGINAL",
               help="The base model the merge started from: count the elements that come back bit-identical "
                    "and the worst error in ulp.")
-@adapter_options
 @unmerge_options
 @click.option("--json", "as_json", is_flag=True, help="Print the report as JSON on stdout.")
 @click.option("-q", "--quiet", is_flag=True, help="No progress bar and no table.")
@@ -456,11 +434,13 @@ def unmerge_command(merged, adapter, out, original, as_json, quiet, token, **giv
     that replace tensors outright cannot be undone from the adapter alone and are refused.
     """
     from . import pipeline
+    from .flags import take
+    from .options import UnmergeOptions
     from .progress import byte_bar
 
     if quiet:
         _quiet_hub()
-    options = make_options(given)
+    options = take(UnmergeOptions, given)
     try:
         result = pipeline.unmerge(merged, [parse_adapter(adapter)], out, options, original=original, token=token,
                                   command=_command_line(),

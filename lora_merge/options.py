@@ -1,8 +1,9 @@
-"""How a merge runs, as one value: the CLI builds it once, the library passes it whole, the report records it.
+"""How each command runs, as one value per command: the CLI builds it once, the library passes it whole, the
+report records it.
 
-A new setting is one field here, not a keyword threaded through every call. Each field that the command line
-sets declares its flag and help beside its default (``flags.cli_flag``), and the CLI turns those fields into
-its options: the default the help states is the default the code uses.
+A new setting is one field of its command's options, not a keyword threaded through every call; what the checks
+accept is ``CheckOptions``, shared by the commands that check. These are plain values: the command line's flags
+for their fields are in ``flags.py``.
 """
 
 from __future__ import annotations
@@ -11,10 +12,7 @@ import re
 from dataclasses import asdict, dataclass, field, fields, replace
 from fractions import Fraction
 
-import click
-
-from .dtypes import OUTPUT_DTYPES, output_dtype
-from .flags import cli_flag
+from .dtypes import output_dtype
 from .formats import AdapterOptions
 
 MIB = 1024 * 1024
@@ -51,106 +49,119 @@ def parse_size(text: str) -> int:
     return int(value)
 
 
-def _click_size(ctx, param, value):
-    try:
-        return parse_size(value) if value is not None else None
-    except ValueError as e:
-        raise click.BadParameter(str(e)) from None
-
-
-def _click_dtype(ctx, param, value):
-    try:
-        return output_dtype(value) if value is not None else None
-    except ValueError as e:
-        raise click.BadParameter(str(e)) from None
-
-
-def _mib(ctx, param, value):
-    return value * MIB if value is not None else None
-
-
 @dataclass(frozen=True)
-class Acceptance:
-    """What a user accepts of an output beyond its bytes being right: NaN or Inf (``--allow-nonfinite``), and how
-    little of the adapter's change may survive (``--min-delta-kept``; None: any share, the figures only reported)."""
+class CheckOptions:
+    """What a user accepts of an output beyond its bytes being right, shared by the commands that check: NaN or Inf
+    (``allow_nonfinite``), and how little of the adapter's change may survive (``min_delta_kept``; None: any share,
+    the figures only reported)."""
 
     allow_nonfinite: bool = False
     min_delta_kept: float | None = None
+
+    def __post_init__(self):
+        kept = self.min_delta_kept
+        if kept is not None and (isinstance(kept, bool) or not isinstance(kept, int | float) or not 0 <= kept <= 1):
+            raise ValueError(f"min_delta_kept must be a share between 0 and 1, not {kept!r}")
 
 
 @dataclass(frozen=True)
 class PushOptions:
     """Where and how OUT goes to the Hub after its checks pass."""
 
-    repo_id: str = cli_flag("--push-to-hub", "After the merge and its parity checks pass, upload OUT to this Hub "
-                            "repo (created if needed).", metavar="REPO_ID")
-    private: bool = cli_flag("--private", "Create the Hub repo as private (when it does not exist yet).", False,
-                             is_flag=True)
-    revision: str | None = cli_flag("--revision", "Push to this branch (created if needed).", metavar="BRANCH")
-    create_pr: bool = cli_flag("--create-pr", "Open a pull request instead of committing to the branch.", False,
-                               is_flag=True)
-    commit_message: str | None = cli_flag("--commit-message", "Message of the Hub commit.")
+    repo_id: str | None = None
+    private: bool = False
+    revision: str | None = None
+    create_pr: bool = False
+    commit_message: str | None = None
+
+
+class _Settings:
+    """``make``: an options value (or the defaults) with some fields changed, the check's fields among them."""
+
+    @classmethod
+    def make(cls, options=None, **settings):
+        """``options`` (or the defaults) with some settings changed: ``MergeOptions.make(device="cpu")``; the
+        check's settings (``allow_nonfinite``, ``min_delta_kept``) are taken by its ``check``."""
+        if options is not None and not isinstance(options, cls):
+            options = cls._from(options)
+        if options is not None and not settings:
+            return options
+        names = {f.name for f in fields(cls)}
+        checks = {f.name for f in fields(CheckOptions)} if "check" in names else set()
+        unknown = sorted(set(settings) - names - checks)
+        if unknown:
+            raise TypeError(f"unknown {cls.__name__} field(s): {', '.join(unknown)} (known: "
+                            f"{', '.join(sorted(names | checks))})")
+        base = options or cls()
+        check = {k: settings.pop(k) for k in list(settings) if k in checks}
+        if check:
+            settings["check"] = replace(settings.get("check", base.check), **check)
+        return replace(base, **settings)
+
+    @classmethod
+    def _from(cls, other):
+        """The fields ``other`` (the options of another command) shares with this command's."""
+        names = {f.name for f in fields(cls)}
+        return cls(**{f.name: getattr(other, f.name) for f in fields(other) if f.name in names})
+
+    def to_json(self) -> dict:
+        """As the report records it: every field, the check's flattened beside the others."""
+        data = asdict(self)
+        return {**{k: v for k, v in data.items() if k != "check"}, **data.get("check", {})}
 
 
 @dataclass(frozen=True)
-class MergeOptions:
-    dtype: str | None = cli_flag("--dtype", "Output dtype of floating-point tensors (bf16, fp16 and fp32 name them "
-                                 "too). Default: the base's.", metavar="|".join(OUTPUT_DTYPES), callback=_click_dtype)
-    device: str = cli_flag("--device", "Where the arithmetic runs. auto: CUDA when present, else CPU.", "auto",
-                           metavar="auto|cpu|cuda|cuda:N|mps", show_default=True)
-    overwrite: bool = cli_flag("--overwrite", "Replace OUT if it exists (only once the new output is complete and "
-                               "has passed its checks).", False, is_flag=True)
-    quantize: str | None = cli_flag(
-        "--quantize", "Write BASE's float Linear weights in this format, each merged element rounded once: fp8 "
-        "(e4m3 with a float32 scale per 128×128 block, as DeepSeek-V3 and Qwen3-FP8 releases store them).",
-        type=click.Choice(["fp8"]))
-    tokenizer_from: str | None = cli_flag(
-        "--tokenizer-from", "Where the tokenizer and chat template come from. Default: the base's, the adapter's "
-        "tokenizer when it resized the vocabulary, and the adapter's chat template when it differs from the base's.",
-        type=click.Choice(["base", "adapter"]))
-    block_bytes: int | None = cli_flag("--block-mb", block_help(), type=click.IntRange(1, 65536),
-                                       callback=_mib)
-    max_shard_bytes: int | None = cli_flag(
-        "--max-shard-size", "Cut OUT's weights into files of at most SIZE (5GB, 500MB, 2GiB or 2G), in BASE's tensor "
-        "order, with an index. Default: the same files as BASE.", metavar="SIZE", callback=_click_size)
-    allow_nonfinite: bool = cli_flag("--allow-nonfinite", "Accept NaN or Inf in the adapter and where the exact merge "
-                                     "holds them (refused otherwise; the report says so).", False, is_flag=True)
-    min_delta_kept: float | None = cli_flag(
-        "--min-delta-kept", "Fail the check when the stored model keeps less than this share (0 to 1) of the adapter's "
-        "change, or when a tensor the adapter changes is stored unchanged (default: report the figures only).",
-        metavar="F", type=click.FloatRange(0, 1))
-    resume: bool = cli_flag("--resume", "Keep finished shards when the run is interrupted, and continue from them "
-                            "on the next --resume run (only when their hashes and the plan still match).", False,
-                            is_flag=True)
+class MergeOptions(_Settings):
+    """How a merge runs (``merge``, ``prepare``)."""
+
+    dtype: str | None = None  # the output dtype of floating-point tensors (default: BASE's)
+    quantize: str | None = None  # "fp8": BASE's float Linear weights written as FP8
+    device: str = "auto"
+    overwrite: bool = False
+    tokenizer_from: str | None = None  # "base", "adapter" (default: chosen, see tokenizer.py)
+    block_bytes: int | None = None  # the float64 working block (default: BLOCK_BYTES for the device)
+    max_shard_bytes: int | None = None  # cut OUT's weights into files of at most this (default: BASE's files)
+    resume: bool = False
+    check: CheckOptions = field(default_factory=CheckOptions)
     adapter_options: AdapterOptions = field(default_factory=AdapterOptions)  # what the adapter's files do not say
     push: PushOptions | None = None  # upload OUT once checked (its repo id also names the model card)
 
     def __post_init__(self):
         if self.dtype is not None:
             object.__setattr__(self, "dtype", output_dtype(self.dtype))  # bf16 is bfloat16
-        for name in ("block_bytes", "max_shard_bytes"):
-            value = getattr(self, name)
-            if value is not None and (not isinstance(value, int) or isinstance(value, bool) or value < 1):
-                raise ValueError(f"{name} must be a positive number of bytes, not {value!r}")
-        kept = self.min_delta_kept
-        if kept is not None and (isinstance(kept, bool) or not isinstance(kept, int | float) or not 0 <= kept <= 1):
-            raise ValueError(f"min_delta_kept must be a share between 0 and 1, not {kept!r}")
+        _positive_bytes(self, "block_bytes", "max_shard_bytes")
 
-    def to_json(self) -> dict:
-        return asdict(self)
 
-    @property
-    def acceptance(self):
-        """What the checks accept beyond right bytes."""
-        return Acceptance(self.allow_nonfinite, self.min_delta_kept)
+@dataclass(frozen=True)
+class UnmergeOptions(_Settings):
+    """How an unmerge runs: it writes MERGED's dtypes and files, all at once, with finite values only."""
 
-    @classmethod
-    def make(cls, options: MergeOptions | None = None, **settings) -> MergeOptions:
-        """``options`` (or the defaults) with some settings changed: ``MergeOptions.make(device="cpu")``."""
-        if options is not None and not settings:
-            return options
-        names = {f.name for f in fields(cls)}
-        unknown = sorted(set(settings) - names)
-        if unknown:
-            raise TypeError(f"unknown merge option(s): {', '.join(unknown)} (known: {', '.join(sorted(names))})")
-        return replace(options or cls(), **settings)
+    device: str = "auto"
+    overwrite: bool = False
+    tokenizer_from: str | None = None
+    block_bytes: int | None = None
+    max_shard_bytes: int | None = None
+    adapter_options: AdapterOptions = field(default_factory=AdapterOptions)
+
+    def __post_init__(self):
+        _positive_bytes(self, "block_bytes", "max_shard_bytes")
+
+    def as_run(self) -> MergeOptions:
+        """The run's options: a merge's, with nothing an unmerge does not do."""
+        return MergeOptions._from(self)
+
+
+@dataclass(frozen=True)
+class VerifyOptions(_Settings):
+    """How ``verify`` checks a folder."""
+
+    device: str = "auto"
+    check: CheckOptions = field(default_factory=CheckOptions)
+    adapter_options: AdapterOptions = field(default_factory=AdapterOptions)
+
+
+def _positive_bytes(options, *names: str) -> None:
+    for name in names:
+        value = getattr(options, name)
+        if value is not None and (not isinstance(value, int) or isinstance(value, bool) or value < 1):
+            raise ValueError(f"{name} must be a positive number of bytes, not {value!r}")

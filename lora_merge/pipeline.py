@@ -18,7 +18,7 @@ from .inputs import (
     quantization,
 )
 from .memory import resident_bytes
-from .options import MergeOptions
+from .options import MergeOptions, UnmergeOptions, VerifyOptions
 from .plan import Plan, make_plan
 from .route import working_set
 from .run import MergeResult, with_bar, write_run
@@ -89,7 +89,7 @@ def merge(base: str, adapter: Adapters, out: str | Path, options: MergeOptions |
     return write_run(plan, out, options, progress=progress, command=command or _python_call("merge", base, adapter, out))
 
 
-def unmerge(merged: str, adapter: Adapters, out: str | Path, options: MergeOptions | None = None, *,
+def unmerge(merged: str, adapter: Adapters, out: str | Path, options: UnmergeOptions | None = None, *,
             original: str | None = None, token: str | None = None, progress=None, command: str | None = None,
             **settings) -> MergeResult:
     """Subtract ADAPTER's delta from the merged model MERGED and write the base back to OUT.
@@ -100,9 +100,7 @@ def unmerge(merged: str, adapter: Adapters, out: str | Path, options: MergeOptio
     """
     from .unmerge import add_round_trip, refuse_irreversible
 
-    options = MergeOptions.make(options, **settings)
-    if options.dtype or options.quantize or options.resume or options.allow_nonfinite or options.push:
-        raise ValueError("unmerge writes MERGED's dtypes, all at once, with finite values only, and pushes nothing")
+    options = UnmergeOptions.make(options, **settings)
     specs = [(spec, -weight) for spec, weight in adapter_list(adapter)]
     merged_model, loaded, _ = load_inputs(merged, specs, token, options.adapter_options, role="MERGED",
                                            each=refuse_irreversible)
@@ -120,18 +118,18 @@ def unmerge(merged: str, adapter: Adapters, out: str | Path, options: MergeOptio
                                shown_as=str(Path(out).expanduser().resolve()))
         return add_round_trip(report, folder, plan, dev, original_model)
 
-    return write_run(plan, out, options, progress=progress, check=check, model_card=False,
-                  command=command or _python_call("unmerge", merged, adapter, out))
+    return write_run(plan, out, options.as_run(), progress=progress, check=check, model_card=False,
+                     command=command or _python_call("unmerge", merged, adapter, out))
 
 
 def _python_call(function: str, base, adapter, out) -> str:
     return f"lora_merge.{function}({str(base)!r}, {str(adapter)!r}, {str(out)!r})"
 
 
-def verify(out: str | Path, base: str, adapter: Adapters, options: MergeOptions | None = None, *,
+def verify(out: str | Path, base: str, adapter: Adapters, options: VerifyOptions | None = None, *,
            token: str | None = None, progress=None, **settings) -> Report:
     """Check a merged folder (written by any tool, any shard layout) against BASE and ADAPTER(s)."""
-    options = MergeOptions.make(options, **settings)
+    options = VerifyOptions.make(options, **settings)
     out_src = resolve_source(str(out), "OUT")
     out_model = load_out(out_src.path)
     base_model, loaded, placement = load_inputs(base, adapter_list(adapter), token, options.adapter_options)
@@ -143,4 +141,4 @@ def verify(out: str | Path, base: str, adapter: Adapters, options: MergeOptions 
     log.info("checking on %s", dev)
     return with_bar(progress, plan.total_bytes, "verifying",
                      lambda bar: verify_output(out_src.path, plan, dev, out_model=out_model, progress=bar,
-                                               acceptance=options.acceptance))
+                                               accept=options.check))

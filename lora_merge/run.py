@@ -171,7 +171,7 @@ class Run:
 
     def _refuse_nonfinite_adapter(self) -> None:
         bad = nonfinite_adapter_tensors(self.plan)
-        if bad and not self.options.allow_nonfinite:
+        if bad and not self.options.check.allow_nonfinite:
             raise NonFiniteError(
                 f"the adapter holds NaN or Inf in {len(bad)} tensor(s): {name_list(bad)}",
                 "repair or retrain the adapter; --allow-nonfinite merges it anyway (the report says so)",
@@ -219,7 +219,7 @@ class Run:
         found = Found(stats.tensors, stats.digests)  # checked as written; kept shards are read back
         check = self.check or (lambda folder, plan, dev, provenance, bar, found: verify_output(
             folder, plan, dev, found=found, shown_as=str(out_path), provenance=provenance, progress=bar,
-            acceptance=options.acceptance))
+            accept=options.check))
         kept = sum(e.nbytes for s in plan.shards if s.name in reuse for e in s.entries)
         report = with_bar(self.progress, kept, "verifying",
                            lambda bar: check(staged.tmp, plan, dev, provenance, bar, found))

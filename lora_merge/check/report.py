@@ -17,7 +17,7 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from ..options import Acceptance
+from ..options import CheckOptions
 from ..paths import is_regular
 from ..plan import Entry, Plan
 from ..progress import no_bar
@@ -126,7 +126,7 @@ class Report:
 
 def verify_output(out: Path, plan: Plan, device, *, out_model: BaseModel | None = None, found: Found | None = None,
                   shown_as: str | None = None, provenance: dict | None = None, progress=None,
-                  acceptance: Acceptance = Acceptance()) -> Report:
+                  accept: CheckOptions = CheckOptions()) -> Report:
     """Check the merged folder ``out`` against the plan of BASE + ADAPTER; a failed check does not raise.
 
     ``found``: what the merge's own checks found as it wrote (the shards they cover are not read again; any other
@@ -140,8 +140,8 @@ def verify_output(out: Path, plan: Plan, device, *, out_model: BaseModel | None 
         found = Found({**found.tensors, **read.tensors}, {**found.digests, **read.digests})
     structure, structure_data = check_structure(plan, out_model)
     coverage, coverage_data = check_coverage(plan)
-    untouched, merged, finite = _check_tensors(plan, found.tensors, acceptance.allow_nonfinite)
-    delta, delta_data = check_survival(plan, found.tensors, acceptance.min_delta_kept)
+    untouched, merged, finite = _check_tensors(plan, found.tensors, accept.allow_nonfinite)
+    delta, delta_data = check_survival(plan, found.tensors, accept.min_delta_kept)
     files, files_data = check_files(plan, out, found.digests)
     checks = [structure, coverage, untouched, merged, finite, delta, files]
     prov = {

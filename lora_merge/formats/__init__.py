@@ -9,11 +9,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import click
-
 from ..adapter import Adapter
 from ..errors import UnsupportedAdapterError
-from ..flags import cli_flag
 from ..names import ADAPTER_TENSOR_SUFFIXES
 from .loralib import LoralibOptions
 
@@ -26,12 +23,11 @@ LAYOUTS = {
 }
 
 
-@dataclass
+@dataclass(frozen=True)
 class AdapterOptions:
     """What the user says about an adapter beyond its files."""
 
-    format: str = cli_flag("--adapter-format", "The adapter's layout. auto: detected from its files and tensor names.",
-                           "auto", type=click.Choice(["auto", *FORMATS]), show_default=True)
+    format: str = "auto"  # the adapter's layout ("auto": detected from its files and tensor names), or one of FORMATS
     loralib: LoralibOptions = field(default_factory=LoralibOptions)
 
 

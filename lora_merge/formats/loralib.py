@@ -16,7 +16,6 @@ from pathlib import Path
 
 from ..adapter import Adapter, DerivedTensor, LowRank, TargetOps
 from ..errors import AdapterConfigError, PlanError
-from ..flags import cli_flag
 from .files import positive_number, read_tensor_file
 
 ROLES = {"lora_A": "a", "lora_B": "b"}
@@ -35,26 +34,13 @@ def parse_enable_lora(text: str | None) -> list[bool] | None:
     raise ValueError(f"{text!r}: name parts among q,k,v (e.g. q,v) or give one flag per part (e.g. 1,0,1)")
 
 
-def _enable_lora(ctx, param, value):
-    import click
-
-    try:
-        return parse_enable_lora(value)
-    except ValueError as e:
-        raise click.BadParameter(str(e)) from None
-
-
-@dataclass
+@dataclass(frozen=True)
 class LoralibOptions:
     """What a loralib state dict does not record."""
 
-    lora_alpha: float | None = cli_flag("--lora-alpha", "loralib: the lora_alpha the layers were built with (a "
-                                        "loralib state dict does not record it).", type=float)
-    fan_in_fan_out: bool = cli_flag("--fan-in-fan-out", "loralib: the layers were built with fan_in_fan_out=True "
-                                    "(weights stored in × out).", False, is_flag=True)
-    enable_lora: list[bool] | None = cli_flag(
-        "--enable-lora", "loralib MergedLinear: the fused parts that have LoRA, as names among q,k,v (e.g. q,v) or "
-        "one flag per part (e.g. 1,0,1).", metavar="PARTS", callback=_enable_lora)
+    lora_alpha: float | None = None  # the lora_alpha the layers were built with
+    fan_in_fan_out: bool = False  # the layers were built with fan_in_fan_out=True (weights stored in × out)
+    enable_lora: list[bool] | None = None  # MergedLinear: which fused parts have LoRA (``parse_enable_lora``)
 
 
 def _padded_b(b, enable: list[bool], r: int) -> DerivedTensor:
