@@ -206,7 +206,7 @@ class TorchBlocks:
         prepared = self._prepare(entry, spans) if entry.needs_prepass(step) else None
         for start, stop, v, read in self._merged(entry, spans):
             slot = self.out.next()
-            if entry.requantized:
+            if entry.written_quantized:
                 made = self._encode(entry, v, read, start, stop, prepared)
             else:
                 out_dtype = torch_dtype(entry.dtype)
@@ -304,7 +304,7 @@ class TorchBlocks:
 
     def _read(self, entry: Entry, start: int, stop: int) -> _Read:
         ops, info = entry.ops, entry.base
-        stored = info.read(start, stop) if entry.requantized else None  # kept where the values do not change
+        stored = info.read(start, stop) if entry.written_quantized else None  # kept where the values do not change
         if ops is not None and ops.replace is not None:  # an adapter tensor: small, read as it is
             source = ops.replace
             return _Read(source.rows(start, stop) if source.shape else source.load(), None, stored)

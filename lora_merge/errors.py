@@ -96,9 +96,10 @@ class DeviceError(LoraMergeError, RuntimeError):
     """The requested compute device is not available."""
 
 
-class ParityError(LoraMergeError, AssertionError):
+class ParityError(LoraMergeError, RuntimeError):
     """The merged folder failed its parity checks; ``report`` says which tensors and files, and ``result`` (a merge's
-    MergeResult, where the failed output is kept) what was written."""
+    MergeResult, where the failed output is kept) what was written. (Not an AssertionError: that is what a bug in
+    lora-merge itself raises.)"""
 
     def __init__(self, message: str, report, hint: str | None = None, result=None):
         super().__init__(message, hint)

@@ -19,6 +19,7 @@ import stat
 from pathlib import Path
 
 from .errors import OutputError
+from .memory import megabytes
 from .paths import read_text, within
 
 log = logging.getLogger("lora_merge")
@@ -55,16 +56,12 @@ def check_output(out: Path, overwrite: bool, protected: dict[str, Path]) -> Path
     return out
 
 
-def _size(n: int) -> str:
-    return f"{n / 1e9:,.2f} GB" if n >= 1e9 else f"{n / 1e6:,.1f} MB"
-
-
 def check_space(folder: Path, needed: int) -> None:
     """Refuse to start when the disk holding ``folder`` has less than ``needed`` bytes free."""
     free = shutil.disk_usage(folder).free
     if free < needed:
         raise OutputError(
-            f"not enough free disk for OUT: the merge writes {_size(needed)} and {_size(free)} are free in {str(folder)!r}",
+            f"not enough free disk for OUT: the merge writes {megabytes(needed)} and {megabytes(free)} are free in {str(folder)!r}",
             "free some space, or choose an OUT on a disk with room",
         )
 

@@ -41,14 +41,14 @@ class Entry:
     note: str = ""
 
     @property
-    def requantized(self) -> bool:
+    def written_quantized(self) -> bool:
         """Written in BASE's quantized format (its codes and scales), not as one tensor of a float dtype."""
         return isinstance(self.base, QuantizedTensor) and self.dtype == self.base.dtype
 
     @property
     def stored(self) -> list[tuple[str, str, tuple[int, ...]]]:
         """The tensors written for it, in order: (name, dtype, shape)."""
-        if self.requantized:
+        if self.written_quantized:
             return [(p.name, p.dtype, p.shape) for p in self.base.parts]
         return [(self.name, self.dtype, self.shape)]
 
@@ -75,7 +75,7 @@ class Entry:
         quantized format is taken in whole rows of its scale blocks where that costs at most four times as much
         (``needs_prepass`` says when it does not)."""
         step = max(1, block_bytes // (8 * self.width))
-        if self.requantized:
+        if self.written_quantized:
             unit = self.base.row_unit
             if unit <= step:
                 step -= step % unit
@@ -86,7 +86,7 @@ class Entry:
     def needs_prepass(self, step: int) -> bool:
         """Written in a quantized format whose scale blocks span more rows than a block of ``step``: each block's
         scale must be found over all of its rows first."""
-        return self.requantized and (step % self.base.row_unit != 0 or self.base.global_scale) and step < self.shape[0]
+        return self.written_quantized and (step % self.base.row_unit != 0 or self.base.global_scale) and step < self.shape[0]
 
 
 @dataclass(frozen=True)

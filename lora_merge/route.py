@@ -70,7 +70,7 @@ class Route:
         merge = 8 * n + 4 * n  # the float64 block and its float32 step
         check = 8 * n + 4 * n + out * n + 2 * n + base * n  # float64 block, float32 step, nearest, masks, own read
         scales = 0
-        if e.requantized:  # encoding, and the check's decoding, steps and bounds: float64 temporaries on each side
+        if e.written_quantized:  # encoding, and the check's decoding, steps and bounds: float64 temporaries on each side
             merge, check = merge + 6 * 8 * n, check + 6 * 8 * n
             scales = sum(p.nbytes for p in e.base.parts[1:])  # held until the codes are written
         if cuda:  # on a GPU every element is rounded through round-to-odd: a few float64 temporaries more
@@ -86,7 +86,7 @@ def _sizes(e: Entry, block_bytes: int) -> tuple[int, int, int]:
         base = 8 + math.ceil(e.base.nbytes / max(e.base.numel, 1))
     else:
         base = DTYPES[e.base.dtype].size if e.base is not None else 8
-    out = math.ceil(e.nbytes / max(math.prod(e.shape), 1)) if e.requantized else DTYPES[e.dtype].size
+    out = math.ceil(e.nbytes / max(math.prod(e.shape), 1)) if e.written_quantized else DTYPES[e.dtype].size
     return n, base, out
 
 
@@ -156,7 +156,7 @@ class GridRoute(Route):
 
     @staticmethod
     def takes(entry, device_type):
-        return entry.requantized
+        return entry.written_quantized
 
     def check(self, buffers=None):
         from .check.grid import GridCheck

@@ -22,7 +22,7 @@ import torch
 
 from .. import kernels
 from ..adapter import FileTensor, LowRank, TargetOps
-from ..buffers import Buffers
+from ..buffers import Buffers, flat_nonzero
 from ..dtypes import DTYPES, torch_dtype
 from ..numbers.quantized import QuantizedTensor
 from ..plan import Entry
@@ -351,19 +351,6 @@ def _all_finite(x) -> bool:
         return True
     low, high = torch.aminmax(x)
     return math.isfinite(float(low)) and math.isfinite(float(high))
-
-
-def flat_nonzero(mask):
-    """Flat indices of the true elements; on the CPU through numpy, several times faster than torch
-    for the usual case of a large mask with few or no true elements."""
-    import numpy as np
-
-    if mask.device.type != "cpu":
-        return mask.reshape(-1).nonzero().reshape(-1)
-    flat = mask.reshape(-1).numpy()
-    if not flat.any():
-        return torch.empty(0, dtype=torch.int64)
-    return torch.from_numpy(np.flatnonzero(flat))
 
 
 def _nan_is_inf(x: float) -> float:

@@ -15,13 +15,13 @@ from dataclasses import replace
 
 import torch
 
+from ..buffers import flat_nonzero
 from ..numbers.quantized import QuantizedTensor
 from .elements import (
     COMPUTE_UNIT,
     Factors,
     change_survival,
     expected_rows,
-    flat_nonzero,
 )
 from .verdict import HALF, NOISE, SCALE_TOLERANCE, Survival, TensorVerdict
 

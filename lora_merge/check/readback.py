@@ -85,7 +85,7 @@ def read_back(out_model, plan, device, progress, only: set[str] | None = None) -
 
 def _read_back(out_model, plan, routes: dict, progress, only: set[str] | None) -> Found:
     entries = {e.name: e for e in plan.entries}
-    parts = {p.name: e for e in plan.entries if e.requantized for p in e.base.parts}
+    parts = {p.name: e for e in plan.entries if e.written_quantized for p in e.base.parts}
     found = Found()
     buffer = np.empty(2 * READ_BYTES, np.uint8)
     for header in out_model.shards:

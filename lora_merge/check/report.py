@@ -214,7 +214,7 @@ def _check_tensors(plan: Plan, tensors: dict[str, TensorVerdict], allow_nonfinit
     """The untouched, merged and finite checks, from each tensor's verdict."""
     same_failures, merge_failures, finite_failures = [], [], []
     identical = 0
-    dense, requantized = _Rounding(), _Rounding()
+    floats, quantized = _Rounding(), _Rounding()
     for e in plan.entries:
         verdict = tensors.get(e.name)
         if verdict is None:
@@ -225,7 +225,7 @@ def _check_tensors(plan: Plan, tensors: dict[str, TensorVerdict], allow_nonfinit
                 same_failures.append(f"{e.name}: bytes differ from {plan.role}, first at byte {verdict.differs_at} "
                                      "of the tensor")
         else:
-            (requantized if e.requantized else dense).add(verdict)
+            (quantized if e.written_quantized else floats).add(verdict)
             merge_failures += _merge_failures(e, verdict)
         if not verdict.finite:
             finite_failures.append(f"{e.name}: holds NaN or Inf")
@@ -233,18 +233,18 @@ def _check_tensors(plan: Plan, tensors: dict[str, TensorVerdict], allow_nonfinit
     untouched = Check("untouched", not same_failures, f"{identical} of {copies} tensors byte-identical to {plan.role}",
                       same_failures)
     converted = sum(1 for e in plan.entries if not e.is_copy and not e.is_merge)
-    what = f"{dense.checked - converted} merged" + (f" and {converted} converted" if converted else "")
-    summary = _dense_summary(what, dense, plan.formula)
-    if requantized.checked:
-        formats = ", ".join(sorted({e.base.description for e in plan.entries if e.requantized}))
-        within = ("every element within half a step" if not requantized.failed
-                  else f"checked, {requantized.failed} with elements beyond half a step")
-        summary = (f"{requantized.checked} merged tensors written as {formats}: {within} of {plan.formula} at its "
-                   f"block's scale (max {readable(requantized.worst)} step), {requantized.correctly_rounded} of "
-                   f"{requantized.checked} correctly rounded, "
-                   + ("every changed block scaled as the format defines" if not requantized.scale_failures
-                      else f"{requantized.scale_failures} blocks not scaled as the format defines")
-                   + (f"; {summary}" if dense.checked else ""))
+    what = f"{floats.checked - converted} merged" + (f" and {converted} converted" if converted else "")
+    summary = _float_summary(what, floats, plan.formula)
+    if quantized.checked:
+        formats = ", ".join(sorted({e.base.description for e in plan.entries if e.written_quantized}))
+        within = ("every element within half a step" if not quantized.failed
+                  else f"checked, {quantized.failed} with elements beyond half a step")
+        summary = (f"{quantized.checked} merged tensors written as {formats}: {within} of {plan.formula} at its "
+                   f"block's scale (max {readable(quantized.worst)} step), {quantized.correctly_rounded} of "
+                   f"{quantized.checked} correctly rounded, "
+                   + ("every changed block scaled as the format defines" if not quantized.scale_failures
+                      else f"{quantized.scale_failures} blocks not scaled as the format defines")
+                   + (f"; {summary}" if floats.checked else ""))
     found = _diagnosis(tensors, plan.role)
     if found is not None:
         summary += f": {found[0]}"
@@ -259,19 +259,19 @@ def _check_tensors(plan: Plan, tensors: dict[str, TensorVerdict], allow_nonfinit
     return untouched, merged, finite
 
 
-def _dense_summary(what: str, dense: _Rounding, formula: str) -> str:
+def _float_summary(what: str, floats: _Rounding, formula: str) -> str:
     """The merged check's line, read once: a pass reads as one, and says whether the elements are also the nearest
     values of their dtype."""
-    if dense.failed:
-        return (f"{what} tensors checked, {dense.failed} outside the rounding bound of {formula} (elements up to "
-                f"{readable(dense.worst)} ulp off, {readable(dense.worst_of_bound)} times the bound)")
-    if dense.correctly_rounded == dense.checked:
+    if floats.failed:
+        return (f"{what} tensors checked, {floats.failed} outside the rounding bound of {formula} (elements up to "
+                f"{readable(floats.worst)} ulp off, {readable(floats.worst_of_bound)} times the bound)")
+    if floats.correctly_rounded == floats.checked:
         return (f"{what} tensors: every element is {formula} correctly rounded, the nearest value of its dtype "
-                f"(max error {dense.worst:.2f} ulp)")
-    off = dense.checked - dense.correctly_rounded
+                f"(max error {floats.worst:.2f} ulp)")
+    off = floats.checked - floats.correctly_rounded
     return (f"{what} tensors pass: every element within the bound of {formula} that a sound merge meets, one rounded "
-            f"once or computed in float32 (max {dense.worst_of_bound:.0%} of the bound); {off} of {dense.checked} are "
-            f"not correctly rounded (max error {readable(dense.worst)} ulp, where W and the delta nearly cancel)")
+            f"once or computed in float32 (max {floats.worst_of_bound:.0%} of the bound); {off} of {floats.checked} are "
+            f"not correctly rounded (max error {readable(floats.worst)} ulp, where W and the delta nearly cancel)")
 
 
 def readable(x: float) -> str:

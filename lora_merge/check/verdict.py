@@ -145,7 +145,7 @@ class TensorVerdict:
         return out
 
 
-class RequantizedTally:
+class QuantizedTally:
     """What a check of a tensor kept in its quantized format counts as it goes, and the verdict it makes of it: the
     worst error in steps of the format, elements and scale blocks that fail, the change's five sums (``sums``)."""
 

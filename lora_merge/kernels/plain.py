@@ -340,7 +340,7 @@ def _block_max(x: np.ndarray, cols: int, bn: int) -> np.ndarray:
 
 
 class _Fp8:
-    """The FP8 passes in numpy, as ``_fp8.c`` makes them (see there for the arguments)."""
+    """The FP8 passes in numpy, as ``_fp8.c`` makes them (their arguments: ``kernels.args``)."""
 
     @staticmethod
     def fp8_merge(codes, wf, scales, L, R, r, ct, slack, c, rows, cols, bn, L0, RT, sc, power_of_two, fresh_all,
@@ -482,7 +482,7 @@ def e2m1_nearest(t: np.ndarray, et: np.ndarray) -> tuple[np.ndarray, np.ndarray]
 
 
 class _Mxfp4:
-    """The MXFP4 passes in numpy, as ``_mxfp4.c`` makes them (see there for the arguments)."""
+    """The MXFP4 passes in numpy, as ``_mxfp4.c`` makes them (their arguments: ``kernels.args``)."""
 
     @staticmethod
     def mx_merge(blocks, scales, L, R, r, ct, slack, c, rows, width, L0, RT, sc, out_blocks, out_scales, status,

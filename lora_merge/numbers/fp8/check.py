@@ -20,15 +20,17 @@ from ...check.verdict import (
     NOISE,
     SCALE_TOLERANCE,
     SUMS,
-    RequantizedTally,
+    QuantizedTally,
     largest,
 )
+from ...kernels.args import Fp8Check as Fp8CheckArgs
+from ...kernels.args import Product
 from ..floats.check import COMPUTE_UNIT, own_terms
 from ..floats.spec import OPEN_SHARE
 from .spec import E4M3, Base, base_rows, fresh_scale, fresh_scales, scale_rows
 
 
-class Fp8Check(RequantizedTally):
+class Fp8Check(QuantizedTally):
     """Every element and every scale of one FP8 tensor as stored: feed it the stored parts a band of rows at a time
     or more (``block``), then read ``result()``."""
 
@@ -70,9 +72,10 @@ class Fp8Check(RequantizedTally):
         rows, n = last - first, (last - first) * self.cols
         nscale = len(scales)
         blocks, sums = np.zeros((nscale, 3)), np.zeros(SUMS)
-        bound = (self.rank, self.c_terms, self.slack, self.c, rows, self.cols, self.bn)
         idx = self.buffers("flagged", (n // OPEN_SHARE + 1,), np.int64)
-        args = (base.codes, base.scales, base.wf_arg, codes, scales, self.left[first:last], self.right, *bound)
+        product = Product(self.left[first:last], self.right, self.rank, self.c_terms, self.slack, self.c)
+        args = Fp8CheckArgs(base.codes, base.scales, base.wf_arg, codes, scales, product, rows, self.cols,
+                            self.bn).flat()
         count = kernels.FP8.fp8_check(*args, idx, sums, blocks)
         if count > len(idx):
             idx, sums, blocks = self.buffers("flagged", (count,), np.int64), np.zeros(SUMS), np.zeros((nscale, 3))

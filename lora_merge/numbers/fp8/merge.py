@@ -21,6 +21,8 @@ import numpy as np
 
 from ... import kernels
 from ...errors import NonFiniteError
+from ...kernels.args import Fp8Merge as Fp8MergeArgs
+from ...kernels.args import Product
 from ..floats.merge import LowRankFactors
 from ..floats.spec import OPEN_SHARE, UNIT32
 from .spec import (
@@ -69,12 +71,13 @@ class Fp8Merge:
         v, e, state = buffers("v", (n,), np.float32), buffers("e", (n,), np.float32), buffers("state", (n,), np.uint8)
         chosen, status = np.empty(nscale, np.float32), np.empty(nscale, np.uint8)
         band = (rows, self.cols, self.bn)
+        product = Product(f.left[first:last], f.right, f.rank, f.c_terms, f.slack, self.c)
 
         def merged(part: int, k_first: int, k_last: int) -> np.ndarray:  # blocks [k_first, k_last), open elements
             idx = buffers(f"open {part}", (n // OPEN_SHARE + 1,), np.int64)
-            args = (codes, base.wf_arg, old, f.left[first:last], f.right, f.rank, f.c_terms, f.slack, self.c, *band,
-                    f.left0[first:last], f.right0, f.scales, self.power_of_two, self.fresh_all, k_first, k_last, v, e,
-                    state, out, chosen, status)
+            args = Fp8MergeArgs(codes, base.wf_arg, old, product, *band, f.left0[first:last], f.right0, f.scales,
+                                self.power_of_two, self.fresh_all, k_first, k_last, v, e, state, out, chosen,
+                                status).flat()
             count = kernels.FP8.fp8_merge(*args, idx)
             if count > len(idx):  # more open elements than room for them: the blocks again, with room for all (the
                 idx = buffers(f"open {part}", (n,), np.int64)  # kernel keeps v and e only of the blocks it leaves)

@@ -139,7 +139,7 @@ def takes(entry, device_type: str) -> bool:
     from .codec import Fp8Quantized, Fp8Tensor
 
     q = entry.base
-    if device_type != "cpu" or not entry.requantized or not isinstance(q, Fp8Tensor):
+    if device_type != "cpu" or not entry.written_quantized or not isinstance(q, Fp8Tensor):
         return False
     quantize = isinstance(q, Fp8Quantized) and q.source.dtype in SOURCE_DTYPES
     if q.origin != "fp8" and not quantize:

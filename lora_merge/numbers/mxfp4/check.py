@@ -13,13 +13,15 @@ import numpy as np
 
 from ... import kernels
 from ...buffers import HostBuffers
-from ...check.verdict import HALF, NOISE, SUMS, RequantizedTally, largest
+from ...check.verdict import HALF, NOISE, SUMS, QuantizedTally, largest
+from ...kernels.args import Mxfp4Check as Mxfp4CheckArgs
+from ...kernels.args import Product
 from ..floats.check import COMPUTE_UNIT
 from ..floats.spec import OPEN_SHARE
 from .spec import E2M1, GROUP, ExpertFactors, fresh_exponent, read_rows
 
 
-class Mxfp4Check(RequantizedTally):
+class Mxfp4Check(QuantizedTally):
     """Every element and every exponent of one MXFP4 tensor as stored: feed it blocks of stored rows (``block``),
     then read ``result()``."""
 
@@ -45,8 +47,8 @@ class Mxfp4Check(RequantizedTally):
         left, right, _, _, _ = self.f.expert(k)
         n = rows * self.width
         verdicts, sums = np.zeros(rows * groups, np.uint8), np.zeros(SUMS)
-        args = (base_blocks, base_scales, blocks, scales, left[o0:o0 + rows], right, self.f.rank, self.c_terms,
-                self.slack, self.c, rows, self.width)
+        product = Product(left[o0:o0 + rows], right, self.f.rank, self.c_terms, self.slack, self.c)
+        args = Mxfp4CheckArgs(base_blocks, base_scales, blocks, scales, product, rows, self.width).flat()
         idx = self.buffers("flagged", (n // OPEN_SHARE + 1,), np.int64)
         count = kernels.MXFP4.mx_check(*args, idx, sums, verdicts)
         if count > len(idx):

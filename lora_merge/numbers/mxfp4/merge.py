@@ -16,6 +16,8 @@ import numpy as np
 
 from ... import kernels
 from ...errors import NonFiniteError
+from ...kernels.args import Mxfp4Merge as Mxfp4MergeArgs
+from ...kernels.args import Product
 from ..floats.spec import OPEN_SHARE, UNIT32
 from .spec import (
     E2M1,
@@ -51,8 +53,9 @@ class Mxfp4Merge:
         out_scales = buffers("scales", (rows * groups,), np.uint8)
         status = buffers("status", (rows * groups,), np.uint8)
         n = rows * self.width
-        args = (blocks, scales, left[o0:o0 + rows], right, self.f.rank, self.c_terms, self.slack, self.c, rows,
-                self.width, left0[o0:o0 + rows], right0, sc, out_blocks, out_scales, status)
+        product = Product(left[o0:o0 + rows], right, self.f.rank, self.c_terms, self.slack, self.c)
+        args = Mxfp4MergeArgs(blocks, scales, product, rows, self.width, left0[o0:o0 + rows], right0, sc, out_blocks,
+                              out_scales, status).flat()
         idx = buffers("open", (n // OPEN_SHARE + 1,), np.int64)
         count = kernels.MXFP4.mx_merge(*args, idx)
         if count > len(idx):

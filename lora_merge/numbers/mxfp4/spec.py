@@ -110,7 +110,7 @@ def takes(entry, device_type: str) -> bool:
     from .codec import Mxfp4Tensor
 
     q, ops = entry.base, entry.ops
-    if device_type != "cpu" or not entry.requantized or not isinstance(q, Mxfp4Tensor) or ops is None:
+    if device_type != "cpu" or not entry.written_quantized or not isinstance(q, Mxfp4Tensor) or ops is None:
         return False
     if q.shape[1] % 64 or not ops.deltas or not all(isinstance(d, LowRank) and d.experts == q.shape[0]
                                                     for d in ops.deltas):
