@@ -1,11 +1,11 @@
 """The merged blocks of each planned tensor, made for the writer: BASE's rows read ahead on a thread, merged,
 rounded once (or encoded in BASE's quantized format) into buffers reused block after block.
 
-A maker per ``Route.maker`` (``MAKERS``): ``FloatBlocks`` merges tensors of a float dtype on the CPU in numpy
-(``numbers/floats``; torch is not imported for it), ``Fp8Blocks`` and ``Mxfp4Blocks`` those formats written back on
-the CPU (``numbers/fp8``, ``numbers/mxfp4``), ``TorchBlocks`` every other tensor, and every tensor on a GPU. Each
-yields ``Block``s in row order; a block's buffers are reused once everything that reads them (the check, the
-write) is done.
+A maker per route (``Route.maker``): each format's CPU maker is in its folder (``numbers/floats/merge.FloatBlocks``,
+``numbers/fp8/merge.Fp8Blocks``, ``numbers/mxfp4/merge.Mxfp4Blocks``); ``TorchBlocks`` here makes every other tensor,
+and every tensor on a GPU. Each yields ``Block``s in row order, its buffers taken from a ``Ring`` and reused once
+everything that reads them (the check, the write) is done. A maker is made with (device, block_bytes, reader) and
+has ``blocks(entry)``, ``close()`` and the counts ``decided`` and ``exact``.
 """
 
 from __future__ import annotations
@@ -13,14 +13,10 @@ from __future__ import annotations
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
-import numpy as np
-
-from .buffers import HostBuffers
 from .errors import NonFiniteError
-from .numbers.floats.merge import FloatMerge
 from .numbers.quantized import QuantizedTensor
 from .plan import Entry
-from .reader import read_rows, row_bytes, stored_rows
+from .reader import read_rows, row_bytes
 
 
 @dataclass
@@ -38,7 +34,7 @@ class Slot:
             w.result() if hasattr(w, "result") else w.synchronize()
 
 
-class _Ring:
+class Ring:
     """A few slots used in turn: block k waits for block k - count to be done with its slot."""
 
     def __init__(self, count: int, make, make_host=None):
@@ -82,97 +78,6 @@ class _Read:
     stored: tuple | None
 
 
-class FloatBlocks:
-    """Merges the tensors ``route.FloatRoute`` takes, in numpy on the CPU, block by block (``numbers.floats.merge``)."""
-
-    def __init__(self, device, block_bytes: int, reader: ThreadPoolExecutor):
-        self.block_bytes = block_bytes
-        self.reader = reader
-        self.scratch = HostBuffers()  # the merge's tiles
-        self.raw = _Ring(2, HostBuffers)  # this block, and the next one being read
-        self.out = _Ring(4, HostBuffers)  # blocks being checked and written, and the one being made
-        self.decided = self.exact = 0  # elements decided outside the kernels, and of those exactly
-
-    def blocks(self, entry: Entry):
-        merge = FloatMerge(entry)
-        n = 1 if merge.vector else entry.shape[0]
-        step = n if merge.vector else entry.rows_per_block(self.block_bytes)
-        spans = [(start, min(n, start + step)) for start in range(0, n, step)]
-        out_dtype = np.float32 if entry.dtype == "F32" else np.uint16
-        pending = self.reader.submit(self._read, entry, *spans[0]) if spans else None
-        for k, (start, stop) in enumerate(spans):
-            w = pending.result()
-            pending = self.reader.submit(self._read, entry, *spans[k + 1]) if k + 1 < len(spans) else None
-            slot = self.out.next()
-            out = slot.device("out", ((stop - start) * merge.width,), out_dtype)
-            merge.rows(start, stop, w, out, self.scratch)
-            yield Block(start, stop, (out,), (out,), None, slot)
-        self.decided += merge.flagged
-        self.exact += merge.exact
-
-    def _read(self, entry: Entry, start: int, stop: int):
-        return stored_rows(entry.base, start, stop, self.raw.next().device, "raw")
-
-    def close(self) -> None:
-        self.out.release()
-        self.raw.release()
-
-
-class Fp8Blocks:
-    """Merges the FP8 tensors ``route.Fp8Route`` takes, in numpy on the CPU, whole bands of rows at a time."""
-
-    def __init__(self, device, block_bytes: int, reader: ThreadPoolExecutor):
-        self.block_bytes = block_bytes
-        self.out = _Ring(4, HostBuffers)  # blocks being checked and written, and the one being made
-        self.decided = self.exact = 0  # elements decided outside the kernels, and of those exactly
-        self.pool: ThreadPoolExecutor | None = None  # two threads share each band, made on first use
-
-    def blocks(self, entry: Entry):
-        from .numbers.fp8.merge import Fp8Merge
-
-        if self.pool is None:
-            self.pool = ThreadPoolExecutor(2, "lora-merge-fp8")
-        merge = Fp8Merge(entry, self.pool)
-        n, band = entry.shape[0], entry.base.block[0]
-        step = max(band, entry.rows_per_block(self.block_bytes) // band * band)  # whole bands
-        for start in range(0, n, step):
-            stop = min(n, start + step)
-            slot = self.out.next()
-            made = merge.block(start, stop, slot.device)
-            yield Block(start, stop, made, made, None, slot)
-        self.decided += merge.decided
-        self.exact += merge.exact
-
-    def close(self) -> None:
-        self.out.release()
-        if self.pool is not None:
-            self.pool.shutdown()
-
-
-class Mxfp4Blocks:
-    """Merges the MXFP4 experts ``route.Mxfp4Route`` takes, in numpy on the CPU, a block of stored rows at a
-    time: a Block's start and stop count stored rows (expert-major), not experts."""
-
-    def __init__(self, device, block_bytes: int, reader: ThreadPoolExecutor):
-        self.out = _Ring(4, HostBuffers)
-        self.decided = self.exact = 0
-
-    def blocks(self, entry: Entry):
-        from .numbers.mxfp4.merge import Mxfp4Merge
-        from .numbers.mxfp4.spec import spans
-
-        merge = Mxfp4Merge(entry)
-        for first, last in spans(entry.base):
-            slot = self.out.next()
-            made = merge.block(first, last, slot.device)
-            yield Block(first, last, made, made, None, slot)
-        self.decided += merge.decided
-        self.exact += merge.exact
-
-    def close(self) -> None:
-        self.out.release()
-
-
 class TorchBlocks:
     """Merges planned tensors with torch, on the CPU or a GPU, block by block, into reused buffers: every
     tensor ``FloatBlocks`` does not take (DoRA, replacements and trainable rows, experts, quantized formats, and
@@ -188,9 +93,9 @@ class TorchBlocks:
         self.block_bytes = block_bytes
         self.reader = reader
         self.work = Buffers(self.device)
-        self.raw = _Ring(2, lambda: Buffers("cpu", self.cuda), None)  # this block, and the next one being read
+        self.raw = Ring(2, lambda: Buffers("cpu", self.cuda), None)  # this block, and the next one being read
         # blocks being checked and written: a few in flight on each side, one being made
-        self.out = _Ring(4, lambda: Buffers(self.device), lambda: Buffers("cpu", self.cuda))
+        self.out = Ring(4, lambda: Buffers(self.device), lambda: Buffers("cpu", self.cuda))
         self.torch = torch
         self.decided = self.exact = 0  # torch decides every element itself: none is left to the exact step
 
@@ -341,6 +246,3 @@ class TorchBlocks:
         self.raw.release()
 
 
-
-
-MAKERS = {"float": FloatBlocks, "fp8": Fp8Blocks, "mxfp4": Mxfp4Blocks, "torch": TorchBlocks}  # by ``Route.maker``

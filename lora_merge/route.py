@@ -1,13 +1,14 @@
 """How each planned tensor is made, checked and held in memory, decided once per tensor: ``route(entry, device)``.
 
-A route says which maker merges the tensor's blocks (``blocks.py``), which check proves every element (the check's
-own code, in ``numbers/<format>/check.py`` or ``check/``), whether it needs torch, how OUT's copy of it is read
-back, and what it holds in memory at its largest. The writer, the read-back (``check/readback.py``) and the
+A route names the way its tensor is merged (the writer's maker of that name, in its format's ``merge.py`` or
+``blocks.TorchBlocks``), which check proves every element (the check's own code, in ``numbers/<format>/check.py`` or ``check/``), whether it
+needs torch, how OUT's copy of it is read back, and what it holds in memory at its largest. The writer, the read-back (``check/readback.py``) and the
 memory estimate all iterate routes; none of them asks what a tensor is. A route is also the unit of work a
 scheduler hands out: it holds nothing of a run, only what its entry and the device decide.
 
 ``ROUTES`` is tried in order; the first whose ``takes`` says yes is the tensor's route. A new way of making a
-tensor is one class here and its maker.
+tensor is one class here and its maker (``writer.maker_of``). The check's side imports this module: it names the
+merge's makers, never imports them.
 """
 
 from __future__ import annotations
@@ -34,11 +35,10 @@ def block_bytes_for(device, asked: int | None) -> int:
 
 
 class Route:
-    """How one tensor is made (``maker``), checked (``check``) and read back (``read_back``), what it needs
-    (``torch``) and holds (``working_set``)."""
+    """How one tensor is made (the maker of its ``name``), checked (``check``) and read back (``read_back``), what
+    it needs (``torch``) and holds (``working_set``)."""
 
     name: ClassVar[str]
-    maker: ClassVar[str]  # the writer's maker that makes its blocks
     torch: ClassVar[bool] = True  # made or checked with torch
     numpy_check: ClassVar[bool] = False  # its check takes numpy arrays, else torch tensors on the device
     parts: ClassVar[bool] = False  # written in a quantized format: its codes block by block, then its scales
@@ -50,6 +50,7 @@ class Route:
     @staticmethod
     def takes(entry: Entry, device_type: str) -> bool:
         raise NotImplementedError
+
 
     def check(self, buffers=None):
         """The check of the tensor's elements: ``block(start, stop, stored)`` for each block, then ``result()``."""
@@ -93,7 +94,7 @@ def _sizes(e: Entry, block_bytes: int) -> tuple[int, int, int]:
 class CopyRoute(Route):
     """BASE's bytes as they are: copied between files, and compared byte for byte."""
 
-    name, maker, torch = "copy", "copy", False
+    name, torch = "copy", False
 
     @staticmethod
     def takes(entry, device_type):
@@ -106,7 +107,8 @@ class CopyRoute(Route):
 class Fp8Route(Route):
     """FP8 with block scales, written back as FP8 on the CPU (``numbers/fp8``)."""
 
-    name, maker, torch, numpy_check, parts = "fp8", "fp8", False, True, True
+    name, torch, numpy_check, parts = "fp8", False, True, True
+
 
     @staticmethod
     def takes(entry, device_type):
@@ -130,7 +132,8 @@ class Fp8Route(Route):
 class Mxfp4Route(Route):
     """MXFP4 experts, written back as MXFP4 on the CPU a block of stored rows at a time (``numbers/mxfp4``)."""
 
-    name, maker, torch, numpy_check, parts, part_rows = "mxfp4", "mxfp4", False, True, True, True
+    name, torch, numpy_check, parts, part_rows = "mxfp4", False, True, True, True
+
 
     @staticmethod
     def takes(entry, device_type):
@@ -152,7 +155,7 @@ class Mxfp4Route(Route):
 class GridRoute(Route):
     """Any other quantized format written back in it (NVFP4, FP8 on a GPU, …): torch's codec and ``check/grid``."""
 
-    name, maker, parts = "grid", "torch", True
+    name, parts = "grid", True
 
     @staticmethod
     def takes(entry, device_type):
@@ -174,7 +177,8 @@ class FloatRoute(Route):
     """A float tensor changed by low-rank products (or converted), merged on the CPU in numpy and the C kernels
     (``numbers/floats``); torch is not imported for it."""
 
-    name, maker, torch, numpy_check = "float", "float", False, True
+    name, torch, numpy_check = "float", False, True
+
 
     @staticmethod
     def takes(entry, device_type):
@@ -199,7 +203,7 @@ class TorchRoute(Route):
     """Every other tensor, and every tensor on a GPU (DoRA, replaced and trainable rows, experts, a quantized BASE
     written as floats): merged with torch (``blocks.TorchBlocks``), checked by ``check/elements``."""
 
-    name, maker = "torch", "torch"
+    name = "torch"
 
     @staticmethod
     def takes(entry, device_type):

@@ -17,7 +17,6 @@ from pathlib import Path
 
 import numpy as np
 
-from .blocks import MAKERS
 from .check.readback import Compared, copy_verdict
 from .check.verdict import TensorVerdict
 from .dtypes import DTYPES
@@ -51,6 +50,17 @@ class WriteStats:
             self.merged += 1
         else:
             self.converted += 1
+
+
+def maker_of(route: Route) -> type:
+    """The class that makes the blocks of a route's tensors (one per run, shared by the tensors of its route):
+    each format's CPU maker in its folder, torch's for the rest."""
+    from .blocks import TorchBlocks
+    from .numbers.floats.merge import FloatBlocks
+    from .numbers.fp8.merge import Fp8Blocks
+    from .numbers.mxfp4.merge import Mxfp4Blocks
+
+    return {"float": FloatBlocks, "fp8": Fp8Blocks, "mxfp4": Mxfp4Blocks}.get(route.name, TorchBlocks)
 
 
 def write_shards(plan: Plan, folder: Path, device, options, progress, *, reuse: frozenset[str] | set[str] = frozenset(),
@@ -126,7 +136,7 @@ class _Writing:
         self.reader, self.checker, self.writer = reader, checker, writer
         self.progress = progress
         self.routes = chosen
-        self.makers: dict[str, object] = {}  # each route's maker, made on first use (torch's imports torch)
+        self.makers: dict[type, object] = {}  # each route's maker, made on first use (torch's imports torch)
         self.stats = WriteStats()
         self.src_fds: dict[Path, int] = {}
         self.checked: list = []  # futures of (tensor, its verdict)
@@ -134,9 +144,10 @@ class _Writing:
         self.offsets: dict[str, int] = {}  # where each stored tensor of the shard being written starts
 
     def maker(self, route: Route):
-        if route.maker not in self.makers:
-            self.makers[route.maker] = MAKERS[route.maker](self.device, self.block_bytes, self.reader)
-        return self.makers[route.maker]
+        cls = maker_of(route)
+        if cls not in self.makers:
+            self.makers[cls] = cls(self.device, self.block_bytes, self.reader)
+        return self.makers[cls]
 
     def reused(self, shard) -> None:
         self.stats.reused += 1

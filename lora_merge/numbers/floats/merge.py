@@ -12,13 +12,16 @@ rounded once, whichever path computed them and in whatever order BLAS summed.
 from __future__ import annotations
 
 import math
+from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 
 from ... import kernels
 from ...adapter import AddScaled
+from ...blocks import Block, Ring
+from ...buffers import HostBuffers
 from ...exact import ExactSums
-from ...reader import as_float32
+from ...reader import as_float32, stored_rows
 from .spec import (
     OPEN_SHARE,
     UNIT32,
@@ -151,3 +154,37 @@ class FloatMerge:
         return y
 
 
+class FloatBlocks:
+    """Merges the tensors ``route.FloatRoute`` takes, in numpy on the CPU, block by block (``numbers.floats.merge``)."""
+
+    def __init__(self, device, block_bytes: int, reader: ThreadPoolExecutor):
+        self.block_bytes = block_bytes
+        self.reader = reader
+        self.scratch = HostBuffers()  # the merge's tiles
+        self.raw = Ring(2, HostBuffers)  # this block, and the next one being read
+        self.out = Ring(4, HostBuffers)  # blocks being checked and written, and the one being made
+        self.decided = self.exact = 0  # elements decided outside the kernels, and of those exactly
+
+    def blocks(self, entry):
+        merge = FloatMerge(entry)
+        n = 1 if merge.vector else entry.shape[0]
+        step = n if merge.vector else entry.rows_per_block(self.block_bytes)
+        spans = [(start, min(n, start + step)) for start in range(0, n, step)]
+        out_dtype = np.float32 if entry.dtype == "F32" else np.uint16
+        pending = self.reader.submit(self._read, entry, *spans[0]) if spans else None
+        for k, (start, stop) in enumerate(spans):
+            w = pending.result()
+            pending = self.reader.submit(self._read, entry, *spans[k + 1]) if k + 1 < len(spans) else None
+            slot = self.out.next()
+            out = slot.device("out", ((stop - start) * merge.width,), out_dtype)
+            merge.rows(start, stop, w, out, self.scratch)
+            yield Block(start, stop, (out,), (out,), None, slot)
+        self.decided += merge.flagged
+        self.exact += merge.exact
+
+    def _read(self, entry, start: int, stop: int):
+        return stored_rows(entry.base, start, stop, self.raw.next().device, "raw")
+
+    def close(self) -> None:
+        self.out.release()
+        self.raw.release()

@@ -17,9 +17,13 @@ whether the adapter changes it or not (or targets the matrix at all).
 
 from __future__ import annotations
 
+from concurrent.futures import ThreadPoolExecutor
+
 import numpy as np
 
 from ... import kernels
+from ...blocks import Block, Ring
+from ...buffers import HostBuffers
 from ...errors import NonFiniteError
 from ...kernels.args import Fp8Merge as Fp8MergeArgs
 from ...kernels.args import Product
@@ -180,3 +184,32 @@ class Fp8Merge:
             at = flat[close]
             x = self.f.sums(first, self.cols)(at, w[close])
             out[at] = np.where(x == 0, np.where(negative[close], 0x80, 0), nearest_codes(x, s[close]))  # 0: v's sign
+
+
+class Fp8Blocks:
+    """Merges the FP8 tensors ``route.Fp8Route`` takes, in numpy on the CPU, whole bands of rows at a time."""
+
+    def __init__(self, device, block_bytes: int, reader: ThreadPoolExecutor):
+        self.block_bytes = block_bytes
+        self.out = Ring(4, HostBuffers)  # blocks being checked and written, and the one being made
+        self.decided = self.exact = 0  # elements decided outside the kernels, and of those exactly
+        self.pool: ThreadPoolExecutor | None = None  # two threads share each band, made on first use
+
+    def blocks(self, entry):
+        if self.pool is None:
+            self.pool = ThreadPoolExecutor(2, "lora-merge-fp8")
+        merge = Fp8Merge(entry, self.pool)
+        n, band = entry.shape[0], entry.base.block[0]
+        step = max(band, entry.rows_per_block(self.block_bytes) // band * band)  # whole bands
+        for start in range(0, n, step):
+            stop = min(n, start + step)
+            slot = self.out.next()
+            made = merge.block(start, stop, slot.device)
+            yield Block(start, stop, made, made, None, slot)
+        self.decided += merge.decided
+        self.exact += merge.exact
+
+    def close(self) -> None:
+        self.out.release()
+        if self.pool is not None:
+            self.pool.shutdown()

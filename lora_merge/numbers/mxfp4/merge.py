@@ -12,9 +12,13 @@ is clear of a midpoint; the rest are decided here in float64 or, within float64'
 
 from __future__ import annotations
 
+from concurrent.futures import ThreadPoolExecutor
+
 import numpy as np
 
 from ... import kernels
+from ...blocks import Block, Ring
+from ...buffers import HostBuffers
 from ...errors import NonFiniteError
 from ...kernels.args import Mxfp4Merge as Mxfp4MergeArgs
 from ...kernels.args import Product
@@ -27,6 +31,7 @@ from .spec import (
     fresh_exponent,
     nearest_codes,
     read_rows,
+    spans,
 )
 
 
@@ -129,3 +134,24 @@ class Mxfp4Merge:
             x = self.f.sums(k, o0)(flat[close], w[close])
             codes[rows_[close], cols[close]] = np.where(x == 0, np.where(np.signbit(v[close]), 8, 0),
                                                         nearest_codes(np.ldexp(x, -ex[close])))
+
+
+class Mxfp4Blocks:
+    """Merges the MXFP4 experts ``route.Mxfp4Route`` takes, in numpy on the CPU, a block of stored rows at a
+    time: a Block's start and stop count stored rows (expert-major), not experts."""
+
+    def __init__(self, device, block_bytes: int, reader: ThreadPoolExecutor):
+        self.out = Ring(4, HostBuffers)
+        self.decided = self.exact = 0
+
+    def blocks(self, entry):
+        merge = Mxfp4Merge(entry)
+        for first, last in spans(entry.base):
+            slot = self.out.next()
+            made = merge.block(first, last, slot.device)
+            yield Block(first, last, made, made, None, slot)
+        self.decided += merge.decided
+        self.exact += merge.exact
+
+    def close(self) -> None:
+        self.out.release()
