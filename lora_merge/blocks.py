@@ -12,11 +12,14 @@ from __future__ import annotations
 
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 from .errors import NonFiniteError
 from .numbers.quantized import QuantizedTensor
-from .plan import Entry
 from .reader import read_rows, row_bytes
+
+if TYPE_CHECKING:
+    from .plan import Entry
 
 
 @dataclass

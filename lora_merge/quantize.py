@@ -2,7 +2,7 @@
 
 The layout DeepSeek-V3 and Qwen3-FP8 releases use and transformers' FineGrainedFP8 loads: each Linear weight as
 float8_e4m3fn with a float32 ``weight_scale_inv`` per 128×128 block, every element the nearest e4m3 value of the
-exact W + s·B·A at its block's scale (``quant.fp8.Fp8Quantized``), rounded once. Embeddings, norms, the output
+exact W + s·B·A at its block's scale (``numbers.fp8.codec.Fp8Quantized``), rounded once. Embeddings, norms, the output
 layer, routers and any matrix whose sides are not multiples of 128 (transformers cannot load partial blocks) stay
 in BASE's dtype, and ``modules_to_not_convert`` names each of them. Of the rest, a weight is FP8 where transformers
 will find its scale: the weight of a plain ``nn.Linear`` (FineGrainedFP8 swaps no subclass), stored under a name

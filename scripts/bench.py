@@ -1,7 +1,7 @@
 """Speed and memory of lora-merge beside `cp -r`, peft and mergekit, measured in one run.
 
     python scripts/bench.py [--shapes 0.6b 1.7b 8b] [--ranks 16] [--factors float32 bfloat16] [--deltas small large]
-                            [--runs 3] [--device cpu|cuda] [--cpus N] [--no-peft]
+                            [--runs 3] [--device cpu|cuda] [--cpus N] [--no-peft] [--baseline CHECKOUT]
 
 On first run, it generates bf16 bases with real architectures and random weights (Qwen3-0.6B,
 Qwen3-1.7B and Llama-3-8B shapes; on a GPU when ``--device cuda``) and peft adapters on every linear
@@ -13,6 +13,7 @@ alternation, `--runs` times each, under `/usr/bin/time -v` (and `taskset` on the
 - peft, as users do it, on the same device: `from_pretrained` (with `device_map` on a GPU) +
   `merge_and_unload` + `save_pretrained`;
 - mergekit's LoRA merge (`BASE+ADAPTER`), when `mergekit-yaml` is on the PATH;
+- with `--baseline CHECKOUT`, the lora-merge of another checkout (an earlier commit, say), the same way;
 then lora-merge's own way back, `lora-merge unmerge OUT ADAPTER BACK` with and without `--base BASE`.
 It checks every output against lora-merge's (the unmerged ones against BASE), then prints a Markdown table
 of medians and ratios.
@@ -66,11 +67,17 @@ def timed(cmd: list[str]) -> dict:
     }
 
 
-def tools(base: Path, adapter: Path, out: Path, device: str, peft: bool) -> dict[str, list[str]]:
+def tools(base: Path, adapter: Path, out: Path, device: str, peft: bool,
+          baseline: Path | None = None) -> dict[str, list[str]]:
     found = {
         "cp -r": ["cp", "-r", str(base), str(out)],
         "lora-merge": ["lora-merge", "-q", str(base), str(adapter), str(out), "--device", device],
     }
+    if baseline is not None:  # another checkout of lora-merge (its C passes built in place), run the same way
+        run = (f"import sys; sys.path.insert(0, {str(baseline.resolve())!r}); sys.argv[0] = 'lora-merge'; "
+               "from lora_merge.cli import main; main()")
+        found["lora-merge (baseline)"] = [sys.executable, "-c", run, "-q", str(base), str(adapter), str(out),
+                                          "--device", device]
     if peft:
         found["peft"] = [sys.executable, "-c", PEFT_MERGE, str(base), str(adapter), str(out), device]
     if shutil.which("mergekit-yaml"):
@@ -125,6 +132,10 @@ def main() -> None:
     parser.add_argument("--cpus", type=int, help="run every tool on the first N cores only (taskset)")
     parser.add_argument("--no-peft", action="store_true", help="leave peft out (it needs transformers and peft)")
     parser.add_argument("--dir", type=Path, default=Path(".bench"))
+    parser.add_argument("--baseline", type=Path, metavar="CHECKOUT",
+                        help="also run the lora-merge of another checkout (e.g. `git worktree add ../before HEAD~1`, "
+                             "then `pip install -e ../before --no-deps` in a scratch venv, or `python setup.py "
+                             "build_ext --inplace` there): before and after in one run")
     args = parser.parse_args()
     pin = ["taskset", "-c", f"0-{args.cpus - 1}"] if args.cpus else []
     draw_on = "cuda" if args.device.startswith("cuda") else "cpu"
@@ -144,7 +155,8 @@ def main() -> None:
             work = folder / "runs"
             shutil.rmtree(work, ignore_errors=True)
             work.mkdir()
-            commands = {n: pin + c for n, c in tools(base, adapter, work / "out", args.device, not args.no_peft).items()}
+            commands = {n: pin + c for n, c in tools(base, adapter, work / "out", args.device, not args.no_peft,
+                                                     args.baseline).items()}
             names = list(commands)
             results: dict[str, list[dict]] = {n: [] for n in names}
             kept: dict[str, Path] = {}

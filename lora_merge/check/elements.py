@@ -1,6 +1,6 @@
 """The exact value of every merged element, and the check of stored elements against it.
 
-This is the parity check's own computation with torch (for the tensors ``dense`` does not merge, and on a GPU),
+This is the parity check's own computation with torch (for the tensors merged with torch, and every tensor on a GPU),
 kept apart from the merge's (``mathops``): it loads the
 adapter's factors itself, computes W + s·B·A (DoRA, trainable rows, replacements included) in float64,
 and decides for each stored element whether it is the nearest value of its dtype, or else how far it

@@ -1,4 +1,4 @@
-"""The check of a tensor of a float dtype merged on the CPU (see ``dense.py``), with code of its own.
+"""The check of a tensor of a float dtype merged on the CPU (see ``merge.py`` beside it), with code of its own.
 
 It reads BASE's rows itself, prepares the adapter's factors its own way (the scale folded into the right factor,
 where the merge folds it into the left), computes its own product with BLAS and asks ``kernels`` whether each

@@ -1,4 +1,4 @@
-"""The check of MXFP4 experts written back in their format on the CPU (see ``quant/mxfp4_cpu.py``), with code of its
+"""The check of MXFP4 experts written back in their format on the CPU (see ``merge.py`` beside it), with code of its
 own: BASE's bytes read by the check itself, the adapter's factors prepared its own way (the scale folded into the
 right factor), each stored value proven within half a step of the e2m1 grid at its group's scale of the exact
 W + s·B·A by the MXFP4 kernel or measured in float64 against ``grid.GridCheck``'s bound, and each group whose

@@ -107,10 +107,8 @@ def fresh_exponent(largest) -> int:
 def takes(entry, device_type: str) -> bool:
     """Whether ``entry`` is merged here: MXFP4 experts written back as MXFP4 on the CPU, changed by low-rank
     products per expert only, the input axis a multiple of 64."""
-    from .codec import Mxfp4Tensor
-
     q, ops = entry.base, entry.ops
-    if device_type != "cpu" or not entry.written_quantized or not isinstance(q, Mxfp4Tensor) or ops is None:
+    if device_type != "cpu" or not entry.written_quantized or q.dtype != "MXFP4" or ops is None:
         return False
     if q.shape[1] % 64 or not ops.deltas or not all(isinstance(d, LowRank) and d.experts == q.shape[0]
                                                     for d in ops.deltas):
