@@ -464,7 +464,7 @@ def _format_plan(d: dict, every: bool = False) -> str:
         f"({c['tensors']} in all, {len(d['shards'])} shard{'s' if len(d['shards']) != 1 else ''}, "
         f"{megabytes(d['bytes'])})",
         f"  adapter: {c['adapter_tensors']} tensors onto {c['adapter_targets']} base tensors",
-        _memory_line(d["memory"]),
+        _memory_line(d["memory"], d["jobs"]),
     ]
     lines += [f"  {n} targets named for the model in memory, placed through {how}"
               for how, n in d["placed_through_layout"].items()]
@@ -481,9 +481,10 @@ def _format_plan(d: dict, every: bool = False) -> str:
     return "\n".join(lines)
 
 
-def _memory_line(m: dict) -> str:
+def _memory_line(m: dict, jobs: int) -> str:
     line = (f"  estimated peak memory: {megabytes(m['estimated_peak_bytes'])} (this process holds "
-            f"{megabytes(m['baseline_bytes'])} now; the merge adds about {megabytes(m['estimated_added_bytes'])})")
+            f"{megabytes(m['baseline_bytes'])} now; the merge adds about {megabytes(m['estimated_added_bytes'])} "
+            f"with --jobs {jobs})")
     if m.get("estimated_gpu_bytes"):
         line += f", and about {megabytes(m['estimated_gpu_bytes'])} on the GPU"
     return line

@@ -60,6 +60,9 @@ def _mib(ctx, param, value):
 
 DEVICE = flag("--device", "Where the arithmetic runs. auto: CUDA when present, else CPU.",
               metavar="auto|cpu|cuda|cuda:N|mps", show_default=True)
+JOBS = flag("--jobs", "Tensors merged and checked at once. Default: one for every two CPUs this process may use (each "
+            "job keeps about 1.5 cores busy and holds its own blocks: --dry-run says how much memory).", metavar="N",
+            type=click.IntRange(1))
 OVERWRITE = flag("--overwrite", "Replace OUT if it exists (only once the new output is complete and has passed its "
                  "checks).", is_flag=True)
 TOKENIZER_FROM = flag("--tokenizer-from", "Where the tokenizer and chat template come from. Default: the base's, the "
@@ -108,6 +111,7 @@ FLAGS: dict[type, dict[str, Flag | type | None]] = {
                          "once: fp8 (e4m3 with a float32 scale per 128×128 block, as DeepSeek-V3 and Qwen3-FP8 "
                          "releases store them).", type=click.Choice(["fp8"])),
         "device": DEVICE,
+        "jobs": JOBS,
         "overwrite": OVERWRITE,
         "tokenizer_from": TOKENIZER_FROM,
         "block_bytes": BLOCK,
@@ -120,6 +124,7 @@ FLAGS: dict[type, dict[str, Flag | type | None]] = {
     },
     UnmergeOptions: {
         "device": DEVICE,
+        "jobs": JOBS,
         "overwrite": OVERWRITE,
         "tokenizer_from": None,  # as a merge of MERGED would choose (not asked for on the command line)
         "block_bytes": None,
@@ -128,6 +133,8 @@ FLAGS: dict[type, dict[str, Flag | type | None]] = {
     },
     VerifyOptions: {
         "device": DEVICE,
+        "jobs": flag("--jobs", "Weights files read back and checked at once. Default: one for every two CPUs this "
+                     "process may use.", metavar="N", type=click.IntRange(1)),
         "check": CheckOptions,
         "adapter_options": AdapterOptions,
     },

@@ -8,6 +8,7 @@ for their fields are in ``flags.py``.
 
 from __future__ import annotations
 
+import os
 import re
 from dataclasses import asdict, dataclass, field, fields, replace
 from fractions import Fraction
@@ -117,6 +118,7 @@ class MergeOptions(_Settings):
     dtype: str | None = None  # the output dtype of floating-point tensors (default: BASE's)
     quantize: str | None = None  # "fp8": BASE's float Linear weights written as FP8
     device: str = "auto"
+    jobs: int | None = None  # tensors merged at once (default: ``jobs_for``, one for every two CPUs)
     overwrite: bool = False
     tokenizer_from: str | None = None  # "base", "adapter" (default: chosen, see tokenizer.py)
     block_bytes: int | None = None  # the float64 working block (default: BLOCK_BYTES for the device)
@@ -130,6 +132,7 @@ class MergeOptions(_Settings):
         if self.dtype is not None:
             object.__setattr__(self, "dtype", output_dtype(self.dtype))  # bf16 is bfloat16
         _positive_bytes(self, "block_bytes", "max_shard_bytes")
+        _positive_jobs(self)
 
 
 @dataclass(frozen=True)
@@ -137,6 +140,7 @@ class UnmergeOptions(_Settings):
     """How an unmerge runs: it writes MERGED's dtypes and files, all at once, with finite values only."""
 
     device: str = "auto"
+    jobs: int | None = None
     overwrite: bool = False
     tokenizer_from: str | None = None
     block_bytes: int | None = None
@@ -145,6 +149,7 @@ class UnmergeOptions(_Settings):
 
     def __post_init__(self):
         _positive_bytes(self, "block_bytes", "max_shard_bytes")
+        _positive_jobs(self)
 
     def as_run(self) -> MergeOptions:
         """The run's options: a merge's, with nothing an unmerge does not do."""
@@ -156,8 +161,12 @@ class VerifyOptions(_Settings):
     """How ``verify`` checks a folder."""
 
     device: str = "auto"
+    jobs: int | None = None  # weights files read back and checked at once (default: ``jobs_for``)
     check: CheckOptions = field(default_factory=CheckOptions)
     adapter_options: AdapterOptions = field(default_factory=AdapterOptions)
+
+    def __post_init__(self):
+        _positive_jobs(self)
 
 
 def _positive_bytes(options, *names: str) -> None:
@@ -165,3 +174,23 @@ def _positive_bytes(options, *names: str) -> None:
         value = getattr(options, name)
         if value is not None and (not isinstance(value, int) or isinstance(value, bool) or value < 1):
             raise ValueError(f"{name} must be a positive number of bytes, not {value!r}")
+
+
+def _positive_jobs(options) -> None:
+    jobs = options.jobs
+    if jobs is not None and (not isinstance(jobs, int) or isinstance(jobs, bool) or jobs < 1):
+        raise ValueError(f"jobs must be a positive number, not {jobs!r}")
+
+
+def jobs_for(asked: int | None) -> int:
+    """How many tensors (or files) a run works on at once: ``asked``, or one for every two CPUs this process may
+    use. One job keeps about 1.5 cores busy (its merge, its check, its reads ahead and its share of the write
+    thread: 14.6 s of CPU in 9 s on the Qwen3-1.7B shape, 2 cores), and two jobs on 2 cores were no faster than
+    one (8.8-9.1 s against 8.9-9.6 s) for 27% more memory."""
+    if asked:
+        return asked
+    try:
+        cpus = len(os.sched_getaffinity(0))
+    except (AttributeError, OSError):  # no affinity on this system
+        cpus = os.cpu_count() or 1
+    return max(1, cpus // 2)

@@ -18,7 +18,7 @@ from .inputs import (
     quantization,
 )
 from .memory import resident_bytes
-from .options import MergeOptions, UnmergeOptions, VerifyOptions
+from .options import MergeOptions, UnmergeOptions, VerifyOptions, jobs_for
 from .plan import Plan, make_plan
 from .route import working_set
 from .run import MergeResult, with_bar, write_run
@@ -38,13 +38,15 @@ def describe_plan(plan: Plan, options: MergeOptions | None = None) -> dict:
     """The plan as data: what --dry-run prints."""
     options = options or MergeOptions()
     device = resolve_device(options.device)
-    host, gpu = working_set(plan, device, options.block_bytes)
+    jobs = jobs_for(options.jobs)
+    host, gpu = working_set(plan, device, options.block_bytes, jobs)
     baseline = resident_bytes()
     return {
         "base": str(plan.base.path),
         "adapter": ", ".join(f"{a.path}" + (f" (weight {a.weight:g})" if a.weight != 1.0 else "") for a in plan.adapter.members),
         "counts": plan.counts(),
         "bytes": plan.total_bytes,
+        "jobs": jobs,
         "memory": {"baseline_bytes": baseline, "estimated_added_bytes": host,
                    "estimated_peak_bytes": baseline + host, "estimated_gpu_bytes": gpu or None},
         "shards": [s.name for s in plan.shards],
@@ -141,4 +143,4 @@ def verify(out: str | Path, base: str, adapter: Adapters, options: VerifyOptions
     log.info("checking on %s", dev)
     return with_bar(progress, plan.total_bytes, "verifying",
                      lambda bar: verify_output(out_src.path, plan, dev, out_model=out_model, progress=bar,
-                                               accept=options.check))
+                                               accept=options.check, jobs=jobs_for(options.jobs)))

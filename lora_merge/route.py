@@ -228,11 +228,12 @@ def routes(plan, device) -> list[Route]:
     return [route(e, device) for e in plan.entries]
 
 
-def working_set(plan, device, block_bytes: int | None) -> tuple[int, int]:
-    """What the writer holds at its largest, in host memory and on a GPU: the tensor that needs most."""
+def working_set(plan, device, block_bytes: int | None, jobs: int = 1) -> tuple[int, int]:
+    """What the writer holds at its largest, in host memory and on a GPU: ``jobs`` lanes each merging the tensor
+    that needs most (the write thread's read-back buffer is shared)."""
     block_bytes = block_bytes_for(device, block_bytes)
     host, gpu = THREADS_ALLOWANCE + READ_BACK_BYTES, 0
     for r in routes(plan, device):
         h, g = r.working_set(block_bytes)
         host, gpu = max(host, h), max(gpu, g)
-    return host, gpu
+    return READ_BACK_BYTES + jobs * (host - READ_BACK_BYTES), jobs * gpu

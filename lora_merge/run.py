@@ -17,7 +17,7 @@ from .devices import resolve
 from .dtypes import FLOAT_DTYPES
 from .errors import NonFiniteError, ParityError, QuantizationError, name_list
 from .memory import measure, megabytes
-from .options import MergeOptions
+from .options import MergeOptions, jobs_for
 from .output import (
     OutputLock,
     StagedOutput,
@@ -219,7 +219,7 @@ class Run:
         found = Found(stats.tensors, stats.digests)  # checked as written; kept shards are read back
         check = self.check or (lambda folder, plan, dev, provenance, bar, found: verify_output(
             folder, plan, dev, found=found, shown_as=str(out_path), provenance=provenance, progress=bar,
-            accept=options.check))
+            accept=options.check, jobs=jobs_for(options.jobs)))
         kept = sum(e.nbytes for s in plan.shards if s.name in reuse for e in s.entries)
         report = with_bar(self.progress, kept, "verifying",
                            lambda bar: check(staged.tmp, plan, dev, provenance, bar, found))

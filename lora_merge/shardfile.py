@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import threading
 from collections import deque
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -19,13 +20,14 @@ from .safetensors_file import copy_range, pread_into, write_at
 
 
 class ShardFile:
-    """A shard being written: pieces are handed over in any order of offsets (``block``, ``copy``); at most ``depth``
-    wait. ``differs`` and ``nonfinite`` say what reading back found."""
+    """A shard being written: pieces are handed over in any order of offsets (``block``, ``copy``), from any thread;
+    at most ``depth`` wait. ``differs`` and ``nonfinite`` say what reading back found."""
 
     def __init__(self, pool: ThreadPoolExecutor, path: Path, size: int, depth: int = 2):
         self.pool, self.path, self.size, self.depth = pool, path, size, depth
         self.fd = create(path)
         self.pending: deque = deque()
+        self.lock = threading.Lock()
         self.digest = hashlib.sha256()
         self.hashed = 0  # the file is hashed up to here
         self.ahead: dict[int, int] = {}  # pieces written past that point: start -> end
@@ -90,10 +92,11 @@ class ShardFile:
             self.hashed = end
 
     def _submit(self, fn, *args):
-        while len(self.pending) >= self.depth:
-            self.pending.popleft().result()
-        future = self.pool.submit(fn, *args)
-        self.pending.append(future)
+        with self.lock:  # several lanes hand pieces over
+            while len(self.pending) >= self.depth:
+                self.pending.popleft().result()
+            future = self.pool.submit(fn, *args)
+            self.pending.append(future)
         return future
 
     def finish(self) -> str:

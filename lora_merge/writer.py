@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import json
 import os
+import queue
+import threading
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -21,6 +23,7 @@ from .check.readback import Compared, copy_verdict
 from .check.verdict import TensorVerdict
 from .dtypes import DTYPES
 from .kernels import blas
+from .options import jobs_for
 from .output import no_room
 from .paths import open_read, write_new
 from .plan import Entry, Plan
@@ -74,11 +77,11 @@ def write_shards(plan: Plan, folder: Path, device, options, progress, *, reuse: 
     """
     chosen = {r.entry.name: r for r in routes(plan, device)}
     torch_needed = any(r.torch for r in chosen.values())
+    jobs = jobs_for(options.jobs)
     with _torch_threads(device if torch_needed else None), blas.one_thread(), kept_open(), \
-            ThreadPoolExecutor(1, "lora-merge-read") as reader, ThreadPoolExecutor(1, "lora-merge-check") as checker, \
-            ThreadPoolExecutor(1, "lora-merge-write") as writer:
-        job = _Writing(folder, device, block_bytes_for(device, options.block_bytes), reader, checker, writer,
-                       progress, chosen)
+            ThreadPoolExecutor(jobs, "lora-merge-read") as reader, ThreadPoolExecutor(1, "lora-merge-write") as writer:
+        lanes = [_Lane(device, block_bytes_for(device, options.block_bytes), reader) for _ in range(jobs)]
+        job = _Writing(folder, lanes, writer, progress, chosen)
         try:
             for shard in plan.shards:
                 if shard.name in reuse:
@@ -127,27 +130,55 @@ class _torch_threads:
             torch.set_num_threads(self.threads)
 
 
-class _Writing:
-    """One run of the writer: the shards written so far, and what their checks found."""
+class _Lane:
+    """Where one tensor at a time is merged: its own makers (each route's, made on first use), its own check thread
+    and the check's buffers. A run has ``--jobs`` lanes, each taking the next tensor when it is done with one."""
 
-    def __init__(self, folder: Path, device, block_bytes: int, reader: ThreadPoolExecutor, checker: ThreadPoolExecutor,
-                 writer: ThreadPoolExecutor, progress, chosen: dict[str, Route]):
-        self.folder, self.device, self.block_bytes = folder, device, block_bytes
-        self.reader, self.checker, self.writer = reader, checker, writer
-        self.progress = progress
-        self.routes = chosen
-        self.makers: dict[type, object] = {}  # each route's maker, made on first use (torch's imports torch)
-        self.stats = WriteStats()
-        self.src_fds: dict[Path, int] = {}
-        self.checked: list = []  # futures of (tensor, its verdict)
-        self.check_buffers: dict[bool, object] = {}  # the check thread's, shared by the tensors it checks in turn
-        self.offsets: dict[str, int] = {}  # where each stored tensor of the shard being written starts
+    def __init__(self, device, block_bytes: int, reader: ThreadPoolExecutor):
+        self.device, self.block_bytes, self.reader = device, block_bytes, reader
+        self.makers: dict[type, object] = {}  # made on first use (torch's imports torch)
+        self.checker = ThreadPoolExecutor(1, "lora-merge-check")
+        self.check_buffers: dict[bool, object] = {}  # shared by the tensors the lane checks in turn
 
     def maker(self, route: Route):
         cls = maker_of(route)
         if cls not in self.makers:
             self.makers[cls] = cls(self.device, self.block_bytes, self.reader)
         return self.makers[cls]
+
+    def buffers(self, numpy: bool):
+        """The check thread's buffers: numpy's for the numpy checks, torch's on the device for the others."""
+        if numpy not in self.check_buffers:
+            from .buffers import Buffers, HostBuffers
+
+            self.check_buffers[numpy] = HostBuffers() if numpy else Buffers(self.device.torch)
+        return self.check_buffers[numpy]
+
+    def close(self) -> None:
+        self.checker.shutdown()
+        for maker in self.makers.values():
+            maker.close()
+
+
+class _Stopped(Exception):
+    """Another lane failed: this one stops between blocks (the other lane's error is the one raised)."""
+
+
+class _Writing:
+    """One run of the writer: the shards written so far, and what their checks found. Copies are handed to the
+    shard's write thread as they come; merged tensors go to the lanes (one at a time on the calling thread when
+    there is one lane), each block landing at its planned place in the file whatever the order."""
+
+    def __init__(self, folder: Path, lanes: list[_Lane], writer: ThreadPoolExecutor, progress, chosen: dict[str, Route]):
+        self.folder, self.lanes, self.writer, self.progress, self.routes = folder, lanes, writer, progress, chosen
+        self.free: queue.SimpleQueue = queue.SimpleQueue()
+        for lane in lanes:
+            self.free.put(lane)
+        self.pool = ThreadPoolExecutor(len(lanes), "lora-merge-merge") if len(lanes) > 1 else None
+        self.stopped = threading.Event()
+        self.stats = WriteStats()
+        self.src_fds: dict[Path, int] = {}
+        self.offsets: dict[str, int] = {}  # where each stored tensor of the shard being written starts
 
     def reused(self, shard) -> None:
         self.stats.reused += 1
@@ -160,26 +191,37 @@ class _Writing:
         """Write, check and read back one shard; its sha256."""
         prefix, self.offsets = encode_header(shard.stored, shard.metadata)
         try:
-            out = ShardFile(self.writer, self.folder / shard.name, len(prefix) + shard.nbytes)
+            out = ShardFile(self.writer, self.folder / shard.name, len(prefix) + shard.nbytes, depth=2 * len(self.lanes))
         except OSError as e:
             no_room(e, shard.name)
             raise
+        running: list = []  # the lanes' futures of (entry, bytes written, future of the tensor's verdict)
+        checked: list = []
         try:
             out.header(prefix)
             for entry in shard.entries:
-                written = self._copy(entry, out) if entry.is_copy else self._merge(entry, out)
-                self.stats.count(entry)
-                self.progress.update(written)
+                if entry.is_copy:
+                    self._done(entry, self._copy(entry, out))
+                elif self.pool is None:
+                    written, verdict = self._merge(entry, out, self.lanes[0])
+                    checked.append(verdict)
+                    self._done(entry, written)
+                else:
+                    lane = self.free.get()  # a lane free: the one that finished last (or a failure to raise)
+                    self._harvest(running, checked, wait=False)
+                    running.append(self.pool.submit(self._in_lane, entry, out, lane))
+            self._harvest(running, checked, wait=True)
             digest = out.finish()
-            checked, self.checked = self.checked, []
             for future in checked:
                 name, verdict = future.result()
                 self.stats.tensors[name] = verdict.on_disk(out.differs.get(name))
         except BaseException as e:
-            out.abandon()
-            for future in self.checked:
+            self.stopped.set()
+            for future in running:  # the lanes stop between blocks; then nothing more is handed to the file
                 future.exception()
-            self.checked = []
+            out.abandon()
+            for future in checked:
+                future.exception()
             if isinstance(e, OSError):
                 no_room(e, shard.name)
             raise
@@ -193,6 +235,25 @@ class _Writing:
         self.stats.files.append(shard.name)
         return digest
 
+    def _done(self, entry: Entry, written: int) -> None:
+        self.stats.count(entry)
+        self.progress.update(written)
+
+    def _harvest(self, running: list, checked: list, wait: bool) -> None:
+        """Count the lanes' finished tensors (all of them with ``wait``); a lane's failure is raised here."""
+        for future in list(running):
+            if wait or future.done():
+                entry, written, verdict = future.result()
+                running.remove(future)
+                checked.append(verdict)
+                self._done(entry, written)
+
+    def _in_lane(self, entry: Entry, out: ShardFile, lane: _Lane):
+        try:
+            return (entry, *self._merge(entry, out, lane))
+        finally:
+            self.free.put(lane)
+
     def _copy(self, entry: Entry, out: ShardFile) -> int:
         path = entry.base.path
         if path not in self.src_fds:
@@ -200,17 +261,20 @@ class _Writing:
         out.copy(entry.name, self.offsets[entry.name], self.src_fds[path], entry.base.start, entry.nbytes, entry.dtype)
         return entry.nbytes
 
-    def _merge(self, entry: Entry, out: ShardFile) -> int:
-        """Each block is checked on the check thread while the write thread writes it and reads it back: the file is
-        then known to hold the bytes that were checked. A quantized format's scales follow its codes."""
+    def _merge(self, entry: Entry, out: ShardFile, lane: _Lane):
+        """Each block is checked on the lane's check thread while the write thread writes it and reads it back: the
+        file is then known to hold the bytes that were checked. A quantized format's scales follow its codes.
+        The bytes written, and the future of (the tensor's name, its verdict)."""
         written = 0
         route = self.routes[entry.name]
-        check = route.check(self._buffers(route.numpy_check))
+        check = route.check(lane.buffers(route.numpy_check))
         scales = _Scales(entry, route.part_rows) if route.parts else None
         first = entry.stored[0][0]
-        for b in self.maker(route).blocks(entry):
+        for b in lane.maker(route).blocks(entry):
+            if self.stopped.is_set():
+                raise _Stopped
             stored = b.device if scales is not None else b.device[0]
-            b.slot.waits.append(self.checker.submit(check.block, b.start, b.stop, stored))
+            b.slot.waits.append(lane.checker.submit(check.block, b.start, b.stop, stored))
             b.slot.waits.append(out.block(entry.name, self.offsets[first] + written, written, b.host[0], b.ready))
             written += _nbytes(b.host[0])
             if scales is not None:
@@ -220,22 +284,16 @@ class _Writing:
             written += data.nbytes
         if written != entry.nbytes:  # a planning bug, never a user error
             raise AssertionError(f"{entry.name}: wrote {written} bytes, planned {entry.nbytes}")
-        self.checked.append(self.checker.submit(lambda: (entry.name, check.result())))
-        self.stats.decided = sum(m.decided for m in self.makers.values())
-        self.stats.exact = sum(m.exact for m in self.makers.values())
-        return written
-
-    def _buffers(self, numpy: bool):
-        """The check thread's buffers: numpy's for the numpy checks, torch's on the device for the others."""
-        if numpy not in self.check_buffers:
-            from .buffers import Buffers, HostBuffers
-
-            self.check_buffers[numpy] = HostBuffers() if numpy else Buffers(self.device.torch)
-        return self.check_buffers[numpy]
+        return written, lane.checker.submit(lambda: (entry.name, check.result()))
 
     def close(self) -> None:
-        for maker in self.makers.values():
-            maker.close()
+        if self.pool is not None:
+            self.pool.shutdown()
+        for lane in self.lanes:
+            lane.close()
+        makers = [m for lane in self.lanes for m in lane.makers.values()]
+        self.stats.decided = sum(m.decided for m in makers)
+        self.stats.exact = sum(m.exact for m in makers)
         for f in self.src_fds.values():
             os.close(f)
 

@@ -2,6 +2,7 @@
 
     python scripts/bench.py [--shapes 0.6b 1.7b 8b] [--ranks 16] [--factors float32 bfloat16] [--deltas small large]
                             [--runs 3] [--device cpu|cuda] [--cpus N] [--no-peft] [--baseline CHECKOUT]
+                            [--jobs N ...] [--no-unmerge]
 
 On first run, it generates bf16 bases with real architectures and random weights (Qwen3-0.6B,
 Qwen3-1.7B and Llama-3-8B shapes; on a GPU when ``--device cuda``) and peft adapters on every linear
@@ -68,11 +69,13 @@ def timed(cmd: list[str]) -> dict:
 
 
 def tools(base: Path, adapter: Path, out: Path, device: str, peft: bool,
-          baseline: Path | None = None) -> dict[str, list[str]]:
+          baseline: Path | None = None, jobs: list[int] = ()) -> dict[str, list[str]]:
     found = {
         "cp -r": ["cp", "-r", str(base), str(out)],
         "lora-merge": ["lora-merge", "-q", str(base), str(adapter), str(out), "--device", device],
     }
+    for n in jobs:  # the default's rows beside lora-merge at each --jobs asked for
+        found[f"lora-merge --jobs {n}"] = found["lora-merge"] + ["--jobs", str(n)]
     if baseline is not None:  # another checkout of lora-merge (its C passes built in place), run the same way
         run = (f"import sys; sys.path.insert(0, {str(baseline.resolve())!r}); sys.argv[0] = 'lora-merge'; "
                "from lora_merge.cli import main; main()")
@@ -132,6 +135,9 @@ def main() -> None:
     parser.add_argument("--cpus", type=int, help="run every tool on the first N cores only (taskset)")
     parser.add_argument("--no-peft", action="store_true", help="leave peft out (it needs transformers and peft)")
     parser.add_argument("--dir", type=Path, default=Path(".bench"))
+    parser.add_argument("--jobs", nargs="+", type=int, default=[], metavar="N",
+                        help="also run lora-merge with each of these --jobs")
+    parser.add_argument("--no-unmerge", action="store_true", help="leave the unmerge rows out")
     parser.add_argument("--baseline", type=Path, metavar="CHECKOUT",
                         help="also run the lora-merge of another checkout (e.g. `git worktree add ../before HEAD~1`, "
                              "then `pip install -e ../before --no-deps` in a scratch venv, or `python setup.py "
@@ -156,7 +162,7 @@ def main() -> None:
             shutil.rmtree(work, ignore_errors=True)
             work.mkdir()
             commands = {n: pin + c for n, c in tools(base, adapter, work / "out", args.device, not args.no_peft,
-                                                     args.baseline).items()}
+                                                     args.baseline, args.jobs).items()}
             names = list(commands)
             results: dict[str, list[dict]] = {n: [] for n in names}
             kept: dict[str, Path] = {}
@@ -173,7 +179,9 @@ def main() -> None:
             checks = {n: compare(kept["lora-merge"], p) for n, p in kept.items() if n != "lora-merge"}
             merged, back = kept["lora-merge"], work / "out"
             undo = pin + ["lora-merge", "unmerge", "-q", str(merged), str(adapter), str(back), "--device", args.device]
-            for name, cmd in {"lora-merge unmerge": undo, "lora-merge unmerge --base": undo + ["--base", str(base)]}.items():
+            undoing = {} if args.no_unmerge else {"lora-merge unmerge": undo,
+                                                  "lora-merge unmerge --base": undo + ["--base", str(base)]}
+            for name, cmd in undoing.items():
                 names.append(name)
                 results[name] = []
                 for run in range(args.runs):

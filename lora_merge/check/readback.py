@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field, replace
 
 import numpy as np
@@ -74,56 +75,63 @@ class Found:
     digests: dict[str, str] = field(default_factory=dict)
 
 
-def read_back(out_model, plan, device, progress, only: set[str] | None = None) -> Found:
+def read_back(out_model, plan, device, progress, only: set[str] | None = None, jobs: int = 1) -> Found:
     """Read the weights files of a folder front to back (``only``: these files), hashing each, checking every tensor
-    the plan has: copies byte for byte against BASE, the others element by element, each as its route says."""
+    the plan has: copies byte for byte against BASE, the others element by element, each as its route says;
+    ``jobs`` files at once."""
     from ..route import route
 
+    routes = {e.name: route(e, device) for e in plan.entries}
+    headers = [h for h in out_model.shards if only is None or h.path.name in only]
+    found = Found()
     with kept_open():
-        return _read_back(out_model, plan, {e.name: route(e, device) for e in plan.entries}, progress, only)
+        if jobs == 1 or len(headers) == 1:
+            for header in headers:
+                _read_file(header, out_model, plan, routes, progress, found)
+        else:
+            with ThreadPoolExecutor(min(jobs, len(headers)), "lora-merge-verify") as pool:
+                for future in [pool.submit(_read_file, h, out_model, plan, routes, progress, found) for h in headers]:
+                    future.result()
+    return found
 
 
-def _read_back(out_model, plan, routes: dict, progress, only: set[str] | None) -> Found:
+def _read_file(header, out_model, plan, routes: dict, progress, found: Found) -> None:
+    """One weights file front to back: hashed, and each tensor checked (into ``found``)."""
     entries = {e.name: e for e in plan.entries}
     parts = {p.name: e for e in plan.entries if e.written_quantized for p in e.base.parts}
-    found = Found()
     buffer = np.empty(2 * READ_BYTES, np.uint8)
-    for header in out_model.shards:
-        if only is not None and header.path.name not in only:
-            continue
-        digest = hashlib.sha256()
-        fd = open_read(header.path)
-        try:
-            at = 0
-            for info in sorted(header.tensors.values(), key=lambda i: i.start):
-                _hash_range(fd, digest, at, info.start, buffer)  # the header (and any gap)
-                e = entries.get(info.name)
-                if info.name in parts:  # a quantized format's codes or scales: checked all together, once
-                    _hash_range(fd, digest, info.start, info.start + info.nbytes, buffer)
-                    e = parts[info.name]
-                    if info.name == e.base.parts[0].name:
-                        verdict = _check_requantized(out_model, routes[e.name])
-                        if verdict is not None:
-                            found.tensors[e.name] = verdict
-                elif e is None or e.shape != info.shape or e.dtype != info.dtype:  # the structure check says so
-                    _hash_range(fd, digest, info.start, info.start + info.nbytes, buffer)
-                elif e.is_copy:
-                    src = open_read(e.base.path)
-                    try:
-                        found.tensors[e.name] = copy_verdict(compare_copy(
-                            fd, info.start, src, e.base.start, info.nbytes, info.dtype, buffer,
-                            lambda _, piece: digest.update(piece)))
-                    finally:
-                        os.close(src)
-                else:
-                    found.tensors[e.name] = _check_stored(fd, info, routes[e.name], digest)
-                at = info.start + info.nbytes
-                progress.update(info.nbytes)
-            _hash_range(fd, digest, at, os.fstat(fd).st_size, buffer)
-        finally:
-            os.close(fd)
-        found.digests[header.path.name] = digest.hexdigest()
-    return found
+    digest = hashlib.sha256()
+    fd = open_read(header.path)
+    try:
+        at = 0
+        for info in sorted(header.tensors.values(), key=lambda i: i.start):
+            _hash_range(fd, digest, at, info.start, buffer)  # the header (and any gap)
+            e = entries.get(info.name)
+            if info.name in parts:  # a quantized format's codes or scales: checked all together, once
+                _hash_range(fd, digest, info.start, info.start + info.nbytes, buffer)
+                e = parts[info.name]
+                if info.name == e.base.parts[0].name:
+                    verdict = _check_requantized(out_model, routes[e.name])
+                    if verdict is not None:
+                        found.tensors[e.name] = verdict
+            elif e is None or e.shape != info.shape or e.dtype != info.dtype:  # the structure check says so
+                _hash_range(fd, digest, info.start, info.start + info.nbytes, buffer)
+            elif e.is_copy:
+                src = open_read(e.base.path)
+                try:
+                    found.tensors[e.name] = copy_verdict(compare_copy(
+                        fd, info.start, src, e.base.start, info.nbytes, info.dtype, buffer,
+                        lambda _, piece: digest.update(piece)))
+                finally:
+                    os.close(src)
+            else:
+                found.tensors[e.name] = _check_stored(fd, info, routes[e.name], digest)
+            at = info.start + info.nbytes
+            progress.update(info.nbytes)
+        _hash_range(fd, digest, at, os.fstat(fd).st_size, buffer)
+    finally:
+        os.close(fd)
+    found.digests[header.path.name] = digest.hexdigest()
 
 
 def _hash_range(fd: int, digest, start: int, stop: int, buffer: np.ndarray) -> None:

@@ -126,17 +126,17 @@ class Report:
 
 def verify_output(out: Path, plan: Plan, device, *, out_model: BaseModel | None = None, found: Found | None = None,
                   shown_as: str | None = None, provenance: dict | None = None, progress=None,
-                  accept: CheckOptions = CheckOptions()) -> Report:
+                  accept: CheckOptions = CheckOptions(), jobs: int = 1) -> Report:
     """Check the merged folder ``out`` against the plan of BASE + ADAPTER; a failed check does not raise.
 
     ``found``: what the merge's own checks found as it wrote (the shards they cover are not read again; any other
-    shard, one kept from an interrupted run say, is read back and checked here)."""
+    shard, one kept from an interrupted run say, is read back and checked here, ``jobs`` files at once)."""
     started = time.perf_counter()
     out_model = out_model or load_out(out)
     found = found or Found()
     unread = {h.path.name for h in out_model.shards} - set(found.digests)
     if unread:
-        read = read_back(out_model, plan, device, progress if progress is not None else no_bar(), unread)
+        read = read_back(out_model, plan, device, progress if progress is not None else no_bar(), unread, jobs)
         found = Found({**found.tensors, **read.tensors}, {**found.digests, **read.digests})
     structure, structure_data = check_structure(plan, out_model)
     coverage, coverage_data = check_coverage(plan)
