@@ -86,7 +86,9 @@ class Entry:
     def needs_prepass(self, step: int) -> bool:
         """Written in a quantized format whose scale blocks span more rows than a block of ``step``: each block's
         scale must be found over all of its rows first."""
-        return self.written_quantized and (step % self.base.row_unit != 0 or self.base.global_scale) and step < self.shape[0]
+        if not self.written_quantized or step >= self.shape[0]:
+            return False
+        return step % self.base.row_unit != 0 or bool(self.base.global_scale)
 
 
 @dataclass(frozen=True)
@@ -262,7 +264,8 @@ def resolve_targets(base: BaseModel, adapter: Adapter, keep: bool) -> _Targets:
             # tied embeddings: the output layer shares the input embedding, which the base stores once
             info = tensors[found.tie_source]
             found.untie = True
-            found.notes.append(f"{name} was tied to {found.tie_source}: it is written on its own and the tie is removed")
+            found.notes.append(f"{name} was tied to {found.tie_source}: it is written on its own and the tie is "
+                               "removed")
         if info is None:
             hint = " (a saved full tensor)" if op.replace is not None and not op.deltas else ""
             found.problems.append(f"{name}: the adapter's {op.module}{hint} has no tensor {name!r} in BASE")
@@ -285,7 +288,8 @@ def _target_shape(name: str, op: TargetOps, info, keep: bool, found: _Targets) -
     if r_shape != w_shape:
         resizable = op.may_resize and len(r_shape) == len(w_shape) >= 1 and r_shape[1:] == w_shape[1:]
         if not resizable:
-            found.problems.append(f"{name}: the adapter's full tensor has shape {list(r_shape)}, the base {list(w_shape)}")
+            found.problems.append(f"{name}: the adapter's full tensor has shape {list(r_shape)}, the base "
+                                  f"{list(w_shape)}")
             return None
         if keep and isinstance(info, QuantizedTensor):
             found.problems.append(f"{name}: resized by the adapter, which BASE's {info.dtype} format cannot follow; "

@@ -1,9 +1,9 @@
 """The one reader of stored tensors' bytes: every row, part or whole tensor the merge and the check read from a
-safetensors file (BASE's, the adapter's, OUT's) comes through here, opened under ``paths.open_read``'s rules (a regular file, links followed, a
-pipe or a device refused by name).
+safetensors file (BASE's, the adapter's, OUT's) comes through here, opened under ``paths.open_read``'s rules (a
+regular file, links followed, a pipe or a device refused by name).
 
-Within ``kept_open()`` (a run's writing or reading back) each file is opened once and its descriptor kept until
-the run is done; outside it, each read opens and closes the file. Reads are ``pread``s: threads share descriptors.
+Within ``kept_open()`` (a run's writing or reading back) each file is opened once and its descriptor kept until the
+run is done; outside it, each read opens and closes the file. Reads are ``pread``s: threads share descriptors.
 """
 
 from __future__ import annotations

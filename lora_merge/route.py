@@ -1,14 +1,15 @@
 """How each planned tensor is made, checked and held in memory, decided once per tensor: ``route(entry, device)``.
 
 A route names the way its tensor is merged (the writer's maker of that name, in its format's ``merge.py`` or
-``blocks.TorchBlocks``), which check proves every element (the check's own code, in ``numbers/<format>/check.py`` or ``check/``), whether it
-needs torch, how OUT's copy of it is read back, and what it holds in memory at its largest. The writer, the read-back (``check/readback.py``) and the
-memory estimate all iterate routes; none of them asks what a tensor is. A route is also the unit of work a
-scheduler hands out: it holds nothing of a run, only what its entry and the device decide.
+``blocks.TorchBlocks``), which check proves every element (the check's own code, in ``numbers/<format>/check.py`` or
+``check/``), whether it needs torch, how OUT's copy of it is read back, and what it holds in memory at its largest.
+The writer, the read-back (``check/readback.py``) and the memory estimate all iterate routes; none of them asks what
+a tensor is. A route is also the unit of work a scheduler hands out: it holds nothing of a run, only what its entry
+and the device decide.
 
-``ROUTES`` is tried in order; the first whose ``takes`` says yes is the tensor's route. A new way of making a
-tensor is one class here and its maker (``writer.maker_of``). The check's side imports this module: it names the
-merge's makers, never imports them.
+``ROUTES`` is tried in order; the first whose ``takes`` says yes is the tensor's route. A new way of making a tensor
+is one class here and its maker (``writer.maker_of``). The check's side imports this module: it names the merge's
+makers, never imports them.
 """
 
 from __future__ import annotations
@@ -51,7 +52,6 @@ class Route:
     def takes(entry: Entry, device_type: str) -> bool:
         raise NotImplementedError
 
-
     def check(self, buffers=None):
         """The check of the tensor's elements: ``block(start, stop, stored)`` for each block, then ``result()``."""
         raise NotImplementedError
@@ -71,7 +71,7 @@ class Route:
         merge = 8 * n + 4 * n  # the float64 block and its float32 step
         check = 8 * n + 4 * n + out * n + 2 * n + base * n  # float64 block, float32 step, nearest, masks, own read
         scales = 0
-        if e.written_quantized:  # encoding, and the check's decoding, steps and bounds: float64 temporaries on each side
+        if e.written_quantized:  # encoding, and the check's decoding, steps and bounds: float64 temporaries each side
             merge, check = merge + 6 * 8 * n, check + 6 * 8 * n
             scales = sum(p.nbytes for p in e.base.parts[1:])  # held until the codes are written
         if cuda:  # on a GPU every element is rounded through round-to-odd: a few float64 temporaries more
@@ -109,7 +109,6 @@ class Fp8Route(Route):
 
     name, torch, numpy_check, parts = "fp8", False, True, True
 
-
     @staticmethod
     def takes(entry, device_type):
         return fp8_spec.takes(entry, device_type)
@@ -121,7 +120,7 @@ class Fp8Route(Route):
 
     def read_back(self, stored):
         from .buffers import HostBuffers
-        
+
         buffers, n = HostBuffers(), self.entry.shape[0]
         step = self.entry.rows_per_block(CHECK_BLOCK_BYTES)
         for start in range(0, n, step):
@@ -133,7 +132,6 @@ class Mxfp4Route(Route):
     """MXFP4 experts, written back as MXFP4 on the CPU a block of stored rows at a time (``numbers/mxfp4``)."""
 
     name, torch, numpy_check, parts, part_rows = "mxfp4", False, True, True, True
-
 
     @staticmethod
     def takes(entry, device_type):
@@ -178,7 +176,6 @@ class FloatRoute(Route):
     (``numbers/floats``); torch is not imported for it."""
 
     name, torch, numpy_check = "float", False, True
-
 
     @staticmethod
     def takes(entry, device_type):

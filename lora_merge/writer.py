@@ -1,10 +1,10 @@
-"""Writing the planned output: shards front to back, one tensor (or row block) at a time, every merged block checked
-before it is written and every written range read back.
+"""Writing the planned output: shards front to back, ``--jobs`` tensors at a time, every merged block checked before
+it is written and every written range read back.
 
-Untouched tensors are copied as bytes between files. A merged tensor is made in row blocks (``blocks``), each block
-checked element by element against its exact value by the check's own code (``check``) on a thread beside the
-merge, while another thread writes it at its place in the shard, reads it back, compares it with what was checked,
-and hashes the file (``shardfile``). BASE's next rows are read on a third thread meanwhile.
+Untouched tensors are copied as bytes between files. A merged tensor is made on a lane in row blocks by its route's
+maker, each block checked element by element against its exact value by the check's own code on the lane's check
+thread, while the shard's write thread writes it at its place, reads it back, compares it with what was checked,
+and hashes the file (``shardfile``: pieces may come in any order). BASE's next rows are read ahead meanwhile.
 """
 
 from __future__ import annotations
@@ -56,8 +56,8 @@ class WriteStats:
 
 
 def maker_of(route: Route) -> type:
-    """The class that makes the blocks of a route's tensors (one per run, shared by the tensors of its route):
-    each format's CPU maker in its folder, torch's for the rest."""
+    """The class that makes the blocks of a route's tensors (one per lane, shared by the tensors of its route that
+    the lane merges): each format's CPU maker in its folder, torch's for the rest."""
     from .blocks import TorchBlocks
     from .numbers.floats.merge import FloatBlocks
     from .numbers.fp8.merge import Fp8Blocks
@@ -169,7 +169,8 @@ class _Writing:
     shard's write thread as they come; merged tensors go to the lanes (one at a time on the calling thread when
     there is one lane), each block landing at its planned place in the file whatever the order."""
 
-    def __init__(self, folder: Path, lanes: list[_Lane], writer: ThreadPoolExecutor, progress, chosen: dict[str, Route]):
+    def __init__(self, folder: Path, lanes: list[_Lane], writer: ThreadPoolExecutor, progress,
+                 chosen: dict[str, Route]):
         self.folder, self.lanes, self.writer, self.progress, self.routes = folder, lanes, writer, progress, chosen
         self.free: queue.SimpleQueue = queue.SimpleQueue()
         for lane in lanes:
@@ -191,7 +192,8 @@ class _Writing:
         """Write, check and read back one shard; its sha256."""
         prefix, self.offsets = encode_header(shard.stored, shard.metadata)
         try:
-            out = ShardFile(self.writer, self.folder / shard.name, len(prefix) + shard.nbytes, depth=2 * len(self.lanes))
+            out = ShardFile(self.writer, self.folder / shard.name, len(prefix) + shard.nbytes,
+                            depth=2 * len(self.lanes))
         except OSError as e:
             no_room(e, shard.name)
             raise

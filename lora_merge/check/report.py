@@ -1,10 +1,10 @@
 """The parity report: a merged folder against BASE and ADAPTER, as JSON beside the model and as a table.
 
-Nothing here trusts the merge. Every merged element must lie within a rounding bound of its exact value
-W + s·B·A, computed by the check's own code (``numbers/<format>/check.py``, ``elements``, ``grid``); untouched
-tensors must be BASE's bytes. During a merge each block is checked before it is written and read back from the file right after, so that
-the file is known to hold the checked bytes (``writer``); ``verify`` reads any folder back (``readback``) and runs
-the same checks on what it finds, tensors matched by name, whatever the shard layout. Then names, shapes and
+Nothing here trusts the merge. Every merged element must lie within a rounding bound of its exact value W + s·B·A,
+computed by the check's own code (``numbers/<format>/check.py``, ``elements``, ``grid``); untouched tensors must be
+BASE's bytes. During a merge each block is checked before it is written and read back from the file right after, so
+that the file is known to hold the checked bytes (``writer``); ``verify`` reads any folder back (``readback``) and
+runs the same checks on what it finds, tensors matched by name, whatever the shard layout. Then names, shapes and
 dtypes and the adapter's coverage (``structure``), NaN/Inf, how much of the adapter's change the stored values carry
 (``survival``), config.json and the other files (``files``).
 """

@@ -3,8 +3,8 @@ own.
 
 It reads BASE's codes and scales itself (a float BASE's values, for ``--quantize fp8``), prepares the adapter's
 factors its own way (``floats.check.own_terms``: the scale folded into the right factor), and asks the FP8 kernel
-whether each stored value is, beyond the arithmetic's rigorous bound, within half a step of the e4m3 grid at its scale of
-the exact W + s·B·A (then it is the nearest code). Those it cannot prove so are measured in float64 against the
+whether each stored value is, beyond the arithmetic's rigorous bound, within half a step of the e4m3 grid at its
+scale of the exact W + s·B·A (then it is the nearest code). Those it cannot prove so are measured in float64 against the
 same bound as ``grid.GridCheck``'s: half a step at the exact value, and for another tool's float32 merge, float32's
 error in the delta. Each block whose stored values are not exactly the merged ones must carry the scale the format
 defines for its largest |value|.
