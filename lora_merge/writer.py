@@ -13,7 +13,7 @@ import json
 import os
 import queue
 import threading
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import ThreadPoolExecutor, as_completed
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -79,20 +79,18 @@ def write_shards(plan: Plan, folder: Path, device, options, progress, *, reuse: 
     torch_needed = any(r.torch for r in chosen.values())
     jobs = jobs_for(options.jobs)
     with _torch_threads(device if torch_needed else None), blas.one_thread(), kept_open(), \
-            ThreadPoolExecutor(jobs, "lora-merge-read") as reader, ThreadPoolExecutor(1, "lora-merge-write") as writer:
+            ThreadPoolExecutor(jobs, "lora-merge-read") as reader:
         lanes = [_Lane(device, block_bytes_for(device, options.block_bytes), reader) for _ in range(jobs)]
-        job = _Writing(folder, lanes, writer, progress, chosen)
+        job = _Writing(folder, lanes, progress, chosen)
         try:
             for shard in plan.shards:
                 if shard.name in reuse:
                     job.reused(shard)
-                    continue
-                digest = job.shard(shard)
-                if on_shard is not None:
-                    on_shard(shard.name, digest)
+            job.write([s for s in plan.shards if s.name not in reuse], on_shard)
         finally:
             job.close()
     stats = job.stats
+    stats.files = [s.name for s in plan.shards]
     if plan.sharded:
         index = {
             "metadata": {**plan.base.index_metadata, "total_size": plan.total_bytes},
@@ -165,36 +163,64 @@ class _Stopped(Exception):
 
 
 class _Writing:
-    """One run of the writer: the shards written so far, and what their checks found. Copies are handed to the
-    shard's write thread as they come; merged tensors go to the lanes (one at a time on the calling thread when
-    there is one lane), each block landing at its planned place in the file whatever the order."""
+    """One run of the writer: the shards written so far, and what their checks found. Up to ``--jobs`` shards are
+    written at once, each by a write thread of its own; copies are handed to it as they come, merged tensors go to
+    the lanes (one at a time on the shard's thread when there is one lane), each block landing at its planned place
+    in the file whatever the order."""
 
-    def __init__(self, folder: Path, lanes: list[_Lane], writer: ThreadPoolExecutor, progress,
-                 chosen: dict[str, Route]):
-        self.folder, self.lanes, self.writer, self.progress, self.routes = folder, lanes, writer, progress, chosen
+    def __init__(self, folder: Path, lanes: list[_Lane], progress, chosen: dict[str, Route]):
+        self.folder, self.lanes, self.progress, self.routes = folder, lanes, progress, chosen
         self.free: queue.SimpleQueue = queue.SimpleQueue()
         for lane in lanes:
             self.free.put(lane)
         self.pool = ThreadPoolExecutor(len(lanes), "lora-merge-merge") if len(lanes) > 1 else None
         self.stopped = threading.Event()
+        self.lock = threading.Lock()  # the stats, counted from the shards' threads
         self.stats = WriteStats()
         self.src_fds: dict[Path, int] = {}
-        self.offsets: dict[str, int] = {}  # where each stored tensor of the shard being written starts
 
     def reused(self, shard) -> None:
         self.stats.reused += 1
         for entry in shard.entries:
             self.stats.count(entry)
         self.progress.update(sum(e.nbytes for e in shard.entries))
-        self.stats.files.append(shard.name)
+
+    def write(self, shards: list, on_shard) -> None:
+        """Write the shards, ``on_shard(name, sha256)`` called (on this thread) as each is complete; a failure stops
+        the others between blocks and the first failure is raised."""
+        if self.pool is None or len(shards) < 2:
+            for shard in shards:
+                digest = self.shard(shard)
+                if on_shard is not None:
+                    on_shard(shard.name, digest)
+            return
+        failures: list[BaseException] = []
+        with ThreadPoolExecutor(min(len(self.lanes), len(shards)), "lora-merge-shard") as pool:
+            try:
+                futures = {pool.submit(self.shard, s): s for s in shards}
+                for future in as_completed(futures):
+                    try:
+                        digest = future.result()
+                    except BaseException as e:
+                        self.stopped.set()
+                        failures.append(e)
+                        continue
+                    if on_shard is not None:  # complete and checked, whatever another shard did
+                        on_shard(futures[future].name, digest)
+            except BaseException:  # interrupted here: the shards stop between blocks
+                self.stopped.set()
+                raise
+        if failures:
+            raise next((e for e in failures if not isinstance(e, _Stopped)), failures[0])
 
     def shard(self, shard) -> str:
         """Write, check and read back one shard; its sha256."""
-        prefix, self.offsets = encode_header(shard.stored, shard.metadata)
+        prefix, offsets = encode_header(shard.stored, shard.metadata)
+        writer = ThreadPoolExecutor(1, "lora-merge-write")
         try:
-            out = ShardFile(self.writer, self.folder / shard.name, len(prefix) + shard.nbytes,
-                            depth=2 * len(self.lanes))
+            out = ShardFile(writer, self.folder / shard.name, len(prefix) + shard.nbytes, depth=2 * len(self.lanes))
         except OSError as e:
+            writer.shutdown()
             no_room(e, shard.name)
             raise
         running: list = []  # the lanes' futures of (entry, bytes written, future of the tensor's verdict)
@@ -202,16 +228,18 @@ class _Writing:
         try:
             out.header(prefix)
             for entry in shard.entries:
+                if self.stopped.is_set():
+                    raise _Stopped
                 if entry.is_copy:
-                    self._done(entry, self._copy(entry, out))
+                    self._done(entry, self._copy(entry, out, offsets))
                 elif self.pool is None:
-                    written, verdict = self._merge(entry, out, self.lanes[0])
+                    written, verdict = self._merge(entry, out, offsets, self.lanes[0])
                     checked.append(verdict)
                     self._done(entry, written)
                 else:
                     lane = self.free.get()  # a lane free: the one that finished last (or a failure to raise)
                     self._harvest(running, checked, wait=False)
-                    running.append(self.pool.submit(self._in_lane, entry, out, lane))
+                    running.append(self.pool.submit(self._in_lane, entry, out, offsets, lane))
             self._harvest(running, checked, wait=True)
             digest = out.finish()
             for future in checked:
@@ -229,17 +257,18 @@ class _Writing:
             raise
         finally:
             out.close()
+            writer.shutdown()
         for entry in shard.entries:
             if entry.is_copy:
                 self.stats.tensors[entry.name] = copy_verdict(
                     Compared(out.differs.get(entry.name), entry.name not in out.nonfinite))
         self.stats.digests[shard.name] = digest
-        self.stats.files.append(shard.name)
         return digest
 
     def _done(self, entry: Entry, written: int) -> None:
-        self.stats.count(entry)
-        self.progress.update(written)
+        with self.lock:
+            self.stats.count(entry)
+            self.progress.update(written)
 
     def _harvest(self, running: list, checked: list, wait: bool) -> None:
         """Count the lanes' finished tensors (all of them with ``wait``); a lane's failure is raised here."""
@@ -250,20 +279,22 @@ class _Writing:
                 checked.append(verdict)
                 self._done(entry, written)
 
-    def _in_lane(self, entry: Entry, out: ShardFile, lane: _Lane):
+    def _in_lane(self, entry: Entry, out: ShardFile, offsets: dict[str, int], lane: _Lane):
         try:
-            return (entry, *self._merge(entry, out, lane))
+            return (entry, *self._merge(entry, out, offsets, lane))
         finally:
             self.free.put(lane)
 
-    def _copy(self, entry: Entry, out: ShardFile) -> int:
+    def _copy(self, entry: Entry, out: ShardFile, offsets: dict[str, int]) -> int:
         path = entry.base.path
-        if path not in self.src_fds:
-            self.src_fds[path] = open_read(path)
-        out.copy(entry.name, self.offsets[entry.name], self.src_fds[path], entry.base.start, entry.nbytes, entry.dtype)
+        with self.lock:
+            if path not in self.src_fds:
+                self.src_fds[path] = open_read(path)
+            fd = self.src_fds[path]
+        out.copy(entry.name, offsets[entry.name], fd, entry.base.start, entry.nbytes, entry.dtype)
         return entry.nbytes
 
-    def _merge(self, entry: Entry, out: ShardFile, lane: _Lane):
+    def _merge(self, entry: Entry, out: ShardFile, offsets: dict[str, int], lane: _Lane):
         """Each block is checked on the lane's check thread while the write thread writes it and reads it back: the
         file is then known to hold the bytes that were checked. A quantized format's scales follow its codes.
         The bytes written, and the future of (the tensor's name, its verdict)."""
@@ -277,12 +308,12 @@ class _Writing:
                 raise _Stopped
             stored = b.device if scales is not None else b.device[0]
             b.slot.waits.append(lane.checker.submit(check.block, b.start, b.stop, stored))
-            b.slot.waits.append(out.block(entry.name, self.offsets[first] + written, written, b.host[0], b.ready))
+            b.slot.waits.append(out.block(entry.name, offsets[first] + written, written, b.host[0], b.ready))
             written += _nbytes(b.host[0])
             if scales is not None:
                 b.slot.waits.append(out.later(scales.fill, b.start, b.stop, b.host[1:], b.ready))
         for (name, _, _), data in zip(entry.stored[1:], scales.buffers if scales is not None else (), strict=True):
-            out.block(entry.name, self.offsets[name], written, data, None)
+            out.block(entry.name, offsets[name], written, data, None)
             written += data.nbytes
         if written != entry.nbytes:  # a planning bug, never a user error
             raise AssertionError(f"{entry.name}: wrote {written} bytes, planned {entry.nbytes}")

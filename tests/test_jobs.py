@@ -86,6 +86,29 @@ def test_unmerge_and_verify_for_every_n(dense, tmp_path):
     assert len(digests[0]) >= 3 and all(d == digests[0] for d in digests)  # each file's sha256, whatever N
 
 
+def test_resume_keeps_the_shards_that_several_jobs_finished(dense, tmp_path, monkeypatch):
+    """Shards written side by side (two at once here): the journal records each as it is complete, and a resumed
+    run keeps them, giving the bytes a run in one go gives."""
+    from lora_merge import writer
+
+    real, failed = writer._Writing.shard, []
+
+    def third_fails_once(self, shard):
+        if shard.name.endswith("00003-of-00003.safetensors") and not failed:
+            failed.append(shard.name)
+            raise OSError(5, "Input/output error")
+        return real(self, shard)
+
+    monkeypatch.setattr(writer._Writing, "shard", third_fails_once)
+    out = tmp_path / "out"
+    with pytest.raises(OSError, match="Input/output error"):
+        merge(dense / "base", dense / "adapter", out, device="cpu", jobs=2, resume=True)
+    result = merge(dense / "base", dense / "adapter", out, device="cpu", jobs=2, resume=True)
+    assert result.report.ok and 1 <= result.stats.reused <= 2  # those complete before the failure stopped the rest
+    merge(dense / "base", dense / "adapter", tmp_path / "fresh", device="cpu", jobs=1)
+    assert hashes(out) == hashes(tmp_path / "fresh")
+
+
 def test_a_failing_lane_stops_the_run_and_leaves_nothing(dense, tmp_path, monkeypatch):
     """A tensor that fails in one lane while others are busy: the error is raised once, OUT is not made, and
     nothing is left beside it."""
