@@ -1,4 +1,6 @@
-"""Where the arithmetic runs, decided once per call: ``--device auto`` is CUDA when present, else the CPU.
+"""Where the arithmetic runs, decided once per call: ``--device auto`` is CUDA when present, else the CPU; and with
+CUDA, ``auto`` still merges on the CPU every tensor whose path has CPU kernels (``route.route``: the tested engine),
+the GPU taking the rest.
 
 A merge on the CPU runs in numpy and never imports torch (its import alone costs seconds and hundreds of MB), so
 ``auto`` asks torch about CUDA only where CUDA can be there: a torch build for CUDA (or ROCm) on a machine whose
@@ -20,6 +22,7 @@ log = logging.getLogger("lora_merge")
 class Device:
     type: str  # "cpu" or "cuda"
     index: int | None = None
+    auto: bool = False  # chosen by --device auto: the CPU engine keeps the tensors it has kernels for
 
     def __str__(self) -> str:
         return self.type if self.index is None else f"{self.type}:{self.index}"
@@ -59,7 +62,7 @@ def resolve(spec: str) -> Device:
             return CPU
         import torch
 
-        return Device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else CPU
+        return Device("cuda", torch.cuda.current_device(), auto=True) if torch.cuda.is_available() else CPU
     if spec == "cuda" or spec.startswith("cuda:"):
         import torch
 

@@ -58,7 +58,8 @@ def _mib(ctx, param, value):
     return value * MIB if value is not None else None
 
 
-DEVICE = flag("--device", "Where the arithmetic runs. auto: CUDA when present, else CPU.",
+DEVICE = flag("--device", "Where the arithmetic runs. auto: the CPU for every tensor it has kernels for, CUDA (when "
+              "present) for the rest.",
               metavar="auto|cpu|cuda|cuda:N|mps", show_default=True)
 JOBS = flag("--jobs", "Tensors merged and checked at once. Default: one for every two CPUs this process may use (each "
             "job keeps about 1.5 cores busy and holds its own blocks: --dry-run says how much memory).", metavar="N",

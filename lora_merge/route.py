@@ -18,6 +18,7 @@ import math
 from typing import ClassVar
 
 from .check.verdict import CHECK_BLOCK_BYTES
+from .devices import CPU
 from .dtypes import DTYPES
 from .numbers.floats import spec as float_spec
 from .numbers.fp8 import spec as fp8_spec
@@ -215,8 +216,17 @@ class TorchRoute(Route):
 ROUTES: list[type[Route]] = [CopyRoute, Fp8Route, Mxfp4Route, GridRoute, FloatRoute, TorchRoute]
 
 
+CPU_ENGINE: list[type[Route]] = [Fp8Route, Mxfp4Route, FloatRoute]  # the paths with CPU kernels
+
+
 def route(entry: Entry, device) -> Route:
-    """The tensor's route on ``device``: the first of ``ROUTES`` that takes it."""
+    """The tensor's route on ``device``: the first of ``ROUTES`` that takes it. A GPU that ``--device auto`` chose
+    takes only what the CPU engine has no kernels for: the CPU engine is the tested one, until both are measured
+    on a GPU."""
+    if device.type != "cpu" and device.auto and not entry.is_copy:
+        cpu = next((r for r in CPU_ENGINE if r.takes(entry, "cpu")), None)
+        if cpu is not None:
+            return cpu(entry, CPU)
     return next(r for r in ROUTES if r.takes(entry, device.type))(entry, device)
 
 
@@ -226,11 +236,11 @@ def routes(plan, device) -> list[Route]:
 
 
 def working_set(plan, device, block_bytes: int | None, jobs: int = 1) -> tuple[int, int]:
+    # block_bytes: as asked (None: each route's device's default)
     """What the writer holds at its largest, in host memory and on a GPU: ``jobs`` lanes each merging the tensor
     that needs most (the write thread's read-back buffer is shared)."""
-    block_bytes = block_bytes_for(device, block_bytes)
     host, gpu = THREADS_ALLOWANCE + READ_BACK_BYTES, 0
     for r in routes(plan, device):
-        h, g = r.working_set(block_bytes)
+        h, g = r.working_set(block_bytes_for(r.device, block_bytes))
         host, gpu = max(host, h), max(gpu, g)
     return READ_BACK_BYTES + jobs * (host - READ_BACK_BYTES), jobs * gpu

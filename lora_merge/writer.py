@@ -80,7 +80,7 @@ def write_shards(plan: Plan, folder: Path, device, options, progress, *, reuse: 
     jobs = jobs_for(options.jobs)
     with _torch_threads(device if torch_needed else None), blas.one_thread(), kept_open(), \
             ThreadPoolExecutor(jobs, "lora-merge-read") as reader:
-        lanes = [_Lane(device, block_bytes_for(device, options.block_bytes), reader) for _ in range(jobs)]
+        lanes = [_Lane(options.block_bytes, reader) for _ in range(jobs)]
         job = _Writing(folder, lanes, progress, chosen)
         try:
             for shard in plan.shards:
@@ -132,25 +132,26 @@ class _Lane:
     """Where one tensor at a time is merged: its own makers (each route's, made on first use), its own check thread
     and the check's buffers. A run has ``--jobs`` lanes, each taking the next tensor when it is done with one."""
 
-    def __init__(self, device, block_bytes: int, reader: ThreadPoolExecutor):
-        self.device, self.block_bytes, self.reader = device, block_bytes, reader
-        self.makers: dict[type, object] = {}  # made on first use (torch's imports torch)
+    def __init__(self, block_bytes: int | None, reader: ThreadPoolExecutor):
+        self.block_bytes, self.reader = block_bytes, reader  # as asked (None: the device's default)
+        self.makers: dict[tuple, object] = {}  # by class and device, made on first use (torch's imports torch)
         self.checker = ThreadPoolExecutor(1, "lora-merge-check")
-        self.check_buffers: dict[bool, object] = {}  # shared by the tensors the lane checks in turn
+        self.check_buffers: dict[tuple, object] = {}  # shared by the tensors the lane checks in turn
 
     def maker(self, route: Route):
-        cls = maker_of(route)
-        if cls not in self.makers:
-            self.makers[cls] = cls(self.device, self.block_bytes, self.reader)
-        return self.makers[cls]
+        key = (maker_of(route), route.device)
+        if key not in self.makers:
+            self.makers[key] = key[0](route.device, block_bytes_for(route.device, self.block_bytes), self.reader)
+        return self.makers[key]
 
-    def buffers(self, numpy: bool):
-        """The check thread's buffers: numpy's for the numpy checks, torch's on the device for the others."""
-        if numpy not in self.check_buffers:
+    def buffers(self, route: Route):
+        """The check thread's buffers: numpy's for the numpy checks, torch's on the route's device for the others."""
+        key = (route.numpy_check, None if route.numpy_check else route.device)
+        if key not in self.check_buffers:
             from .buffers import Buffers, HostBuffers
 
-            self.check_buffers[numpy] = HostBuffers() if numpy else Buffers(self.device.torch)
-        return self.check_buffers[numpy]
+            self.check_buffers[key] = HostBuffers() if route.numpy_check else Buffers(route.device.torch)
+        return self.check_buffers[key]
 
     def close(self) -> None:
         self.checker.shutdown()
@@ -300,7 +301,7 @@ class _Writing:
         The bytes written, and the future of (the tensor's name, its verdict)."""
         written = 0
         route = self.routes[entry.name]
-        check = route.check(lane.buffers(route.numpy_check))
+        check = route.check(lane.buffers(route))
         scales = _Scales(entry, route.part_rows) if route.parts else None
         first = entry.stored[0][0]
         for b in lane.maker(route).blocks(entry):

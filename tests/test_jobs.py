@@ -152,3 +152,23 @@ def test_jobs_must_be_positive():
     assert r.exit_code == 2 and "--jobs" in r.output
     with pytest.raises(ValueError, match="jobs must be a positive number"):
         merge("base", "adapter", "out", jobs=0)
+
+
+def test_auto_on_a_gpu_keeps_the_cpu_engine_for_what_it_has_kernels_for(dense):
+    """--device auto with CUDA: the tensors the CPU engine has kernels for stay on the CPU, the rest go to the GPU;
+    --device cuda sends everything there. (Decided from the plan alone: no GPU is needed to check the decision.)"""
+    from lora_merge import prepare
+    from lora_merge.devices import CPU, Device
+    from lora_merge.route import routes
+
+    auto, cuda = Device("cuda", 0, auto=True), Device("cuda", 0)
+    float_plan = prepare(dense / "base", dense / "adapter")
+    dora_plan = prepare(dense / "base", dense / "dora")
+    chosen = {r.entry.name: (r.name, r.device) for r in routes(float_plan, auto)}
+    merged = [n for n, e in ((e.name, e) for e in float_plan.entries) if e.is_merge]
+    assert merged and all(chosen[n] == ("float", CPU) for n in merged)
+    dora = {r.name: r.device for r in routes(dora_plan, auto) if r.entry.ops is not None}
+    assert dora == {"torch": auto}  # DoRA has no CPU kernels: the GPU
+    assert {(r.name, r.device) for r in routes(float_plan, cuda) if r.entry.is_merge} == {("torch", cuda)}
+    one, _ = working_set(float_plan, auto, None)
+    assert one == working_set(float_plan, CPU, None)[0]  # the CPU engine's blocks, its memory
