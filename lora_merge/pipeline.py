@@ -30,7 +30,8 @@ log = logging.getLogger("lora_merge")
 
 
 def resolve_device(spec: str):
-    """The Device that computes (``devices.resolve``): 'auto' is CUDA when present, else the CPU."""
+    """The Device that computes (``devices.resolve``): 'auto' is CUDA when present, else the CPU (and with CUDA,
+    the CPU engine still takes every tensor it has kernels for: ``route.route``)."""
     return resolve(spec)
 
 
@@ -54,8 +55,8 @@ def describe_plan(plan: Plan, options: MergeOptions | None = None) -> dict:
             {"tensor": e.name, "shard": s.name, "operation": e.note, "shape": list(e.shape), "dtype": e.dtype}
             for s in plan.shards for e in s.entries if e.is_merge or not e.is_copy
         ],
-        "config_changes": plan.config_changes,
-        "notes": plan.notes,
+        "config_changes": list(plan.config_changes),
+        "notes": list(plan.notes),
         "placed_through_layout": {a.layout: a.placed_through_layout for a in plan.adapter.members
                                   if a.placed_through_layout},
     }

@@ -80,8 +80,8 @@ class MergeResult:
             "converted": counts["converted"],
             "adapter_tensors": counts["adapter_tensors"],
             "bytes": total,
-            "config_changes": self.plan.config_changes,
-            "notes": self.plan.notes,
+            "config_changes": list(self.plan.config_changes),
+            "notes": list(self.plan.notes),
         }
         if self.stats is not None:
             result["seconds"] = round(self.seconds, 3)
