@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING
 
 from .errors import NonFiniteError
 from .numbers.quantized import QuantizedTensor
-from .reader import read_rows, row_bytes
+from .reader import tensor_rows
 
 if TYPE_CHECKING:
     from .plan import Entry
@@ -218,14 +218,8 @@ class TorchBlocks:
             return _Read(source.rows(start, stop) if source.shape else source.load(), None, stored)
         if isinstance(info, QuantizedTensor):
             return _Read(info.decode(stored, start, stop) if stored else info.rows(start, stop), None, stored)
-        from .dtypes import torch_dtype
-
         slot = self.raw.next()
-        raw = slot.device.take("raw", (row_bytes(info) * (stop - start) if info.shape else info.nbytes,),
-                               self.torch.uint8)
-        read_rows(info, start, stop, raw.numpy())
-        shape = (stop - start, *info.shape[1:]) if info.shape else ()
-        return _Read(raw.view(torch_dtype(info.dtype)).reshape(shape), slot, None)
+        return _Read(tensor_rows(info, start, stop, slot.device, "raw"), slot, None)
 
     def _value(self, read: _Read, ops, start: int, stop: int, cache: dict):
         from . import mathops

@@ -68,19 +68,30 @@ def read_into(path: Path | str, offset: int, view) -> None:
     pread_into(kept, view, offset)
 
 
-def row_bytes(info) -> int:
-    """Bytes per index of a stored tensor's first axis (all of it for a scalar)."""
-    return info.row_bytes if info.shape else info.nbytes
+def rows_nbytes(info, start: int, stop: int) -> int:
+    """Bytes of rows [start, stop) of a stored tensor (all of a scalar)."""
+    return info.row_bytes * (stop - start) if info.shape else info.nbytes
 
 
 def read_rows(info, start: int, stop: int, into: np.ndarray | None = None) -> np.ndarray:
-    """Rows [start, stop) of a stored tensor (all of a scalar) as bytes: into ``into`` (uint8, that size), or a
-    fresh array."""
-    row = row_bytes(info)
-    count = row * (stop - start) if info.shape else info.nbytes
-    raw = np.empty(count, np.uint8) if into is None else into
-    read_into(info.path, info.start + row * start, raw)
+    """Rows [start, stop) of a stored tensor (all of a scalar) as bytes: into ``into`` (uint8, ``rows_nbytes``), or
+    a fresh array."""
+    raw = np.empty(rows_nbytes(info, start, stop), np.uint8) if into is None else into
+    read_into(info.path, info.start + (info.row_bytes * start if info.shape else 0), raw)
     return raw
+
+
+def tensor_rows(info, start: int, stop: int, buffers, key: str):
+    """Rows [start, stop) of a stored tensor (all of a scalar) as a torch tensor of its dtype, read into the torch
+    ``buffers``' bytes named ``key`` (reused)."""
+    import torch
+
+    from .dtypes import torch_dtype
+
+    raw = buffers.take(key, (rows_nbytes(info, start, stop),), torch.uint8)
+    read_rows(info, start, stop, raw.numpy())
+    shape = (stop - start, *info.shape[1:]) if info.shape else ()
+    return raw.view(torch_dtype(info.dtype)).reshape(shape)
 
 
 def read_flat(info, first: int, last: int, into: np.ndarray | None = None) -> np.ndarray:

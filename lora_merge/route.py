@@ -62,6 +62,13 @@ class Route:
         parts), block by block as its check takes them: (start, stop, parts)."""
         raise NotImplementedError
 
+    def check_spans(self):
+        """The row blocks [start, stop) a written tensor is read back and checked in."""
+        e = self.entry
+        n = e.shape[0] if e.shape else 1
+        step = e.rows_per_block(CHECK_BLOCK_BYTES)
+        return [(start, min(n, start + step)) for start in range(0, n, step)]
+
     def working_set(self, block_bytes: int) -> tuple[int, int]:
         """What the writer holds for this tensor at its largest, in host memory and on a GPU: the rings of blocks
         read and made, each side's tile buffers and factors, the block read back."""
@@ -122,10 +129,8 @@ class Fp8Route(Route):
     def read_back(self, stored):
         from .buffers import HostBuffers
 
-        buffers, n = HostBuffers(), self.entry.shape[0]
-        step = self.entry.rows_per_block(CHECK_BLOCK_BYTES)
-        for start in range(0, n, step):
-            stop = min(n, start + step)
+        buffers = HostBuffers()
+        for start, stop in self.check_spans():
             yield start, stop, fp8_spec.read_parts(stored, start, stop, buffers, "out ")
 
 
@@ -166,10 +171,8 @@ class GridRoute(Route):
         return GridCheck(self.entry, self.device.torch, buffers)
 
     def read_back(self, stored):
-        n = self.entry.shape[0]
-        step = self.entry.rows_per_block(CHECK_BLOCK_BYTES)
-        for start in range(0, n, step):
-            yield start, min(n, start + step), stored.read(start, min(n, start + step))
+        for start, stop in self.check_spans():
+            yield start, stop, stored.read(start, stop)
 
 
 class FloatRoute(Route):

@@ -23,10 +23,10 @@ import torch
 from .. import kernels
 from ..adapter import FileTensor, LowRank, TargetOps
 from ..buffers import Buffers, flat_nonzero
-from ..dtypes import DTYPES, torch_dtype
+from ..dtypes import DTYPES
 from ..numbers.quantized import QuantizedTensor
 from ..plan import Entry
-from ..reader import read_rows
+from ..reader import tensor_rows
 from .verdict import CHECK_BLOCK_BYTES, Survival, TensorVerdict
 
 COMPUTE_UNIT = 2.0**-24  # float32 unit roundoff: the bound admits a merge computed in float32
@@ -87,7 +87,7 @@ def expected_rows(e: Entry, f: Factors, start: int, stop: int, buffers: Buffers 
     elif isinstance(e.base, QuantizedTensor):  # decoded exactly
         raw = e.base.rows(start, stop)
     elif buffers is not None and buffers.device.type == "cpu":  # BASE's rows, into a reused buffer
-        raw = read_stored_rows(e.base, start, stop, buffers)
+        raw = tensor_rows(e.base, start, stop, buffers, "base")
     else:
         raw = FileTensor(e.base).rows(start, stop) if e.shape else FileTensor(e.base).load()
     raw = raw.to(f.device)
@@ -99,16 +99,6 @@ def expected_rows(e: Entry, f: Factors, start: int, stop: int, buffers: Buffers 
         delta_at = (lambda flat: flat_value[flat] - flat_raw[flat].to(torch.float64)) if parts else None
         return Rows(value, rank, _summed(parts, f.device), delta_at, raw)
     return _general_rows(e, ops, f, raw, start, stop, dora_norm)
-
-
-def read_stored_rows(info, start: int, stop: int, buffers: Buffers, key: str = "base"):
-    """Rows [start, stop) of a stored tensor, in its dtype, into the buffers' bytes named ``key``."""
-    row = info.row_bytes if info.shape else info.nbytes
-    count = row * (stop - start) if info.shape else info.nbytes
-    raw = buffers.take(key, (count,), torch.uint8)
-    read_rows(info, start, stop, raw.numpy())
-    shape = (stop - start, *info.shape[1:]) if info.shape else ()
-    return raw.view(torch_dtype(info.dtype)).reshape(shape)
 
 
 def _add_deltas(value, ops: TargetOps | None, f: Factors, start: int, stop: int, shape) -> tuple[int, list]:

@@ -16,7 +16,7 @@ from ..dtypes import DTYPES
 from ..paths import open_read
 from ..reader import kept_open
 from ..safetensors_file import TensorInfo, pread_into
-from .verdict import CHECK_BLOCK_BYTES, TensorVerdict
+from .verdict import TensorVerdict
 
 READ_BYTES = 4 * 1024 * 1024  # read back, compared and hashed at a time
 
@@ -81,24 +81,34 @@ def read_back(out_model, plan, device, progress, only: set[str] | None = None, j
     ``jobs`` files at once."""
     from ..route import route
 
-    routes = {e.name: route(e, device) for e in plan.entries}
+    planned = _Planned({e.name: e for e in plan.entries},
+                       {p.name: e for e in plan.entries if e.written_quantized for p in e.base.parts},
+                       {e.name: route(e, device) for e in plan.entries})
     headers = [h for h in out_model.shards if only is None or h.path.name in only]
     found = Found()
     with kept_open():
         if jobs == 1 or len(headers) == 1:
             for header in headers:
-                _read_file(header, out_model, plan, routes, progress, found)
+                _read_file(header, out_model, planned, progress, found)
         else:
             with ThreadPoolExecutor(min(jobs, len(headers)), "lora-merge-verify") as pool:
-                for future in [pool.submit(_read_file, h, out_model, plan, routes, progress, found) for h in headers]:
+                for future in [pool.submit(_read_file, h, out_model, planned, progress, found) for h in headers]:
                     future.result()
     return found
 
 
-def _read_file(header, out_model, plan, routes: dict, progress, found: Found) -> None:
+@dataclass(frozen=True)
+class _Planned:
+    """The plan's tensors as the read-back looks them up: by name, by the name of a quantized part, and routes."""
+
+    entries: dict
+    parts: dict
+    routes: dict
+
+
+def _read_file(header, out_model, planned: _Planned, progress, found: Found) -> None:
     """One weights file front to back: hashed, and each tensor checked (into ``found``)."""
-    entries = {e.name: e for e in plan.entries}
-    parts = {p.name: e for e in plan.entries if e.written_quantized for p in e.base.parts}
+    entries, parts, routes = planned.entries, planned.parts, planned.routes
     buffer = np.empty(2 * READ_BYTES, np.uint8)
     digest = hashlib.sha256()
     fd = open_read(header.path)
@@ -145,11 +155,8 @@ def _check_stored(fd: int, got: TensorInfo, route, digest) -> TensorVerdict:
     """Every element of a merged or converted tensor, as stored, against its exact value."""
     e = route.entry
     check = route.check()
-    n = e.shape[0] if e.shape else 1
-    step = e.rows_per_block(CHECK_BLOCK_BYTES)
     row = got.row_bytes if got.shape else got.nbytes
-    for start in range(0, n, step):
-        stop = min(n, start + step)
+    for start, stop in route.check_spans():
         raw = np.empty(row * (stop - start), np.uint8)
         pread_into(fd, memoryview(raw), got.start + row * start)
         digest.update(raw)

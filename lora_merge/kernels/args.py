@@ -22,6 +22,11 @@ class Product(NamedTuple):
     c: float  # the bound's factor on |value| (and |w|)
 
 
+def _flat(args: tuple) -> tuple:
+    """The arguments in the passes' order: each field, the product's fields in its place."""
+    return tuple(x for field in args for x in (field if isinstance(field, Product) else (field,)))
+
+
 class Fp8Merge(NamedTuple):
     """A band of an FP8 tensor merged: its blocks [first_block, last_block) decided, encoded and scaled."""
 
@@ -46,9 +51,7 @@ class Fp8Merge(NamedTuple):
     new_scales: np.ndarray  # out: each block's scale as written
     status: np.ndarray  # out: per block, 0 kept, 1 decided, 2 left to the caller
 
-    def flat(self) -> tuple:
-        """The arguments in the passes' order."""
-        return (*self[:3], *self.product, *self[4:])
+    flat = _flat
 
 
 class Fp8Check(NamedTuple):
@@ -64,8 +67,7 @@ class Fp8Check(NamedTuple):
     cols: int
     block_cols: int
 
-    def flat(self) -> tuple:
-        return (*self[:5], *self.product, *self[6:])
+    flat = _flat
 
 
 class Mxfp4Merge(NamedTuple):
@@ -83,8 +85,7 @@ class Mxfp4Merge(NamedTuple):
     out_scales: np.ndarray
     status: np.ndarray  # per group: decided, or left to the caller
 
-    def flat(self) -> tuple:
-        return (*self[:2], *self.product, *self[3:])
+    flat = _flat
 
 
 class Mxfp4Check(NamedTuple):
@@ -98,5 +99,4 @@ class Mxfp4Check(NamedTuple):
     rows: int
     width: int
 
-    def flat(self) -> tuple:
-        return (*self[:4], *self.product, *self[5:])
+    flat = _flat
