@@ -178,6 +178,7 @@ class LowRank:
     scale: float
     transposed: bool | None = None
     experts: int = 0  # 0: a plain matrix (or conv kernel); E: a stacked (E, ·, ·) parameter
+    kind: str = "lora"  # the adapter kind it comes from, for the report ("adalora": one rank component)
 
     @property
     def rank(self) -> int:
@@ -236,12 +237,15 @@ class AddScaled:
 @dataclass
 class TargetOps:
     """Everything the adapter does to one base tensor, applied in this order:
-    replace the starting value, add every delta, rescale (DoRA), overwrite rows."""
+    replace the starting value, multiply (IA3), add every delta, rescale (DoRA), overwrite rows.
+
+    A delta is a ``LowRank`` product, an ``AddScaled`` bias, or another additive kind of ``kinds.py``."""
 
     name: str  # the base tensor's name
     module: str  # the adapter module that produced it, for messages
     replace: AdapterTensor | None = None
-    deltas: list[LowRank | AddScaled] = field(default_factory=list)
+    deltas: list = field(default_factory=list)
+    multiply: object = None  # a kinds.Scaling (IA3)
     dora_magnitude: AdapterTensor | None = None
     dora_transposed: bool = False
     row_indices: list[int] | None = None
@@ -250,29 +254,40 @@ class TargetOps:
     embedding: bool = False
     fan_in_fan_out: bool = False  # the adapter's hint for square Conv1D weights
     may_resize: bool = False  # a full replacement whose first dimension may differ (resized vocabulary)
+    optional: bool = False  # left out where BASE has no such tensor (IA3's bias scaling, as peft does)
 
     def tensors(self):
         """Every adapter tensor this target reads."""
         yield from (t for t in (self.replace, self.dora_magnitude, self.rows) if t is not None)
+        if self.multiply is not None:
+            yield from self.multiply.tensors()
         for d in self.deltas:
-            yield from (d.a, d.b) if isinstance(d, LowRank) else (d.t,)
+            yield from (d.a, d.b) if isinstance(d, LowRank) else (d.t,) if isinstance(d, AddScaled) else d.tensors()
 
     @property
     def kind(self) -> str:
         parts = []
         if self.replace is not None:
             parts.append("replace")
+        if self.multiply is not None:
+            parts.append(self.multiply.describe())
         for d in self.deltas:
             if isinstance(d, LowRank):
-                what = "lora-embedding" if self.embedding else ("lora-experts" if d.experts else "lora")
+                what = d.kind if d.kind != "lora" else \
+                    "lora-embedding" if self.embedding else ("lora-experts" if d.experts else "lora")
                 parts.append(f"{what}(r={d.rank}, s={d.scale:g}{', T' if d.transposed else ''})")
-            else:
+            elif isinstance(d, AddScaled):
                 parts.append(f"bias(s={d.scale:g})")
+            else:
+                parts.append(d.describe())
         if self.dora_magnitude is not None:
             parts.append("dora")
         if self.row_indices is not None:
             parts.append(f"rows[{len(self.row_indices)}]")
         return " + ".join(parts)
+
+
+KIND_NAMES = {"LORA": "LoRA", "ADALORA": "AdaLoRA", "LOHA": "LoHa", "LOKR": "LoKr", "IA3": "IA3"}
 
 
 @dataclass
@@ -294,6 +309,12 @@ class Adapter:
     # where each target went when they were placed through the model's layout: in-memory name -> on-disk tensors
     mapped: dict[str, list[str]] = field(default_factory=dict)
     layout: str | None = None  # what told where they are (transformers' conversion for the model type)
+
+    @property
+    def kind(self) -> str:
+        """The adapter kind, as peft names it (LoRA for every other format)."""
+        peft_type = str(self.config.get("peft_type", "LORA")).upper() if self.format == "peft" else "LORA"
+        return KIND_NAMES.get(peft_type, peft_type)
 
     @property
     def folder(self) -> Path:
@@ -340,13 +361,17 @@ def combine(adapters: list[Adapter]) -> Adapter:
             if op.dora_magnitude is not None and (len(adapters) > 1 or adapter.weight != 1.0):
                 problems.append(f"{name}: {label} is DoRA, whose rescaling cannot be weighted or undone from "
                                 "the adapter alone")
+            if op.multiply is not None and (len(adapters) > 1 or adapter.weight != 1.0):
+                problems.append(f"{name}: {label} multiplies the tensor ({op.multiply.name}), which is not combined "
+                                "with other adapters or weighted yet")
             if (op.replace is not None or op.row_indices is not None) and adapter.weight != 1.0:
                 problems.append(f"{name}: {label} replaces the tensor (or some rows), which cannot be weighted "
                                 "or undone from the adapter alone")
             merged = targets.get(name)
             if merged is None:
                 merged = targets[name] = TargetOps(
-                    name=name, module=op.module, replace=op.replace, dora_magnitude=op.dora_magnitude,
+                    name=name, module=op.module, replace=op.replace, multiply=op.multiply,
+                    dora_magnitude=op.dora_magnitude,
                     dora_transposed=op.dora_transposed, row_indices=op.row_indices, rows=op.rows,
                     embedding=op.embedding, fan_in_fan_out=op.fan_in_fan_out, may_resize=op.may_resize)
             elif op.replace is not None or op.row_indices is not None or merged.replace is not None \

@@ -126,7 +126,8 @@ class TorchBlocks:
 
     def _merged(self, entry: Entry, spans):
         """(start, stop, merged float64 rows, what was read) for each span, in order."""
-        from . import mathops
+        from . import kindmath, mathops
+        from .dtypes import torch_dtype
 
         torch = self.torch
         ops = entry.ops
@@ -140,8 +141,11 @@ class TorchBlocks:
                     sumsq += mathops.column_sumsq(self._value(read, ops, start, stop, cache))
                 norm = sumsq.sqrt()
         token_rows = ops.rows.load() if ops is not None and ops.rows is not None else None
+        settle = kindmath.needs_settling(ops) and not entry.written_quantized
         for (start, stop), read in zip(spans, self._read_ahead(entry, spans)):
             v = self._value(read, ops, start, stop, cache)
+            if settle:  # an adapter kind computed in float64: its elements near a rounding boundary decided exactly
+                self.exact += kindmath.settle(v, read.values, ops, start, stop, torch_dtype(entry.dtype), cache)
             if magnitude is not None:
                 if ops.dora_transposed:
                     mathops.apply_dora(v, magnitude, norm, True)
@@ -222,12 +226,14 @@ class TorchBlocks:
         return _Read(tensor_rows(info, start, stop, slot.device, "raw"), slot, None)
 
     def _value(self, read: _Read, ops, start: int, stop: int, cache: dict):
-        from . import mathops
+        from . import kindmath, mathops
 
         v = self.work.take("value", tuple(read.values.shape), self.torch.float64)
         v.copy_(read.values, non_blocking=self.cuda)
         if self.cuda and read.slot is not None:  # the pinned read may be reused once the copy has left it
             read.slot.waits.append(self._event())
+        if ops is not None and ops.multiply is not None:  # IA3: W ⊙ l, exact in float64
+            kindmath.multiply(v, ops.multiply, start, stop, cache)
         for d in ops.deltas if ops is not None else ():
             mathops.add_delta(v, d, start, stop, cache)
         return v

@@ -67,7 +67,10 @@ def render(plan: Plan, report: Report, *, command: str, repo_id: str | None = No
     name = repo_id.split("/")[-1] if repo_id else Path(report.out).name
     targets = cfg.get("target_modules")
     targets = ", ".join(f"`{t}`" for t in targets) if isinstance(targets, list) else f"`{targets}`"
-    if len(members) == 1 and members[0].format == "peft":
+    if len(members) == 1 and members[0].format == "peft" and members[0].kind != "LoRA":
+        facts = [f"- {members[0].kind} adapter" + (f", r={cfg['r']}" if "r" in cfg else ""),
+                 f"- target modules: {targets}"]
+    elif len(members) == 1 and members[0].format == "peft":
         facts = [
             f"- LoRA rank r={cfg.get('r', 8)}, lora_alpha={cfg.get('lora_alpha', 8)}"
             + (" (rsLoRA)" if cfg.get("use_rslora") else "")
@@ -75,7 +78,7 @@ def render(plan: Plan, report: Report, *, command: str, repo_id: str | None = No
             f"- target modules: {targets}",
         ]
     else:
-        facts = [f"- adapter {i + 1}: {a.format} format, {len(a.targets)} base tensors"
+        facts = [f"- adapter {i + 1}: {a.format} format ({a.kind}), {len(a.targets)} base tensors"
                  + (f", weight {a.weight:g}" if a.weight != 1.0 else "") for i, a in enumerate(members)]
     if cfg.get("modules_to_save"):
         facts.append(f"- saved in full: {', '.join(f'`{m}`' for m in cfg['modules_to_save'])}")

@@ -180,6 +180,11 @@ def _only_deltas(op: TargetOps) -> bool:
 def _split(op: TargetOps, tensor: ModelTensor, disk_shapes, cache: LoadCache) -> tuple[list[TargetOps], list[str]]:
     """The target's deltas as targets on each on-disk piece of the in-memory tensor."""
     name = tensor.name
+    kinds = [d.name for d in op.deltas if not isinstance(d, (LowRank, AddScaled))]
+    if op.multiply is not None or kinds:
+        what = op.multiply.name if op.multiply is not None else kinds[0]
+        return [], [f"{name}: {what} cannot be split across the on-disk tensors "
+                    f"{name_list([p.disk for p in tensor.pieces])} yet"]
     if not _only_deltas(op):
         what = "a full replacement" if op.replace is not None else "DoRA" if op.dora_magnitude is not None \
             else "trainable tokens"

@@ -4,6 +4,7 @@ then, once per BASE), the targets then moved onto the on-disk tensors (``layout.
 
 from __future__ import annotations
 
+from dataclasses import replace
 from pathlib import Path
 
 from .adapter import Adapter
@@ -29,7 +30,7 @@ class Placement:
     def place(self, path: Path, options=None) -> Adapter:
         """The adapter at ``path`` with every target on an on-disk tensor (or left for the planner to report)."""
         try:
-            adapter = load_adapter(path, self.files, options)
+            adapter = self._present(load_adapter(path, self.files, options))
             missing = self._unplaced(adapter)
             if not missing or not self._renamed(missing):
                 return adapter  # placed, or names of BASE's own kind that BASE lacks: the plan lists what does not fit
@@ -55,6 +56,13 @@ class Placement:
         if self.families is None:
             self.families = {family(n) for n in self.files.shapes}
         return any(family(n) not in self.families for n in missing)
+
+    def _present(self, adapter: Adapter) -> Adapter:
+        """Without the optional targets BASE's files lack (IA3's scaling of a bias the layer does not have)."""
+        absent = [n for n, op in adapter.targets.items() if op.optional and n not in self.files.shapes]
+        if not absent:
+            return adapter
+        return replace(adapter, targets={n: op for n, op in adapter.targets.items() if n not in absent})
 
     def _unplaced(self, adapter: Adapter) -> list[str]:
         """Targets that name no on-disk tensor (an output embedding tied to the input one aside)."""

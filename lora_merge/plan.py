@@ -133,7 +133,11 @@ class Plan:
     @property
     def formula(self) -> str:
         """What each changed element is, in words for the report."""
-        return "W − s·B·A" if self.role == "MERGED" else "W + s·B·A"
+        kinds = {m.kind for m in self.adapter.members}
+        if "IA3" in kinds:
+            return "W ⊙ l" if kinds == {"IA3"} else "W ⊙ l or W + ΔW"
+        delta = "s·B·A" if kinds <= {"LoRA", "AdaLoRA"} else "ΔW"
+        return f"W − {delta}" if self.role == "MERGED" else f"W + {delta}"
 
     @cached_property
     def entries(self) -> tuple[Entry, ...]:
@@ -168,9 +172,18 @@ def _fit_target(op: TargetOps, w_shape: tuple[int, ...], info, conv1d: bool) -> 
     problems = []
     where = op.name
     numbers = info.dtype in FLOAT_DTYPES or isinstance(info, QuantizedTensor)
-    if not numbers and (op.deltas or op.dora_magnitude is not None):
+    if not numbers and (op.deltas or op.dora_magnitude is not None or op.multiply is not None):
         return op, [f"{where}: base dtype {info.dtype} is not floating point; LoRA cannot be added to it"]
-    deltas: list[LowRank | AddScaled] = []
+    multiply = op.multiply
+    if multiply is not None:
+        multiply = multiply.fit(w_shape, op.fan_in_fan_out or conv1d)
+        if isinstance(multiply, str):
+            problems.append(f"{where}: {multiply}")
+            multiply = None
+        elif op.deltas or op.replace is not None or op.dora_magnitude is not None or op.row_indices is not None:
+            problems.append(f"{where}: {multiply.name} multiplies a tensor that is also changed otherwise, which is "
+                            "not merged yet")
+    deltas = []
     for d in op.deltas:
         if isinstance(d, AddScaled):
             if tuple(d.t.shape) != tuple(w_shape):
@@ -199,7 +212,7 @@ def _fit_target(op: TargetOps, w_shape: tuple[int, ...], info, conv1d: bool) -> 
             problems.append(f"{where}: trainable token indices {bad[:5]} are outside 0..{w_shape[0] - 1}")
         if tuple(rows.shape[1:]) != tuple(w_shape[1:]):
             problems.append(f"{where}: trainable token rows have shape {list(rows.shape)}, expected [n, {list(w_shape[1:])}]")
-    return replace(op, deltas=deltas, dora_transposed=dora_transposed), problems
+    return replace(op, deltas=deltas, multiply=multiply, dora_transposed=dora_transposed), problems
 
 
 @dataclass
@@ -266,6 +279,8 @@ def resolve_targets(base: BaseModel, adapter: Adapter, keep: bool) -> _Targets:
             found.untie = True
             found.notes.append(f"{name} was tied to {found.tie_source}: it is written on its own and the tie is "
                                "removed")
+        if info is None and op.optional:
+            continue
         if info is None:
             hint = " (a saved full tensor)" if op.replace is not None and not op.deltas else ""
             found.problems.append(f"{name}: the adapter's {op.module}{hint} has no tensor {name!r} in BASE")
@@ -305,7 +320,7 @@ def untie_embeddings(base: BaseModel, found: _Targets, keep: bool, out_dtype: st
     if tie_source not in found.resolved or any(n in tensors for n in OUTPUT_EMBEDDINGS):
         return
     op, info = found.resolved[tie_source]
-    changes_values = op.replace is not None or op.deltas or op.dora_magnitude is not None
+    changes_values = op.replace is not None or op.deltas or op.dora_magnitude is not None or op.multiply is not None
     if not changes_values or any(n in found.resolved for n in OUTPUT_EMBEDDINGS):
         return
     if keep and isinstance(info, QuantizedTensor):

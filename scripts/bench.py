@@ -1,8 +1,8 @@
-"""Speed and memory of lora-merge beside `cp -r`, peft and mergekit, measured in one run.
+"""Speed and memory of lora-merge beside `cp -r`, peft, mergekit, tinker-cookbook and axolotl, measured in one run.
 
     python scripts/bench.py [--shapes 0.6b 1.7b 8b] [--ranks 16] [--factors float32 bfloat16] [--deltas small large]
                             [--runs 3] [--device cpu|cuda] [--cpus N] [--no-peft] [--baseline CHECKOUT]
-                            [--jobs N ...] [--no-unmerge]
+                            [--jobs N ...] [--no-unmerge] [--peers DIR]
 
 On first run, it generates bf16 bases with real architectures and random weights (Qwen3-0.6B,
 Qwen3-1.7B and Llama-3-8B shapes; on a GPU when ``--device cuda``) and peft adapters on every linear
@@ -15,6 +15,10 @@ alternation, `--runs` times each, under `/usr/bin/time -v` (and `taskset` on the
   `merge_and_unload` + `save_pretrained`;
 - mergekit's LoRA merge (`BASE+ADAPTER`), when `mergekit-yaml` is on the PATH;
 - with `--baseline CHECKOUT`, the lora-merge of another checkout (an earlier commit, say), the same way;
+- with `--peers DIR`, the streaming peers, each from its own virtual environment under DIR where it is there:
+  tinker-cookbook's `weights.build_hf_model` (shard by shard; DIR/tinker-cookbook) and axolotl's memory-efficient
+  `axolotl merge-lora` (DIR/axolotl, with the least config its CLI accepts). Make them with
+  `python -m venv DIR/NAME && DIR/NAME/bin/pip install torch==2.13.0 NAME` for NAME in tinker-cookbook, axolotl;
 then lora-merge's own way back, `lora-merge unmerge OUT ADAPTER BACK` with and without `--base BASE`.
 It checks every output against lora-merge's (the unmerged ones against BASE), then prints a Markdown table
 of medians and ratios.
@@ -46,6 +50,29 @@ merged = peft.PeftModel.from_pretrained(model, adapter).merge_and_unload()
 merged.save_pretrained(out)
 """
 
+TINKER_MERGE = """
+import sys
+from tinker_cookbook import weights
+base, adapter, out, device = sys.argv[1:5]
+weights.build_hf_model(base_model=base, adapter_path=adapter, output_path=out, device=device)
+"""
+
+# the least config axolotl's CLI accepts for a merge (it validates a training config: a dataset and a learning rate)
+AXOLOTL_CONFIG = """base_model: {base}
+adapter: lora
+lora_model_dir: {adapter}
+output_dir: {out}
+merge_method: memory_efficient
+datasets:
+  - path: unused.jsonl
+    type: alpaca
+learning_rate: 0.0001
+micro_batch_size: 1
+gradient_accumulation_steps: 1
+num_epochs: 1
+sequence_len: 64
+"""
+
 
 def timed(cmd: list[str]) -> dict:
     """Wall and CPU seconds and peak resident memory of ``cmd``, from /usr/bin/time -v."""
@@ -69,7 +96,7 @@ def timed(cmd: list[str]) -> dict:
 
 
 def tools(base: Path, adapter: Path, out: Path, device: str, peft: bool,
-          baseline: Path | None = None, jobs: list[int] = ()) -> dict[str, list[str]]:
+          baseline: Path | None = None, jobs: list[int] = (), peers: Path | None = None) -> dict[str, list[str]]:
     found = {
         "cp -r": ["cp", "-r", str(base), str(out)],
         "lora-merge": ["lora-merge", "-q", str(base), str(adapter), str(out), "--device", device],
@@ -92,6 +119,15 @@ def tools(base: Path, adapter: Path, out: Path, device: str, peft: bool,
         found["mergekit"] = ["mergekit-yaml", str(config), str(out), "--lora-merge-cache", str(cache)]
         if device.startswith("cuda"):
             found["mergekit"].append("--cuda")
+    if peers is not None and (peers / "tinker-cookbook" / "bin" / "python").exists():
+        found["tinker-cookbook"] = [str(peers / "tinker-cookbook" / "bin" / "python"), "-c", TINKER_MERGE,
+                                    str(base), str(adapter), str(out), device]
+    if peers is not None and (peers / "axolotl" / "bin" / "axolotl").exists():
+        # it writes OUT/merged: the run's own folder is moved to OUT afterwards (see ``run_tool``)
+        config = out.parent / "axolotl.yml"
+        config.write_text(AXOLOTL_CONFIG.format(base=base.resolve(), adapter=adapter.resolve(),
+                                                out=(out.parent / "axolotl-out").resolve()))
+        found["axolotl"] = [str(peers / "axolotl" / "bin" / "axolotl"), "merge-lora", str(config)]
     return found
 
 
@@ -138,11 +174,15 @@ def main() -> None:
     parser.add_argument("--jobs", nargs="+", type=int, default=[], metavar="N",
                         help="also run lora-merge with each of these --jobs")
     parser.add_argument("--no-unmerge", action="store_true", help="leave the unmerge rows out")
+    parser.add_argument("--peers", type=Path, metavar="DIR",
+                        help="also run tinker-cookbook and axolotl from their virtual environments DIR/tinker-cookbook "
+                             "and DIR/axolotl (each where it is there)")
     parser.add_argument("--baseline", type=Path, metavar="CHECKOUT",
                         help="also run the lora-merge of another checkout (e.g. `git worktree add ../before HEAD~1`, "
                              "then `pip install -e ../before --no-deps` in a scratch venv, or `python setup.py "
                              "build_ext --inplace` there): before and after in one run")
     args = parser.parse_args()
+    os.environ.setdefault("AXOLOTL_DO_NOT_TRACK", "1")  # no telemetry from a benchmark
     pin = ["taskset", "-c", f"0-{args.cpus - 1}"] if args.cpus else []
     draw_on = "cuda" if args.device.startswith("cuda") else "cpu"
 
@@ -162,7 +202,7 @@ def main() -> None:
             shutil.rmtree(work, ignore_errors=True)
             work.mkdir()
             commands = {n: pin + c for n, c in tools(base, adapter, work / "out", args.device, not args.no_peft,
-                                                     args.baseline, args.jobs).items()}
+                                                     args.baseline, args.jobs, args.peers).items()}
             names = list(commands)
             results: dict[str, list[dict]] = {n: [] for n in names}
             kept: dict[str, Path] = {}
@@ -171,7 +211,10 @@ def main() -> None:
                     out = work / "out"
                     shutil.rmtree(out, ignore_errors=True)
                     shutil.rmtree(work / "mergekit-cache", ignore_errors=True)  # no run reuses another's
+                    shutil.rmtree(work / "axolotl-out", ignore_errors=True)
                     results[name].append(timed(commands[name]))
+                    if name == "axolotl":  # its merged model is in OUT/merged of its own output folder
+                        shutil.move(work / "axolotl-out" / "merged", out)
                     print(f"{shape} {kind} run {run + 1}: {name} {results[name][-1]['wall']:.2f} s", file=sys.stderr)
                     if run == 0 and name != "cp -r":  # keep the first output of each tool to compare
                         kept[name] = work / name

@@ -21,12 +21,13 @@ import numpy as np
 import torch
 
 from .. import kernels
-from ..adapter import FileTensor, LowRank, TargetOps
+from ..adapter import AddScaled, FileTensor, LowRank, TargetOps
 from ..buffers import Buffers, flat_nonzero
 from ..dtypes import DTYPES
 from ..numbers.quantized import QuantizedTensor
 from ..plan import Entry
 from ..reader import tensor_rows
+from .kinds import kind_rows, scaled, width_of
 from .verdict import CHECK_BLOCK_BYTES, Survival, TensorVerdict
 
 COMPUTE_UNIT = 2.0**-24  # float32 unit roundoff: the bound admits a merge computed in float32
@@ -74,7 +75,8 @@ class Rows:
 
 def _plain(ops: TargetOps | None) -> bool:
     """Deltas only (the common case): computed in place in a reused buffer."""
-    return ops is None or (ops.replace is None and ops.dora_magnitude is None and ops.row_indices is None)
+    return ops is None or (ops.replace is None and ops.dora_magnitude is None and ops.row_indices is None
+                           and ops.multiply is None)
 
 
 def expected_rows(e: Entry, f: Factors, start: int, stop: int, buffers: Buffers | None = None,
@@ -108,10 +110,15 @@ def _add_deltas(value, ops: TargetOps | None, f: Factors, start: int, stop: int,
         if isinstance(d, LowRank):
             rank += d.rank
             parts.append(_low_rank_into(value, d, f, start, stop, shape))
-        else:
+        elif isinstance(d, AddScaled):
             t = f.get(d.t)[start:stop]
             value.add_(t, alpha=d.scale)
             parts.append((t.abs() * abs(d.scale)).reshape(-1).__getitem__)
+        else:  # another additive kind (kinds.py)
+            delta, magnitude = kind_rows(d, f, start, stop, width_of(shape))
+            value.reshape(value.shape[0], -1).add_(delta)
+            rank += d.rank + 1
+            parts.append(magnitude.reshape(-1).__getitem__)
     return rank, parts
 
 
@@ -158,6 +165,8 @@ def _general_rows(e: Entry, ops: TargetOps, f: Factors, raw, start: int, stop: i
     """Replacements, DoRA and trainable rows: each step on its own tensors (rare, and small)."""
     w = raw.to(torch.float64, copy=True)
     value = w.clone()
+    if ops is not None and ops.multiply is not None:
+        scaled(value, ops.multiply, f, start, stop)
     rank, parts = _add_deltas(value, ops, f, start, stop, e.shape)
     delta = value - w if parts else None
     products = _summed(parts, f.device)

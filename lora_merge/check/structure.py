@@ -103,11 +103,12 @@ def _member_coverage(adapter) -> tuple[dict, list[str]]:
     data = {
         "adapter": str(adapter.path),
         "format": adapter.format,
+        "kind": adapter.kind,
         "weight": adapter.weight,
         "adapter_tensors": adapter.tensor_count,
         "adapter_modules": len({op.module for op in ops}),
         "targets": len(ops),
-        "merged": sum(1 for op in ops if op.deltas or op.dora_magnitude is not None),
+        "merged": sum(1 for op in ops if op.deltas or op.dora_magnitude is not None or op.multiply is not None),
         "replaced": sum(1 for op in ops if op.replace is not None),
         "rows_replaced": sum(1 for op in ops if op.row_indices is not None),
         "left_over": left_over,

@@ -1,4 +1,5 @@
-"""PEFT LoRA adapters (``adapter_config.json`` + ``adapter_model.safetensors`` or ``.bin``)."""
+"""PEFT adapters (``adapter_config.json`` + ``adapter_model.safetensors`` or ``.bin``): LoRA here, the other kinds
+in ``peft_kinds.py``."""
 
 from __future__ import annotations
 
@@ -22,6 +23,7 @@ from .files import (
     read_adapter_config,
     read_tensor_file,
 )
+from .peft_kinds import load_kind, refuse
 
 PREFIX = "base_model.model."
 # key suffix -> role; longest first so that "lora_magnitude_vector.weight" wins over its prefix
@@ -58,13 +60,14 @@ def pattern_value(patterns: dict, module: str, default):
     return default
 
 
+def peft_type_of(config: dict) -> str:
+    return str(config.get("peft_type", "LORA")).upper()
+
+
 def check_config(config: dict, where: Path) -> None:
-    peft_type = str(config.get("peft_type", "LORA")).upper()
-    if peft_type != "LORA":
-        raise UnsupportedAdapterError(
-            f"{where}: peft_type is {peft_type}; lora-merge merges LoRA adapters only",
-            "merge it with peft's own merge_and_unload, if that method supports merging",
-        )
+    refuse(peft_type_of(config), where)
+    if peft_type_of(config) != "LORA":
+        return
     for name, why in UNSUPPORTED_FIELDS.items():
         if config.get(name):
             raise UnsupportedAdapterError(f"{where}: {name} is set: {why}")
@@ -232,6 +235,8 @@ def load_peft_adapter(folder: Path, layout) -> Adapter:
     config = read_config(folder)
     check_config(config, folder / "adapter_config.json")
     tensors, files = read_tensors(folder)
+    if peft_type_of(config) != "LORA":
+        return load_kind(folder, config, peft_type_of(config), tensors, files)
 
     r_default = config.get("r", 8)
     alpha_default = config.get("lora_alpha", 8)

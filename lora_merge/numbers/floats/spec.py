@@ -88,9 +88,12 @@ def takes(entry, device_type: str) -> bool:
 def low_rank_only(ops, ndim: int) -> bool:
     """Whether ``ops`` only adds low-rank products on the tensor's own two axes (``ndim`` >= 2) or a bias
     (``ndim`` 1), from float32, bfloat16 or float16 factors read from a file or already in memory."""
-    if ops.replace is not None or ops.dora_magnitude is not None or ops.row_indices is not None:
+    if ops.replace is not None or ops.dora_magnitude is not None or ops.row_indices is not None \
+            or ops.multiply is not None:
         return False
     for d in ops.deltas:
+        if not isinstance(d, (LowRank, AddScaled)):  # another adapter kind: merged with torch
+            return False
         if isinstance(d, LowRank) and (d.experts or ndim < 2):
             return False
         if isinstance(d, AddScaled) and ndim != 1:

@@ -1,0 +1,209 @@
+"""peft's adapter kinds other than LoRA: which are merged, which are refused and why, and the readers of the
+merged ones (AdaLoRA, LoHa, LoKr, IA3) into the canonical operations of ``adapter.py`` and ``kinds.py``."""
+
+from __future__ import annotations
+
+import math
+from collections import defaultdict
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from ..adapter import Adapter, DerivedTensor, LowRank, TargetOps
+from ..errors import PlanError, UnsupportedAdapterError
+from ..kinds import Hadamard, Kronecker, Scaling
+from .files import config_mapping, positive_number
+
+PREFIX = "base_model.model."
+
+# kinds that add no weight: nothing to fold into the model
+NO_WEIGHT = {
+    "PROMPT_TUNING": "prompt tuning learns virtual tokens fed beside the input",
+    "MULTITASK_PROMPT_TUNING": "multitask prompt tuning learns virtual tokens fed beside the input",
+    "P_TUNING": "p-tuning learns virtual tokens (through a prompt encoder) fed beside the input",
+    "PREFIX_TUNING": "prefix tuning learns keys and values prepended in every attention layer",
+    "ADAPTION_PROMPT": "an adaption prompt adds gated prompt tokens inside attention",
+    "CPT": "context-aware prompt tuning learns virtual tokens fed beside the input",
+    "CARTRIDGE": "a cartridge is a trained key-value cache prepended to the input",
+    "XLORA": "X-LoRA mixes its LoRA experts per token, by a classifier on the hidden states",
+    "POLY": "Poly routes between its LoRA modules per task at run time",
+}
+# kinds whose merge peft itself does not define
+NOT_MERGEABLE = {
+    "LILY": "peft does not define a merge for Lily (its shared projectors are chosen by a router)",
+    "SHADOW": "peft does not define a merge for Shadow",
+}
+MERGED = ("LORA", "ADALORA", "LOHA", "LOKR", "IA3")
+
+
+def refuse(peft_type: str, where: Path) -> None:
+    """Raise, naming the kind and why, unless lora-merge merges ``peft_type``."""
+    if peft_type in MERGED:
+        return
+    if peft_type in NO_WEIGHT:
+        raise UnsupportedAdapterError(f"{where}: peft_type is {peft_type}: {NO_WEIGHT[peft_type]}, so there is no "
+                                      "weight to merge into the model", "serve it with peft, beside the base model")
+    if peft_type in NOT_MERGEABLE:
+        raise UnsupportedAdapterError(f"{where}: peft_type is {peft_type}: {NOT_MERGEABLE[peft_type]}",
+                                      "serve it with peft, beside the base model")
+    raise UnsupportedAdapterError(
+        f"{where}: peft_type is {peft_type}, which lora-merge does not merge yet (it merges "
+        f"{', '.join(k.replace('_', '-') for k in MERGED)})",
+        "merge it with peft's own merge_and_unload, if that method supports merging")
+
+
+# key suffix -> role, per kind (peft saves ParameterDicts without ".weight")
+ROLES = {
+    "ADALORA": ("lora_A", "lora_B", "lora_E"),
+    "LOHA": ("hada_w1_a", "hada_w1_b", "hada_w2_a", "hada_w2_b", "hada_t1", "hada_t2"),
+    "LOKR": ("lokr_w1", "lokr_w1_a", "lokr_w1_b", "lokr_w2", "lokr_w2_a", "lokr_w2_b", "lokr_t2"),
+    "IA3": ("ia3_l",),
+}
+
+
+def groups_of(tensors: dict, peft_type: str) -> tuple[dict[str, dict], list[str]]:
+    """The adapter's tensors by module and role, and the keys that are no role of the kind."""
+    groups: dict[str, dict] = defaultdict(dict)
+    unknown = []
+    for key, t in tensors.items():
+        path = key[len(PREFIX):] if key.startswith(PREFIX) else key
+        module, _, role = path.rpartition(".")
+        if role == "weight":  # a Linear-style save of the same parameter
+            module, _, role = module.rpartition(".")
+        if role in ROLES[peft_type]:
+            groups[module][role] = t
+        else:
+            unknown.append(key)
+    return groups, unknown
+
+
+@dataclass
+class _Reading:
+    """What reading an adapter's modules gives: the targets, the tensors knowingly not merged (with why), and those
+    folded into scales as they were read."""
+
+    config: dict
+    targets: dict[str, TargetOps] = field(default_factory=dict)
+    ignored: dict[str, str] = field(default_factory=dict)
+    read_at_load: set[str] = field(default_factory=set)
+
+    def target(self, name: str, module: str) -> TargetOps:
+        op = self.targets.setdefault(name, TargetOps(name=name, module=module))
+        op.fan_in_fan_out = bool(self.config.get("fan_in_fan_out"))
+        return op
+
+
+def load_kind(folder: Path, config: dict, peft_type: str, tensors: dict, files: list[Path]) -> Adapter:
+    """An adapter of a kind other than LoRA, as canonical targets; every inconsistency at once."""
+    groups, unknown = groups_of(tensors, peft_type)
+    problems = [f"{key}: not a tensor {peft_type} stores (modules_to_save and biases are not merged for this kind "
+                "yet)" for key in unknown]
+    reading = _Reading(config)
+    read = READERS[peft_type]
+    for module, parts in sorted(groups.items()):
+        found = read(module, parts, reading)
+        if found:
+            problems.append(f"{module}: {found}")
+    if problems:
+        raise PlanError(f"ADAPTER {str(folder)!r} is inconsistent:", problems)
+    return Adapter(folder, "peft", config, reading.targets, list(tensors), ignored=reading.ignored,
+                   read_at_load=reading.read_at_load, files=[*files, folder / "adapter_config.json"])
+
+
+def _pattern(config: dict, key: str, module: str, default):
+    from .peft import pattern_value
+
+    return pattern_value(config_mapping(config, key, Path("adapter_config.json")), module, default)
+
+
+def _lycoris_scale(config: dict, module: str) -> float:
+    """alpha / r for a LoHa or LoKr module, each picked by pattern as peft picks them."""
+    r = _pattern(config, "rank_pattern", module, config.get("r", 8))
+    alpha = _pattern(config, "alpha_pattern", module, config.get("alpha", 8))
+    positive_number(r, "r", Path("adapter_config.json"), integer=True)
+    return alpha / r
+
+
+def _adalora(module, parts, reading: _Reading) -> str | None:
+    """AdaLoRA: ΔW = B·(A ⊙ E)·α / (ranknum + 1e-5), ranknum peft's init_r; each rank component a rank-one LowRank
+    whose scale carries its E (pruned components, E = 0, are left out)."""
+    a, b, e = parts.get("lora_A"), parts.get("lora_B"), parts.get("lora_E")
+    if a is None or b is None or e is None:
+        return f"AdaLoRA needs lora_A, lora_B and lora_E; found {sorted(parts)}"
+    r = a.shape[0]
+    if tuple(b.shape[1:]) != (r,) or math.prod(e.shape) != r:
+        return f"lora_A{list(a.shape)}, lora_B{list(b.shape)} and lora_E{list(e.shape)} do not compose"
+    alpha = reading.config.get("lora_alpha", 8)
+    init_r = reading.config.get("init_r", 12)
+    scaling = alpha if alpha > 0 else float(init_r)
+    common = scaling / (float(init_r) + 1e-5)
+    values = e.load().reshape(-1).tolist()
+    reading.read_at_load.add(e.name)
+    kept = [k for k, ek in enumerate(values) if ek != 0]
+    if not kept:
+        for t in (a, b):
+            reading.ignored[t.name] = "every rank component pruned by AdaLoRA's budget (lora_E is zero)"
+        return None
+    op = reading.target(f"{module}.weight", module)
+    for k in kept:
+        row = DerivedTensor(a, (1, *a.shape[1:]), lambda x, k=k: x[k:k + 1])
+        col = DerivedTensor(b, (b.shape[0], 1), lambda x, k=k: x[:, k:k + 1])
+        op.deltas.append(LowRank(row, col, common * values[k], kind="adalora"))
+    return None
+
+
+def _loha(module, parts, reading: _Reading) -> str | None:
+    if "hada_t1" in parts or "hada_t2" in parts:
+        return "LoHa's CP form (hada_t1, hada_t2, for convolutions) is not merged yet"
+    need = ("hada_w1_a", "hada_w1_b", "hada_w2_a", "hada_w2_b")
+    if any(n not in parts for n in need):
+        return f"LoHa needs {', '.join(need)}; found {sorted(parts)}"
+    d = Hadamard(*(parts[n] for n in need), _lycoris_scale(reading.config, module))
+    found = d.problem()
+    if found:
+        return found
+    reading.target(f"{module}.weight", module).deltas.append(d)
+    return None
+
+
+def _lokr(module, parts, reading: _Reading) -> str | None:
+    if "lokr_t2" in parts:
+        return "LoKr's CP form (lokr_t2, for convolutions) is not merged yet"
+    factors = []
+    for i in (1, 2):
+        full, low = parts.get(f"lokr_w{i}"), (parts.get(f"lokr_w{i}_a"), parts.get(f"lokr_w{i}_b"))
+        if full is not None and low == (None, None):
+            factors.append((full,))
+        elif full is None and None not in low:
+            factors.append(low)
+        else:
+            return f"LoKr needs lokr_w{i}, or lokr_w{i}_a and lokr_w{i}_b; found {sorted(parts)}"
+    d = Kronecker(factors[0], factors[1], _lycoris_scale(reading.config, module))
+    found = d.problem()
+    if found:
+        return found
+    reading.target(f"{module}.weight", module).deltas.append(d)
+    return None
+
+
+def _ia3(module, parts, reading: _Reading) -> str | None:
+    """IA3: W ⊙ l, along the input for ``feedforward_modules`` (peft's ``l`` is 1 × in), else along the output
+    (out × 1), where peft scales the layer's bias too."""
+    from .peft import pattern_value
+
+    l = parts["ia3_l"]  # noqa: E741
+    feedforward = reading.config.get("feedforward_modules") or []
+    if isinstance(feedforward, str):
+        is_ff = bool(pattern_value({feedforward: True}, module, False))
+    else:
+        is_ff = any(module == f or module.endswith("." + f) for f in feedforward)
+    if len(l.shape) != 2 or (l.shape[0] != 1 if is_ff else l.shape[1] != 1):
+        return f"ia3_l has shape {list(l.shape)}, not [1, in] (feedforward) or [out, 1]"
+    reading.target(f"{module}.weight", module).multiply = Scaling(l, columns=is_ff)
+    if not is_ff:  # peft scales the bias where the layer has one: the planner leaves this out where BASE has none
+        bias = reading.target(f"{module}.bias", module)
+        bias.multiply = Scaling(l, columns=False)
+        bias.optional = True
+    return None
+
+
+READERS = {"ADALORA": _adalora, "LOHA": _loha, "LOKR": _lokr, "IA3": _ia3}
