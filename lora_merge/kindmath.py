@@ -28,8 +28,8 @@ class RowsView:
     """One delta as the stored tensor (rows × width) sees it: ``value`` and ``magnitude`` (Σ|terms|) of rows
     [start, stop) in float64, and ``exact(i, j)`` in fractions."""
 
-    def __init__(self, d, width: int, device):
-        self.d, self.width = d, width
+    def __init__(self, d, device):
+        self.d = d
         load = lambda t: t.load().to(device=device, dtype=torch.float64).reshape(t.shape[0], -1)  # noqa: E731
         turn = bool(getattr(d, "transposed", False))
         if isinstance(d, Hadamard):
@@ -72,16 +72,12 @@ class RowsView:
             return q(d.scale) * p1 * p2
         if isinstance(d, Kronecker):
             (w1, w2) = self.f
-            m, n = _shape(w2)
+            m, n = Kronecker.factor_shape(w2)
             return q(d.scale) * _element(w1, i // m, j // n) * _element(w2, i % m, j % n)
         if isinstance(d, LowRank):
             left, right = self.f
             return q(d.scale) * sum((q(left[i, k]) * q(right[k, j]) for k in range(left.shape[1])), Fraction(0))
         return q(d.scale) * q(self.f[0][i, j])
-
-
-def _shape(parts) -> tuple[int, int]:
-    return (parts[0].shape[0], parts[0].shape[1]) if len(parts) == 1 else (parts[0].shape[0], parts[1].shape[1])
 
 
 def _element(parts, a: int, b: int) -> Fraction:
@@ -102,17 +98,17 @@ def needs_settling(ops) -> bool:
     return bool(kinds) and not any(isinstance(d, LowRank) and d.experts for d in ops.deltas)
 
 
-def view(d, width: int, device, cache: dict) -> RowsView:
+def view(d, device, cache: dict) -> RowsView:
     key = ("view", id(d))
     if key not in cache:
-        cache[key] = RowsView(d, width, device)
+        cache[key] = RowsView(d, device)
     return cache[key]
 
 
 def add_kind(v: torch.Tensor, d, start: int, stop: int, cache: dict) -> None:
     """Add an additive kind's rows [start, stop) to ``v`` (float64, the stored tensor's rows), in place."""
     flat = v.reshape(v.shape[0], -1)
-    flat.add_(view(d, flat.shape[1], v.device, cache).value(start, stop))
+    flat.add_(view(d, v.device, cache).value(start, stop))
 
 
 def multiply(v: torch.Tensor, m, start: int, stop: int, cache: dict) -> None:
@@ -139,7 +135,7 @@ def settle(v: torch.Tensor, w: torch.Tensor, ops, start: int, stop: int, dtype: 
         return 0
     flat = v.reshape(v.shape[0], -1)
     width = flat.shape[1]
-    views = [view(d, width, v.device, cache) for d in ops.deltas]
+    views = [view(d, v.device, cache) for d in ops.deltas]
     magnitude = w.reshape(flat.shape).to(torch.float64).abs()
     terms = 0
     for x in views:

@@ -27,7 +27,7 @@ from ..dtypes import DTYPES
 from ..numbers.quantized import QuantizedTensor
 from ..plan import Entry
 from ..reader import tensor_rows
-from .kinds import kind_rows, scaled, width_of
+from .kinds import kind_rows, scaled
 from .verdict import CHECK_BLOCK_BYTES, Survival, TensorVerdict
 
 COMPUTE_UNIT = 2.0**-24  # float32 unit roundoff: the bound admits a merge computed in float32
@@ -115,7 +115,7 @@ def _add_deltas(value, ops: TargetOps | None, f: Factors, start: int, stop: int,
             value.add_(t, alpha=d.scale)
             parts.append((t.abs() * abs(d.scale)).reshape(-1).__getitem__)
         else:  # another additive kind (kinds.py)
-            delta, magnitude = kind_rows(d, f, start, stop, width_of(shape))
+            delta, magnitude = kind_rows(d, f, start, stop)
             value.reshape(value.shape[0], -1).add_(delta)
             rank += d.rank + 1
             parts.append(magnitude.reshape(-1).__getitem__)

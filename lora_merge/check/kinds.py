@@ -8,8 +8,6 @@ needs.
 
 from __future__ import annotations
 
-import math
-
 import torch
 
 from ..kinds import Hadamard, Kronecker, Scaling
@@ -19,8 +17,8 @@ def _factor(f, t):
     return f.get(t).reshape(t.shape[0], -1)
 
 
-def kind_rows(d, f, start: int, stop: int, width: int):
-    """(value, magnitude) of rows [start, stop) of the delta ``d`` on the stored tensor seen as rows × width."""
+def kind_rows(d, f, start: int, stop: int):
+    """(value, magnitude) of rows [start, stop) of the delta ``d`` on the stored tensor seen as rows × columns."""
     if isinstance(d, Hadamard):
         w1a, w1b, w2a, w2b = (_factor(f, t) for t in d.tensors())
         if d.transposed:  # stored rows are the logical columns
@@ -62,7 +60,3 @@ def scaled(value, m: Scaling, f, start: int, stop: int) -> None:
     axis = m.stored_axis(value.dim())
     shape[axis] = -1
     value.mul_(l[start:stop].reshape(shape) if axis == 0 else l.reshape(shape))
-
-
-def width_of(shape) -> int:
-    return math.prod(shape[1:]) if len(shape) > 1 else 1

@@ -8,7 +8,7 @@ from collections import defaultdict
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from ..adapter import Adapter, DerivedTensor, LowRank, TargetOps
+from ..adapter import KIND_NAMES, Adapter, DerivedTensor, LowRank, TargetOps
 from ..errors import PlanError, UnsupportedAdapterError
 from ..kinds import Hadamard, Kronecker, Scaling
 from .files import config_mapping, positive_number
@@ -32,7 +32,7 @@ NOT_MERGEABLE = {
     "LILY": "peft does not define a merge for Lily (its shared projectors are chosen by a router)",
     "SHADOW": "peft does not define a merge for Shadow",
 }
-MERGED = ("LORA", "ADALORA", "LOHA", "LOKR", "IA3")
+MERGED = tuple(KIND_NAMES)  # the kinds lora-merge merges, by their peft_type
 
 
 def refuse(peft_type: str, where: Path) -> None:
@@ -157,12 +157,7 @@ def _loha(module, parts, reading: _Reading) -> str | None:
     need = ("hada_w1_a", "hada_w1_b", "hada_w2_a", "hada_w2_b")
     if any(n not in parts for n in need):
         return f"LoHa needs {', '.join(need)}; found {sorted(parts)}"
-    d = Hadamard(*(parts[n] for n in need), _lycoris_scale(reading.config, module))
-    found = d.problem()
-    if found:
-        return found
-    reading.target(f"{module}.weight", module).deltas.append(d)
-    return None
+    return _add(reading, module, Hadamard(*(parts[n] for n in need), _lycoris_scale(reading.config, module)))
 
 
 def _lokr(module, parts, reading: _Reading) -> str | None:
@@ -177,12 +172,15 @@ def _lokr(module, parts, reading: _Reading) -> str | None:
             factors.append(low)
         else:
             return f"LoKr needs lokr_w{i}, or lokr_w{i}_a and lokr_w{i}_b; found {sorted(parts)}"
-    d = Kronecker(factors[0], factors[1], _lycoris_scale(reading.config, module))
+    return _add(reading, module, Kronecker(factors[0], factors[1], _lycoris_scale(reading.config, module)))
+
+
+def _add(reading: _Reading, module: str, d) -> str | None:
+    """The module's weight gets the delta ``d``, or why its factors do not compose."""
     found = d.problem()
-    if found:
-        return found
-    reading.target(f"{module}.weight", module).deltas.append(d)
-    return None
+    if not found:
+        reading.target(f"{module}.weight", module).deltas.append(d)
+    return found
 
 
 def _ia3(module, parts, reading: _Reading) -> str | None:
