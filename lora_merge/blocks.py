@@ -232,7 +232,7 @@ class TorchBlocks:
         v.copy_(read.values, non_blocking=self.cuda)
         if self.cuda and read.slot is not None:  # the pinned read may be reused once the copy has left it
             read.slot.waits.append(self._event())
-        if ops is not None and ops.multiply is not None:  # IA3: W ⊙ l, exact in float64
+        if ops is not None and ops.multiply is not None:  # IA3: W ⊙ l, exact in float64; OFT: W · Rᵀ
             kindmath.multiply(v, ops.multiply, start, stop, cache)
         for d in ops.deltas if ops is not None else ():
             mathops.add_delta(v, d, start, stop, cache)

@@ -7,7 +7,7 @@ within it), the element's exact value is summed in fractions from the stored val
 (``exact.to_odd``), so that the one rounding that follows is the exact value's. IA3's product W · l of two stored
 values is exact in float64 already.
 
-Each delta is seen as the stored tensor sees it: ``rows_view`` swaps a transposed delta's factors, so that stored
+Each delta is seen as the stored tensor sees it: ``RowsView`` swaps a transposed delta's factors, so that stored
 row i, column j is the view's (i, j).
 """
 
@@ -17,11 +17,59 @@ from fractions import Fraction
 
 import torch
 
+from . import oftmath
 from .adapter import LowRank
 from .exact import to_odd
-from .kinds import ADDITIVE, Hadamard, Kronecker
+from .kinds import ADDITIVE, Hadamard, Kronecker, Rotation, Tiled
 
 UNIT = 2.0**-53
+
+
+class Factor:
+    """One factor of LoHa or LoKr as the stored tensor sees it (transposed where the delta is): rows of its value
+    and of its magnitude (Σ|terms|) in float64, and one element exactly."""
+
+    def __init__(self, parts: tuple, device, turn: bool):
+        load = lambda t: t.load().to(device=device, dtype=torch.float64)  # noqa: E731
+        self.parts = [load(t) for t in parts]
+        if len(parts) < 3:
+            self.parts = [t.reshape(t.shape[0], -1) for t in self.parts]
+            if turn:  # a transposed full factor, or a low-rank product with its two swapped and transposed
+                self.parts = [t.T for t in reversed(self.parts)]
+        self._whole = {}
+
+    def rows(self, start: int, stop: int, magnitude: bool = False) -> torch.Tensor:
+        f = [t.abs() for t in self.parts] if magnitude else self.parts
+        if len(f) == 1:
+            return f[0][start:stop]
+        if len(f) == 2:
+            return f[0][start:stop] @ f[1]
+        t, a, b = f  # the CP form: F[p, c, k, l] = Σᵢⱼ t[i, j, k, l] a[i, p] b[j, c]
+        inner = torch.einsum("ijkl,jc->ickl", t, b)
+        return torch.einsum("ip,ickl->pckl", a[:, start:stop], inner).reshape(stop - start, -1)
+
+    def whole(self, magnitude: bool = False) -> torch.Tensor:
+        if magnitude not in self._whole:
+            rows = self.parts[1].shape[1] if len(self.parts) == 3 else self.parts[0].shape[0]
+            self._whole[magnitude] = self.rows(0, rows, magnitude)
+        return self._whole[magnitude]
+
+    def exact(self, i: int, j: int) -> Fraction:
+        f = self.parts
+        if len(f) == 1:
+            return _q(f[0][i, j])
+        if len(f) == 2:
+            return sum((_q(f[0][i, k]) * _q(f[1][k, j]) for k in range(f[0].shape[1])), Fraction(0))
+        t, a, b = f
+        kernel = t.shape[2] * t.shape[3]
+        c, kl = divmod(j, kernel)
+        k, l = divmod(kl, t.shape[3])  # noqa: E741
+        return sum((_q(t[x, y, k, l]) * _q(a[x, i]) * _q(b[y, c]) for x in range(t.shape[0])
+                    for y in range(t.shape[1])), Fraction(0))
+
+
+def _q(x) -> Fraction:
+    return Fraction(float(x))
 
 
 class RowsView:
@@ -32,14 +80,10 @@ class RowsView:
         self.d = d
         load = lambda t: t.load().to(device=device, dtype=torch.float64).reshape(t.shape[0], -1)  # noqa: E731
         turn = bool(getattr(d, "transposed", False))
-        if isinstance(d, Hadamard):
-            f = [load(t) for t in d.tensors()]
-            # (w1a, w1b, w2a, w2b) of the stored view: Δᵀ = s · (w1bᵀ w1aᵀ) ⊙ (w2bᵀ w2aᵀ)
-            self.f = [f[1].T, f[0].T, f[3].T, f[2].T] if turn else f
-        elif isinstance(d, Kronecker):
-            self.f = [[load(t) for t in parts] for parts in (d.w1, d.w2)]
-            if turn:  # kron(w1, w2)ᵀ = kron(w1ᵀ, w2ᵀ); a low-rank factor's transpose swaps its two
-                self.f = [[t.T for t in reversed(parts)] for parts in self.f]
+        if isinstance(d, (Hadamard, Kronecker)):  # kron(w1, w2)ᵀ = kron(w1ᵀ, w2ᵀ), and (F1 ⊙ F2)ᵀ = F1ᵀ ⊙ F2ᵀ
+            self.f = [Factor(parts, device, turn) for parts in (d.w1, d.w2)]
+        elif isinstance(d, Tiled):
+            self.f = [load(d.block).T.contiguous()]  # (m × r): row o mod m, column j mod r
         elif isinstance(d, LowRank):
             a, b = load(d.a), load(d.b)
             self.f = [a.T, b.T] if turn else [b, a]  # left (rows × r), right (r × width)
@@ -47,53 +91,49 @@ class RowsView:
             self.f = [d.t.load().to(device=device, dtype=torch.float64).reshape(-1, 1)]
 
     def value(self, start: int, stop: int, magnitude: bool = False) -> torch.Tensor:
-        f = [[t.abs() for t in x] if isinstance(x, list) else x.abs() for x in self.f] if magnitude else self.f
-        s = abs(self.d.scale) if magnitude else self.d.scale
         d = self.d
+        s = getattr(d, "scale", 1.0)
+        s = abs(s) if magnitude else s
         if isinstance(d, Hadamard):
-            return (f[0][start:stop] @ f[1]) * (f[2][start:stop] @ f[3]) * s
+            return self.f[0].rows(start, stop, magnitude) * self.f[1].rows(start, stop, magnitude) * s
         if isinstance(d, Kronecker):
-            (w1, w2) = (parts[0] if len(parts) == 1 else parts[0] @ parts[1] for parts in f)
+            w1, w2 = (x.whole(magnitude) for x in self.f)
             m = w2.shape[0]
             rows = torch.arange(start, stop, device=w1.device)
             out = w1[rows // m][:, :, None] * w2[rows % m][:, None, :]
             return out.reshape(stop - start, -1) * s
+        f = [x.abs() for x in self.f] if magnitude else self.f
         if isinstance(d, LowRank):
             return (f[0][start:stop] @ f[1]) * s
+        if isinstance(d, Tiled):
+            (m, r), width = f[0].shape, d.size[1]
+            rows = torch.arange(start, stop, device=f[0].device) % m
+            return f[0][rows][:, torch.arange(width, device=f[0].device) % r]
         return f[0][start:stop] * s
 
     def exact(self, i: int, j: int) -> Fraction:
         d = self.d
-        q = lambda x: Fraction(float(x))  # noqa: E731
         if isinstance(d, Hadamard):
-            f = self.f
-            p1 = sum((q(f[0][i, k]) * q(f[1][k, j]) for k in range(f[0].shape[1])), Fraction(0))
-            p2 = sum((q(f[2][i, k]) * q(f[3][k, j]) for k in range(f[2].shape[1])), Fraction(0))
-            return q(d.scale) * p1 * p2
+            return _q(d.scale) * self.f[0].exact(i, j) * self.f[1].exact(i, j)
         if isinstance(d, Kronecker):
-            (w1, w2) = self.f
-            m, n = Kronecker.factor_shape(w2)
-            return q(d.scale) * _element(w1, i // m, j // n) * _element(w2, i % m, j % n)
+            m, n = self.f[1].whole().shape
+            return _q(d.scale) * self.f[0].exact(i // m, j // n) * self.f[1].exact(i % m, j % n)
+        if isinstance(d, Tiled):
+            m, r = self.f[0].shape
+            return _q(self.f[0][i % m, j % r])
         if isinstance(d, LowRank):
             left, right = self.f
-            return q(d.scale) * sum((q(left[i, k]) * q(right[k, j]) for k in range(left.shape[1])), Fraction(0))
-        return q(d.scale) * q(self.f[0][i, j])
-
-
-def _element(parts, a: int, b: int) -> Fraction:
-    """One element of a full factor, or of a low-rank product, exactly."""
-    if len(parts) == 1:
-        return Fraction(float(parts[0][a, b]))
-    left, right = parts
-    return sum((Fraction(float(left[a, k])) * Fraction(float(right[k, b])) for k in range(left.shape[1])), Fraction(0))
+            return _q(d.scale) * sum((_q(left[i, k]) * _q(right[k, j]) for k in range(left.shape[1])), Fraction(0))
+        return _q(d.scale) * _q(self.f[0][i, j])
 
 
 def needs_settling(ops) -> bool:
-    """Whether the merge of ``ops`` adds a kind (or AdaLoRA's components) whose float64 value may not round as its
-    exact value does, and nothing else that the exact value here does not follow."""
-    if ops is None or ops.replace is not None or ops.dora_magnitude is not None or ops.row_indices is not None \
-            or ops.multiply is not None:
+    """Whether the merge of ``ops`` adds a kind (or AdaLoRA's components) or rotates W (OFT), whose float64 value
+    may not round as its exact value does, and nothing else that the exact value here does not follow."""
+    if ops is None or ops.replace is not None or ops.dora_magnitude is not None or ops.row_indices is not None:
         return False
+    if ops.multiply is not None:
+        return isinstance(ops.multiply, Rotation)
     kinds = [d for d in ops.deltas if isinstance(d, ADDITIVE) or isinstance(d, LowRank) and d.kind != "lora"]
     return bool(kinds) and not any(isinstance(d, LowRank) and d.experts for d in ops.deltas)
 
@@ -112,7 +152,11 @@ def add_kind(v: torch.Tensor, d, start: int, stop: int, cache: dict) -> None:
 
 
 def multiply(v: torch.Tensor, m, start: int, stop: int, cache: dict) -> None:
-    """IA3: multiply rows [start, stop) (float64) by ``l`` along its axis, in place: exact in float64."""
+    """IA3: multiply rows [start, stop) (float64) by ``l`` along its axis, in place: exact in float64. OFT: rotate
+    each row's blocks (``oftmath``)."""
+    if isinstance(m, Rotation):
+        oftmath.rotated(m, v.device, cache).apply(v)
+        return
     key = ("l", id(m))
     if key not in cache:
         cache[key] = m.l.load().to(device=v.device, dtype=torch.float64).reshape(-1)
@@ -131,6 +175,8 @@ def settle(v: torch.Tensor, w: torch.Tensor, ops, start: int, stop: int, dtype: 
     elements were decided exactly."""
     from .mathops import round_to
 
+    if isinstance(ops.multiply, Rotation):
+        return oftmath.settle(v, w, ops.multiply, dtype, cache)
     if dtype == torch.float64:
         return 0
     flat = v.reshape(v.shape[0], -1)

@@ -34,14 +34,48 @@ def orient(what: str, out: int, inn: int, shape: tuple[int, ...], transposed: bo
     return f"{what} gives shape {[out, inn]} but the base tensor is {list(w_shape)}"
 
 
+def factor_shape(parts: tuple) -> tuple[int, int]:
+    """A factor's logical (rows × columns, a kernel's columns flattened): ``(full,)`` a matrix or kernel;
+    ``(a, b)`` a low-rank product a (rows × r) @ b (r × columns…); ``(t, a, b)`` the CP form of a convolution,
+    ``F[p, c, k, l] = Σᵢⱼ t[i, j, k, l] · a[i, p] · b[j, c]`` with t (r × r × k × l), a (r × out), b (r × in)."""
+    if len(parts) == 1:
+        return parts[0].shape[0], math.prod(parts[0].shape[1:])
+    if len(parts) == 2:
+        return parts[0].shape[0], math.prod(parts[1].shape[1:])
+    t, a, b = parts
+    return a.shape[1], b.shape[1] * math.prod(t.shape[2:])
+
+
+def factor_terms(parts: tuple) -> int:
+    """The products summed in one element of the factor: 1, r, or r² for the CP form."""
+    return 1 if len(parts) == 1 else parts[0].shape[1] if len(parts) == 2 else parts[0].shape[0] * parts[0].shape[1]
+
+
+def factor_problem(parts: tuple) -> str | None:
+    if len(parts) == 2:
+        a, b = parts
+        if len(a.shape) != 2 or len(b.shape) < 2 or a.shape[1] != b.shape[0]:
+            return "a low-rank product whose factors do not compose"
+    elif len(parts) == 3:
+        t, a, b = parts
+        if len(t.shape) != 4 or len(a.shape) != 2 or len(b.shape) != 2 or (a.shape[0], b.shape[0]) != t.shape[:2]:
+            return "a CP form whose core and factors do not compose"
+    elif len(parts[0].shape) not in (2, 4):
+        return "a factor that is neither a matrix nor a 2-D convolution kernel"
+    return None
+
+
+def _shapes(*factors) -> list:
+    return [[list(t.shape) for t in parts] for parts in factors]
+
+
 @dataclass(frozen=True)
 class Hadamard:
-    """LoHa: ``ΔW = scale · (w1a @ w1b) ⊙ (w2a @ w2b)``; w1a (out × r), w1b (r × in), w2a, w2b alike."""
+    """LoHa: ``ΔW = scale · F1 ⊙ F2``, each factor a low-rank product (hada_wN_a @ hada_wN_b) or, for a
+    convolution, its CP form (hada_tN with hada_wN_a, hada_wN_b)."""
 
-    w1a: object
-    w1b: object
-    w2a: object
-    w2b: object
+    w1: tuple
+    w2: tuple
     scale: float
     transposed: bool | None = None
 
@@ -49,33 +83,37 @@ class Hadamard:
 
     @property
     def logical(self) -> tuple[int, int]:
-        return self.w1a.shape[0], math.prod(self.w1b.shape[1:])
+        return factor_shape(self.w1)
 
     @property
     def rank(self) -> int:
-        return self.w1a.shape[1] + self.w2a.shape[1]
+        return factor_terms(self.w1) + factor_terms(self.w2)
 
     def tensors(self):
-        return self.w1a, self.w1b, self.w2a, self.w2b
+        return (*self.w1, *self.w2)
 
     def problem(self) -> str | None:
-        (o1, r1), (o2, r2) = self.w1a.shape[:2], self.w2a.shape[:2]
-        if (o1, r1) != (o2, r2) or self.w1b.shape[0] != r1 or tuple(self.w1b.shape) != tuple(self.w2b.shape):
-            return (f"LoHa factors {[list(t.shape) for t in self.tensors()]} do not compose "
-                    "(hada_w1_a @ hada_w1_b and hada_w2_a @ hada_w2_b of one shape)")
+        found = factor_problem(self.w1) or factor_problem(self.w2)
+        if found or len(self.w1) == 1 or len(self.w2) == 1 or factor_shape(self.w1) != factor_shape(self.w2):
+            return (f"LoHa factors {_shapes(self.w1, self.w2)} do not compose ({found or 'two products of one shape'})")
         return None
 
     def fit(self, shape, fan_in_fan_out: bool = False):
         found = self.problem() or orient("LoHa", *self.logical, shape, self.transposed, fan_in_fan_out)
+        if found is True and 3 in (len(self.w1), len(self.w2)):
+            return "LoHa's CP form fits a convolution kernel, not a transposed matrix"
         return found if isinstance(found, str) else replace(self, transposed=found)
 
     def describe(self) -> str:
-        return f"loha(r={self.w1a.shape[1]}, s={self.scale:g}{', T' if self.transposed else ''})"
+        cp = ", cp" if len(self.w1) == 3 else ""
+        return f"loha(r={self.w1[0].shape[len(self.w1) % 2]}{cp}, s={self.scale:g}{', T' if self.transposed else ''})"
 
 
 @dataclass(frozen=True)
 class Kronecker:
-    """LoKr: ``ΔW = scale · kron(w1, w2)``, each factor a full matrix (one tensor) or a low-rank product (two)."""
+    """LoKr: ``ΔW = scale · kron(w1, w2)``; w1 a full matrix or a low-rank product; w2 a full matrix or kernel, a
+    low-rank product, or a convolution's CP form. A kernel's (k, l) run fastest in each of W's input columns, so
+    the Kronecker product of the flattened factors is the flattened kernel."""
 
     w1: tuple
     w2: tuple
@@ -84,40 +122,111 @@ class Kronecker:
 
     name = "lokr"
 
-    @staticmethod
-    def factor_shape(parts: tuple) -> tuple[int, int]:
-        return (parts[0].shape[0], parts[0].shape[1]) if len(parts) == 1 else (parts[0].shape[0], parts[1].shape[1])
-
     @property
     def logical(self) -> tuple[int, int]:
-        (p, q), (m, n) = self.factor_shape(self.w1), self.factor_shape(self.w2)
+        (p, q), (m, n) = factor_shape(self.w1), factor_shape(self.w2)
         return p * m, q * n
 
     @property
     def rank(self) -> int:
-        """The roundings in one element's computation: the inner sizes of its factors (1 for a full one), summed."""
-        return sum(parts[0].shape[1] if len(parts) == 2 else 1 for parts in (self.w1, self.w2))
+        """The roundings in one element's computation: the products in each factor's element, summed."""
+        return factor_terms(self.w1) + factor_terms(self.w2)
 
     def tensors(self):
         return (*self.w1, *self.w2)
 
     def problem(self) -> str | None:
-        for parts in (self.w1, self.w2):
-            if any(len(t.shape) != 2 for t in parts) or len(parts) == 2 and parts[0].shape[1] != parts[1].shape[0]:
-                return (f"LoKr factors {[list(t.shape) for t in self.tensors()]} are not matrices that compose "
-                        "(a convolution's CP or 4-D form is not merged yet)")
+        found = factor_problem(self.w1) or factor_problem(self.w2)
+        if found or len(self.w1) == 3 or len(self.w1[-1].shape) != 2:
+            return f"LoKr factors {_shapes(self.w1, self.w2)} do not compose ({found or 'w1 is a matrix'})"
         return None
 
     def fit(self, shape, fan_in_fan_out: bool = False):
         found = self.problem() or orient("LoKr", *self.logical, shape, self.transposed, fan_in_fan_out)
+        if found is True and (len(self.w2) == 3 or len(self.w2[-1].shape) != 2):
+            return "LoKr's convolution factor fits a kernel, not a transposed matrix"
         return found if isinstance(found, str) else replace(self, transposed=found)
 
     def describe(self) -> str:
-        forms = "".join("f" if len(p) == 1 else "r" for p in (self.w1, self.w2))
+        forms = "".join({1: "f", 2: "r", 3: "c"}[len(p)] for p in (self.w1, self.w2))
         return f"lokr({forms}, s={self.scale:g}{', T' if self.transposed else ''})"
 
 
-ADDITIVE = (Hadamard, Kronecker)
+@dataclass(frozen=True)
+class Vera:
+    """VeRA: ``ΔW = (λ_b ⊙ B[:out]) @ (λ_d ⊙ A[:, :in])``: A (r × max in) and B (max out × r) shared by every
+    layer, sliced to the layer's size, and scaled by the layer's own vectors ``lambda_b`` (out) and ``lambda_d``
+    (r), held here as float64 values (each product of two stored values is exact in float64). The layer's input
+    size is the base tensor's, so ``fit`` gives a ``LowRank`` of the scaled slices."""
+
+    a: object
+    b: object
+    lambda_b: object
+    lambda_d: object
+
+    name = "vera"
+
+    def tensors(self):
+        return self.a, self.b
+
+    def problem(self) -> str | None:
+        r = self.a.shape[0]
+        if len(self.a.shape) != 2 or len(self.b.shape) != 2 or self.b.shape[1] != r or len(self.lambda_d) != r \
+                or len(self.lambda_b) > self.b.shape[0]:
+            return (f"VeRA's vera_A{list(self.a.shape)}, vera_B{list(self.b.shape)}, lambda_b[{len(self.lambda_b)}] "
+                    f"and lambda_d[{len(self.lambda_d)}] do not compose")
+        return None
+
+    def fit(self, shape, fan_in_fan_out: bool = False):
+        from .adapter import DerivedTensor, LowRank
+
+        found = self.problem()
+        if found:
+            return found
+        out, r, widest = len(self.lambda_b), self.a.shape[0], self.a.shape[1]
+        if len(shape) != 2:
+            return f"VeRA on a {len(shape)}-D tensor {list(shape)} is not merged yet"
+        turned = fan_in_fan_out if shape[0] == shape[1] else shape[1] == out
+        inn = shape[0] if turned else shape[1]
+        if (shape[1] if turned else shape[0]) != out or inn > widest:
+            return f"VeRA gives {out} output rows from at most {widest} inputs but the base tensor is {list(shape)}"
+        lb, ld = self.lambda_b.reshape(-1, 1), self.lambda_d.reshape(-1, 1)
+        a = DerivedTensor(self.a, (r, inn), lambda x: x[:, :inn].to(ld.dtype) * ld.to(x.device))
+        b = DerivedTensor(self.b, (out, r), lambda x: x[:out].to(lb.dtype) * lb.to(x.device))
+        return LowRank(a, b, 1.0, transposed=turned, kind="vera")
+
+    def describe(self) -> str:
+        return f"vera(r={self.a.shape[0]})"
+
+
+@dataclass(frozen=True)
+class Tiled:
+    """MiSS (formerly Bone): ``ΔW[o, j] = block[j mod r, o mod m]``, the block (r × m) transposed and tiled over W;
+    m is W's output size (peft's default) or ``mini_r`` (its "mini" form, the block repeated down the rows)."""
+
+    block: object
+    size: tuple = ()  # the logical (out, in), known once fitted
+    transposed: bool | None = None
+
+    name = "miss"
+    rank = 1
+
+    def tensors(self):
+        return (self.block,)
+
+    def fit(self, shape, fan_in_fan_out: bool = False):
+        r, m = self.block.shape[:2] if len(self.block.shape) == 2 else (0, 0)
+        if len(shape) != 2 or len(self.block.shape) != 2 or fan_in_fan_out:
+            return f"MiSS's block {list(self.block.shape)} on the tensor {list(shape)} is not merged yet (2-D Linear only)"
+        if shape[0] % m:
+            return f"MiSS's block is {r} × {m} but the base tensor's {shape[0]} rows are not a multiple of {m}"
+        return replace(self, size=tuple(shape), transposed=False)
+
+    def describe(self) -> str:
+        return f"miss(r={self.block.shape[0]})"
+
+
+ADDITIVE = (Hadamard, Kronecker, Tiled)
 
 
 @dataclass(frozen=True)
@@ -157,3 +266,45 @@ class Scaling:
 
     def describe(self) -> str:
         return f"ia3({'columns' if self.columns else 'rows'}{', T' if self.transposed else ''})"
+
+
+@dataclass(frozen=True)
+class Rotation:
+    """OFT: ``W' = W · Rᵀ``, R block-diagonal, each block ``b × b`` the Cayley map of a skew-symmetric Q whose upper
+    triangle is a row of ``q`` (peft's ``oft_R.weight``, blocks × b(b−1)/2): ``(I − Q)(I + Q)⁻¹`` exactly
+    (``terms`` 0), or the truncated Neumann series peft uses by default, I + 2Q + 2Q² + … (``terms`` > 0, peft's
+    ``num_cayley_neumann_terms``). With ``shared``, one block serves every position (peft's ``block_share``).
+    Each stored row of W mixes its own columns, block by block."""
+
+    q: object
+    size: int  # b
+    terms: int
+    shared: bool = False
+    transposed: bool | None = None
+
+    name = "oft"
+
+    def tensors(self):
+        return (self.q,)
+
+    def powers(self) -> list[tuple[int, float]]:
+        """(power of Q, coefficient) of the Neumann series as peft sums it: I + 2Q + 2Q² + 2Q³ … + Q^last."""
+        n = self.terms
+        if n <= 1:
+            return [(0, 1.0)]
+        if n == 2:
+            return [(0, 1.0), (1, 2.0)]
+        return [(0, 1.0), (1, 2.0), (2, 2.0), *((k, 2.0) for k in range(3, n - 1)), (max(3, n - 1), 1.0)]
+
+    def fit(self, shape, fan_in_fan_out: bool = False):
+        if len(shape) != 2 or fan_in_fan_out:
+            return f"OFT on the tensor {list(shape)} is not merged yet (a Linear layer's [out, in] weight only)"
+        blocks = 1 if self.shared else self.q.shape[0]
+        if shape[1] % self.size or not self.shared and blocks * self.size != shape[1]:
+            return f"OFT's {blocks} blocks of {self.size} do not cover the base tensor's {shape[1]} input columns"
+        return replace(self, transposed=False)
+
+    def describe(self) -> str:
+        how = f"neumann {self.terms}" if self.terms else "cayley"
+        return f"oft(b={self.size}, {how}{', shared' if self.shared else ''})"
+

@@ -1,4 +1,4 @@
-"""peft's adapter kinds beyond LoRA (AdaLoRA, LoHa, LoKr, IA3) against peft's own merge_and_unload in float64, rounded
+"""peft's adapter kinds beyond LoRA (AdaLoRA, LoHa, LoKr, IA3, VeRA, MiSS, OFT) against peft's own merge_and_unload in float64, rounded
 once; the kinds with no weight to merge, and those not merged yet, refused by name."""
 
 from __future__ import annotations
@@ -26,6 +26,14 @@ KINDS = {
     "lokr_low_rank": lambda: peft.LoKrConfig(r=2, alpha=3, target_modules=LINEAR, init_weights=False,
                                              decompose_both=True, decompose_factor=4),
     "ia3": lambda: peft.IA3Config(target_modules=LINEAR, feedforward_modules=["down_proj"], init_ia3_weights=False),
+    "vera": lambda: peft.VeraConfig(r=8, target_modules=LINEAR, init_weights=False),
+    "miss": lambda: peft.MissConfig(r=4, target_modules=LINEAR, init_weights=False),
+    "miss_mini": lambda: peft.MissConfig(r=3, target_modules=LINEAR, init_weights="mini", mini_r=8),
+    "oft": lambda: peft.OFTConfig(r=0, oft_block_size=8, target_modules=LINEAR, init_weights=False),
+    "oft_cayley": lambda: peft.OFTConfig(r=0, oft_block_size=8, target_modules=LINEAR, init_weights=False,
+                                         use_cayley_neumann=False),
+    "oft_shared": lambda: peft.OFTConfig(r=0, oft_block_size=4, target_modules=LINEAR, init_weights=False,
+                                         block_share=True, num_cayley_neumann_terms=7),
 }
 
 
@@ -34,9 +42,9 @@ def build_kind(base, folder, config, seed: int = 3):
     model = transformers.AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32)
     torch.manual_seed(seed)
     pm = peft.get_peft_model(model, config)
-    with torch.no_grad():  # AdaLoRA's E starts at zero and IA3's l at one: move every trainable value
+    with torch.no_grad():  # AdaLoRA's E and MiSS's block start at zero, IA3's l at one: move them
         for name, p in pm.named_parameters():
-            if p.requires_grad and ("lora_E" in name or "ia3_l" in name):
+            if p.requires_grad and any(k in name for k in ("lora_E", "ia3_l", "miss_block")):
                 p.add_(torch.randn_like(p) * 0.3)
     pm.save_pretrained(folder)
 
@@ -104,22 +112,26 @@ def test_tied_qwen3(models, tmp_path):
     assert_merged_as_peft(base, tmp_path / "adapter", tmp_path / "out", 2 * 2)
 
 
-@pytest.mark.parametrize("kind", ["loha", "lokr_low_rank", "adalora"])
+# per kind: significant bits of its values, and config changes that make many exact values ties
+TIES = {"loha": (3, {"alpha": 4}), "lokr_low_rank": (3, {"alpha": 2}), "adalora": (3, {}), "miss": (3, {}),
+        "oft": (1, {"num_cayley_neumann_terms": 2}), "oft_cayley": (3, {})}
+
+
+@pytest.mark.parametrize("kind", sorted(TIES))
 def test_ties_decided_exactly(kind, models, tmp_path):
-    """Factors of 3 significant bits and a power-of-two scale: many merged values land exactly on a bfloat16
+    """Values of few significant bits and power-of-two scales: many merged values land exactly on a bfloat16
     midpoint, where the float64 value alone cannot tell (its bound holds the midpoint): each is the exact
-    value's rounding, ties to even (peft's float64 merge is exact here, and rounded once by integer arithmetic)."""
+    value's rounding, ties to even (peft's float64 merge is exact here, and rounded once by integer arithmetic).
+    AdaLoRA's scale and the Cayley map divide, so their exact values are no ties: they are checked all the same."""
     base = models["llama_bf16"]
-    config = KINDS[kind]()
-    build_kind(base, tmp_path / "made", config)
-    alpha = {"adalora": None, "loha": 4, "lokr_low_rank": 2}[kind]
-    adapter = bf16_factors(tmp_path / "made", tmp_path / "adapter", bits=3)
-    if alpha is not None:
-        cfg = json.loads((adapter / "adapter_config.json").read_text())
-        (adapter / "adapter_config.json").write_text(json.dumps(cfg | {"alpha": alpha}))
+    build_kind(base, tmp_path / "made", KINDS[kind]())
+    bits, changes = TIES[kind]
+    adapter = bf16_factors(tmp_path / "made", tmp_path / "adapter", bits=bits)
+    cfg = json.loads((adapter / "adapter_config.json").read_text())
+    (adapter / "adapter_config.json").write_text(json.dumps(cfg | changes))
     result = merge(str(base), str(adapter), tmp_path / "out", device="cpu")
     assert_merged_as_peft(base, adapter, tmp_path / "out", 2 * len(LINEAR))
-    if kind != "adalora":  # alpha / r a power of two: exact ties, decided outside float64
+    if kind not in ("adalora", "oft_cayley"):
         assert result.stats.exact > 0
 
 
@@ -151,8 +163,7 @@ def test_ia3_not_weighted(models, tmp_path):
     ("XLORA", ["XLORA", "per token"]),
     ("LILY", ["LILY", "peft does not define a merge"]),
     ("SHADOW", ["SHADOW", "peft does not define a merge"]),
-    ("VERA", ["VERA", "does not merge yet", "LOHA"]),
-    ("OFT", ["OFT", "does not merge yet"]),
+    ("VBLORA", ["VBLORA", "does not merge yet", "LOHA"]),
 ])
 def test_kinds_refused_by_name(peft_type, words, models, tmp_path):
     base = models["llama"]
@@ -170,3 +181,84 @@ def test_dry_run_names_the_kind(models, tmp_path):
     r = run_cli(str(base), str(tmp_path / "adapter"), str(tmp_path / "out"), "--dry-run")
     assert r.exit_code == 0, r.output
     assert "lokr(ff, s=2)" in r.output
+
+
+def test_vera_without_its_projections_refused(models, tmp_path):
+    base = models["llama"]
+    build_kind(base, tmp_path / "adapter", peft.VeraConfig(r=8, target_modules=LINEAR, init_weights=False,
+                                                           save_projection=False))
+    r = run_cli(str(base), str(tmp_path / "adapter"), str(tmp_path / "out"))
+    expect_error(r, "vera_A", "save_projection is false", "save_projection=True")
+    assert not (tmp_path / "out").exists()
+
+
+def test_miss_bat_refused(models, tmp_path):
+    base = models["llama"]
+    build_kind(base, tmp_path / "adapter", peft.MissConfig(r=4, target_modules=["q_proj"], init_weights="bat"))
+    r = run_cli(str(base), str(tmp_path / "adapter"), str(tmp_path / "out"))
+    expect_error(r, "bat", "not merged yet")
+    assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("within", [True, False])
+def test_coft(within, models, tmp_path):
+    """COFT keeps each block within eps of zero: where every saved block is, its projection changes nothing and the
+    merge is peft's; a block outside (its projection a square root away) is refused by name."""
+    from safetensors.torch import load_file, save_file
+
+    base = models["llama"]
+    build_kind(base, tmp_path / "adapter", peft.OFTConfig(r=0, oft_block_size=8, target_modules=LINEAR,
+                                                          init_weights=False, coft=True, eps=1e-2))
+    weights = load_file(tmp_path / "adapter" / "adapter_model.safetensors")
+    for k, v in weights.items():  # ‖Q‖ = √2‖q‖, below eps / √blocks, or well past it
+        weights[k] = v / (v.norm(dim=1, keepdim=True) * 2 * (v.shape[0] ** 0.5)) * (1e-2 if within else 1.0)
+    save_file(weights, tmp_path / "adapter" / "adapter_model.safetensors", metadata={"format": "pt"})
+    if within:
+        merge(str(base), str(tmp_path / "adapter"), tmp_path / "out", device="cpu")
+        assert_merged_as_peft(base, tmp_path / "adapter", tmp_path / "out", 2 * len(LINEAR))
+    else:
+        r = run_cli(str(base), str(tmp_path / "adapter"), str(tmp_path / "out"))
+        expect_error(r, "COFT", "not round exactly yet")
+        assert not (tmp_path / "out").exists()
+
+
+@pytest.fixture(scope="module")
+def qwen2_moe(tmp_path_factory):
+    """A mixture of experts (bf16, sharded): peft's kinds other than LoRA adapt nn.Linear layers only, which here are
+    the attention, the shared expert and its gate (the routed experts are one fused parameter in memory, stored
+    one file tensor per expert: the placement goes through transformers' tables)."""
+    from architectures import tiny_config
+
+    folder = tmp_path_factory.mktemp("qwen2_moe") / "base"
+    torch.manual_seed(0)
+    model = transformers.AutoModelForCausalLM.from_config(tiny_config("qwen2_moe"))
+    with torch.no_grad():  # biases away from zero: IA3 scales q_proj's
+        for p in model.parameters():
+            if p.dim() == 1:
+                p.add_(torch.randn_like(p) * 0.1)
+    model.to(torch.bfloat16).save_pretrained(folder, max_shard_size="40KB")
+    return folder
+
+
+MOE_TARGETS = ["q_proj", "gate_proj", "down_proj", "shared_expert_gate"]
+
+
+@pytest.mark.parametrize("kind", ["loha", "lokr", "vera", "oft", "ia3", "miss"])
+def test_kinds_on_a_mixture_of_experts(kind, qwen2_moe, tmp_path):
+    from test_layouts import peft_merge
+
+    config = KINDS[kind]()
+    config.target_modules = set(MOE_TARGETS)
+    if kind == "ia3":
+        config.feedforward_modules = {"down_proj"}
+    build_kind(qwen2_moe, tmp_path / "adapter", config)
+    result = merge(str(qwen2_moe), str(tmp_path / "adapter"), tmp_path / "out", device="cpu")
+    reference = peft_merge(qwen2_moe, tmp_path / "adapter", tmp_path / "reference")
+    ours, before = load_tensors(tmp_path / "out"), load_tensors(qwen2_moe)
+    assert set(ours) == set(reference)
+    changed = 0
+    for name, got in ours.items():
+        assert torch.equal(got.view(torch.uint8), rounded_once(reference[name], got.dtype).view(torch.uint8)), name
+        changed += not torch.equal(got, before[name])
+    assert changed == result.stats.merged > 0
+    assert any("shared_expert." in name and not torch.equal(ours[name], before[name]) for name in ours)

@@ -27,7 +27,7 @@ from ..dtypes import DTYPES
 from ..numbers.quantized import QuantizedTensor
 from ..plan import Entry
 from ..reader import tensor_rows
-from .kinds import kind_rows, scaled
+from .kinds import kind_rows, multiplied
 from .verdict import CHECK_BLOCK_BYTES, Survival, TensorVerdict
 
 COMPUTE_UNIT = 2.0**-24  # float32 unit roundoff: the bound admits a merge computed in float32
@@ -165,9 +165,10 @@ def _general_rows(e: Entry, ops: TargetOps, f: Factors, raw, start: int, stop: i
     """Replacements, DoRA and trainable rows: each step on its own tensors (rare, and small)."""
     w = raw.to(torch.float64, copy=True)
     value = w.clone()
-    if ops is not None and ops.multiply is not None:
-        scaled(value, ops.multiply, f, start, stop)
-    rank, parts = _add_deltas(value, ops, f, start, stop, e.shape)
+    rank, parts = multiplied(value, ops.multiply, f, start, stop) if ops is not None and ops.multiply is not None \
+        else (0, [])
+    more_rank, more_parts = _add_deltas(value, ops, f, start, stop, e.shape)
+    rank, parts = rank + more_rank, parts + more_parts
     delta = value - w if parts else None
     products = _summed(parts, f.device)
     if delta is not None and ops.dora_magnitude is not None:

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import torch
 
-from ..kinds import Hadamard, Kronecker, Scaling
+from ..kinds import Hadamard, Kronecker, Rotation, Scaling, Tiled
 
 
 def _factor(f, t):
@@ -20,6 +20,9 @@ def _factor(f, t):
 def kind_rows(d, f, start: int, stop: int):
     """(value, magnitude) of rows [start, stop) of the delta ``d`` on the stored tensor seen as rows × columns."""
     if isinstance(d, Hadamard):
+        if len(d.w1) == 3:  # the CP form (a kernel, never transposed): each half in one contraction
+            (h1, m1), (h2, m2) = (_cp(f, parts, start, stop) for parts in (d.w1, d.w2))
+            return h1 * h2 * d.scale, m1 * m2 * abs(d.scale)
         w1a, w1b, w2a, w2b = (_factor(f, t) for t in d.tensors())
         if d.transposed:  # stored rows are the logical columns
             w1a, w1b, w2a, w2b = w1b.T, w1a.T, w2b.T, w2a.T
@@ -38,11 +41,27 @@ def kind_rows(d, f, start: int, stop: int):
         value = torch.kron(w1[first:last], w2)[skip:skip + stop - start] * d.scale
         magnitude = torch.kron(m1[first:last], m2)[skip:skip + stop - start] * abs(d.scale)
         return value, magnitude
+    if isinstance(d, Tiled):  # the block's transpose repeated over the whole tensor, then cut to its size
+        t = _factor(f, d.block).T
+        (m, r), (out, width) = t.shape, d.size
+        value = t.repeat(out // m, -(-width // r))[start:stop, :width]
+        return value, value.abs()
     raise AssertionError(f"no check for the delta {d!r}")
 
 
+def _cp(f, parts, start: int, stop: int):
+    """Rows [start, stop) of a CP factor, F[p, c, k, l] = Σᵢⱼ t[i, j, k, l] a[i, p] b[j, c], and of Σ|terms|."""
+    t, a, b = (f.get(x) for x in parts)
+    a = a[:, start:stop]
+    value = torch.einsum("ijkl,ip,jc->pckl", t, a, b).reshape(stop - start, -1)
+    magnitude = torch.einsum("ijkl,ip,jc->pckl", t.abs(), a.abs(), b.abs()).reshape(stop - start, -1)
+    return value, magnitude
+
+
 def _full(f, parts, magnitude: bool):
-    """A LoKr factor as a full matrix (of magnitudes: |a| @ |b| for a low-rank one)."""
+    """A LoKr factor as a full matrix (of magnitudes: |a| @ |b| for a low-rank one), a kernel flattened."""
+    if len(parts) == 3:
+        return _cp(f, parts, 0, parts[1].shape[1])[int(magnitude)]
     if len(parts) == 1:
         t = _factor(f, parts[0])
         return t.abs() if magnitude else t
@@ -50,7 +69,48 @@ def _full(f, parts, magnitude: bool):
     return a.abs() @ b.abs() if magnitude else a @ b
 
 
-def scaled(value, m: Scaling, f, start: int, stop: int) -> None:
+def multiplied(value, m, f, start: int, stop: int) -> tuple[int, list]:
+    """``value`` (rows [start, stop) of the stored tensor, float64: BASE's) transformed in place by IA3 or OFT;
+    returns the terms and the bound's products, as ``_add_deltas`` does (none for IA3: exact in float64)."""
+    if isinstance(m, Rotation):
+        return m.size + len(m.powers()), [_rotated(value, m, f)]
+    _scaled(value, m, f, start, stop)
+    return 0, []
+
+
+def _rotated(value, m: Rotation, f):
+    """OFT: each row's blocks times Rᵀ. The Neumann series applied to W term by term (W, W·Qᵀ, W·Qᵀ², …), never
+    forming R; the Cayley map through torch's inverse. Returns Σ|W||R| at chosen elements."""
+    b = m.size
+    q = f.get(m.q).reshape(m.q.shape[0], -1)
+    rows, cols = torch.triu_indices(b, b, 1, device=q.device)
+    upper = torch.zeros(q.shape[0], b, b, dtype=q.dtype, device=q.device)
+    upper[:, rows, cols] = q
+    skew = upper - upper.transpose(1, 2)
+    n = value.shape[-1] // b
+    if m.shared:
+        skew = skew.expand(n, -1, -1)
+    w = value.reshape(value.shape[0], n, b)
+    turn = lambda x, r: torch.einsum("nrk,rck->nrc", x, r)  # noqa: E731  (x · rᵀ per block)
+    if m.terms:
+        total, magnitude = torch.zeros_like(w), torch.zeros_like(w)
+        term, size = w, w.abs()
+        coefficients = dict(m.powers())
+        for k in range(max(coefficients) + 1):
+            if k:
+                term, size = turn(term, skew), turn(size, skew.abs())
+            if k in coefficients:
+                total += coefficients[k] * term
+                magnitude += abs(coefficients[k]) * size
+    else:
+        eye = torch.eye(b, dtype=q.dtype, device=q.device)
+        r = (eye - skew) @ torch.linalg.inv(eye + skew)
+        total, magnitude = turn(w, r), turn(w.abs(), r.abs())
+    value.copy_(total.reshape(value.shape))
+    return magnitude.reshape(-1).__getitem__
+
+
+def _scaled(value, m: Scaling, f, start: int, stop: int) -> None:
     """IA3: ``value`` (rows [start, stop) of the stored tensor, float64) times its factors, in place."""
     l = f.get(m.l).reshape(-1)  # noqa: E741
     if value.dim() == 1:

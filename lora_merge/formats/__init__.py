@@ -19,7 +19,8 @@ LAYOUTS = {
     "peft": "a folder with adapter_config.json and adapter_model.safetensors (or .bin)",
     "mlx": "a folder with adapters.safetensors and adapter_config.json (lora_parameters.scale)",
     "loralib": "one tensor file of <module>.lora_A / <module>.lora_B (give --lora-alpha)",
-    "kohya": "one safetensors file of <name>.lora_down.weight / .lora_up.weight / .alpha",
+    "kohya": "one safetensors file of <name>.lora_down.weight / .lora_up.weight / .alpha (LyCORIS LoHa and LoKr: "
+             "<name>.hada_w1_a … / <name>.lokr_w1 …)",
 }
 
 
@@ -38,7 +39,7 @@ def _keys(file: Path) -> list[str]:
 
 
 def _format_of_keys(keys: list[str]) -> str | None:
-    if any(k.endswith((".lora_down.weight", ".lora_up.weight")) for k in keys):
+    if any(k.endswith((".lora_down.weight", ".lora_up.weight", ".hada_w1_a", ".lokr_w1", ".lokr_w1_a")) for k in keys):
         return "kohya"
     if any(k.endswith((".lora_A", ".lora_B")) for k in keys):
         return "loralib"

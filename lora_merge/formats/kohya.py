@@ -1,5 +1,8 @@
 """kohya / Stable Diffusion LoRA: one safetensors file of ``<name>.lora_down.weight`` (A),
 ``<name>.lora_up.weight`` (B) and ``<name>.alpha`` (0-d), ``s = alpha / r`` (alpha = r when absent).
+LyCORIS's LoHa and LoKr files use the same names with their own roles (``<name>.hada_w1_a`` …, ``<name>.lokr_w1``
+…, ``formats/lycoris.py``), scaled as LyCORIS scales them: alpha over the rank of a low-rank factor (for LoKr, w2's
+where it has one, else w1's), and 1 where alpha is absent or both of LoKr's factors are full.
 
 ``<name>`` is a module path with ``.`` replaced by ``_`` behind a prefix that names the component:
 ``lora_unet_`` for the UNet (or a transformer), ``lora_te_``, ``lora_te1_``, ``lora_te2_`` for text
@@ -11,19 +14,22 @@ Convolutions (3×3 included) take A (r, in, k, k) and B (out, r, 1, 1), as PEFT'
 from __future__ import annotations
 
 import math
+from dataclasses import replace
 from pathlib import Path
 
 from ..adapter import Adapter, LowRank, TargetOps
 from ..errors import PlanError, UnsupportedAdapterError
+from . import lycoris
 from .files import read_tensor_file
 from .loralib import tensor_file
 
 PREFIXES = ("lora_unet_", "lora_transformer_", "lora_te1_", "lora_te2_", "lora_te3_", "lora_te_")
-ROLES = {"lora_down.weight": "a", "lora_up.weight": "b", "alpha": "alpha"}
+ROLES = {"lora_down.weight": "a", "lora_up.weight": "b", "alpha": "alpha",
+         **{r: r for r in lycoris.LOHA_ROLES + lycoris.LOKR_ROLES}}
 # other trainers' tensors in kohya-style files: what they are, for the refusal
 UNSUPPORTED_ROLES = {
     "dora_scale": "DoRA (dora_scale)", "lora_mid.weight": "LoCon's Tucker decomposition (lora_mid)",
-    "hada_w1_a": "LoHa", "lokr_w1": "LoKr", "diff": "a full weight difference", "diff_b": "a full bias difference",
+    "diff": "a full weight difference", "diff_b": "a full bias difference",
 }
 
 
@@ -86,11 +92,12 @@ def _modules(path: Path, tensors: dict) -> dict[str, dict]:
             unsupported.setdefault(UNSUPPORTED_ROLES.get(role) or UNSUPPORTED_ROLES[role.rpartition(".")[0]],
                                    []).append(key)
         else:
-            problems.append(f"{key}: not a kohya LoRA tensor (lora_down.weight, lora_up.weight or alpha)")
+            problems.append(f"{key}: not a kohya LoRA tensor (lora_down.weight, lora_up.weight or alpha) nor a "
+                            "LyCORIS LoHa or LoKr one (hada_…, lokr_…)")
     if unsupported:
         what, keys = next(iter(unsupported.items()))
         raise UnsupportedAdapterError(f"ADAPTER {str(path)!r} holds {what}, e.g. {keys[0]}; lora-merge merges "
-                                      "plain LoRA (lora_down/lora_up/alpha) only")
+                                      "LoRA (lora_down/lora_up/alpha), LoHa (hada_…) and LoKr (lokr_…)")
     if problems:
         raise PlanError(f"ADAPTER {str(path)!r} is not a kohya LoRA file:", problems)
     return modules
@@ -116,11 +123,7 @@ def _target(name: str, parts: dict, flat: str, spelled: dict[str, str], clashes:
         return f"{name}: BASE has no module spelled {flat!r}"
     if flat in clashes:
         return f"{name}: more than one module of BASE is spelled {flat!r}"
-    a, b = parts.get("a"), parts.get("b")
-    if a is None or b is None:
-        return f"{name}: has lora_{'down' if a is not None else 'up'} but not its partner"
-    r = a.shape[0] if a.shape else 0
-    alpha = r
+    alpha = None
     if "alpha" in parts:
         value = parts["alpha"].load()
         if value.numel() != 1:
@@ -128,9 +131,37 @@ def _target(name: str, parts: dict, flat: str, spelled: dict[str, str], clashes:
         alpha = float(value.reshape(-1)[0])
         if not math.isfinite(alpha) or alpha <= 0:
             return f"{name}: alpha must be a positive finite number, found {alpha!r}"
-    if r <= 0:
-        return f"{name}: lora_down has shape {list(a.shape)}"
     module = spelled[flat]
     op = TargetOps(name=f"{module}.weight", module=module)
-    op.deltas.append(LowRank(a, b, alpha / r))
+    d = _lycoris(parts, alpha) if any(role.startswith(("hada_", "lokr_")) for role in parts) else \
+        _low_rank(name, parts, alpha)
+    found = d if isinstance(d, str) else None if isinstance(d, LowRank) else d.problem()
+    if found:
+        return found if found.startswith(name) else f"{name}: {found}"
+    op.deltas.append(d)
     return op
+
+
+def _low_rank(name: str, parts: dict, alpha: float | None) -> LowRank | str:
+    a, b = parts.get("a"), parts.get("b")
+    if a is None or b is None:
+        return f"{name}: has lora_{'down' if a is not None else 'up'} but not its partner"
+    r = a.shape[0] if a.shape else 0
+    if r <= 0:
+        return f"{name}: lora_down has shape {list(a.shape)}"
+    return LowRank(a, b, (r if alpha is None else alpha) / r)
+
+
+def _lycoris(parts: dict, alpha: float | None):
+    """LyCORIS's LoHa or LoKr, scaled as LyCORIS scales it."""
+    if any(role.startswith("hada_") for role in parts):
+        found = lycoris.loha(parts, 1.0)
+        if isinstance(found, str) or alpha is None:
+            return found
+        rank = found.w1[-1].shape[0]  # hada_w1_b: (r, …)
+        return replace(found, scale=alpha / rank)
+    factors = lycoris.lokr_factors(parts)
+    if isinstance(factors, str):
+        return factors
+    low = [f[-1].shape[0] for f in factors if len(f) > 1]  # lokr_wN_b: (r, …); w2's counts last
+    return lycoris.lokr(parts, alpha / low[-1] if alpha is not None and low else 1.0)

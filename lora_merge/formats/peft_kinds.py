@@ -10,7 +10,8 @@ from pathlib import Path
 
 from ..adapter import KIND_NAMES, Adapter, DerivedTensor, LowRank, TargetOps
 from ..errors import PlanError, UnsupportedAdapterError
-from ..kinds import Hadamard, Kronecker, Scaling
+from ..kinds import Rotation, Scaling, Tiled, Vera
+from . import lycoris
 from .files import config_mapping, positive_number
 
 PREFIX = "base_model.model."
@@ -54,10 +55,14 @@ def refuse(peft_type: str, where: Path) -> None:
 # key suffix -> role, per kind (peft saves ParameterDicts without ".weight")
 ROLES = {
     "ADALORA": ("lora_A", "lora_B", "lora_E"),
-    "LOHA": ("hada_w1_a", "hada_w1_b", "hada_w2_a", "hada_w2_b", "hada_t1", "hada_t2"),
-    "LOKR": ("lokr_w1", "lokr_w1_a", "lokr_w1_b", "lokr_w2", "lokr_w2_a", "lokr_w2_b", "lokr_t2"),
+    "LOHA": lycoris.LOHA_ROLES,
+    "LOKR": lycoris.LOKR_ROLES,
     "IA3": ("ia3_l",),
+    "VERA": ("vera_lambda_b", "vera_lambda_d", "vera_A", "vera_B"),
+    "MISS": ("miss_block",),
+    "OFT": ("oft_R",),
 }
+SHARED = "base_model"  # the module peft saves a kind's shared tensors under (VeRA's projections)
 
 
 def groups_of(tensors: dict, peft_type: str) -> tuple[dict[str, dict], list[str]]:
@@ -85,6 +90,7 @@ class _Reading:
     targets: dict[str, TargetOps] = field(default_factory=dict)
     ignored: dict[str, str] = field(default_factory=dict)
     read_at_load: set[str] = field(default_factory=set)
+    shared: dict = field(default_factory=dict)  # tensors every module uses (VeRA's vera_A, vera_B)
 
     def target(self, name: str, module: str) -> TargetOps:
         op = self.targets.setdefault(name, TargetOps(name=name, module=module))
@@ -97,7 +103,7 @@ def load_kind(folder: Path, config: dict, peft_type: str, tensors: dict, files: 
     groups, unknown = groups_of(tensors, peft_type)
     problems = [f"{key}: not a tensor {peft_type} stores (modules_to_save and biases are not merged for this kind "
                 "yet)" for key in unknown]
-    reading = _Reading(config)
+    reading = _Reading(config, shared=groups.pop(SHARED, {}))
     read = READERS[peft_type]
     for module, parts in sorted(groups.items()):
         found = read(module, parts, reading)
@@ -152,27 +158,13 @@ def _adalora(module, parts, reading: _Reading) -> str | None:
 
 
 def _loha(module, parts, reading: _Reading) -> str | None:
-    if "hada_t1" in parts or "hada_t2" in parts:
-        return "LoHa's CP form (hada_t1, hada_t2, for convolutions) is not merged yet"
-    need = ("hada_w1_a", "hada_w1_b", "hada_w2_a", "hada_w2_b")
-    if any(n not in parts for n in need):
-        return f"LoHa needs {', '.join(need)}; found {sorted(parts)}"
-    return _add(reading, module, Hadamard(*(parts[n] for n in need), _lycoris_scale(reading.config, module)))
+    d = lycoris.loha(parts, _lycoris_scale(reading.config, module))
+    return d if isinstance(d, str) else _add(reading, module, d)
 
 
 def _lokr(module, parts, reading: _Reading) -> str | None:
-    if "lokr_t2" in parts:
-        return "LoKr's CP form (lokr_t2, for convolutions) is not merged yet"
-    factors = []
-    for i in (1, 2):
-        full, low = parts.get(f"lokr_w{i}"), (parts.get(f"lokr_w{i}_a"), parts.get(f"lokr_w{i}_b"))
-        if full is not None and low == (None, None):
-            factors.append((full,))
-        elif full is None and None not in low:
-            factors.append(low)
-        else:
-            return f"LoKr needs lokr_w{i}, or lokr_w{i}_a and lokr_w{i}_b; found {sorted(parts)}"
-    return _add(reading, module, Kronecker(factors[0], factors[1], _lycoris_scale(reading.config, module)))
+    d = lycoris.lokr(parts, _lycoris_scale(reading.config, module))
+    return d if isinstance(d, str) else _add(reading, module, d)
 
 
 def _add(reading: _Reading, module: str, d) -> str | None:
@@ -204,4 +196,64 @@ def _ia3(module, parts, reading: _Reading) -> str | None:
     return None
 
 
-READERS = {"ADALORA": _adalora, "LOHA": _loha, "LOKR": _lokr, "IA3": _ia3}
+def _vera(module, parts, reading: _Reading) -> str | None:
+    """VeRA: the module's λ_b and λ_d scale slices of the shared projections (``kinds.Vera``)."""
+    import torch
+
+    a, b = reading.shared.get("vera_A"), reading.shared.get("vera_B")
+    if a is None or b is None:
+        why = "were not saved (save_projection is false)" if reading.config.get("save_projection", True) is False \
+            else "are not in the adapter's files"
+        raise UnsupportedAdapterError(f"VeRA's shared projections vera_A and vera_B {why}, so its layers cannot be "
+                                      "rebuilt", "save the adapter again with save_projection=True")
+    lb, ld = parts.get("vera_lambda_b"), parts.get("vera_lambda_d")
+    if lb is None or ld is None:
+        return f"VeRA needs vera_lambda_b and vera_lambda_d; found {sorted(parts)}"
+    if any(t.dtype == "F64" for t in (a, b, lb, ld)):
+        return "VeRA stored in float64 is not merged yet (its scaled factors would not be exact)"
+    reading.read_at_load |= {lb.name, ld.name}
+    scales = [t.load().reshape(-1).to(torch.float64) for t in (lb, ld)]
+    return _add(reading, module, Vera(a, b, *scales))
+
+
+def _miss(module, parts, reading: _Reading) -> str | None:
+    """MiSS: its block tiled over W (``kinds.Tiled``), in peft's default and "mini" forms."""
+    form = reading.config.get("init_weights", True)
+    if form == "bat":
+        return "MiSS's \"bat\" form (its update a product with W's own blocks) is not merged yet"
+    block = parts["miss_block"]
+    if len(block.shape) != 2:
+        return f"miss_block has shape {list(block.shape)}, not [r, out] or [r, mini_r]"
+    if form == "mini" and block.shape[1] != reading.config.get("mini_r", block.shape[1]):
+        return f"miss_block has shape {list(block.shape)} but mini_r is {reading.config.get('mini_r')}"
+    reading.target(f"{module}.weight", module).deltas.append(Tiled(block))
+    return None
+
+
+def _oft(module, parts, reading: _Reading) -> str | None:
+    """OFT in peft's block layout: ``oft_R.weight`` holds each block's skew-symmetric Q by its upper triangle
+    (``kinds.Rotation``). COFT projects a block back within ``eps`` of zero only where it has left that ball:
+    where none has, the projection changes nothing, and otherwise it is refused."""
+    import torch
+
+    q = parts["oft_R"]
+    n = q.shape[-1] if len(q.shape) == 2 else -1
+    b = round((1 + math.sqrt(1 + 8 * n)) / 2) if n >= 0 else 0
+    if len(q.shape) != 2 or b * (b - 1) // 2 != n or b < 2:
+        return f"oft_R has shape {list(q.shape)}, not [blocks, b(b-1)/2] (peft's current OFT layout)"
+    config = reading.config
+    if config.get("coft"):
+        # peft: ‖Q − 0‖_F ≤ eps / √blocks leaves the block as it is, in Q's own (float32) arithmetic
+        norms = q.load().to(torch.float64).norm(dim=1) * math.sqrt(2)  # each value twice in the skew matrix
+        limit = float(config.get("eps", 6e-5)) / math.sqrt(q.shape[0])
+        if float(norms.max()) > limit * (1 - 1e-6):
+            return (f"COFT would project a block of norm {float(norms.max()):.3g} back to {limit:.3g} (a square "
+                    "root lora-merge does not round exactly yet)")
+    terms = int(config.get("num_cayley_neumann_terms", 5)) if config.get("use_cayley_neumann", True) else 0
+    shared = bool(config.get("block_share"))
+    reading.target(f"{module}.weight", module).multiply = Rotation(q, b, terms, shared)
+    return None
+
+
+READERS = {"ADALORA": _adalora, "LOHA": _loha, "LOKR": _lokr, "IA3": _ia3, "VERA": _vera, "MISS": _miss,
+           "OFT": _oft}

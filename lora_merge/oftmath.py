@@ -1,0 +1,157 @@
+"""The merge's arithmetic for OFT (``kinds.Rotation``): ``W' = W · Rᵀ`` block by block, rounded once from the exact
+value.
+
+Each block's R is computed in float64 together with a bound on every element's error: through each power of Q for
+the Neumann series (a product of b terms errs by at most γ_b times the product of magnitudes), or, for the Cayley
+map, from the residual R̃(I + Q) − (I − Q), since a skew-symmetric Q gives ‖(I + Q)⁻¹‖₂ ≤ 1 and so no row of
+R̃ − R is longer than that row of the residual. A merged element then errs by at most |W| · (γ_b|R̃| + E)ᵀ over its
+block. Where that bound holds a rounding boundary of the output dtype, the exact value is taken in fractions (the
+row of the exact R: the series applied to a unit vector, or a solve of (I − Q) x = (I + Q) e_c) and rounded to odd
+(``exact.to_odd``), so that the one rounding that follows is the exact value's.
+"""
+
+from __future__ import annotations
+
+from fractions import Fraction
+
+import torch
+
+from .exact import to_odd
+from .kinds import Rotation
+
+UNIT = 2.0**-53
+SLACK = 1.01  # covers the float64 roundings of the bound's own computation, many times over
+
+
+def skew(q: torch.Tensor, b: int) -> torch.Tensor:
+    """(n, b, b) skew-symmetric matrices from their upper triangles (n, b(b−1)/2), as peft lays them out."""
+    rows, cols = torch.triu_indices(b, b, 1, device=q.device)
+    m = torch.zeros(q.shape[0], b, b, dtype=q.dtype, device=q.device)
+    m[:, rows, cols] = q
+    return m - m.transpose(1, 2)
+
+
+class Rotated:
+    """One OFT target's blocks: R̃ (float64), each element's error bound, and exact rows on demand."""
+
+    def __init__(self, m: Rotation, device):
+        self.m, b = m, m.size
+        self.q = skew(m.q.load().to(device=device, dtype=torch.float64).reshape(m.q.shape[0], -1), b)
+        gamma = (b + 1) * UNIT
+        self.r, err = self._neumann(gamma) if m.terms else self._cayley(gamma)
+        self.magnitude = (self.r.abs() * gamma + err) * SLACK  # per unit of |W|
+        self._rows: dict[tuple[int, int], list[Fraction]] = {}
+
+    def _neumann(self, gamma: float):
+        q, aq = self.q, self.q.abs()
+        eye = torch.eye(self.m.size, dtype=q.dtype, device=q.device).expand_as(q)
+        r, err, total = torch.zeros_like(q), torch.zeros_like(q), torch.zeros_like(q)
+        power, power_err = eye, torch.zeros_like(q)
+        coefficients = dict(self.m.powers())
+        for k in range(max(coefficients) + 1):
+            if k == 1:
+                power = q  # exact
+            elif k > 1:
+                power_err = power_err @ aq + gamma * (power.abs() @ aq)
+                power = power @ q
+            if k in coefficients:
+                c = coefficients[k]
+                r = r + c * power
+                err += abs(c) * power_err
+                total += abs(c) * power.abs()
+        return r, err + len(coefficients) * UNIT * total
+
+    def _cayley(self, gamma: float):
+        q = self.q
+        eye = torch.eye(self.m.size, dtype=q.dtype, device=q.device).expand_as(q)
+        r = torch.linalg.solve(eye + q, eye - q, left=False)
+        residual = r @ (eye + q) - (eye - q)
+        noise = gamma * (r.abs() @ (eye + q).abs() + (eye - q).abs())
+        row = residual.norm(dim=2) + noise.norm(dim=2)  # (n, b): no row of R̃ − R is longer
+        return r, row[:, :, None].expand_as(r)
+
+    def _blocks(self, t: torch.Tensor, width: int) -> torch.Tensor:
+        n = width // self.m.size
+        return t.expand(n, -1, -1) if self.m.shared else t
+
+    def apply(self, v: torch.Tensor) -> None:
+        """Rows ``v`` (float64, rows × width) times Rᵀ, block by block, in place."""
+        rows, width = v.shape[0], v.shape[-1]
+        blocks = v.reshape(rows, width // self.m.size, self.m.size)
+        v.copy_(torch.einsum("nrk,rck->nrc", blocks, self._blocks(self.r, width)).reshape(v.shape))
+
+    def bound(self, w: torch.Tensor) -> torch.Tensor:
+        """Each merged element's error bound, from BASE's rows ``w`` (float64)."""
+        rows, width = w.shape[0], w.shape[-1]
+        blocks = w.abs().reshape(rows, width // self.m.size, self.m.size)
+        return torch.einsum("nrk,rck->nrc", blocks, self._blocks(self.magnitude, width)).reshape(w.shape)
+
+    def exact(self, w_row: list[float], j: int) -> Fraction:
+        """The exact merged value at column ``j`` of a row whose BASE values are ``w_row``."""
+        b = self.m.size
+        g, c = divmod(j, b)
+        coefficients = self._row(0 if self.m.shared else g, c)
+        return sum((Fraction(w_row[g * b + k]) * coefficients[k] for k in range(b)), Fraction(0))
+
+    def _row(self, g: int, c: int) -> list[Fraction]:
+        """Row ``c`` of block ``g``'s exact R, in fractions."""
+        if (g, c) not in self._rows:
+            b = self.m.size
+            q = [[Fraction(float(x)) for x in row] for row in self.q[g].tolist()]
+            self._rows[g, c] = _series_row(q, c, self.m.powers()) if self.m.terms else _cayley_row(q, c)
+        return self._rows[g, c]
+
+
+def _series_row(q, c: int, powers) -> list[Fraction]:
+    """Row c of Σ coefficient · Q^k: the unit row vector carried through the powers."""
+    b = len(q)
+    x = [Fraction(int(k == c)) for k in range(b)]
+    out = [Fraction(0)] * b
+    coefficients = dict(powers)
+    for k in range(max(coefficients) + 1):
+        if k:
+            x = [sum((x[i] * q[i][j] for i in range(b)), Fraction(0)) for j in range(b)]
+        if k in coefficients:
+            out = [o + Fraction(coefficients[k]) * xi for o, xi in zip(out, x)]
+    return out
+
+
+def _cayley_row(q, c: int) -> list[Fraction]:
+    """Row c of (I − Q)(I + Q)⁻¹: the solution x of (I − Q) x = (I + Q) e_c (Q skew), by elimination."""
+    b = len(q)
+    a = [[Fraction(int(i == j)) - q[i][j] for j in range(b)] + [Fraction(int(i == c)) + q[i][c]] for i in range(b)]
+    for col in range(b):
+        pivot = next(i for i in range(col, b) if a[i][col] != 0)  # I − Q is never singular
+        a[col], a[pivot] = a[pivot], a[col]
+        for i in range(b):
+            if i != col and a[i][col] != 0:
+                f = a[i][col] / a[col][col]
+                a[i] = [x - f * y for x, y in zip(a[i], a[col])]
+    return [a[i][b] / a[i][i] for i in range(b)]
+
+
+def rotated(m: Rotation, device, cache: dict) -> Rotated:
+    key = ("oft", id(m))
+    if key not in cache:
+        cache[key] = Rotated(m, device)
+    return cache[key]
+
+
+def settle(v: torch.Tensor, w: torch.Tensor, m: Rotation, dtype: torch.dtype, cache: dict) -> int:
+    """Make the float64 rows ``v`` (BASE's rows ``w`` rotated) round to ``dtype`` as their exact values do; returns
+    how many elements were decided exactly."""
+    from .mathops import round_to
+
+    if dtype == torch.float64:
+        return 0
+    r = rotated(m, v.device, cache)
+    w64 = w.to(torch.float64).reshape(v.shape)
+    bound = r.bound(w64).add_(v.abs(), alpha=2 * UNIT)
+    low, high = round_to(v - bound, dtype), round_to(v + bound, dtype)
+    open_ = (low != high).nonzero().tolist()
+    rows: dict[int, list[float]] = {}
+    for i, j in open_:
+        if i not in rows:
+            rows[i] = w64[i].tolist()
+        v[i, j] = to_odd(r.exact(rows[i], j))
+    return len(open_)
