@@ -17,10 +17,10 @@ from fractions import Fraction
 
 import torch
 
-from . import oftmath
+from . import fouriermath, orthomath
 from .adapter import LowRank
 from .exact import to_odd
-from .kinds import ADDITIVE, Hadamard, Kronecker, Rotation, Tiled
+from .kinds import ADDITIVE, MIXING, Hadamard, Kronecker, Spectrum, Tiled
 
 UNIT = 2.0**-53
 
@@ -128,20 +128,21 @@ class RowsView:
 
 
 def needs_settling(ops) -> bool:
-    """Whether the merge of ``ops`` adds a kind (or AdaLoRA's components) or rotates W (OFT), whose float64 value
-    may not round as its exact value does, and nothing else that the exact value here does not follow."""
+    """Whether the merge of ``ops`` adds a kind (or AdaLoRA's components) or mixes W's columns (OFT, HRA), whose
+    float64 value may not round as its exact value does, and nothing else that the exact value here does not
+    follow."""
     if ops is None or ops.replace is not None or ops.dora_magnitude is not None or ops.row_indices is not None:
         return False
     if ops.multiply is not None:
-        return isinstance(ops.multiply, Rotation)
+        return isinstance(ops.multiply, MIXING)
     kinds = [d for d in ops.deltas if isinstance(d, ADDITIVE) or isinstance(d, LowRank) and d.kind != "lora"]
     return bool(kinds) and not any(isinstance(d, LowRank) and d.experts for d in ops.deltas)
 
 
-def view(d, device, cache: dict) -> RowsView:
+def view(d, device, cache: dict):
     key = ("view", id(d))
     if key not in cache:
-        cache[key] = RowsView(d, device)
+        cache[key] = fouriermath.SpectrumRows(d, device) if isinstance(d, Spectrum) else RowsView(d, device)
     return cache[key]
 
 
@@ -152,10 +153,10 @@ def add_kind(v: torch.Tensor, d, start: int, stop: int, cache: dict) -> None:
 
 
 def multiply(v: torch.Tensor, m, start: int, stop: int, cache: dict) -> None:
-    """IA3: multiply rows [start, stop) (float64) by ``l`` along its axis, in place: exact in float64. OFT: rotate
-    each row's blocks (``oftmath``)."""
-    if isinstance(m, Rotation):
-        oftmath.rotated(m, v.device, cache).apply(v)
+    """IA3: multiply rows [start, stop) (float64) by ``l`` along its axis, in place: exact in float64. OFT and HRA:
+    mix each row's columns (``orthomath``)."""
+    if isinstance(m, MIXING):
+        orthomath.transform(m, v.device, cache).apply(v)
         return
     key = ("l", id(m))
     if key not in cache:
@@ -175,8 +176,8 @@ def settle(v: torch.Tensor, w: torch.Tensor, ops, start: int, stop: int, dtype: 
     elements were decided exactly."""
     from .mathops import round_to
 
-    if isinstance(ops.multiply, Rotation):
-        return oftmath.settle(v, w, ops.multiply, dtype, cache)
+    if isinstance(ops.multiply, MIXING):
+        return orthomath.settle(v, w, ops.multiply, dtype, cache)
     if dtype == torch.float64:
         return 0
     flat = v.reshape(v.shape[0], -1)
@@ -191,8 +192,30 @@ def settle(v: torch.Tensor, w: torch.Tensor, ops, start: int, stop: int, dtype: 
     low, high = round_to(flat - bound, dtype), round_to(flat + bound, dtype)
     open_ = (low != high).reshape(-1).nonzero().reshape(-1).tolist()
     values, base = flat.reshape(-1), w.reshape(-1)
+    exact = [x for x in views if not hasattr(x, "interval")]
+    approximate = [x for x in views if hasattr(x, "interval")]
     for k in open_:
         i, j = divmod(k, width)
-        exact = Fraction(float(base[k])) + sum((x.exact(start + i, j) for x in views), Fraction(0))
-        values[k] = to_odd(exact)
+        known = Fraction(float(base[k])) + sum((x.exact(start + i, j) for x in exact), Fraction(0))
+        values[k] = _decided(known, approximate, start + i, j, dtype) if approximate else to_odd(known)
     return len(open_)
+
+
+def _decided(known: Fraction, views, i: int, j: int, dtype: torch.dtype) -> float:
+    """A double that rounds to ``dtype`` as ``known`` plus the views' irrational values at (i, j) do: their
+    intervals narrowed until both ends round alike. Past 1024 bits the value is taken to be the rounding boundary
+    between (a sum of cosines can be a rational midpoint exactly: cos 72° + cos 144° = −½)."""
+    from .mathops import round_to
+
+    bits = 96
+    while True:
+        parts = [x.interval(i, j, bits) for x in views]
+        center = known + sum((c for c, _ in parts), Fraction(0))
+        radius = sum((r for _, r in parts), Fraction(0))
+        ends = torch.tensor([to_odd(center - radius), to_odd(center + radius)], dtype=torch.float64)
+        rounded = round_to(ends, dtype).to(torch.float64)
+        if rounded[0] == rounded[1]:
+            return float(ends[0])
+        if bits >= 1024:
+            return float((rounded[0] + rounded[1]) / 2)
+        bits *= 2

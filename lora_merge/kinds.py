@@ -226,7 +226,50 @@ class Tiled:
         return f"miss(r={self.block.shape[0]})"
 
 
-ADDITIVE = (Hadamard, Kronecker, Tiled)
+@dataclass(frozen=True)
+class Spectrum:
+    """FourierFT: ``ΔW = scale · Re(IFFT2(S))``, S (out × in) zero but for ``spectrum``'s n values at positions peft
+    does not save: the first n of ``torch.randperm(out·in)`` drawn from a generator seeded with ``seed``, each
+    position k at row k // in, column k % in. So ``ΔW[i, j] = scale/(out·in) · Σₖ cₖ cos(2π(uₖi/out + vₖj/in))``."""
+
+    spectrum: object
+    scale: float
+    seed: int
+    size: tuple = ()  # the logical (out, in), known once fitted
+    transposed: bool | None = None
+
+    name = "fourierft"
+
+    @property
+    def rank(self) -> int:
+        return 2 * math.prod(self.spectrum.shape) + 40  # the terms of one element's sum, and its trigonometry
+
+    def tensors(self):
+        return (self.spectrum,)
+
+    def positions(self):
+        """(rows, columns) of the spectrum's values, drawn exactly as peft draws them."""
+        import torch
+
+        out, inn = self.size
+        n = math.prod(self.spectrum.shape)
+        drawn = torch.randperm(out * inn, generator=torch.Generator().manual_seed(self.seed))[:n]
+        return drawn // inn, drawn % inn
+
+    def fit(self, shape, fan_in_fan_out: bool = False):
+        n = math.prod(self.spectrum.shape)
+        if len(shape) != 2 or len(self.spectrum.shape) != 1:
+            return f"FourierFT on the tensor {list(shape)} is not merged yet (a Linear layer's weight only)"
+        size = (shape[1], shape[0]) if fan_in_fan_out else tuple(shape)
+        if n > math.prod(size):
+            return f"FourierFT has {n} spectrum values but the base tensor {list(shape)} has fewer positions"
+        return replace(self, size=size, transposed=bool(fan_in_fan_out))
+
+    def describe(self) -> str:
+        return f"fourierft(n={math.prod(self.spectrum.shape)}, s={self.scale:g}{', T' if self.transposed else ''})"
+
+
+ADDITIVE = (Hadamard, Kronecker, Tiled, Spectrum)
 
 
 @dataclass(frozen=True)
@@ -307,4 +350,30 @@ class Rotation:
     def describe(self) -> str:
         how = f"neumann {self.terms}" if self.terms else "cayley"
         return f"oft(b={self.size}, {how}{', shared' if self.shared else ''})"
+
+
+@dataclass(frozen=True)
+class Reflection:
+    """HRA: ``W' = W · H``, H = H₀H₁⋯H_{r−1}, each ``Hᵢ = I − 2uᵢuᵢᵀ / (uᵢᵀuᵢ)`` a Householder reflection by a column
+    of ``u`` (peft's ``hra_u``, in × r): each stored row of W is reflected r times in turn."""
+
+    u: object
+    transposed: bool | None = None
+
+    name = "hra"
+
+    def tensors(self):
+        return (self.u,)
+
+    def fit(self, shape, fan_in_fan_out: bool = False):
+        if len(shape) != 2 or fan_in_fan_out or len(self.u.shape) != 2 or self.u.shape[0] != shape[1]:
+            return (f"HRA's hra_u {list(self.u.shape)} on the tensor {list(shape)} is not merged yet (a Linear "
+                    "layer's [out, in] weight with hra_u [in, r] only)")
+        return replace(self, transposed=False)
+
+    def describe(self) -> str:
+        return f"hra(r={self.u.shape[1]})"
+
+
+MIXING = (Rotation, Reflection)  # the multiplicative kinds that mix each stored row's columns
 

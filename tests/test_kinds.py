@@ -34,6 +34,9 @@ KINDS = {
                                          use_cayley_neumann=False),
     "oft_shared": lambda: peft.OFTConfig(r=0, oft_block_size=4, target_modules=LINEAR, init_weights=False,
                                          block_share=True, num_cayley_neumann_terms=7),
+    "hra": lambda: peft.HRAConfig(r=4, target_modules=LINEAR, init_weights=False),
+    "fourierft": lambda: peft.FourierFTConfig(n_frequency=24, scaling=150.0, target_modules=LINEAR,
+                                              init_weights=False, random_loc_seed=5),
 }
 
 
@@ -53,7 +56,22 @@ def reference(base, adapter) -> dict[str, torch.Tensor]:
     """peft's merge in float64 (the adapter kept in float64 too)."""
     model = transformers.AutoModelForCausalLM.from_pretrained(base, dtype=torch.float64)
     pm = peft.PeftModel.from_pretrained(model, adapter, autocast_adapter_dtype=False)
-    return {k: v.detach().clone() for k, v in pm.merge_and_unload().state_dict().items()}
+    fourier = {name.removeprefix("base_model.model.") + ".weight":
+               module.get_base_layer().weight.detach().clone() + _fourier_delta(module)
+               for name, module in pm.named_modules() if isinstance(module, peft.tuners.fourierft.FourierFTLayer)}
+    merged = {k: v.detach().clone() for k, v in pm.merge_and_unload().state_dict().items()}
+    return merged | fourier  # peft's own FourierFT merge is float32 (see _fourier_delta)
+
+
+def _fourier_delta(layer) -> torch.Tensor:
+    """FourierFT's ΔW from peft's own layer (its drawn indices, its spectrum) in complex128: peft's get_delta_weight
+    builds its dense spectrum in float32 and transforms it in complex64, which is not the float64 reference."""
+    spectrum = layer.fourierft_spectrum["default"].detach().to(torch.float64)
+    indices = layer.indices["default"]
+    dense = torch.zeros(layer.out_features, layer.in_features, dtype=torch.complex128)
+    dense[indices[0], indices[1]] = spectrum.to(torch.complex128)
+    delta = torch.fft.ifft2(dense).real * layer.fourierft_scaling["default"]
+    return delta.T if layer.fan_in_fan_out else delta
 
 
 def ulps_unit(mag: torch.Tensor) -> torch.Tensor:
@@ -93,6 +111,20 @@ def test_kind_matches_peft(kind, base_name, models, tmp_path):
     assert report["coverage"]["kind"].lower() == kind.split("_")[0] and not report["coverage"]["left_over"]
 
 
+@pytest.mark.parametrize("config", [
+    lambda: peft.FourierFTConfig(n_frequency=30, target_modules=["c_attn", "c_proj"], fan_in_fan_out=True,
+                                 init_weights=False),
+    lambda: peft.VeraConfig(r=4, target_modules=["c_attn"], fan_in_fan_out=True, init_weights=False),
+])
+def test_conv1d_layers(config, models, tmp_path):
+    """GPT-2's Conv1D layers store W as in × out: the delta goes in transposed (peft's fan_in_fan_out)."""
+    base = models["gpt2"]
+    build_kind(base, tmp_path / "adapter", config())
+    result = merge(str(base), str(tmp_path / "adapter"), tmp_path / "out", device="cpu")
+    assert_merged_as_peft(base, tmp_path / "adapter", tmp_path / "out", result.stats.merged)
+    assert result.stats.merged > 0
+
+
 def test_ia3_scales_the_bias(models, tmp_path):
     """Outside feedforward_modules peft scales the layer's bias with l too (qwen2's attention has biases)."""
     base = models["qwen2"]
@@ -114,7 +146,7 @@ def test_tied_qwen3(models, tmp_path):
 
 # per kind: significant bits of its values, and config changes that make many exact values ties
 TIES = {"loha": (3, {"alpha": 4}), "lokr_low_rank": (3, {"alpha": 2}), "adalora": (3, {}), "miss": (3, {}),
-        "oft": (1, {"num_cayley_neumann_terms": 2}), "oft_cayley": (3, {})}
+        "oft": (1, {"num_cayley_neumann_terms": 2}), "oft_cayley": (3, {}), "hra": (2, {})}
 
 
 @pytest.mark.parametrize("kind", sorted(TIES))
@@ -122,7 +154,8 @@ def test_ties_decided_exactly(kind, models, tmp_path):
     """Values of few significant bits and power-of-two scales: many merged values land exactly on a bfloat16
     midpoint, where the float64 value alone cannot tell (its bound holds the midpoint): each is the exact
     value's rounding, ties to even (peft's float64 merge is exact here, and rounded once by integer arithmetic).
-    AdaLoRA's scale and the Cayley map divide, so their exact values are no ties: they are checked all the same."""
+    AdaLoRA's scale, the Cayley map and HRA divide, so their exact values are no ties: they are checked all the
+    same."""
     base = models["llama_bf16"]
     build_kind(base, tmp_path / "made", KINDS[kind]())
     bits, changes = TIES[kind]
@@ -131,7 +164,7 @@ def test_ties_decided_exactly(kind, models, tmp_path):
     (adapter / "adapter_config.json").write_text(json.dumps(cfg | changes))
     result = merge(str(base), str(adapter), tmp_path / "out", device="cpu")
     assert_merged_as_peft(base, adapter, tmp_path / "out", 2 * len(LINEAR))
-    if kind not in ("adalora", "oft_cayley"):
+    if kind not in ("adalora", "oft_cayley", "hra"):
         assert result.stats.exact > 0
 
 
@@ -192,11 +225,16 @@ def test_vera_without_its_projections_refused(models, tmp_path):
     assert not (tmp_path / "out").exists()
 
 
-def test_miss_bat_refused(models, tmp_path):
+@pytest.mark.parametrize("config, words", [
+    (lambda: peft.MissConfig(r=4, target_modules=["q_proj"], init_weights="bat"), ["bat", "not merged yet"]),
+    (lambda: peft.HRAConfig(r=2, target_modules=["q_proj"], init_weights=False, apply_GS=True),
+     ["apply_GS", "not merged yet"]),
+])
+def test_forms_not_merged_yet(config, words, models, tmp_path):
     base = models["llama"]
-    build_kind(base, tmp_path / "adapter", peft.MissConfig(r=4, target_modules=["q_proj"], init_weights="bat"))
+    build_kind(base, tmp_path / "adapter", config())
     r = run_cli(str(base), str(tmp_path / "adapter"), str(tmp_path / "out"))
-    expect_error(r, "bat", "not merged yet")
+    expect_error(r, *words)
     assert not (tmp_path / "out").exists()
 
 
@@ -243,7 +281,7 @@ def qwen2_moe(tmp_path_factory):
 MOE_TARGETS = ["q_proj", "gate_proj", "down_proj", "shared_expert_gate"]
 
 
-@pytest.mark.parametrize("kind", ["loha", "lokr", "vera", "oft", "ia3", "miss"])
+@pytest.mark.parametrize("kind", ["loha", "lokr", "vera", "oft", "ia3", "miss", "hra", "fourierft"])
 def test_kinds_on_a_mixture_of_experts(kind, qwen2_moe, tmp_path):
     from test_layouts import peft_merge
 

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import torch
 
-from ..kinds import Hadamard, Kronecker, Rotation, Scaling, Tiled
+from ..kinds import Hadamard, Kronecker, Reflection, Rotation, Scaling, Spectrum, Tiled
 
 
 def _factor(f, t):
@@ -46,7 +46,29 @@ def kind_rows(d, f, start: int, stop: int):
         (m, r), (out, width) = t.shape, d.size
         value = t.repeat(out // m, -(-width // r))[start:stop, :width]
         return value, value.abs()
+    if isinstance(d, Spectrum):
+        return _spectrum_rows(d, f, start, stop)
     raise AssertionError(f"no check for the delta {d!r}")
+
+
+def _spectrum_rows(d: Spectrum, f, start: int, stop: int):
+    """FourierFT through torch's FFT: each spectrum row's inverse FFT along the columns, then the rows' sum weighted
+    by e^{2πi·u·i/M} (never the cosines of the merge's sum); |terms| ≤ K·Σ|c| at every element."""
+    u, v = d.positions()
+    m, n = d.size
+    c = f.get(d.spectrum).reshape(-1)
+    if d.transposed:  # stored rows are logical columns
+        u, v, m, n = v, u, n, m
+    rows, at = torch.unique(u, return_inverse=True)
+    dense = torch.zeros(len(rows), n, dtype=torch.complex128, device=c.device)
+    dense[at.to(c.device), v.to(c.device)] = c.to(torch.complex128)
+    columns = torch.fft.ifft(dense, dim=1)  # (1/N) Σ_v S[u, v] e^{2πi v j / N}
+    i = torch.arange(start, stop, device=c.device)
+    turns = (i[:, None] * rows.to(c.device)[None, :]) % m
+    phase = torch.polar(torch.ones_like(turns, dtype=torch.float64), turns.to(torch.float64) * (2 * torch.pi / m))
+    value = (phase @ columns).real * (d.scale / m)
+    magnitude = torch.full_like(value, float(c.abs().sum()) * abs(d.scale) / (m * n))
+    return value, magnitude
 
 
 def _cp(f, parts, start: int, stop: int):
@@ -74,6 +96,8 @@ def multiplied(value, m, f, start: int, stop: int) -> tuple[int, list]:
     returns the terms and the bound's products, as ``_add_deltas`` does (none for IA3: exact in float64)."""
     if isinstance(m, Rotation):
         return m.size + len(m.powers()), [_rotated(value, m, f)]
+    if isinstance(m, Reflection):
+        return m.u.shape[0] + 2 * m.u.shape[1], [_reflected(value, m, f)]
     _scaled(value, m, f, start, stop)
     return 0, []
 
@@ -107,6 +131,23 @@ def _rotated(value, m: Rotation, f):
         r = (eye - skew) @ torch.linalg.inv(eye + skew)
         total, magnitude = turn(w, r), turn(w.abs(), r.abs())
     value.copy_(total.reshape(value.shape))
+    return magnitude.reshape(-1).__getitem__
+
+
+def _reflected(value, m: Reflection, f):
+    """HRA in the compact WY form: H₀H₁⋯H_{r−1} = I − U·T·Uᵀ, T upper triangular from τᵢ = 2 / uᵢᵀuᵢ and UᵀU
+    (never the reflections one by one, as the merge applies them); returns Σ|W||H| at chosen elements."""
+    u = f.get(m.u)
+    r = u.shape[1]
+    gram = u.T @ u
+    tau = 2 / gram.diagonal()
+    t = torch.zeros(r, r, dtype=u.dtype, device=u.device)
+    for k in range(r):  # [T, −τ T Uᵀu; 0, τ]
+        t[:k, k] = -tau[k] * (t[:k, :k] @ gram[:k, k])
+        t[k, k] = tau[k]
+    w = value.clone()
+    value.sub_((w @ u) @ t @ u.T)
+    magnitude = w.abs() + (w.abs() @ u.abs()) @ t.abs() @ u.abs().T
     return magnitude.reshape(-1).__getitem__
 
 

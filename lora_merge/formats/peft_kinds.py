@@ -10,7 +10,7 @@ from pathlib import Path
 
 from ..adapter import KIND_NAMES, Adapter, DerivedTensor, LowRank, TargetOps
 from ..errors import PlanError, UnsupportedAdapterError
-from ..kinds import Rotation, Scaling, Tiled, Vera
+from ..kinds import Reflection, Rotation, Scaling, Spectrum, Tiled, Vera
 from . import lycoris
 from .files import config_mapping, positive_number
 
@@ -61,6 +61,8 @@ ROLES = {
     "VERA": ("vera_lambda_b", "vera_lambda_d", "vera_A", "vera_B"),
     "MISS": ("miss_block",),
     "OFT": ("oft_R",),
+    "HRA": ("hra_u",),
+    "FOURIERFT": ("fourierft_spectrum",),
 }
 SHARED = "base_model"  # the module peft saves a kind's shared tensors under (VeRA's projections)
 
@@ -255,5 +257,26 @@ def _oft(module, parts, reading: _Reading) -> str | None:
     return None
 
 
+def _hra(module, parts, reading: _Reading) -> str | None:
+    """HRA: W times r Householder reflections (``kinds.Reflection``), as peft merges it without Gram–Schmidt."""
+    if reading.config.get("apply_GS"):
+        return "HRA with apply_GS (its reflections orthogonalised first) is not merged yet"
+    reading.target(f"{module}.weight", module).multiply = Reflection(parts["hra_u"])
+    return None
+
+
+def _fourierft(module, parts, reading: _Reading) -> str | None:
+    """FourierFT: its spectrum at positions drawn from ``random_loc_seed`` (``kinds.Spectrum``)."""
+    spectrum = parts["fourierft_spectrum"]
+    if len(spectrum.shape) != 1:
+        return f"fourierft_spectrum has shape {list(spectrum.shape)}, not [n_frequency]"
+    seed = reading.config.get("random_loc_seed", 777)
+    scale = reading.config.get("scaling", 150.0)
+    if not isinstance(seed, int) or isinstance(scale, bool) or not isinstance(scale, (int, float)):
+        return f"random_loc_seed {seed!r} and scaling {scale!r} must be an integer and a number"
+    reading.target(f"{module}.weight", module).deltas.append(Spectrum(spectrum, float(scale), seed))
+    return None
+
+
 READERS = {"ADALORA": _adalora, "LOHA": _loha, "LOKR": _lokr, "IA3": _ia3, "VERA": _vera, "MISS": _miss,
-           "OFT": _oft}
+           "OFT": _oft, "HRA": _hra, "FOURIERFT": _fourierft}

@@ -1,5 +1,5 @@
-"""The merge's arithmetic for OFT (``kinds.Rotation``): ``W' = W · Rᵀ`` block by block, rounded once from the exact
-value.
+"""The merge's arithmetic for the kinds that mix each stored row's columns, rounded once from the exact value:
+OFT (``kinds.Rotation``, ``W' = W · Rᵀ`` block by block) and HRA (``kinds.Reflection``, ``W' = W · H₀H₁⋯``).
 
 Each block's R is computed in float64 together with a bound on every element's error: through each power of Q for
 the Neumann series (a product of b terms errs by at most γ_b times the product of magnitudes), or, for the Cayley
@@ -8,6 +8,11 @@ R̃ − R is longer than that row of the residual. A merged element then errs by
 block. Where that bound holds a rounding boundary of the output dtype, the exact value is taken in fractions (the
 row of the exact R: the series applied to a unit vector, or a solve of (I − Q) x = (I + Q) e_c) and rounded to odd
 (``exact.to_odd``), so that the one rounding that follows is the exact value's.
+
+HRA reflects each row in turn, x ← x − t·u with t = 2(x·u)/(u·u), as peft does, and carries a bound on each
+element's error through every reflection: the error already in x, the rounding of the dot products (γₙ times the sum
+of magnitudes) and of the division, times |u|, plus the rounding of the update. Its exact value is the same
+reflections in fractions (u·u is a sum of squares of stored values: the row stays rational).
 """
 
 from __future__ import annotations
@@ -17,7 +22,7 @@ from fractions import Fraction
 import torch
 
 from .exact import to_odd
-from .kinds import Rotation
+from .kinds import Reflection, Rotation
 
 UNIT = 2.0**-53
 SLACK = 1.01  # covers the float64 roundings of the bound's own computation, many times over
@@ -130,21 +135,63 @@ def _cayley_row(q, c: int) -> list[Fraction]:
     return [a[i][b] / a[i][i] for i in range(b)]
 
 
-def rotated(m: Rotation, device, cache: dict) -> Rotated:
-    key = ("oft", id(m))
+class Reflected:
+    """One HRA target: its reflections applied to rows in float64, with each element's error bound, and exactly."""
+
+    def __init__(self, m: Reflection, device):
+        self.u = m.u.load().to(device=device, dtype=torch.float64)
+        self.uu = (self.u * self.u).sum(dim=0)
+        n = self.u.shape[0]
+        self.gamma = n * UNIT / (1 - n * UNIT)
+        self._row = (None, None)
+
+    def apply(self, v: torch.Tensor) -> None:
+        """Rows ``v`` (float64) reflected by each column of u in turn, in place."""
+        for k in range(self.u.shape[1]):
+            u = self.u[:, k]
+            t = (v @ u) * 2 / self.uu[k]
+            v.sub_(t[:, None] * u[None, :])
+
+    def bound(self, w: torch.Tensor) -> torch.Tensor:
+        """Each element's error bound after ``apply`` on BASE's rows ``w`` (float64): the reflections again, each
+        one's roundings carried into the next."""
+        x, err, g = w.clone(), torch.zeros_like(w), self.gamma
+        for k in range(self.u.shape[1]):
+            u = self.u[:, k]
+            au = u.abs()
+            t = (x @ u) * 2 / self.uu[k]
+            dt = (err @ au + (x.abs() @ au) * g) * (2 * (1 + 2 * g) / self.uu[k]) + t.abs() * (g + 3 * UNIT)
+            x.sub_(t[:, None] * u[None, :])
+            err.add_(dt[:, None] * au[None, :]).add_((t.abs()[:, None] * au[None, :] + x.abs()) * UNIT)
+        return err.mul_(SLACK)
+
+    def exact(self, w_row: list[float], j: int) -> Fraction:
+        if self._row[0] is not w_row:
+            x = [Fraction(v) for v in w_row]
+            for k in range(self.u.shape[1]):
+                u = [Fraction(float(v)) for v in self.u[:, k].tolist()]
+                t = 2 * sum((a * b for a, b in zip(x, u)), Fraction(0)) / sum((b * b for b in u), Fraction(0))
+                x = [a - t * b for a, b in zip(x, u)]
+            self._row = (w_row, x)
+        return self._row[1][j]
+
+
+def transform(m, device, cache: dict):
+    """The merge's arithmetic for one OFT or HRA target, made once per tensor."""
+    key = ("mixing", id(m))
     if key not in cache:
-        cache[key] = Rotated(m, device)
+        cache[key] = Rotated(m, device) if isinstance(m, Rotation) else Reflected(m, device)
     return cache[key]
 
 
-def settle(v: torch.Tensor, w: torch.Tensor, m: Rotation, dtype: torch.dtype, cache: dict) -> int:
-    """Make the float64 rows ``v`` (BASE's rows ``w`` rotated) round to ``dtype`` as their exact values do; returns
-    how many elements were decided exactly."""
+def settle(v: torch.Tensor, w: torch.Tensor, m, dtype: torch.dtype, cache: dict) -> int:
+    """Make the float64 rows ``v`` (BASE's rows ``w`` transformed) round to ``dtype`` as their exact values do;
+    returns how many elements were decided exactly."""
     from .mathops import round_to
 
     if dtype == torch.float64:
         return 0
-    r = rotated(m, v.device, cache)
+    r = transform(m, v.device, cache)
     w64 = w.to(torch.float64).reshape(v.shape)
     bound = r.bound(w64).add_(v.abs(), alpha=2 * UNIT)
     low, high = round_to(v - bound, dtype), round_to(v + bound, dtype)
