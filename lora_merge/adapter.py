@@ -345,7 +345,9 @@ def combine(adapters: list[Adapter]) -> Adapter:
     adapter, scaled by its adapter's weight, summed in one pass.
 
     What cannot be summed is refused: a tensor that two adapters replace (or one replaces and another
-    changes), and DoRA, whose rescaling depends on the whole sum.
+    changes), and DoRA, whose rescaling depends on the whole sum. A kind that multiplies W (IA3, OFT, HRA) applies
+    first, so it must come before every adapter that changes the same tensor, at weight 1, and alone of its sort:
+    the result is f(W) plus the other adapters' deltas, the order the adapters were given in.
     """
     from .errors import PlanError
 
@@ -361,9 +363,11 @@ def combine(adapters: list[Adapter]) -> Adapter:
             if op.dora_magnitude is not None and (len(adapters) > 1 or adapter.weight != 1.0):
                 problems.append(f"{name}: {label} is DoRA, whose rescaling cannot be weighted or undone from "
                                 "the adapter alone")
-            if op.multiply is not None and (len(adapters) > 1 or adapter.weight != 1.0):
-                problems.append(f"{name}: {label} multiplies the tensor ({op.multiply.name}), which is not combined "
-                                "with other adapters or weighted yet")
+            if op.multiply is not None and (adapter.weight != 1.0 or name in targets):
+                why = f"weighted {adapter.weight:g}" if adapter.weight != 1.0 else \
+                    f"after {', '.join(owners[name][:-1])}, which change it first"
+                problems.append(f"{name}: {label} multiplies the tensor ({op.multiply.name}) {why}; a multiplying "
+                                "adapter applies first, at weight 1: list it before the others, or merge in two runs")
             if (op.replace is not None or op.row_indices is not None) and adapter.weight != 1.0:
                 problems.append(f"{name}: {label} replaces the tensor (or some rows), which cannot be weighted "
                                 "or undone from the adapter alone")
@@ -378,14 +382,20 @@ def combine(adapters: list[Adapter]) -> Adapter:
                     or merged.row_indices is not None:
                 problems.append(f"{name}: replaced by one adapter and changed by another ({', '.join(owners[name])})")
             for d in op.deltas:
-                merged.deltas.append(replace(d, scale=d.scale * adapter.weight))
+                merged.deltas.append(replace(d, scale=d.scale * adapter.weight) if adapter.weight != 1.0 else d)
     if problems:
         raise PlanError("these adapters cannot be combined:", problems)
+    notes = [n for a in adapters for n in a.notes]
+    for i, adapter in enumerate(adapters):
+        multiplied = [op for op in adapter.targets.values() if op.multiply is not None]
+        if multiplied and len(adapters) > 1:
+            notes.append(f"adapter {i + 1} ({adapter.kind}) multiplies {len(multiplied)} tensors first; the other "
+                         "adapters' deltas are added to the result, in the order given")
     first = adapters[0]
     return Adapter(
         first.path, "+".join(dict.fromkeys(a.format for a in adapters)), first.config, targets,
         [n for a in adapters for n in a.tensor_names],
-        files=[f for a in adapters for f in a.files], notes=[n for a in adapters for n in a.notes],
+        files=[f for a in adapters for f in a.files], notes=notes,
         ignored={k: v for a in adapters for k, v in a.ignored.items()}, parts=list(adapters),
         read_at_load=set().union(*(a.read_at_load for a in adapters)),
     )

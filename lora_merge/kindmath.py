@@ -108,7 +108,7 @@ class RowsView:
         if isinstance(d, Tiled):
             (m, r), width = f[0].shape, d.size[1]
             rows = torch.arange(start, stop, device=f[0].device) % m
-            return f[0][rows][:, torch.arange(width, device=f[0].device) % r]
+            return f[0][rows][:, torch.arange(width, device=f[0].device) % r] * s
         return f[0][start:stop] * s
 
     def exact(self, i: int, j: int) -> Fraction:
@@ -120,7 +120,7 @@ class RowsView:
             return _q(d.scale) * self.f[0].exact(i // m, j // n) * self.f[1].exact(i % m, j % n)
         if isinstance(d, Tiled):
             m, r = self.f[0].shape
-            return _q(self.f[0][i % m, j % r])
+            return _q(d.scale) * _q(self.f[0][i % m, j % r])
         if isinstance(d, LowRank):
             left, right = self.f
             return _q(d.scale) * sum((_q(left[i, k]) * _q(right[k, j]) for k in range(left.shape[1])), Fraction(0))
@@ -128,15 +128,18 @@ class RowsView:
 
 
 def needs_settling(ops) -> bool:
-    """Whether the merge of ``ops`` adds a kind (or AdaLoRA's components) or mixes W's columns (OFT, HRA), whose
-    float64 value may not round as its exact value does, and nothing else that the exact value here does not
-    follow."""
+    """Whether the merge of ``ops`` adds a kind (or AdaLoRA's components), mixes W's columns (OFT, HRA), or scales
+    W (IA3) and adds to it, whose float64 value may not round as its exact value does; and nothing else that the
+    exact value here does not follow."""
     if ops is None or ops.replace is not None or ops.dora_magnitude is not None or ops.row_indices is not None:
         return False
-    if ops.multiply is not None:
-        return isinstance(ops.multiply, MIXING)
-    kinds = [d for d in ops.deltas if isinstance(d, ADDITIVE) or isinstance(d, LowRank) and d.kind != "lora"]
-    return bool(kinds) and not any(isinstance(d, LowRank) and d.experts for d in ops.deltas)
+    if any(isinstance(d, LowRank) and d.experts for d in ops.deltas):
+        return False
+    if isinstance(ops.multiply, MIXING):
+        return True
+    if ops.multiply is not None:  # IA3: W ⊙ l is exact in float64, the deltas added to it are not
+        return bool(ops.deltas)
+    return any(isinstance(d, ADDITIVE) or isinstance(d, LowRank) and d.kind != "lora" for d in ops.deltas)
 
 
 def view(d, device, cache: dict):
@@ -170,33 +173,71 @@ def multiply(v: torch.Tensor, m, start: int, stop: int, cache: dict) -> None:
         v.mul_(l.reshape(1, -1))
 
 
+class Base:
+    """BASE's rows as the deltas find them: as they are, scaled (IA3: exact in float64), or mixed (OFT, HRA: with
+    the bound on that computation's error); ``exact(i, j)`` the exact value, in fractions."""
+
+    def __init__(self, m, w: torch.Tensor, shape, start: int, cache: dict):
+        self.m, self.start = m, start
+        self.axis = m.stored_axis(w.dim()) if m is not None and not isinstance(m, MIXING) else 0
+        w = w.reshape(shape).to(torch.float64)
+        self.w, self.error = w, None
+        if isinstance(m, MIXING):
+            self.transform = orthomath.transform(m, w.device, cache)
+            value = w.clone()
+            self.transform.apply(value)
+            self.error = self.transform.bound(w)
+            self.magnitude = value.abs_().add_(self.error)
+            self._rows: dict[int, list[float]] = {}
+        elif m is not None:
+            value = w.clone()
+            multiply(value, m, start, start + shape[0], cache)
+            self.l = cache[("l", id(m))]
+            self.magnitude = value.abs_()
+        else:
+            self.magnitude = w.abs()
+
+    def exact(self, i: int, j: int) -> Fraction:
+        """Row ``i`` of the block, column ``j``."""
+        m = self.m
+        if isinstance(m, MIXING):
+            if i not in self._rows:
+                self._rows[i] = self.w[i].tolist()
+            return self.transform.exact(self._rows[i], j)
+        value = _q(self.w[i, j])
+        if m is None:
+            return value
+        return value * _q(self.l[self.start + i if self.axis == 0 else j])
+
+
 def settle(v: torch.Tensor, w: torch.Tensor, ops, start: int, stop: int, dtype: torch.dtype, cache: dict) -> int:
-    """Make the float64 rows ``v`` (W plus every delta of ``ops``) round to ``dtype`` as their exact values do:
-    where the computation's error bound holds a rounding boundary, the exact value rounded to odd. Returns how many
-    elements were decided exactly."""
+    """Make the float64 rows ``v`` (BASE's rows, multiplied, plus every delta of ``ops``) round to ``dtype`` as their
+    exact values do: where the computation's error bound holds a rounding boundary, the exact value rounded to
+    odd. Returns how many elements were decided exactly."""
     from .mathops import round_to
 
-    if isinstance(ops.multiply, MIXING):
-        return orthomath.settle(v, w, ops.multiply, dtype, cache)
     if dtype == torch.float64:
         return 0
     flat = v.reshape(v.shape[0], -1)
     width = flat.shape[1]
     views = [view(d, v.device, cache) for d in ops.deltas]
-    magnitude = w.reshape(flat.shape).to(torch.float64).abs()
+    base = Base(ops.multiply, w, flat.shape, start, cache)
+    magnitude = base.magnitude.clone()
     terms = 0
     for x in views:
         magnitude += x.value(start, stop, magnitude=True)
         terms += getattr(x.d, "rank", 1)
     bound = magnitude.mul_((terms + 6) * 2 * UNIT).add_(flat.abs(), alpha=2 * UNIT)
+    if base.error is not None:
+        bound += base.error
     low, high = round_to(flat - bound, dtype), round_to(flat + bound, dtype)
     open_ = (low != high).reshape(-1).nonzero().reshape(-1).tolist()
-    values, base = flat.reshape(-1), w.reshape(-1)
+    values = flat.reshape(-1)
     exact = [x for x in views if not hasattr(x, "interval")]
     approximate = [x for x in views if hasattr(x, "interval")]
     for k in open_:
         i, j = divmod(k, width)
-        known = Fraction(float(base[k])) + sum((x.exact(start + i, j) for x in exact), Fraction(0))
+        known = base.exact(i, j) + sum((x.exact(start + i, j) for x in exact), Fraction(0))
         values[k] = _decided(known, approximate, start + i, j, dtype) if approximate else to_odd(known)
     return len(open_)
 

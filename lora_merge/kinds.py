@@ -163,6 +163,7 @@ class Vera:
     b: object
     lambda_b: object
     lambda_d: object
+    scale: float = 1.0  # 1, or an adapter's weight
 
     name = "vera"
 
@@ -193,7 +194,7 @@ class Vera:
         lb, ld = self.lambda_b.reshape(-1, 1), self.lambda_d.reshape(-1, 1)
         a = DerivedTensor(self.a, (r, inn), lambda x: x[:, :inn].to(ld.dtype) * ld.to(x.device))
         b = DerivedTensor(self.b, (out, r), lambda x: x[:out].to(lb.dtype) * lb.to(x.device))
-        return LowRank(a, b, 1.0, transposed=turned, kind="vera")
+        return LowRank(a, b, self.scale, transposed=turned, kind="vera")
 
     def describe(self) -> str:
         return f"vera(r={self.a.shape[0]})"
@@ -205,6 +206,7 @@ class Tiled:
     m is W's output size (peft's default) or ``mini_r`` (its "mini" form, the block repeated down the rows)."""
 
     block: object
+    scale: float = 1.0  # 1, or an adapter's weight
     size: tuple = ()  # the logical (out, in), known once fitted
     transposed: bool | None = None
 

@@ -21,7 +21,6 @@ from fractions import Fraction
 
 import torch
 
-from .exact import to_odd
 from .kinds import Reflection, Rotation
 
 UNIT = 2.0**-53
@@ -101,7 +100,6 @@ class Rotated:
     def _row(self, g: int, c: int) -> list[Fraction]:
         """Row ``c`` of block ``g``'s exact R, in fractions."""
         if (g, c) not in self._rows:
-            b = self.m.size
             q = [[Fraction(float(x)) for x in row] for row in self.q[g].tolist()]
             self._rows[g, c] = _series_row(q, c, self.m.powers()) if self.m.terms else _cayley_row(q, c)
         return self._rows[g, c]
@@ -182,23 +180,3 @@ def transform(m, device, cache: dict):
     if key not in cache:
         cache[key] = Rotated(m, device) if isinstance(m, Rotation) else Reflected(m, device)
     return cache[key]
-
-
-def settle(v: torch.Tensor, w: torch.Tensor, m, dtype: torch.dtype, cache: dict) -> int:
-    """Make the float64 rows ``v`` (BASE's rows ``w`` transformed) round to ``dtype`` as their exact values do;
-    returns how many elements were decided exactly."""
-    from .mathops import round_to
-
-    if dtype == torch.float64:
-        return 0
-    r = transform(m, v.device, cache)
-    w64 = w.to(torch.float64).reshape(v.shape)
-    bound = r.bound(w64).add_(v.abs(), alpha=2 * UNIT)
-    low, high = round_to(v - bound, dtype), round_to(v + bound, dtype)
-    open_ = (low != high).nonzero().tolist()
-    rows: dict[int, list[float]] = {}
-    for i, j in open_:
-        if i not in rows:
-            rows[i] = w64[i].tolist()
-        v[i, j] = to_odd(r.exact(rows[i], j))
-    return len(open_)

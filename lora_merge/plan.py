@@ -180,7 +180,7 @@ def _fit_target(op: TargetOps, w_shape: tuple[int, ...], info, conv1d: bool) -> 
         if isinstance(multiply, str):
             problems.append(f"{where}: {multiply}")
             multiply = None
-        elif op.deltas or op.replace is not None or op.dora_magnitude is not None or op.row_indices is not None:
+        elif op.replace is not None or op.dora_magnitude is not None or op.row_indices is not None:
             problems.append(f"{where}: {multiply.name} multiplies a tensor that is also changed otherwise, which is "
                             "not merged yet")
     deltas = []

@@ -44,7 +44,16 @@ BLOCK_ELEMENTS = 1 << 18
 
 
 def refuse_irreversible(adapter) -> None:
-    """DoRA and whole-tensor (or row) replacements cannot be taken back out from the adapter alone."""
+    """DoRA, whole-tensor (or row) replacements and the kinds that multiply W cannot be taken back out from the
+    adapter alone (or not exactly yet)."""
+    multiplied = sorted(op.module for op in adapter.targets.values() if op.multiply is not None)
+    if multiplied:
+        kind = adapter.targets[next(n for n, op in adapter.targets.items() if op.multiply is not None)].multiply.name
+        raise UnsupportedAdapterError(
+            f"ADAPTER is {adapter.kind} ({len(multiplied)} modules, e.g. {multiplied[0]}): the merge multiplied W "
+            f"({kind}), and unmerge subtracts an adapter's delta; dividing it back out is not done yet",
+            "keep the base model; unmerge takes back the kinds that add to W (LoRA, AdaLoRA, LoHa, LoKr, VeRA, "
+            "MiSS, FourierFT)")
     dora = sorted(op.module for op in adapter.targets.values() if op.dora_magnitude is not None)
     if dora:
         raise UnsupportedAdapterError(

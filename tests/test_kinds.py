@@ -186,7 +186,7 @@ def test_ia3_not_weighted(models, tmp_path):
     base = models["llama"]
     build_kind(base, tmp_path / "adapter", KINDS["ia3"]())
     r = run_cli(str(base), "--adapter", f"{tmp_path / 'adapter'}:0.5", str(tmp_path / "out"))
-    expect_error(r, "ia3", "not combined")
+    expect_error(r, "ia3", "weighted 0.5", "applies first")
     assert not (tmp_path / "out").exists()
 
 
@@ -300,3 +300,47 @@ def test_kinds_on_a_mixture_of_experts(kind, qwen2_moe, tmp_path):
         changed += not torch.equal(got, before[name])
     assert changed == result.stats.merged > 0
     assert any("shared_expert." in name and not torch.equal(ours[name], before[name]) for name in ours)
+
+
+@pytest.mark.parametrize("kind", ["loha", "lokr", "vera", "oft", "hra", "ia3", "fourierft"])
+def test_a_kind_then_lora(kind, models, tmp_path):
+    """Two adapters of different kinds in one run, in the order given: a multiplying kind first (W' = f(W) + ΔW),
+    an additive one summed with LoRA. The reference: peft's float64 merge of the kind, plus the LoRA delta from
+    peft's float64 merge of the LoRA adapter; rounded once."""
+    from helpers import build_adapter
+
+    base = models["llama_bf16"]
+    build_kind(base, tmp_path / "kind", KINDS[kind]())
+    build_adapter(base, tmp_path / "lora", r=4, lora_alpha=8, target_modules=["q_proj", "down_proj", "k_proj"])
+    result = merge(str(base), [str(tmp_path / "kind"), str(tmp_path / "lora")], tmp_path / "out", device="cpu")
+    with_kind, with_lora = reference(base, tmp_path / "kind"), reference(base, tmp_path / "lora")
+    before = load_tensors(base)
+    ours = load_tensors(tmp_path / "out")
+    for name, got in ours.items():
+        want = with_kind[name] + (with_lora[name] - before[name].to(torch.float64))
+        assert torch.equal(got.view(torch.uint8), rounded_once(want, got.dtype).view(torch.uint8)), name
+    assert result.stats.merged == 2 * (len(LINEAR) + 1)
+    report = json.loads((tmp_path / "out" / "merge_report.json").read_text())
+    if kind in ("oft", "hra", "ia3"):
+        assert any("multiplies" in note and "first" in note for note in report["notes"])
+
+
+def test_a_multiplying_kind_after_another_refused(models, tmp_path):
+    from helpers import build_adapter
+
+    base = models["llama"]
+    build_kind(base, tmp_path / "oft", KINDS["oft"]())
+    build_adapter(base, tmp_path / "lora", r=4, lora_alpha=8, target_modules=["q_proj"])
+    r = run_cli(str(base), "--adapter", str(tmp_path / "lora"), "--adapter", str(tmp_path / "oft"), str(tmp_path / "out"))
+    expect_error(r, "q_proj", "oft", "after adapter 1", "list it before the others")
+    assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("kind", ["ia3", "oft"])
+def test_unmerge_refuses_a_multiplying_kind(kind, models, tmp_path):
+    base = models["llama"]
+    build_kind(base, tmp_path / "adapter", KINDS[kind]())
+    merge(str(base), str(tmp_path / "adapter"), tmp_path / "out", device="cpu")
+    r = run_cli("unmerge", str(tmp_path / "out"), str(tmp_path / "adapter"), str(tmp_path / "back"))
+    expect_error(r, "multiplied W", "not done yet", "keep the base model")
+    assert not (tmp_path / "back").exists()

@@ -44,7 +44,7 @@ def kind_rows(d, f, start: int, stop: int):
     if isinstance(d, Tiled):  # the block's transpose repeated over the whole tensor, then cut to its size
         t = _factor(f, d.block).T
         (m, r), (out, width) = t.shape, d.size
-        value = t.repeat(out // m, -(-width // r))[start:stop, :width]
+        value = t.repeat(out // m, -(-width // r))[start:stop, :width] * d.scale
         return value, value.abs()
     if isinstance(d, Spectrum):
         return _spectrum_rows(d, f, start, stop)
