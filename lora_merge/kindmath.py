@@ -159,7 +159,7 @@ def multiply(v: torch.Tensor, m, start: int, stop: int, cache: dict) -> None:
     """IA3: multiply rows [start, stop) (float64) by ``l`` along its axis, in place: exact in float64. OFT and HRA:
     mix each row's columns (``orthomath``)."""
     if isinstance(m, MIXING):
-        orthomath.transform(m, v.device, cache).apply(v)
+        orthomath.transform(m, v.device, cache).apply(v, start)
         return
     key = ("l", id(m))
     if key not in cache:
@@ -185,8 +185,8 @@ class Base:
         if isinstance(m, MIXING):
             self.transform = orthomath.transform(m, w.device, cache)
             value = w.clone()
-            self.transform.apply(value)
-            self.error = self.transform.bound(w)
+            self.transform.apply(value, start)
+            self.error = self.transform.bound(w, start)
             self.magnitude = value.abs_().add_(self.error)
             self._rows: dict[int, list[float]] = {}
         elif m is not None:
@@ -203,7 +203,7 @@ class Base:
         if isinstance(m, MIXING):
             if i not in self._rows:
                 self._rows[i] = self.w[i].tolist()
-            return self.transform.exact(self._rows[i], j)
+            return self.transform.exact(self._rows[i], j, self.start + i)
         value = _q(self.w[i, j])
         if m is None:
             return value

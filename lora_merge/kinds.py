@@ -315,22 +315,31 @@ class Scaling:
 
 @dataclass(frozen=True)
 class Rotation:
-    """OFT: ``W' = W · Rᵀ``, R block-diagonal, each block ``b × b`` the Cayley map of a skew-symmetric Q whose upper
-    triangle is a row of ``q`` (peft's ``oft_R.weight``, blocks × b(b−1)/2): ``(I − Q)(I + Q)⁻¹`` exactly
-    (``terms`` 0), or the truncated Neumann series peft uses by default, I + 2Q + 2Q² + … (``terms`` > 0, peft's
-    ``num_cayley_neumann_terms``). With ``shared``, one block serves every position (peft's ``block_share``).
-    Each stored row of W mixes its own columns, block by block."""
+    """OFT and BOFT: ``W' = W · Rᵀ`` (then each row times ``rows``, BOFT's ``boft_s``), R block-diagonal, each block
+    ``b × b`` the Cayley map of a skew-symmetric Q: ``(I − Q)(I + Q)⁻¹`` exactly (``terms`` 0), or the truncated
+    Neumann series OFT uses by default, I + 2Q + 2Q² + … (``terms`` > 0, peft's ``num_cayley_neumann_terms``).
+    OFT's ``q`` holds each Q by its upper triangle (peft's ``oft_R.weight``, blocks × b(b−1)/2); BOFT's (``full``)
+    whole matrices D, Q = ½(D − Dᵀ) (``boft_R``, 1 × blocks × b × b). With ``shared``, one block serves every
+    position (OFT's ``block_share``). Each stored row of W mixes its own columns, block by block."""
 
     q: object
     size: int  # b
     terms: int
     shared: bool = False
+    full: bool = False
+    rows: object = None  # BOFT's scale per output row (out × 1), or None
     transposed: bool | None = None
 
-    name = "oft"
+    @property
+    def name(self) -> str:
+        return "boft" if self.full else "oft"
+
+    @property
+    def blocks(self) -> int:
+        return 1 if self.shared else self.q.shape[-3] if self.full else self.q.shape[0]
 
     def tensors(self):
-        return (self.q,)
+        return (self.q,) if self.rows is None else (self.q, self.rows)
 
     def powers(self) -> list[tuple[int, float]]:
         """(power of Q, coefficient) of the Neumann series as peft sums it: I + 2Q + 2Q² + 2Q³ … + Q^last."""
@@ -342,16 +351,18 @@ class Rotation:
         return [(0, 1.0), (1, 2.0), (2, 2.0), *((k, 2.0) for k in range(3, n - 1)), (max(3, n - 1), 1.0)]
 
     def fit(self, shape, fan_in_fan_out: bool = False):
+        what = self.name.upper()
         if len(shape) != 2 or fan_in_fan_out:
-            return f"OFT on the tensor {list(shape)} is not merged yet (a Linear layer's [out, in] weight only)"
-        blocks = 1 if self.shared else self.q.shape[0]
-        if shape[1] % self.size or not self.shared and blocks * self.size != shape[1]:
-            return f"OFT's {blocks} blocks of {self.size} do not cover the base tensor's {shape[1]} input columns"
+            return f"{what} on the tensor {list(shape)} is not merged yet (a Linear layer's [out, in] weight only)"
+        if shape[1] % self.size or not self.shared and self.blocks * self.size != shape[1]:
+            return f"{what}'s {self.blocks} blocks of {self.size} do not cover the base tensor's {shape[1]} input columns"
+        if self.rows is not None and math.prod(self.rows.shape) != shape[0]:
+            return f"boft_s has {math.prod(self.rows.shape)} values but the base tensor has {shape[0]} rows"
         return replace(self, transposed=False)
 
     def describe(self) -> str:
         how = f"neumann {self.terms}" if self.terms else "cayley"
-        return f"oft(b={self.size}, {how}{', shared' if self.shared else ''})"
+        return f"{self.name}(b={self.size}, {how}{', shared' if self.shared else ''})"
 
 
 @dataclass(frozen=True)

@@ -1,5 +1,6 @@
 """The merge's arithmetic for the kinds that mix each stored row's columns, rounded once from the exact value:
-OFT (``kinds.Rotation``, ``W' = W · Rᵀ`` block by block) and HRA (``kinds.Reflection``, ``W' = W · H₀H₁⋯``).
+OFT and BOFT (``kinds.Rotation``, ``W' = W · Rᵀ`` block by block, BOFT's rows then scaled) and HRA
+(``kinds.Reflection``, ``W' = W · H₀H₁⋯``).
 
 Each block's R is computed in float64 together with a bound on every element's error: through each power of Q for
 the Neumann series (a product of b terms errs by at most γ_b times the product of magnitudes), or, for the Cayley
@@ -40,7 +41,16 @@ class Rotated:
 
     def __init__(self, m: Rotation, device):
         self.m, b = m, m.size
-        self.q = skew(m.q.load().to(device=device, dtype=torch.float64).reshape(m.q.shape[0], -1), b)
+        raw = m.q.load().to(device=device, dtype=torch.float64)
+        if m.full:  # BOFT: Q = ½(D − Dᵀ), the difference rounded once in float64
+            self.stored = raw.reshape(-1, b, b)
+            self.q = (self.stored - self.stored.transpose(1, 2)) * 0.5
+            self.q_error = self.q.abs() * UNIT
+        else:
+            self.stored = None
+            self.q = skew(raw.reshape(m.q.shape[0], -1), b)
+            self.q_error = torch.zeros_like(self.q)
+        self.s = m.rows.load().to(device=device, dtype=torch.float64).reshape(-1) if m.rows is not None else None
         gamma = (b + 1) * UNIT
         self.r, err = self._neumann(gamma) if m.terms else self._cayley(gamma)
         self.magnitude = (self.r.abs() * gamma + err) * SLACK  # per unit of |W|
@@ -70,7 +80,8 @@ class Rotated:
         eye = torch.eye(self.m.size, dtype=q.dtype, device=q.device).expand_as(q)
         r = torch.linalg.solve(eye + q, eye - q, left=False)
         residual = r @ (eye + q) - (eye - q)
-        noise = gamma * (r.abs() @ (eye + q).abs() + (eye - q).abs())
+        # the residual's own roundings, and Q's (BOFT's ½(D − Dᵀ)): R̃(I + Q) − (I − Q) differs by |R̃||ΔQ| + |ΔQ|
+        noise = gamma * (r.abs() @ (eye + q).abs() + (eye - q).abs()) + r.abs() @ self.q_error + self.q_error
         row = residual.norm(dim=2) + noise.norm(dim=2)  # (n, b): no row of R̃ − R is longer
         return r, row[:, :, None].expand_as(r)
 
@@ -78,29 +89,42 @@ class Rotated:
         n = width // self.m.size
         return t.expand(n, -1, -1) if self.m.shared else t
 
-    def apply(self, v: torch.Tensor) -> None:
-        """Rows ``v`` (float64, rows × width) times Rᵀ, block by block, in place."""
-        rows, width = v.shape[0], v.shape[-1]
-        blocks = v.reshape(rows, width // self.m.size, self.m.size)
-        v.copy_(torch.einsum("nrk,rck->nrc", blocks, self._blocks(self.r, width)).reshape(v.shape))
-
-    def bound(self, w: torch.Tensor) -> torch.Tensor:
-        """Each merged element's error bound, from BASE's rows ``w`` (float64)."""
+    def _turn(self, w: torch.Tensor, r: torch.Tensor) -> torch.Tensor:
         rows, width = w.shape[0], w.shape[-1]
-        blocks = w.abs().reshape(rows, width // self.m.size, self.m.size)
-        return torch.einsum("nrk,rck->nrc", blocks, self._blocks(self.magnitude, width)).reshape(w.shape)
+        blocks = w.reshape(rows, width // self.m.size, self.m.size)
+        return torch.einsum("nrk,rck->nrc", blocks, self._blocks(r, width)).reshape(w.shape)
 
-    def exact(self, w_row: list[float], j: int) -> Fraction:
-        """The exact merged value at column ``j`` of a row whose BASE values are ``w_row``."""
+    def apply(self, v: torch.Tensor, start: int) -> None:
+        """Rows ``v`` (float64, rows × width, from row ``start``) times Rᵀ, block by block (then BOFT's row scale),
+        in place."""
+        v.copy_(self._turn(v, self.r))
+        if self.s is not None:
+            v.mul_(self.s[start:start + v.shape[0], None])
+
+    def bound(self, w: torch.Tensor, start: int) -> torch.Tensor:
+        """Each merged element's error bound, from BASE's rows ``w`` (float64) from row ``start``."""
+        bound = self._turn(w.abs(), self.magnitude)
+        if self.s is not None:  # |s|·(bound + u·|W·Rᵀ|): the scaling's own rounding
+            size = self._turn(w.abs(), self.r.abs()).mul_(SLACK).add_(bound)
+            bound.add_(size, alpha=UNIT).mul_(self.s[start:start + w.shape[0], None].abs())
+        return bound
+
+    def exact(self, w_row: list[float], j: int, row: int) -> Fraction:
+        """The exact merged value at column ``j`` of stored row ``row``, whose BASE values are ``w_row``."""
         b = self.m.size
         g, c = divmod(j, b)
         coefficients = self._row(0 if self.m.shared else g, c)
-        return sum((Fraction(w_row[g * b + k]) * coefficients[k] for k in range(b)), Fraction(0))
+        value = sum((Fraction(w_row[g * b + k]) * coefficients[k] for k in range(b)), Fraction(0))
+        return value if self.s is None else value * Fraction(float(self.s[row]))
 
     def _row(self, g: int, c: int) -> list[Fraction]:
         """Row ``c`` of block ``g``'s exact R, in fractions."""
         if (g, c) not in self._rows:
-            q = [[Fraction(float(x)) for x in row] for row in self.q[g].tolist()]
+            if self.stored is not None:  # Q = ½(D − Dᵀ) from the stored values
+                d = [[Fraction(float(x)) for x in row] for row in self.stored[g].tolist()]
+                q = [[(d[i][k] - d[k][i]) / 2 for k in range(len(d))] for i in range(len(d))]
+            else:
+                q = [[Fraction(float(x)) for x in row] for row in self.q[g].tolist()]
             self._rows[g, c] = _series_row(q, c, self.m.powers()) if self.m.terms else _cayley_row(q, c)
         return self._rows[g, c]
 
@@ -143,14 +167,14 @@ class Reflected:
         self.gamma = n * UNIT / (1 - n * UNIT)
         self._row = (None, None)
 
-    def apply(self, v: torch.Tensor) -> None:
+    def apply(self, v: torch.Tensor, start: int = 0) -> None:
         """Rows ``v`` (float64) reflected by each column of u in turn, in place."""
         for k in range(self.u.shape[1]):
             u = self.u[:, k]
             t = (v @ u) * 2 / self.uu[k]
             v.sub_(t[:, None] * u[None, :])
 
-    def bound(self, w: torch.Tensor) -> torch.Tensor:
+    def bound(self, w: torch.Tensor, start: int = 0) -> torch.Tensor:
         """Each element's error bound after ``apply`` on BASE's rows ``w`` (float64): the reflections again, each
         one's roundings carried into the next."""
         x, err, g = w.clone(), torch.zeros_like(w), self.gamma
@@ -163,7 +187,7 @@ class Reflected:
             err.add_(dt[:, None] * au[None, :]).add_((t.abs()[:, None] * au[None, :] + x.abs()) * UNIT)
         return err.mul_(SLACK)
 
-    def exact(self, w_row: list[float], j: int) -> Fraction:
+    def exact(self, w_row: list[float], j: int, row: int = 0) -> Fraction:
         if self._row[0] is not w_row:
             x = [Fraction(v) for v in w_row]
             for k in range(self.u.shape[1]):

@@ -107,7 +107,7 @@ def test_adapter_config_not_json(models, adapter, tmp_path):
 
 
 @pytest.mark.parametrize("field,value,message", [
-    ("peft_type", "BOFT", "does not merge yet"),
+    ("peft_type", "VBLORA", "does not merge yet"),
     ("peft_type", "IA3", "not a tensor IA3 stores"),
     ("use_qalora", True, "QALoRA"),
     ("alora_invocation_tokens", [1, 2], "aLoRA"),

@@ -35,6 +35,7 @@ KINDS = {
     "oft_shared": lambda: peft.OFTConfig(r=0, oft_block_size=4, target_modules=LINEAR, init_weights=False,
                                          block_share=True, num_cayley_neumann_terms=7),
     "hra": lambda: peft.HRAConfig(r=4, target_modules=LINEAR, init_weights=False),
+    "boft": lambda: peft.BOFTConfig(boft_block_size=4, target_modules=LINEAR, init_weights=False),
     "fourierft": lambda: peft.FourierFTConfig(n_frequency=24, scaling=150.0, target_modules=LINEAR,
                                               init_weights=False, random_loc_seed=5),
 }
@@ -45,9 +46,9 @@ def build_kind(base, folder, config, seed: int = 3):
     model = transformers.AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32)
     torch.manual_seed(seed)
     pm = peft.get_peft_model(model, config)
-    with torch.no_grad():  # AdaLoRA's E and MiSS's block start at zero, IA3's l at one: move them
+    with torch.no_grad():  # AdaLoRA's E and MiSS's block start at zero, IA3's l and BOFT's s at one
         for name, p in pm.named_parameters():
-            if p.requires_grad and any(k in name for k in ("lora_E", "ia3_l", "miss_block")):
+            if p.requires_grad and any(k in name for k in ("lora_E", "ia3_l", "miss_block", "boft_s")):
                 p.add_(torch.randn_like(p) * 0.3)
     pm.save_pretrained(folder)
 
@@ -146,7 +147,7 @@ def test_tied_qwen3(models, tmp_path):
 
 # per kind: significant bits of its values, and config changes that make many exact values ties
 TIES = {"loha": (3, {"alpha": 4}), "lokr_low_rank": (3, {"alpha": 2}), "adalora": (3, {}), "miss": (3, {}),
-        "oft": (1, {"num_cayley_neumann_terms": 2}), "oft_cayley": (3, {}), "hra": (2, {})}
+        "oft": (1, {"num_cayley_neumann_terms": 2}), "oft_cayley": (3, {}), "hra": (2, {}), "boft": (3, {})}
 
 
 @pytest.mark.parametrize("kind", sorted(TIES))
@@ -164,7 +165,7 @@ def test_ties_decided_exactly(kind, models, tmp_path):
     (adapter / "adapter_config.json").write_text(json.dumps(cfg | changes))
     result = merge(str(base), str(adapter), tmp_path / "out", device="cpu")
     assert_merged_as_peft(base, adapter, tmp_path / "out", 2 * len(LINEAR))
-    if kind not in ("adalora", "oft_cayley", "hra"):
+    if kind not in ("adalora", "oft_cayley", "hra", "boft"):
         assert result.stats.exact > 0
 
 
@@ -238,6 +239,22 @@ def test_forms_not_merged_yet(config, words, models, tmp_path):
     assert not (tmp_path / "out").exists()
 
 
+def test_boft_with_several_butterfly_factors_refused(models, tmp_path):
+    """peft makes one butterfly factor unless its CUDA extension builds: a file with two, as that extension makes
+    them (boft_R stacked along its first axis), is refused by name."""
+    from safetensors.torch import load_file, save_file
+
+    base = models["llama"]
+    build_kind(base, tmp_path / "adapter", peft.BOFTConfig(boft_block_size=4, target_modules=["q_proj"],
+                                                           init_weights=False))
+    weights = load_file(tmp_path / "adapter" / "adapter_model.safetensors")
+    weights = {k: torch.cat([v, v]) if k.endswith("boft_R") else v for k, v in weights.items()}
+    save_file(weights, tmp_path / "adapter" / "adapter_model.safetensors", metadata={"format": "pt"})
+    r = run_cli(str(base), str(tmp_path / "adapter"), str(tmp_path / "out"))
+    expect_error(r, "2 butterfly factors", "not merged yet")
+    assert not (tmp_path / "out").exists()
+
+
 @pytest.mark.parametrize("within", [True, False])
 def test_coft(within, models, tmp_path):
     """COFT keeps each block within eps of zero: where every saved block is, its projection changes nothing and the
@@ -281,7 +298,7 @@ def qwen2_moe(tmp_path_factory):
 MOE_TARGETS = ["q_proj", "gate_proj", "down_proj", "shared_expert_gate"]
 
 
-@pytest.mark.parametrize("kind", ["loha", "lokr", "vera", "oft", "ia3", "miss", "hra", "fourierft"])
+@pytest.mark.parametrize("kind", ["loha", "lokr", "vera", "oft", "ia3", "miss", "hra", "fourierft", "boft"])
 def test_kinds_on_a_mixture_of_experts(kind, qwen2_moe, tmp_path):
     from test_layouts import peft_merge
 

@@ -95,22 +95,27 @@ def multiplied(value, m, f, start: int, stop: int) -> tuple[int, list]:
     """``value`` (rows [start, stop) of the stored tensor, float64: BASE's) transformed in place by IA3 or OFT;
     returns the terms and the bound's products, as ``_add_deltas`` does (none for IA3: exact in float64)."""
     if isinstance(m, Rotation):
-        return m.size + len(m.powers()), [_rotated(value, m, f)]
+        return m.size + len(m.powers()) + 2, [_rotated(value, m, f, start, stop)]
     if isinstance(m, Reflection):
         return m.u.shape[0] + 2 * m.u.shape[1], [_reflected(value, m, f)]
     _scaled(value, m, f, start, stop)
     return 0, []
 
 
-def _rotated(value, m: Rotation, f):
-    """OFT: each row's blocks times Rᵀ. The Neumann series applied to W term by term (W, W·Qᵀ, W·Qᵀ², …), never
-    forming R; the Cayley map through torch's inverse. Returns Σ|W||R| at chosen elements."""
+def _rotated(value, m: Rotation, f, start: int, stop: int):
+    """OFT and BOFT: each row's blocks times Rᵀ (BOFT's rows then scaled). The Neumann series applied to W term by
+    term (W, W·Qᵀ, W·Qᵀ², …), never forming R; the Cayley map through torch's inverse. Returns Σ|W||R| at chosen
+    elements."""
     b = m.size
-    q = f.get(m.q).reshape(m.q.shape[0], -1)
-    rows, cols = torch.triu_indices(b, b, 1, device=q.device)
-    upper = torch.zeros(q.shape[0], b, b, dtype=q.dtype, device=q.device)
-    upper[:, rows, cols] = q
-    skew = upper - upper.transpose(1, 2)
+    if m.full:  # BOFT stores whole matrices D: Q = ½(D − Dᵀ)
+        d = f.get(m.q).reshape(-1, b, b)
+        skew = 0.5 * d - 0.5 * d.transpose(1, 2)
+    else:
+        q = f.get(m.q).reshape(m.q.shape[0], -1)
+        rows, cols = torch.triu_indices(b, b, 1, device=q.device)
+        upper = torch.zeros(q.shape[0], b, b, dtype=q.dtype, device=q.device)
+        upper[:, rows, cols] = q
+        skew = upper - upper.transpose(1, 2)
     n = value.shape[-1] // b
     if m.shared:
         skew = skew.expand(n, -1, -1)
@@ -127,9 +132,12 @@ def _rotated(value, m: Rotation, f):
                 total += coefficients[k] * term
                 magnitude += abs(coefficients[k]) * size
     else:
-        eye = torch.eye(b, dtype=q.dtype, device=q.device)
+        eye = torch.eye(b, dtype=skew.dtype, device=skew.device)
         r = (eye - skew) @ torch.linalg.inv(eye + skew)
         total, magnitude = turn(w, r), turn(w.abs(), r.abs())
+    if m.rows is not None:  # BOFT's scale of each output row
+        s = f.get(m.rows).reshape(-1)[start:stop].reshape(-1, 1, 1)
+        total, magnitude = total * s, magnitude * s.abs()
     value.copy_(total.reshape(value.shape))
     return magnitude.reshape(-1).__getitem__
 

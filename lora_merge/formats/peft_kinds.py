@@ -63,6 +63,7 @@ ROLES = {
     "OFT": ("oft_R",),
     "HRA": ("hra_u",),
     "FOURIERFT": ("fourierft_spectrum",),
+    "BOFT": ("boft_R", "boft_s"),
 }
 SHARED = "base_model"  # the module peft saves a kind's shared tensors under (VeRA's projections)
 
@@ -278,5 +279,20 @@ def _fourierft(module, parts, reading: _Reading) -> str | None:
     return None
 
 
+def _boft(module, parts, reading: _Reading) -> str | None:
+    """BOFT with one butterfly factor (peft's default, ``boft_n_butterfly_factor`` 1): its blocks' Cayley maps on
+    W's columns in their own order, then each row scaled by ``boft_s`` (``kinds.Rotation``)."""
+    r, s = parts.get("boft_R"), parts.get("boft_s")
+    if r is None or s is None:
+        return f"BOFT needs boft_R and boft_s; found {sorted(parts)}"
+    if len(r.shape) != 4 or r.shape[2] != r.shape[3]:
+        return f"boft_R has shape {list(r.shape)}, not [factors, blocks, b, b]"
+    if r.shape[0] != 1:
+        return (f"BOFT with {r.shape[0]} butterfly factors (each a permutation of W's columns) is not merged yet; "
+                "one factor is")
+    reading.target(f"{module}.weight", module).multiply = Rotation(r, r.shape[2], 0, full=True, rows=s)
+    return None
+
+
 READERS = {"ADALORA": _adalora, "LOHA": _loha, "LOKR": _lokr, "IA3": _ia3, "VERA": _vera, "MISS": _miss,
-           "OFT": _oft, "HRA": _hra, "FOURIERFT": _fourierft}
+           "OFT": _oft, "HRA": _hra, "FOURIERFT": _fourierft, "BOFT": _boft}
