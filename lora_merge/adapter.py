@@ -287,7 +287,7 @@ class TargetOps:
         return " + ".join(parts)
 
 
-KIND_NAMES = {"LORA": "LoRA", "ADALORA": "AdaLoRA", "LOHA": "LoHa", "LOKR": "LoKr", "IA3": "IA3", "VERA": "VeRA", "MISS": "MiSS", "OFT": "OFT", "HRA": "HRA", "FOURIERFT": "FourierFT", "BOFT": "BOFT"}
+KIND_NAMES = {"LORA": "LoRA", "ADALORA": "AdaLoRA", "LOHA": "LoHa", "LOKR": "LoKr", "IA3": "IA3", "VERA": "VeRA", "MISS": "MiSS", "OFT": "OFT", "HRA": "HRA", "FOURIERFT": "FourierFT", "BOFT": "BOFT", "ROAD": "RoAd"}
 
 
 @dataclass

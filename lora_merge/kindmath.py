@@ -17,10 +17,10 @@ from fractions import Fraction
 
 import torch
 
-from . import fouriermath, orthomath
+from . import fouriermath, orthomath, roadmath
 from .adapter import LowRank
 from .exact import to_odd
-from .kinds import ADDITIVE, MIXING, Hadamard, Kronecker, Spectrum, Tiled
+from .kinds import ADDITIVE, MIXING, Hadamard, Kronecker, Pairs, Scaling, Spectrum, Tiled
 
 UNIT = 2.0**-53
 
@@ -135,7 +135,7 @@ def needs_settling(ops) -> bool:
         return False
     if any(isinstance(d, LowRank) and d.experts for d in ops.deltas):
         return False
-    if isinstance(ops.multiply, MIXING):
+    if isinstance(ops.multiply, (*MIXING, Pairs)):
         return True
     if ops.multiply is not None:  # IA3: W ⊙ l is exact in float64, the deltas added to it are not
         return bool(ops.deltas)
@@ -158,8 +158,8 @@ def add_kind(v: torch.Tensor, d, start: int, stop: int, cache: dict) -> None:
 def multiply(v: torch.Tensor, m, start: int, stop: int, cache: dict) -> None:
     """IA3: multiply rows [start, stop) (float64) by ``l`` along its axis, in place: exact in float64. OFT and HRA:
     mix each row's columns (``orthomath``)."""
-    if isinstance(m, MIXING):
-        orthomath.transform(m, v.device, cache).apply(v, start)
+    if isinstance(m, (*MIXING, Pairs)):
+        transform(m, v.device, cache).apply(v, start)
         return
     key = ("l", id(m))
     if key not in cache:
@@ -173,17 +173,27 @@ def multiply(v: torch.Tensor, m, start: int, stop: int, cache: dict) -> None:
         v.mul_(l.reshape(1, -1))
 
 
+def transform(m, device, cache: dict):
+    """The merge's arithmetic for one OFT, BOFT, HRA or RoAd target, made once per tensor."""
+    key = ("transform", id(m))
+    if key not in cache:
+        cache[key] = roadmath.Paired(m, device) if isinstance(m, Pairs) else orthomath.transform(m, device)
+    return cache[key]
+
+
 class Base:
-    """BASE's rows as the deltas find them: as they are, scaled (IA3: exact in float64), or mixed (OFT, HRA: with
-    the bound on that computation's error); ``exact(i, j)`` the exact value, in fractions."""
+    """BASE's rows as the deltas find them: as they are, scaled (IA3: exact in float64), mixed (OFT, BOFT, HRA) or
+    turned pairwise (RoAd), those with the bound on that computation's error; ``exact(i, j)`` the exact value in
+    fractions, or for RoAd (``irrational``) ``interval(row, j, bits)``."""
 
     def __init__(self, m, w: torch.Tensor, shape, start: int, cache: dict):
         self.m, self.start = m, start
-        self.axis = m.stored_axis(w.dim()) if m is not None and not isinstance(m, MIXING) else 0
+        self.irrational = isinstance(m, Pairs)
+        self.axis = m.stored_axis(w.dim()) if isinstance(m, Scaling) else 0
         w = w.reshape(shape).to(torch.float64)
         self.w, self.error = w, None
-        if isinstance(m, MIXING):
-            self.transform = orthomath.transform(m, w.device, cache)
+        if isinstance(m, (*MIXING, Pairs)):
+            self.transform = transform(m, w.device, cache)
             value = w.clone()
             self.transform.apply(value, start)
             self.error = self.transform.bound(w, start)
@@ -196,6 +206,12 @@ class Base:
             self.magnitude = value.abs_()
         else:
             self.magnitude = w.abs()
+
+    def interval(self, row: int, j: int, bits: int):
+        """RoAd's exact value at stored row ``row``, column ``j``, as (center, radius)."""
+        i = row - self.start
+        partner = self.transform.partner_of(row) - self.start
+        return self.transform.interval(self.w[i].tolist(), self.w[partner].tolist(), row, j, bits)
 
     def exact(self, i: int, j: int) -> Fraction:
         """Row ``i`` of the block, column ``j``."""
@@ -234,10 +250,11 @@ def settle(v: torch.Tensor, w: torch.Tensor, ops, start: int, stop: int, dtype: 
     open_ = (low != high).reshape(-1).nonzero().reshape(-1).tolist()
     values = flat.reshape(-1)
     exact = [x for x in views if not hasattr(x, "interval")]
-    approximate = [x for x in views if hasattr(x, "interval")]
+    approximate = [x for x in views if hasattr(x, "interval")] + ([base] if base.irrational else [])
     for k in open_:
         i, j = divmod(k, width)
-        known = base.exact(i, j) + sum((x.exact(start + i, j) for x in exact), Fraction(0))
+        known = (Fraction(0) if base.irrational else base.exact(i, j)) \
+            + sum((x.exact(start + i, j) for x in exact), Fraction(0))
         values[k] = _decided(known, approximate, start + i, j, dtype) if approximate else to_odd(known)
     return len(open_)
 

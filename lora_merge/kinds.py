@@ -390,3 +390,54 @@ class Reflection:
 
 MIXING = (Rotation, Reflection)  # the multiplicative kinds that mix each stored row's columns
 
+
+@dataclass(frozen=True)
+class Pairs:
+    """RoAd: each group of ``group`` output rows turns its two halves into each other, as a rotation (scaled) of
+    each pair of rows i and i + group/2: ``W'[i] = fᵢ·W[i] − sᵢ·W[i + h]`` and ``W'[i + h] = f_{i+h}·W[i + h] +
+    s_{i+h}·W[i]``, with ``f = α₁ cos θ₁`` and ``s = α₂ sin θ₂`` per row, laid out from ``theta`` and ``alpha`` by
+    peft's ``variant`` (road_1: one pair of values per row pair, road_2: per row, road_4: each column its own).
+    The layer's bias turns alike. Row blocks are whole groups (``row_unit``)."""
+
+    theta: object
+    alpha: object
+    variant: str
+    group: int
+    transposed: bool | None = None
+
+    name = "road"
+
+    @property
+    def row_unit(self) -> int:
+        return self.group
+
+    def tensors(self):
+        return self.theta, self.alpha
+
+    def per_row(self, theta, alpha):
+        """(α₁, θ₁, α₂, θ₂) per output row from the loaded values, as peft's ``_prepare_cols`` lays them out."""
+        h = self.group // 2
+        if self.variant == "road_1":
+            theta = theta.reshape(-1, h).repeat_interleave(2, dim=0).flatten()
+            alpha = alpha.reshape(-1, h).repeat_interleave(2, dim=0).flatten()
+        if self.variant == "road_4":
+            theta, alpha = theta.reshape(-1, 2, self.group), alpha.reshape(-1, 2, self.group)
+            return alpha[:, 0].flatten(), theta[:, 0].flatten(), alpha[:, 1].flatten(), theta[:, 1].flatten()
+        return alpha, theta, alpha, theta
+
+    def fit(self, shape, fan_in_fan_out: bool = False):
+        per = {"road_1": 0.5, "road_2": 1, "road_4": 2}.get(self.variant)
+        rows = shape[0] if shape else 0
+        if per is None:
+            return f"RoAd's variant {self.variant!r} is not one peft defines (road_1, road_2, road_4)"
+        if len(shape) not in (1, 2) or fan_in_fan_out or rows % self.group or self.group % 2:
+            return (f"RoAd's groups of {self.group} rows on the tensor {list(shape)} are not merged (a Linear layer's "
+                    "[out, in] weight or its bias, out a multiple of an even group size)")
+        if math.prod(self.theta.shape) != rows * per or self.theta.shape != self.alpha.shape:
+            return (f"RoAd's road_theta {list(self.theta.shape)} and road_alpha {list(self.alpha.shape)} do not fit "
+                    f"{rows} rows ({self.variant})")
+        return replace(self, transposed=False)
+
+    def describe(self) -> str:
+        return f"road({self.variant}, group={self.group})"
+

@@ -198,9 +198,6 @@ class Reflected:
         return self._row[1][j]
 
 
-def transform(m, device, cache: dict):
-    """The merge's arithmetic for one OFT or HRA target, made once per tensor."""
-    key = ("mixing", id(m))
-    if key not in cache:
-        cache[key] = Rotated(m, device) if isinstance(m, Rotation) else Reflected(m, device)
-    return cache[key]
+def transform(m, device):
+    """The merge's arithmetic for one OFT, BOFT or HRA target."""
+    return Rotated(m, device) if isinstance(m, Rotation) else Reflected(m, device)

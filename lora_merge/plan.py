@@ -71,10 +71,13 @@ class Entry:
         return max(math.prod(self.shape[1:]), 1)
 
     def rows_per_block(self, block_bytes: int) -> int:
-        """How many rows make a float64 block of at most ``block_bytes`` (at least one). A tensor written in a
-        quantized format is taken in whole rows of its scale blocks where that costs at most four times as much
-        (``needs_prepass`` says when it does not)."""
+        """How many rows make a float64 block of at most ``block_bytes`` (at least one; whole groups of rows where
+        the adapter mixes rows). A tensor written in a quantized format is taken in whole rows of its scale blocks
+        where that costs at most four times as much (``needs_prepass`` says when it does not)."""
         step = max(1, block_bytes // (8 * self.width))
+        unit = getattr(self.ops.multiply, "row_unit", 1) if self.ops is not None else 1
+        if unit > 1:  # an adapter that mixes rows (RoAd's groups): whole groups in each block
+            step = max(unit, step - step % unit)
         if self.written_quantized:
             unit = self.base.row_unit
             if unit <= step:

@@ -56,3 +56,28 @@ def cos_turn(p: int, q: int, bits: int) -> tuple[Fraction, Fraction]:
     # the terms' floors (≤ 1 unit each, and x²'s), the series' tail (< its last term), and x's own error (|sin| ≤ 1)
     error = 2 * (k + 2) + 60
     return Fraction(sign * total, scale), Fraction(error, scale)
+
+
+def cos_sin(x: Fraction, bits: int) -> tuple[tuple[Fraction, Fraction], tuple[Fraction, Fraction]]:
+    """((center, radius) of cos x, (center, radius) of sin x) for a rational x (a stored angle, in radians):
+    x less the nearest multiple k of π/2 (π known to 2^-bits·8, times |k| + 1), then both Taylor series."""
+    scale = 1 << bits
+    half_pi = Fraction(_pi(bits), 2 * scale)
+    k = round(x / half_pi)
+    r = x - k * half_pi  # |r| ≤ π/4 and a little; off by |k|·4·2^-bits at most
+    shift = Fraction(4 * abs(k) + 4, scale)
+    sign = -1 if r < 0 else 1  # the series on |r|: floors of positive terms end at zero
+    big = int(abs(r) * scale)  # off by one unit more
+    r2 = big * big >> bits
+    cos_t = sin_t = 0
+    term_c, term_s, n = scale, big, 0
+    while term_c or term_s:
+        cos_t += -term_c if n % 2 else term_c
+        sin_t += -term_s if n % 2 else term_s
+        n += 1
+        term_c = term_c * r2 // (scale * (2 * n - 1) * (2 * n))
+        term_s = term_s * r2 // (scale * (2 * n) * (2 * n + 1))
+    error = Fraction(2 * (n + 2) + 8, scale) + shift  # the floors, the tails, and r's own error (|d/dr| ≤ 1)
+    c, s = Fraction(cos_t, scale), Fraction(sign * sin_t, scale)
+    c, s = [(c, s), (-s, c), (-c, -s), (s, -c)][k % 4]  # cos(r + kπ/2), sin(r + kπ/2)
+    return (c, error), (s, error)

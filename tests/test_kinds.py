@@ -36,6 +36,9 @@ KINDS = {
                                          block_share=True, num_cayley_neumann_terms=7),
     "hra": lambda: peft.HRAConfig(r=4, target_modules=LINEAR, init_weights=False),
     "boft": lambda: peft.BOFTConfig(boft_block_size=4, target_modules=LINEAR, init_weights=False),
+    "road": lambda: peft.RoadConfig(target_modules=LINEAR, init_weights=False, group_size=8),
+    "road_2": lambda: peft.RoadConfig(target_modules=LINEAR, init_weights=False, group_size=4, variant="road_2"),
+    "road_4": lambda: peft.RoadConfig(target_modules=LINEAR, init_weights=False, group_size=16, variant="road_4"),
     "fourierft": lambda: peft.FourierFTConfig(n_frequency=24, scaling=150.0, target_modules=LINEAR,
                                               init_weights=False, random_loc_seed=5),
 }
@@ -132,6 +135,34 @@ def test_ia3_scales_the_bias(models, tmp_path):
     build_kind(base, tmp_path / "adapter", peft.IA3Config(target_modules=["q_proj", "k_proj", "down_proj"],
                                                           feedforward_modules=["down_proj"], init_ia3_weights=False))
     merge(str(base), str(tmp_path / "adapter"), tmp_path / "out", device="cpu")
+    ours, before = load_tensors(tmp_path / "out"), load_tensors(base)
+    assert not torch.equal(ours["model.layers.0.self_attn.q_proj.bias"], before["model.layers.0.self_attn.q_proj.bias"])
+    assert_merged_as_peft(base, tmp_path / "adapter", tmp_path / "out", 2 * 5)
+
+
+@pytest.mark.parametrize("kind", ["oft", "oft_cayley", "boft", "hra", "road", "road_4", "fourierft", "loha", "lokr",
+                                  "vera", "miss"])
+def test_exact_step_on_many_elements(kind, models, tmp_path, monkeypatch):
+    """The float64 bounds widened a million times: many elements are left open, and every one is decided by the
+    exact step (fractions, or the cosines' intervals for FourierFT and RoAd); the result is still peft's, rounded
+    once."""
+    from lora_merge import kindmath, orthomath, roadmath
+
+    for module in (kindmath, orthomath, roadmath):
+        monkeypatch.setattr(module, "UNIT", 2.0**-33)
+    base = models["llama"]
+    build_kind(base, tmp_path / "adapter", KINDS[kind]())
+    result = merge(str(base), str(tmp_path / "adapter"), tmp_path / "out", device="cpu")
+    assert result.stats.exact > 100
+    assert_merged_as_peft(base, tmp_path / "adapter", tmp_path / "out", 2 * len(LINEAR))
+
+
+def test_road_turns_the_bias(models, tmp_path):
+    """qwen2's attention has biases: peft turns them with the weight's rows."""
+    base = models["qwen2"]
+    build_kind(base, tmp_path / "adapter", peft.RoadConfig(target_modules=["q_proj", "k_proj", "down_proj"],
+                                                           init_weights=False, group_size=4))
+    merge(str(base), str(tmp_path / "adapter"), tmp_path / "out", device="cpu", block_bytes=1024)
     ours, before = load_tensors(tmp_path / "out"), load_tensors(base)
     assert not torch.equal(ours["model.layers.0.self_attn.q_proj.bias"], before["model.layers.0.self_attn.q_proj.bias"])
     assert_merged_as_peft(base, tmp_path / "adapter", tmp_path / "out", 2 * 5)
@@ -298,12 +329,12 @@ def qwen2_moe(tmp_path_factory):
 MOE_TARGETS = ["q_proj", "gate_proj", "down_proj", "shared_expert_gate"]
 
 
-@pytest.mark.parametrize("kind", ["loha", "lokr", "vera", "oft", "ia3", "miss", "hra", "fourierft", "boft"])
+@pytest.mark.parametrize("kind", ["loha", "lokr", "vera", "oft", "ia3", "miss", "hra", "fourierft", "boft", "road"])
 def test_kinds_on_a_mixture_of_experts(kind, qwen2_moe, tmp_path):
     from test_layouts import peft_merge
 
     config = KINDS[kind]()
-    config.target_modules = set(MOE_TARGETS)
+    config.target_modules = set(MOE_TARGETS) - ({"shared_expert_gate"} if kind == "road" else set())  # 1 row
     if kind == "ia3":
         config.feedforward_modules = {"down_proj"}
     build_kind(qwen2_moe, tmp_path / "adapter", config)

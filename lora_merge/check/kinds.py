@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import torch
 
-from ..kinds import Hadamard, Kronecker, Reflection, Rotation, Scaling, Spectrum, Tiled
+from ..kinds import Hadamard, Kronecker, Pairs, Reflection, Rotation, Scaling, Spectrum, Tiled
 
 
 def _factor(f, t):
@@ -98,6 +98,8 @@ def multiplied(value, m, f, start: int, stop: int) -> tuple[int, list]:
         return m.size + len(m.powers()) + 2, [_rotated(value, m, f, start, stop)]
     if isinstance(m, Reflection):
         return m.u.shape[0] + 2 * m.u.shape[1], [_reflected(value, m, f)]
+    if isinstance(m, Pairs):
+        return 8, [_paired(value, m, f, start, stop)]
     _scaled(value, m, f, start, stop)
     return 0, []
 
@@ -156,6 +158,23 @@ def _reflected(value, m: Reflection, f):
     w = value.clone()
     value.sub_((w @ u) @ t @ u.T)
     magnitude = w.abs() + (w.abs() @ u.abs()) @ t.abs() @ u.abs().T
+    return magnitude.reshape(-1).__getitem__
+
+
+def _paired(value, m: Pairs, f, start: int, stop: int):
+    """RoAd as peft's own forward writes it, applied to the rows: value·f + rotate_half(value)·s, f and s taken from
+    one complex number α·e^{iθ} per column (never the merge's cos and sin); returns |f||W| + |s||W'| at chosen
+    elements."""
+    a1, t1, a2, t2 = m.per_row(f.get(m.theta).reshape(-1), f.get(m.alpha).reshape(-1))
+    first = torch.polar(a1.abs(), t1).real * a1.sign()
+    second = torch.polar(a2.abs(), t2).imag * a2.sign()
+    rows = value.shape[0]
+    flat = value.reshape(rows, -1)
+    halves = flat.reshape(-1, 2, m.group // 2, flat.shape[1])
+    rotated = torch.stack((-halves[:, 1], halves[:, 0]), dim=1).reshape(flat.shape)
+    fc, sc = first[start:stop, None], second[start:stop, None]
+    magnitude = flat.abs() * fc.abs() + rotated.abs() * sc.abs()
+    flat.copy_(flat * fc + rotated * sc)
     return magnitude.reshape(-1).__getitem__
 
 

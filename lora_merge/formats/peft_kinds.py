@@ -10,7 +10,7 @@ from pathlib import Path
 
 from ..adapter import KIND_NAMES, Adapter, DerivedTensor, LowRank, TargetOps
 from ..errors import PlanError, UnsupportedAdapterError
-from ..kinds import Reflection, Rotation, Scaling, Spectrum, Tiled, Vera
+from ..kinds import Pairs, Reflection, Rotation, Scaling, Spectrum, Tiled, Vera
 from . import lycoris
 from .files import config_mapping, positive_number
 
@@ -64,6 +64,7 @@ ROLES = {
     "HRA": ("hra_u",),
     "FOURIERFT": ("fourierft_spectrum",),
     "BOFT": ("boft_R", "boft_s"),
+    "ROAD": ("road_theta", "road_alpha"),
 }
 SHARED = "base_model"  # the module peft saves a kind's shared tensors under (VeRA's projections)
 
@@ -294,5 +295,23 @@ def _boft(module, parts, reading: _Reading) -> str | None:
     return None
 
 
+def _road(module, parts, reading: _Reading) -> str | None:
+    """RoAd: pairs of output rows turned into each other (``kinds.Pairs``), the layer's bias too where BASE has one
+    (peft turns it alike)."""
+    theta, alpha = parts.get("road_theta"), parts.get("road_alpha")
+    if theta is None or alpha is None:
+        return f"RoAd needs road_theta and road_alpha; found {sorted(parts)}"
+    group = reading.config.get("group_size", 64)
+    variant = reading.config.get("variant", "road_1")
+    if not isinstance(group, int) or isinstance(group, bool) or group < 2:
+        return f"group_size {group!r} is not an even number of rows"
+    m = Pairs(theta, alpha, variant, group)
+    reading.target(f"{module}.weight", module).multiply = m
+    bias = reading.target(f"{module}.bias", module)
+    bias.multiply, bias.optional = m, True
+    return None
+
+
 READERS = {"ADALORA": _adalora, "LOHA": _loha, "LOKR": _lokr, "IA3": _ia3, "VERA": _vera, "MISS": _miss,
-           "OFT": _oft, "HRA": _hra, "FOURIERFT": _fourierft, "BOFT": _boft}
+           "OFT": _oft, "HRA": _hra, "FOURIERFT": _fourierft, "BOFT": _boft,
+           "ROAD": _road}
