@@ -2,7 +2,7 @@
 
     python scripts/bench.py [--shapes 0.6b 1.7b 8b] [--ranks 16] [--factors float32 bfloat16] [--deltas small large]
                             [--runs 3] [--device cpu|cuda] [--cpus N] [--no-peft] [--baseline CHECKOUT]
-                            [--jobs N ...] [--no-unmerge] [--peers DIR]
+                            [--jobs N ...] [--no-unmerge] [--peers DIR] [--kinds KIND ...]
 
 On first run, it generates bf16 bases with real architectures and random weights (Qwen3-0.6B,
 Qwen3-1.7B and Llama-3-8B shapes; on a GPU when ``--device cuda``) and peft adapters on every linear
@@ -22,6 +22,10 @@ alternation, `--runs` times each, under `/usr/bin/time -v` (and `taskset` on the
 then lora-merge's own way back, `lora-merge unmerge OUT ADAPTER BACK` with and without `--base BASE`.
 It checks every output against lora-merge's (the unmerged ones against BASE), then prints a Markdown table
 of medians and ratios.
+
+With ``--kinds``, it measures instead lora-merge on peft's other adapter kinds (LoHa, LoKr, AdaLoRA, VeRA, MiSS,
+FourierFT, IA3, OFT, BOFT, HRA, RoAd; made with peft on the same base, ``make_model.make_kind_adapter``) beside the
+float32 LoRA adapter of the same shape, alternated, and prints each one's time against LoRA's.
 """
 
 from __future__ import annotations
@@ -39,7 +43,7 @@ import sys
 import tempfile
 from pathlib import Path
 
-from make_model import DELTAS, FACTORS, SHAPES, make_adapter, make_base
+from make_model import DELTAS, FACTORS, KIND_CONFIGS, SHAPES, make_adapter, make_base, make_kind_adapter
 
 PEFT_MERGE = """
 import sys, torch, transformers, peft
@@ -181,7 +185,12 @@ def main() -> None:
                         help="also run the lora-merge of another checkout (e.g. `git worktree add ../before HEAD~1`, "
                              "then `pip install -e ../before --no-deps` in a scratch venv, or `python setup.py "
                              "build_ext --inplace` there): before and after in one run")
+    parser.add_argument("--kinds", nargs="+", choices=sorted(KIND_CONFIGS), metavar="KIND",
+                        help=f"measure these adapter kinds against LoRA instead ({', '.join(sorted(KIND_CONFIGS))})")
     args = parser.parse_args()
+    if args.kinds:
+        kinds_table(args)
+        return
     os.environ.setdefault("AXOLOTL_DO_NOT_TRACK", "1")  # no telemetry from a benchmark
     pin = ["taskset", "-c", f"0-{args.cpus - 1}"] if args.cpus else []
     draw_on = "cuda" if args.device.startswith("cuda") else "cpu"
@@ -252,6 +261,47 @@ def main() -> None:
           f"medians of {args.runs} runs, tools alternated; lora-merge --device {args.device}")
     print("| model and adapter | tool | wall (s) | CPU (s) | peak RSS (MB) | vs cp | vs lora-merge | output vs lora-merge |")
     print("|---|---|---|---|---|---|---|---|")
+    print("\n".join(rows))
+
+
+def kinds_table(args) -> None:
+    """lora-merge on each adapter kind and on LoRA (r=16, float32 factors, small delta), alternated."""
+    pin = ["taskset", "-c", f"0-{args.cpus - 1}"] if args.cpus else []
+    rows = []
+    for shape in args.shapes:
+        folder = args.dir / f"{SHAPES[shape]['arch']}-{shape}"
+        base = folder / "base"
+        if not (base / "model.safetensors.index.json").is_file():
+            make_base(shape, base)
+        adapters = {"lora": folder / "adapter-r16-float32-small"}
+        if not (adapters["lora"] / "adapter_config.json").is_file():
+            make_adapter(shape, adapters["lora"], base, 16)
+        for kind in args.kinds:
+            adapters[kind] = folder / f"adapter-{kind}"
+            if not (adapters[kind] / "adapter_config.json").is_file():
+                print(f"making {adapters[kind]} …", file=sys.stderr)
+                make_kind_adapter(kind, adapters[kind], base)
+        work = folder / "runs"
+        shutil.rmtree(work, ignore_errors=True)
+        work.mkdir()
+        results: dict[str, list[dict]] = {k: [] for k in adapters}
+        names = list(adapters)
+        for run in range(args.runs):
+            for kind in names[run % len(names):] + names[:run % len(names)]:
+                shutil.rmtree(work / "out", ignore_errors=True)
+                cmd = pin + ["lora-merge", "-q", str(base), str(adapters[kind]), str(work / "out"), "--device", args.device]
+                results[kind].append(timed(cmd))
+                print(f"{shape} {kind} run {run + 1}: {results[kind][-1]['wall']:.2f} s", file=sys.stderr)
+        med = {k: {f: statistics.median(r[f] for r in rs) for f in ("wall", "cpu", "rss_mb")} for k, rs in results.items()}
+        for kind in names:
+            m = med[kind]
+            rows.append(f"| {SHAPES[shape]['arch'].capitalize()}-{shape} shape | {kind} | {m['wall']:.2f} | {m['cpu']:.2f} "
+                        f"| {m['rss_mb']:,.0f} | {m['wall'] / med['lora']['wall']:.2f}x |")
+        shutil.rmtree(work, ignore_errors=True)
+    cores = f"{args.cpus} of {os.cpu_count()} cores" if args.cpus else f"{os.cpu_count()} cores"
+    print(f"{platform.machine()}, {cores}; medians of {args.runs} runs, alternated; lora-merge --device {args.device}")
+    print("| model | adapter kind | wall (s) | CPU (s) | peak RSS (MB) | vs LoRA |")
+    print("|---|---|---|---|---|---|")
     print("\n".join(rows))
 
 

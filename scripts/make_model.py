@@ -127,6 +127,45 @@ def make_adapter(shape: str | dict, adapter: Path, base: Path, rank: int = 16, s
     }, indent=2))
 
 
+# peft configs of the other adapter kinds, every linear layer, for the kinds' benchmark (make_kind_adapter)
+KIND_CONFIGS = {
+    "loha": ("LoHaConfig", dict(r=8, alpha=16)),
+    "lokr": ("LoKrConfig", dict(r=8, alpha=16)),
+    "adalora": ("AdaLoraConfig", dict(init_r=16, target_r=8, total_step=10, lora_alpha=32)),
+    "vera": ("VeraConfig", dict(r=256)),
+    "miss": ("MissConfig", dict(r=64)),
+    "fourierft": ("FourierFTConfig", dict(n_frequency=1000)),
+    "ia3": ("IA3Config", dict(feedforward_modules=["down_proj"])),
+    "oft": ("OFTConfig", dict(r=0, oft_block_size=32)),
+    "boft": ("BOFTConfig", dict(boft_block_size=8)),
+    "hra": ("HRAConfig", dict(r=8)),
+    "road": ("RoadConfig", dict(group_size=64)),
+}
+
+
+def make_kind_adapter(kind: str, adapter: Path, base: Path, seed: int = 1) -> None:
+    """A peft adapter of ``kind`` on every linear layer of the model in ``base`` (loaded whole, so it needs
+    transformers and peft), its weights peft's own random init (``init_weights=False``) scaled by 0.1 where that
+    init is the identity's neighbourhood, and the values that start at zero or one moved."""
+    import peft
+    import transformers
+
+    name, kwargs = KIND_CONFIGS[kind]
+    init = {"ia3": {"init_ia3_weights": False}, "adalora": {"init_lora_weights": False}}.get(kind, {"init_weights": False})
+    config = getattr(peft, name)(target_modules=LINEAR, **kwargs, **init)
+    model = transformers.AutoModelForCausalLM.from_pretrained(base, dtype=torch.bfloat16)
+    torch.manual_seed(seed)
+    pm = peft.get_peft_model(model, config)
+    with torch.no_grad():
+        for key, p in pm.named_parameters():
+            if p.requires_grad:
+                if any(k in key for k in ("lora_E", "miss_block", "boft_s", "ia3_l")):
+                    p.add_(torch.randn_like(p) * 0.01)
+                elif kind in ("loha", "lokr", "oft", "boft", "hra"):
+                    p.mul_(0.1)
+    pm.save_pretrained(adapter)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("shape", choices=sorted(SHAPES))
