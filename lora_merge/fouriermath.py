@@ -41,9 +41,11 @@ class SpectrumRows:
         self.left_scale = scaled
         self.rows_u = u.to(device)
 
-    def value(self, start: int, stop: int, magnitude: bool = False) -> torch.Tensor:
-        if magnitude:
-            return torch.full((stop - start, self.n), self.total, dtype=torch.float64, device=self.right.device)
+    def magnitude(self, start: int, stop: int) -> torch.Tensor:
+        """K·Σ|cₖ|, at least Σ|terms| of every element (|cos| ≤ 1)."""
+        return torch.full((stop - start, 1), self.total, dtype=torch.float64, device=self.right.device)
+
+    def value(self, start: int, stop: int) -> torch.Tensor:
         alpha = _angles(self.rows_u, self.m, torch.arange(start, stop, device=self.right.device)).T  # (rows × terms)
         left = torch.cat([alpha.cos() * self.left_scale, -alpha.sin() * self.left_scale], dim=1)
         return left @ self.right

@@ -48,6 +48,16 @@ class Factor:
         inner = torch.einsum("ijkl,jc->ickl", t, b)
         return torch.einsum("ip,ickl->pckl", a[:, start:stop], inner).reshape(stop - start, -1)
 
+    def row_bound(self, start: int, stop: int) -> torch.Tensor:
+        """(rows × 1): at least Σ|terms| of every element of each of rows [start, stop): for a low-rank product
+        Σₜ |a[i, t]|·maxⱼ |b[t, j]|, one small product instead of a matmul as large as the value's."""
+        f = self.parts
+        if len(f) == 2:
+            if "right_max" not in self._whole:
+                self._whole["right_max"] = f[1].abs().amax(dim=1)
+            return (f[0][start:stop].abs() @ self._whole["right_max"]).unsqueeze(1)
+        return self.rows(start, stop, magnitude=True).amax(dim=1, keepdim=True)
+
     def whole(self, magnitude: bool = False) -> torch.Tensor:
         if magnitude not in self._whole:
             rows = self.parts[1].shape[1] if len(self.parts) == 3 else self.parts[0].shape[0]
@@ -110,6 +120,23 @@ class RowsView:
             rows = torch.arange(start, stop, device=f[0].device) % m
             return f[0][rows][:, torch.arange(width, device=f[0].device) % r] * s
         return f[0][start:stop] * s
+
+    def magnitude(self, start: int, stop: int) -> torch.Tensor:
+        """At least Σ|terms| of each element of rows [start, stop), broadcastable to the rows: per row where that
+        saves a matmul (LoHa, LoKr, LoRA's products; looser, never smaller)."""
+        d = self.d
+        s = abs(getattr(d, "scale", 1.0))
+        if isinstance(d, Hadamard):
+            return self.f[0].row_bound(start, stop) * self.f[1].row_bound(start, stop) * s
+        if isinstance(d, Kronecker):
+            w1, w2 = (x.whole(True).amax(dim=1) for x in self.f)
+            m = len(w2)
+            rows = torch.arange(start, stop, device=w1.device)
+            return (w1[rows // m] * w2[rows % m] * s).unsqueeze(1)
+        if isinstance(d, LowRank):
+            left, right = self.f
+            return (left[start:stop].abs() @ right.abs().amax(dim=1)).unsqueeze(1) * s
+        return self.value(start, stop, magnitude=True)
 
     def exact(self, i: int, j: int) -> Fraction:
         d = self.d
@@ -186,22 +213,23 @@ class Base:
     turned pairwise (RoAd), those with the bound on that computation's error; ``exact(i, j)`` the exact value in
     fractions, or for RoAd (``irrational``) ``interval(row, j, bits)``."""
 
-    def __init__(self, m, w: torch.Tensor, shape, start: int, cache: dict):
+    def __init__(self, m, w: torch.Tensor, y: torch.Tensor, start: int, cache: dict):
         self.m, self.start = m, start
         self.irrational = isinstance(m, Pairs)
         self.axis = m.stored_axis(w.dim()) if isinstance(m, Scaling) else 0
-        w = w.reshape(shape).to(torch.float64)
+        w = w.reshape(y.shape).to(torch.float64)
         self.w, self.error = w, None
+        self.from_result = False  # the magnitude from the merged rows y (and the deltas' taken twice): see settle
         if isinstance(m, (*MIXING, Pairs)):
             self.transform = transform(m, w.device, cache)
-            value = w.clone()
-            self.transform.apply(value, start)
             self.error = self.transform.bound(w, start)
-            self.magnitude = value.abs_().add_(self.error)
+            # |f̃(W)| = |y − Σ Δ̃| ≤ |y| + Σ|Δ̃|: no second pass of the transform for its magnitude
+            self.magnitude = y.abs().add_(self.error)
+            self.from_result = True
             self._rows: dict[int, list[float]] = {}
         elif m is not None:
             value = w.clone()
-            multiply(value, m, start, start + shape[0], cache)
+            multiply(value, m, start, start + y.shape[0], cache)
             self.l = cache[("l", id(m))]
             self.magnitude = value.abs_()
         else:
@@ -237,11 +265,11 @@ def settle(v: torch.Tensor, w: torch.Tensor, ops, start: int, stop: int, dtype: 
     flat = v.reshape(v.shape[0], -1)
     width = flat.shape[1]
     views = [view(d, v.device, cache) for d in ops.deltas]
-    base = Base(ops.multiply, w, flat.shape, start, cache)
+    base = Base(ops.multiply, w, flat, start, cache)
     magnitude = base.magnitude.clone()
     terms = 0
     for x in views:
-        magnitude += x.value(start, stop, magnitude=True)
+        magnitude.add_(x.magnitude(start, stop), alpha=2 if base.from_result else 1)
         terms += getattr(x.d, "rank", 1)
     bound = magnitude.mul_((terms + 6) * 2 * UNIT).add_(flat.abs(), alpha=2 * UNIT)
     if base.error is not None:

@@ -115,10 +115,10 @@ def _add_deltas(value, ops: TargetOps | None, f: Factors, start: int, stop: int,
             value.add_(t, alpha=d.scale)
             parts.append((t.abs() * abs(d.scale)).reshape(-1).__getitem__)
         else:  # another additive kind (kinds.py)
-            delta, magnitude = kind_rows(d, f, start, stop)
+            delta, at = kind_rows(d, f, start, stop)
             value.reshape(value.shape[0], -1).add_(delta)
             rank += d.rank + 1
-            parts.append(magnitude.reshape(-1).__getitem__)
+            parts.append(at)
     return rank, parts
 
 

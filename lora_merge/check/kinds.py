@@ -18,18 +18,20 @@ def _factor(f, t):
 
 
 def kind_rows(d, f, start: int, stop: int):
-    """(value, magnitude) of rows [start, stop) of the delta ``d`` on the stored tensor seen as rows × columns."""
+    """(value, at) of rows [start, stop) of the delta ``d`` on the stored tensor seen as rows × columns: ``at(flat)``
+    the sum of the magnitudes of the terms at chosen flat indices (the bound needs them only where it measures)."""
     if isinstance(d, Hadamard):
         if len(d.w1) == 3:  # the CP form (a kernel, never transposed): each half in one contraction
             (h1, m1), (h2, m2) = (_cp(f, parts, start, stop) for parts in (d.w1, d.w2))
-            return h1 * h2 * d.scale, m1 * m2 * abs(d.scale)
+            return h1 * h2 * d.scale, _everywhere(m1 * m2 * abs(d.scale))
         w1a, w1b, w2a, w2b = (_factor(f, t) for t in d.tensors())
         if d.transposed:  # stored rows are the logical columns
             w1a, w1b, w2a, w2b = w1b.T, w1a.T, w2b.T, w2a.T
         r1, r2 = w1a.shape[1], w2a.shape[1]
         left = (w1a[start:stop, :, None] * w2a[start:stop, None, :]).reshape(stop - start, r1 * r2)
         right = (w1b[:, None, :] * w2b[None, :, :]).reshape(r1 * r2, -1)
-        return (left @ right) * d.scale, (left.abs() @ right.abs()) * abs(d.scale)
+        la, ra, width, scale = left.abs(), right.abs(), right.shape[1], abs(d.scale)
+        return (left @ right) * d.scale, lambda flat: (la[flat // width] * ra[:, flat % width].T).sum(1) * scale
     if isinstance(d, Kronecker):
         w1, w2 = (_full(f, parts, False) for parts in (d.w1, d.w2))
         m1, m2 = (_full(f, parts, True) for parts in (d.w1, d.w2))
@@ -39,13 +41,18 @@ def kind_rows(d, f, start: int, stop: int):
         first, last = start // m, (stop - 1) // m + 1
         skip = start - first * m
         value = torch.kron(w1[first:last], w2)[skip:skip + stop - start] * d.scale
-        magnitude = torch.kron(m1[first:last], m2)[skip:skip + stop - start] * abs(d.scale)
-        return value, magnitude
+        n, width, scale = w2.shape[1], value.shape[1], abs(d.scale)
+
+        def at(flat):
+            i, j = flat // width + start, flat % width
+            return m1[i // m, j // n] * m2[i % m, j % n] * scale
+
+        return value, at
     if isinstance(d, Tiled):  # the block's transpose repeated over the whole tensor, then cut to its size
         t = _factor(f, d.block).T
         (m, r), (out, width) = t.shape, d.size
         value = t.repeat(out // m, -(-width // r))[start:stop, :width] * d.scale
-        return value, value.abs()
+        return value, _everywhere(value.abs())
     if isinstance(d, Spectrum):
         return _spectrum_rows(d, f, start, stop)
     raise AssertionError(f"no check for the delta {d!r}")
@@ -67,8 +74,13 @@ def _spectrum_rows(d: Spectrum, f, start: int, stop: int):
     turns = (i[:, None] * rows.to(c.device)[None, :]) % m
     phase = torch.polar(torch.ones_like(turns, dtype=torch.float64), turns.to(torch.float64) * (2 * torch.pi / m))
     value = (phase @ columns).real * (d.scale / m)
-    magnitude = torch.full_like(value, float(c.abs().sum()) * abs(d.scale) / (m * n))
-    return value, magnitude
+    total = float(c.abs().sum()) * abs(d.scale) / (m * n)
+    return value, lambda flat: torch.full(flat.shape, total, dtype=torch.float64, device=value.device)
+
+
+def _everywhere(magnitude):
+    """Σ|terms| at chosen elements, from all of them."""
+    return magnitude.reshape(-1).__getitem__
 
 
 def _cp(f, parts, start: int, stop: int):
@@ -105,8 +117,8 @@ def multiplied(value, m, f, start: int, stop: int) -> tuple[int, list]:
 
 
 def _rotated(value, m: Rotation, f, start: int, stop: int):
-    """OFT and BOFT: each row's blocks times Rᵀ (BOFT's rows then scaled). The Neumann series applied to W term by
-    term (W, W·Qᵀ, W·Qᵀ², …), never forming R; the Cayley map through torch's inverse. Returns Σ|W||R| at chosen
+    """OFT and BOFT: each row's blocks times Rᵀ (BOFT's rows then scaled). The Neumann series by Horner's rule (the
+    merge sums the powers), the Cayley map through torch's inverse (the merge solves). Returns Σ|W||R| at chosen
     elements."""
     b = m.size
     if m.full:  # BOFT stores whole matrices D: Q = ½(D − Dᵀ)
@@ -123,25 +135,33 @@ def _rotated(value, m: Rotation, f, start: int, stop: int):
         skew = skew.expand(n, -1, -1)
     w = value.reshape(value.shape[0], n, b)
     turn = lambda x, r: torch.einsum("nrk,rck->nrc", x, r)  # noqa: E731  (x · rᵀ per block)
-    if m.terms:
-        total, magnitude = torch.zeros_like(w), torch.zeros_like(w)
-        term, size = w, w.abs()
+    if m.terms:  # R by Horner's rule, c₀I + Q(c₁I + Q(c₂I + …)), and Σ|cₖ|·|Q|^k the same way
         coefficients = dict(m.powers())
-        for k in range(max(coefficients) + 1):
-            if k:
-                term, size = turn(term, skew), turn(size, skew.abs())
-            if k in coefficients:
-                total += coefficients[k] * term
-                magnitude += abs(coefficients[k]) * size
+        eye = torch.eye(b, dtype=skew.dtype, device=skew.device).expand_as(skew)
+        r, size = torch.zeros_like(skew), torch.zeros_like(skew)
+        for k in range(max(coefficients), -1, -1):
+            c = coefficients.get(k, 0.0)
+            r, size = c * eye + skew @ r, abs(c) * eye + skew.abs() @ size
+        total = turn(w, r)
     else:
         eye = torch.eye(b, dtype=skew.dtype, device=skew.device)
         r = (eye - skew) @ torch.linalg.inv(eye + skew)
-        total, magnitude = turn(w, r), turn(w.abs(), r.abs())
-    if m.rows is not None:  # BOFT's scale of each output row
-        s = f.get(m.rows).reshape(-1)[start:stop].reshape(-1, 1, 1)
-        total, magnitude = total * s, magnitude * s.abs()
+        total, size = turn(w, r), r.abs()
+    s = f.get(m.rows).reshape(-1)[start:stop] if m.rows is not None else None
+    if s is not None:  # BOFT's scale of each output row
+        total = total * s.reshape(-1, 1, 1)
+    size = size.expand(n, -1, -1) if size.shape[0] != n else size
+    w_abs, width = w.abs(), n * b
+    scale = s.abs() if s is not None else None
+
+    def at(flat):  # Σₖ |W[i, g·b + k]|·|R_g[c, k]| at chosen elements
+        i, j = flat // width, flat % width
+        g, c = j // b, j % b
+        sizes = (w_abs[i, g] * size[g, c]).sum(1)
+        return sizes * scale[i] if scale is not None else sizes
+
     value.copy_(total.reshape(value.shape))
-    return magnitude.reshape(-1).__getitem__
+    return at
 
 
 def _reflected(value, m: Reflection, f):
