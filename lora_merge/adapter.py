@@ -245,7 +245,7 @@ class TargetOps:
     module: str  # the adapter module that produced it, for messages
     replace: AdapterTensor | None = None
     deltas: list = field(default_factory=list)
-    multiply: object = None  # a kinds.Scaling (IA3)
+    multiply: object = None  # IA3, OFT, BOFT, HRA or RoAd: a transform of ``transforms.py``
     dora_magnitude: AdapterTensor | None = None
     dora_transposed: bool = False
     row_indices: list[int] | None = None

@@ -20,7 +20,8 @@ import torch
 from . import fouriermath, orthomath, roadmath
 from .adapter import LowRank
 from .exact import to_odd
-from .kinds import ADDITIVE, MIXING, Hadamard, Kronecker, Pairs, Scaling, Spectrum, Tiled
+from .kinds import ADDITIVE, Hadamard, Kronecker, Spectrum, Tiled
+from .transforms import MIXING, Pairs, Scaling
 
 UNIT = 2.0**-53
 

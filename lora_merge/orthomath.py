@@ -1,6 +1,6 @@
 """The merge's arithmetic for the kinds that mix each stored row's columns, rounded once from the exact value:
-OFT and BOFT (``kinds.Rotation``, ``W' = W · Rᵀ`` block by block, BOFT's rows then scaled) and HRA
-(``kinds.Reflection``, ``W' = W · H₀H₁⋯``).
+OFT and BOFT (``transforms.Rotation``, ``W' = W · Rᵀ`` block by block, BOFT's rows then scaled) and HRA
+(``transforms.Reflection``, ``W' = W · H₀H₁⋯``).
 
 Each block's R is computed in float64 together with a bound on every element's error: through each power of Q for
 the Neumann series (a product of b terms errs by at most γ_b times the product of magnitudes), or, for the Cayley
@@ -22,7 +22,7 @@ from fractions import Fraction
 
 import torch
 
-from .kinds import Reflection, Rotation
+from .transforms import Reflection, Rotation
 
 UNIT = 2.0**-53
 SLACK = 1.01  # covers the float64 roundings of the bound's own computation, many times over

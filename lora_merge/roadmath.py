@@ -1,4 +1,4 @@
-"""The merge's arithmetic for RoAd (``kinds.Pairs``): each pair of rows i and its partner p (i ± group/2, in the
+"""The merge's arithmetic for RoAd (``transforms.Pairs``): each pair of rows i and its partner p (i ± group/2, in the
 same group) turned into ``fᵢ·W[i] ± sᵢ·W[p]``, rounded once from the exact value.
 
 f = α₁ cos θ₁ and s = α₂ sin θ₂ are computed in float64 (torch's cos and sin within two ulps), so each merged
@@ -14,7 +14,7 @@ from fractions import Fraction
 
 import torch
 
-from .kinds import Pairs
+from .transforms import Pairs
 from .trig import cos_sin
 
 UNIT = 2.0**-53

@@ -23,7 +23,8 @@ FORMATS = sorted(p.name for p in (ROOT / "numbers").iterdir() if p.is_dir() and 
 
 # the merge: the formats' merge modules, the makers of blocks and torch's merge arithmetic
 MERGE = {m for m in MODULES if m.endswith(".merge") and m.startswith(f"{PACKAGE}.numbers.")} | {
-    f"{PACKAGE}.blocks", f"{PACKAGE}.mathops", f"{PACKAGE}.kindmath"}
+    f"{PACKAGE}.blocks", f"{PACKAGE}.mathops", f"{PACKAGE}.kindmath", f"{PACKAGE}.orthomath", f"{PACKAGE}.fouriermath",
+    f"{PACKAGE}.roadmath"}
 # the check: check/ and the formats' check modules
 CHECK = {m for m in MODULES if m.startswith(f"{PACKAGE}.check.") or m.endswith(".check")}
 

@@ -1,7 +1,10 @@
-"""The check's own values of the adapter kinds of ``kinds.py``, in float64, apart from the merge's (``kindmath.py``).
+"""The check's own values of the adapter kinds of ``kinds.py`` and ``transforms.py``, in float64, apart from the
+merge's (``kindmath.py`` and the modules it calls).
 
-LoHa's two products are taken as one product of rank r1·r2 (each term a pair of factors multiplied first); LoKr's
-rows as a slice of torch's own ``kron`` over the few rows of the first factor they come from; IA3 by broadcasting.
+LoHa's two products are taken as one product of rank r1·r2 (each term a pair of factors multiplied first), its CP
+halves each in one contraction; LoKr's rows as a slice of torch's own ``kron`` over the few rows of the first factor
+they come from; MiSS by repeating its block; FourierFT through torch's FFT; IA3 by broadcasting; OFT's series by
+Horner's rule and its Cayley map through torch's inverse; HRA in the compact WY form; RoAd through complex numbers.
 Each gives, beside the value, the sum of the magnitudes of its terms at chosen elements, which the rounding bound
 needs.
 """
@@ -10,7 +13,8 @@ from __future__ import annotations
 
 import torch
 
-from ..kinds import Hadamard, Kronecker, Pairs, Reflection, Rotation, Scaling, Spectrum, Tiled
+from ..kinds import Hadamard, Kronecker, Spectrum, Tiled
+from ..transforms import Pairs, Reflection, Rotation, Scaling
 
 
 def _factor(f, t):

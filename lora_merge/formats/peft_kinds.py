@@ -10,7 +10,8 @@ from pathlib import Path
 
 from ..adapter import KIND_NAMES, Adapter, DerivedTensor, LowRank, TargetOps
 from ..errors import PlanError, UnsupportedAdapterError
-from ..kinds import Pairs, Reflection, Rotation, Scaling, Spectrum, Tiled, Vera
+from ..kinds import Spectrum, Tiled, Vera
+from ..transforms import Pairs, Reflection, Rotation, Scaling
 from . import lycoris
 from .files import config_mapping, positive_number
 
@@ -236,7 +237,7 @@ def _miss(module, parts, reading: _Reading) -> str | None:
 
 def _oft(module, parts, reading: _Reading) -> str | None:
     """OFT in peft's block layout: ``oft_R.weight`` holds each block's skew-symmetric Q by its upper triangle
-    (``kinds.Rotation``). COFT projects a block back within ``eps`` of zero only where it has left that ball:
+    (``transforms.Rotation``). COFT projects a block back within ``eps`` of zero only where it has left that ball:
     where none has, the projection changes nothing, and otherwise it is refused."""
     import torch
 
@@ -260,7 +261,7 @@ def _oft(module, parts, reading: _Reading) -> str | None:
 
 
 def _hra(module, parts, reading: _Reading) -> str | None:
-    """HRA: W times r Householder reflections (``kinds.Reflection``), as peft merges it without Gram–Schmidt."""
+    """HRA: W times r Householder reflections (``transforms.Reflection``), as peft merges it without Gram–Schmidt."""
     if reading.config.get("apply_GS"):
         return "HRA with apply_GS (its reflections orthogonalised first) is not merged yet"
     reading.target(f"{module}.weight", module).multiply = Reflection(parts["hra_u"])
@@ -282,7 +283,7 @@ def _fourierft(module, parts, reading: _Reading) -> str | None:
 
 def _boft(module, parts, reading: _Reading) -> str | None:
     """BOFT with one butterfly factor (peft's default, ``boft_n_butterfly_factor`` 1): its blocks' Cayley maps on
-    W's columns in their own order, then each row scaled by ``boft_s`` (``kinds.Rotation``)."""
+    W's columns in their own order, then each row scaled by ``boft_s`` (``transforms.Rotation``)."""
     r, s = parts.get("boft_R"), parts.get("boft_s")
     if r is None or s is None:
         return f"BOFT needs boft_R and boft_s; found {sorted(parts)}"
@@ -296,7 +297,7 @@ def _boft(module, parts, reading: _Reading) -> str | None:
 
 
 def _road(module, parts, reading: _Reading) -> str | None:
-    """RoAd: pairs of output rows turned into each other (``kinds.Pairs``), the layer's bias too where BASE has one
+    """RoAd: pairs of output rows turned into each other (``transforms.Pairs``), the layer's bias too where BASE has one
     (peft turns it alike)."""
     theta, alpha = parts.get("road_theta"), parts.get("road_alpha")
     if theta is None or alpha is None:
