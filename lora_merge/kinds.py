@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, replace
+from functools import lru_cache
 
 
 def orient(what: str, out: int, inn: int, shape: tuple[int, ...], transposed: bool | None,
@@ -252,11 +253,8 @@ class Spectrum:
 
     def positions(self):
         """(rows, columns) of the spectrum's values, drawn exactly as peft draws them."""
-        import torch
-
         out, inn = self.size
-        n = math.prod(self.spectrum.shape)
-        drawn = torch.randperm(out * inn, generator=torch.Generator().manual_seed(self.seed))[:n]
+        drawn = _drawn(self.seed, out * inn, math.prod(self.spectrum.shape))
         return drawn // inn, drawn % inn
 
     def fit(self, shape, fan_in_fan_out: bool = False):
@@ -270,6 +268,15 @@ class Spectrum:
 
     def describe(self) -> str:
         return f"fourierft(n={math.prod(self.spectrum.shape)}, s={self.scale:g}{', T' if self.transposed else ''})"
+
+
+@lru_cache(maxsize=16)
+def _drawn(seed: int, size: int, n: int):
+    """The first n of ``torch.randperm(size)`` from a generator seeded with ``seed``: the same for every layer of one
+    shape, and for the merge's blocks and the check's, so drawn once."""
+    import torch
+
+    return torch.randperm(size, generator=torch.Generator().manual_seed(seed))[:n].clone()
 
 
 ADDITIVE = (Hadamard, Kronecker, Tiled, Spectrum)

@@ -6,14 +6,16 @@ Each block's R is computed in float64 together with a bound on every element's e
 the Neumann series (a product of b terms errs by at most γ_b times the product of magnitudes), or, for the Cayley
 map, from the residual R̃(I + Q) − (I − Q), since a skew-symmetric Q gives ‖(I + Q)⁻¹‖₂ ≤ 1 and so no row of
 R̃ − R is longer than that row of the residual. A merged element then errs by at most |W| · (γ_b|R̃| + E)ᵀ over its
-block. Where that bound holds a rounding boundary of the output dtype, the exact value is taken in fractions (the
-row of the exact R: the series applied to a unit vector, or a solve of (I − Q) x = (I + Q) e_c) and rounded to odd
-(``exact.to_odd``), so that the one rounding that follows is the exact value's.
+block, itself at most Σ|W| over the block times that matrix's largest entry (the bound taken). Where that bound
+holds a rounding boundary of the output dtype, the exact value is taken in fractions (the row of the exact R: the
+series applied to a unit vector, or a solve of (I − Q) x = (I + Q) e_c) and rounded to odd (``exact.to_odd``), so
+that the one rounding that follows is the exact value's.
 
 HRA reflects each row in turn, x ← x − t·u with t = 2(x·u)/(u·u), as peft does, and carries a bound on each
 element's error through every reflection: the error already in x, the rounding of the dot products (γₙ times the sum
 of magnitudes) and of the division, times |u|, plus the rounding of the update. Its exact value is the same
-reflections in fractions (u·u is a sum of squares of stored values: the row stays rational).
+reflections in integers over one common denominator (u·u is a sum of squares of stored values: the row stays
+rational).
 """
 
 from __future__ import annotations
@@ -54,6 +56,7 @@ class Rotated:
         gamma = (b + 1) * UNIT
         self.r, err = self._neumann(gamma) if m.terms else self._cayley(gamma)
         self.magnitude = (self.r.abs() * gamma + err) * SLACK  # per unit of |W|
+        self.largest = (self.magnitude.amax(dim=(1, 2)), self.r.abs().amax(dim=(1, 2)))  # each block's, for bound
         self._rows: dict[tuple[int, int], list[Fraction]] = {}
 
     def _neumann(self, gamma: float):
@@ -102,12 +105,17 @@ class Rotated:
             v.mul_(self.s[start:start + v.shape[0], None])
 
     def bound(self, w: torch.Tensor, start: int) -> torch.Tensor:
-        """Each merged element's error bound, from BASE's rows ``w`` (float64) from row ``start``."""
-        bound = self._turn(w.abs(), self.magnitude)
+        """Each merged element's error bound, from BASE's rows ``w`` (float64) from row ``start``: per row and block,
+        Σ|W| over the block times the block's largest error per unit (looser than Σ|W||E| by at most b, and no
+        second product as large as the transform's)."""
+        b = self.m.size
+        sums = w.abs().reshape(w.shape[0], -1, b).sum(2, keepdim=True)  # (rows × blocks × 1)
+        largest, size = (x.reshape(1, -1, 1) for x in self.largest)
+        bound = (sums * largest).expand(-1, -1, b)
         if self.s is not None:  # |s|·(bound + u·|W·Rᵀ|): the scaling's own rounding
-            size = self._turn(w.abs(), self.r.abs()).mul_(SLACK).add_(bound)
-            bound.add_(size, alpha=UNIT).mul_(self.s[start:start + w.shape[0], None].abs())
-        return bound
+            bound = bound + (sums * size * SLACK + bound) * UNIT
+            bound = bound * self.s[start:start + w.shape[0], None, None].abs()
+        return bound.reshape(w.shape).contiguous()
 
     def exact(self, w_row: list[float], j: int, row: int) -> Fraction:
         """The exact merged value at column ``j`` of stored row ``row``, whose BASE values are ``w_row``."""
@@ -166,6 +174,7 @@ class Reflected:
         n = self.u.shape[0]
         self.gamma = n * UNIT / (1 - n * UNIT)
         self._row = (None, None)
+        self._columns = None  # each column of u as integers (``_integers``), made at the first exact row
 
     def apply(self, v: torch.Tensor, start: int = 0) -> None:
         """Rows ``v`` (float64) reflected by each column of u in turn, in place."""
@@ -188,14 +197,28 @@ class Reflected:
         return err.mul_(SLACK)
 
     def exact(self, w_row: list[float], j: int, row: int = 0) -> Fraction:
+        """The exact reflected value at column ``j`` of the row whose BASE values are ``w_row``: the reflections in
+        integers over one common denominator, x ← (x·(u·u) − 2(x·u)·u) / (u·u) with u scaled to integers (the
+        scale cancels), so no fraction is reduced on the way."""
         if self._row[0] is not w_row:
-            x = [Fraction(v) for v in w_row]
-            for k in range(self.u.shape[1]):
-                u = [Fraction(float(v)) for v in self.u[:, k].tolist()]
-                t = 2 * sum((a * b for a, b in zip(x, u)), Fraction(0)) / sum((b * b for b in u), Fraction(0))
-                x = [a - t * b for a, b in zip(x, u)]
-            self._row = (w_row, x)
-        return self._row[1][j]
+            if self._columns is None:
+                self._columns = [_integers(col) for col in self.u.T.tolist()]
+            x, denominator = _integers(w_row)
+            for u, _ in self._columns:
+                uu = sum(a * a for a in u)
+                xu2 = 2 * sum(a * b for a, b in zip(x, u))
+                x = [a * uu - xu2 * b for a, b in zip(x, u)]
+                denominator *= uu
+            self._row = (w_row, (x, denominator))
+        x, denominator = self._row[1]
+        return Fraction(x[j], denominator)
+
+
+def _integers(values: list[float]) -> tuple[list[int], int]:
+    """Doubles as integers over one common power of two: (numerators, denominator)."""
+    parts = [v.as_integer_ratio() for v in values]
+    denominator = max(d for _, d in parts)
+    return [n * (denominator // d) for n, d in parts], denominator
 
 
 def transform(m, device):

@@ -141,7 +141,7 @@ def test_ia3_scales_the_bias(models, tmp_path):
 
 
 @pytest.mark.parametrize("kind", ["oft", "oft_cayley", "boft", "hra", "road", "road_4", "fourierft", "loha", "lokr",
-                                  "vera", "miss"])
+                                  "vera", "miss", "adalora"])
 def test_exact_step_on_many_elements(kind, models, tmp_path, monkeypatch):
     """The float64 bounds widened a million times: many elements are left open, and every one is decided by the
     exact step (fractions, or the cosines' intervals for FourierFT and RoAd); the result is still peft's, rounded
@@ -155,6 +155,50 @@ def test_exact_step_on_many_elements(kind, models, tmp_path, monkeypatch):
     result = merge(str(base), str(tmp_path / "adapter"), tmp_path / "out", device="cpu")
     assert result.stats.exact > 100
     assert_merged_as_peft(base, tmp_path / "adapter", tmp_path / "out", 2 * len(LINEAR))
+
+
+@pytest.mark.parametrize("kind", ["loha", "lokr", "adalora", "vera", "miss", "fourierft", "ia3", "oft", "oft_cayley",
+                                  "boft", "hra", "road"])
+def test_the_check_finds_one_wrong_element(kind, models, tmp_path):
+    """Each kind's check computes the merged value its own way: one element moved 32 steps of bfloat16 (a fifth of
+    its size or more; the check admits a merge computed in float32, several steps where W and the change nearly
+    cancel) fails the merged check, which names the tensor and the element."""
+    from test_report import rewrite
+
+    base = models["llama_bf16"]
+    build_kind(base, tmp_path / "adapter", KINDS[kind]())
+    merge(str(base), str(tmp_path / "adapter"), tmp_path / "out", device="cpu")
+    assert verify(tmp_path / "out", str(base), str(tmp_path / "adapter")).check("merged").ok
+    name = "model.layers.1.self_attn.o_proj.weight"
+
+    def corrupt(tensors):
+        t = tensors[name]
+        t[2, 3] = (t[2, 3].view(torch.int16) + 32).view(torch.bfloat16)
+
+    rewrite(tmp_path / "out", name, corrupt)
+    merged = verify(tmp_path / "out", str(base), str(tmp_path / "adapter")).check("merged")
+    assert not merged.ok
+    assert any(name in f and "first at [2, 3]" in f for f in merged.failures), merged.failures
+
+
+def test_adalora_pruned_components(models, tmp_path):
+    """AdaLoRA's budget prunes rank components by zeroing their E: the rest merge as peft merges them, and a module
+    whose every component is pruned is left alone (its factors counted as ignored)."""
+    from safetensors.torch import load_file, save_file
+
+    base = models["llama"]
+    build_kind(base, tmp_path / "adapter", KINDS["adalora"]())
+    path = tmp_path / "adapter" / "adapter_model.safetensors"
+    tensors = load_file(path)
+    for name in sorted(tensors):
+        if name.endswith("lora_E"):
+            tensors[name][::2] = 0  # half of every module's components
+        if name.endswith("lora_E") and ".layers.0.self_attn.q_proj." in name:
+            tensors[name].zero_()
+    save_file(tensors, path, metadata={"format": "pt"})
+    result = merge(str(base), str(tmp_path / "adapter"), tmp_path / "out", device="cpu", block_bytes=2048)
+    assert result.stats.merged == 2 * len(LINEAR) - 1
+    assert_merged_as_peft(base, tmp_path / "adapter", tmp_path / "out", 2 * len(LINEAR) - 1)
 
 
 def test_road_turns_the_bias(models, tmp_path):

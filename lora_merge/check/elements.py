@@ -60,6 +60,12 @@ class Factors:
             self.cache[id(t)] = t.load().to(device=self.device, dtype=torch.float64)
         return self.cache[id(t)]
 
+    def derived(self, key: tuple, make):
+        """A value made from the factors (OFT's blocks of R), made once per tensor."""
+        if key not in self.cache:
+            self.cache[key] = make()
+        return self.cache[key]
+
 
 @dataclass
 class Rows:

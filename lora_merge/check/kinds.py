@@ -63,8 +63,9 @@ def kind_rows(d, f, start: int, stop: int):
 
 
 def _spectrum_rows(d: Spectrum, f, start: int, stop: int):
-    """FourierFT through torch's FFT: each spectrum row's inverse FFT along the columns, then the rows' sum weighted
-    by e^{2πi·u·i/M} (never the cosines of the merge's sum); |terms| ≤ K·Σ|c| at every element."""
+    """FourierFT through torch's FFT: each spectrum row's inverse FFT along the columns, then the real part of the
+    rows' sum weighted by e^{2πi·u·i/M}, one weight per distinct row (the merge sums each term's cosines instead);
+    |terms| ≤ K·Σ|c| at every element."""
     u, v = d.positions()
     m, n = d.size
     c = f.get(d.spectrum).reshape(-1)
@@ -76,8 +77,8 @@ def _spectrum_rows(d: Spectrum, f, start: int, stop: int):
     columns = torch.fft.ifft(dense, dim=1)  # (1/N) Σ_v S[u, v] e^{2πi v j / N}
     i = torch.arange(start, stop, device=c.device)
     turns = (i[:, None] * rows.to(c.device)[None, :]) % m
-    phase = torch.polar(torch.ones_like(turns, dtype=torch.float64), turns.to(torch.float64) * (2 * torch.pi / m))
-    value = (phase @ columns).real * (d.scale / m)
+    angle = turns.to(torch.float64) * (2 * torch.pi / m)
+    value = (angle.cos() @ columns.real - angle.sin() @ columns.imag) * (d.scale / m)  # the real part only
     total = float(c.abs().sum()) * abs(d.scale) / (m * n)
     return value, lambda flat: torch.full(flat.shape, total, dtype=torch.float64, device=value.device)
 
@@ -121,40 +122,17 @@ def multiplied(value, m, f, start: int, stop: int) -> tuple[int, list]:
 
 
 def _rotated(value, m: Rotation, f, start: int, stop: int):
-    """OFT and BOFT: each row's blocks times Rᵀ (BOFT's rows then scaled). The Neumann series by Horner's rule (the
-    merge sums the powers), the Cayley map through torch's inverse (the merge solves). Returns Σ|W||R| at chosen
-    elements."""
+    """OFT and BOFT: each row's blocks times Rᵀ (BOFT's rows then scaled). Returns Σ|W||R| at chosen elements."""
     b = m.size
-    if m.full:  # BOFT stores whole matrices D: Q = ½(D − Dᵀ)
-        d = f.get(m.q).reshape(-1, b, b)
-        skew = 0.5 * d - 0.5 * d.transpose(1, 2)
-    else:
-        q = f.get(m.q).reshape(m.q.shape[0], -1)
-        rows, cols = torch.triu_indices(b, b, 1, device=q.device)
-        upper = torch.zeros(q.shape[0], b, b, dtype=q.dtype, device=q.device)
-        upper[:, rows, cols] = q
-        skew = upper - upper.transpose(1, 2)
     n = value.shape[-1] // b
+    r, size = f.derived(("rotation", id(m)), lambda: _rotation(m, f))
     if m.shared:
-        skew = skew.expand(n, -1, -1)
+        r, size = r.expand(n, -1, -1), size.expand(n, -1, -1)
     w = value.reshape(value.shape[0], n, b)
-    turn = lambda x, r: torch.einsum("nrk,rck->nrc", x, r)  # noqa: E731  (x · rᵀ per block)
-    if m.terms:  # R by Horner's rule, c₀I + Q(c₁I + Q(c₂I + …)), and Σ|cₖ|·|Q|^k the same way
-        coefficients = dict(m.powers())
-        eye = torch.eye(b, dtype=skew.dtype, device=skew.device).expand_as(skew)
-        r, size = torch.zeros_like(skew), torch.zeros_like(skew)
-        for k in range(max(coefficients), -1, -1):
-            c = coefficients.get(k, 0.0)
-            r, size = c * eye + skew @ r, abs(c) * eye + skew.abs() @ size
-        total = turn(w, r)
-    else:
-        eye = torch.eye(b, dtype=skew.dtype, device=skew.device)
-        r = (eye - skew) @ torch.linalg.inv(eye + skew)
-        total, size = turn(w, r), r.abs()
+    total = torch.einsum("nrk,rck->nrc", w, r)  # w · rᵀ per block
     s = f.get(m.rows).reshape(-1)[start:stop] if m.rows is not None else None
     if s is not None:  # BOFT's scale of each output row
         total = total * s.reshape(-1, 1, 1)
-    size = size.expand(n, -1, -1) if size.shape[0] != n else size
     w_abs, width = w.abs(), n * b
     scale = s.abs() if s is not None else None
 
@@ -166,6 +144,33 @@ def _rotated(value, m: Rotation, f, start: int, stop: int):
 
     value.copy_(total.reshape(value.shape))
     return at
+
+
+def _rotation(m: Rotation, f):
+    """(R, Σ|terms| of R) of every block, once per tensor: the Neumann series by Horner's rule (the merge sums the
+    powers), the Cayley map through torch's inverse (the merge solves)."""
+    b = m.size
+    if m.full:  # BOFT stores whole matrices D: Q = ½(D − Dᵀ)
+        d = f.get(m.q).reshape(-1, b, b)
+        skew = 0.5 * d - 0.5 * d.transpose(1, 2)
+    else:
+        q = f.get(m.q).reshape(m.q.shape[0], -1)
+        rows, cols = torch.triu_indices(b, b, 1, device=q.device)
+        upper = torch.zeros(q.shape[0], b, b, dtype=q.dtype, device=q.device)
+        upper[:, rows, cols] = q
+        skew = upper - upper.transpose(1, 2)
+    if not m.terms:
+        eye = torch.eye(b, dtype=skew.dtype, device=skew.device)
+        r = (eye - skew) @ torch.linalg.inv(eye + skew)
+        return r, r.abs()
+    # R by Horner's rule, c₀I + Q(c₁I + Q(c₂I + …)), and Σ|cₖ|·|Q|^k the same way
+    coefficients = dict(m.powers())
+    eye = torch.eye(b, dtype=skew.dtype, device=skew.device).expand_as(skew)
+    r, size = torch.zeros_like(skew), torch.zeros_like(skew)
+    for k in range(max(coefficients), -1, -1):
+        c = coefficients.get(k, 0.0)
+        r, size = c * eye + skew @ r, abs(c) * eye + skew.abs() @ size
+    return r, size
 
 
 def _reflected(value, m: Reflection, f):
@@ -181,8 +186,14 @@ def _reflected(value, m: Reflection, f):
         t[k, k] = tau[k]
     w = value.clone()
     value.sub_((w @ u) @ t @ u.T)
-    magnitude = w.abs() + (w.abs() @ u.abs()) @ t.abs() @ u.abs().T
-    return magnitude.reshape(-1).__getitem__
+    ua = u.abs()
+    left, width = (w.abs() @ ua) @ t.abs(), w.shape[1]  # (rows × r)
+
+    def at(flat):  # |W| + |W||U||T||U|ᵀ at chosen elements
+        i, j = flat // width, flat % width
+        return w[i, j].abs() + (left[i] * ua[j]).sum(1)
+
+    return at
 
 
 def _paired(value, m: Pairs, f, start: int, stop: int):
@@ -197,9 +208,15 @@ def _paired(value, m: Pairs, f, start: int, stop: int):
     halves = flat.reshape(-1, 2, m.group // 2, flat.shape[1])
     rotated = torch.stack((-halves[:, 1], halves[:, 0]), dim=1).reshape(flat.shape)
     fc, sc = first[start:stop, None], second[start:stop, None]
-    magnitude = flat.abs() * fc.abs() + rotated.abs() * sc.abs()
     flat.copy_(flat * fc + rotated * sc)
-    return magnitude.reshape(-1).__getitem__
+    g, h, width = m.group, m.group // 2, flat.shape[1]
+
+    def at(flat_index):  # |f||W| + |s||W's partner|; W[i] is ±rotated[partner of i]
+        i, j = flat_index // width, flat_index % width
+        partner = torch.where(i % g < h, i + h, i - h)
+        return rotated[partner, j].abs() * fc[i, 0].abs() + rotated[i, j].abs() * sc[i, 0].abs()
+
+    return at
 
 
 def _scaled(value, m: Scaling, f, start: int, stop: int) -> None:
