@@ -185,16 +185,31 @@ class Reflected:
 
     def bound(self, w: torch.Tensor, start: int = 0) -> torch.Tensor:
         """Each element's error bound after ``apply`` on BASE's rows ``w`` (float64): the reflections again, each
-        one's roundings carried into the next."""
-        x, err, g = w.clone(), torch.zeros_like(w), self.gamma
-        for k in range(self.u.shape[1]):
+        one's roundings carried into the next. The bound before reflection k is kept as
+        ``Σ_{k'<k} b_k' |u_k'| + u·ρ·k·|W|`` (one coefficient per row and earlier reflection), using
+        ``|x̃_m| ≤ ρ(|W| + Σ_{k'<m} |t̃_k'||u_k'|)``, ρ = 1 + 3ru ≥ (1 + u)^{2r}; its products with |u_k| then come
+        from |W|·|U| and |U|ᵀ|U|, and only the last is as large as W."""
+        g, r = self.gamma, self.u.shape[1]
+        if not r:
+            return torch.zeros_like(w)
+        rho = 1 + 3 * r * UNIT
+        au = self.u.abs()
+        gram, p = au.T @ au, w.abs() @ au  # (r × r), (rows × r)
+        x, ts, a = w.clone(), [], []  # |t̃_k| and dt_k + u|t̃_k| per reflection, one value per row
+        for k in range(r):
             u = self.u[:, k]
-            au = u.abs()
             t = (x @ u) * 2 / self.uu[k]
-            dt = (err @ au + (x.abs() @ au) * g) * (2 * (1 + 2 * g) / self.uu[k]) + t.abs() * (g + 3 * UNIT)
+            e_dot = p[:, k] * (UNIT * rho * k)  # (bound before reflection k)·|u_k|
+            x_dot = p[:, k].clone()  # at least |x̃_k|·|u_k|, over ρ
+            for j in range(k):
+                e_dot += (a[j] + ts[j] * (UNIT * rho * (k - j))) * gram[j, k]
+                x_dot += ts[j] * gram[j, k]
+            dt = (e_dot + x_dot * (rho * g)) * (2 * (1 + 2 * g) / self.uu[k]) + t.abs() * (g + 3 * UNIT)
             x.sub_(t[:, None] * u[None, :])
-            err.add_(dt[:, None] * au[None, :]).add_((t.abs()[:, None] * au[None, :] + x.abs()) * UNIT)
-        return err.mul_(SLACK)
+            ts.append(t.abs())
+            a.append(dt + ts[-1] * UNIT)
+        coefficients = torch.stack([a[k] + ts[k] * (UNIT * rho * (r - k)) for k in range(r)], dim=1)
+        return (coefficients @ au.T).add_(w.abs(), alpha=UNIT * rho * r).mul_(SLACK)
 
     def exact(self, w_row: list[float], j: int, row: int = 0) -> Fraction:
         """The exact reflected value at column ``j`` of the row whose BASE values are ``w_row``: the reflections in

@@ -52,11 +52,13 @@ def kind_rows(d, f, start: int, stop: int):
             return m1[i // m, j // n] * m2[i % m, j % n] * scale
 
         return value, at
-    if isinstance(d, Tiled):  # the block's transpose repeated over the whole tensor, then cut to its size
+    if isinstance(d, Tiled):  # the block's transpose repeated down the rows asked for and across, then cut
         t = _factor(f, d.block).T
-        (m, r), (out, width) = t.shape, d.size
-        value = t.repeat(out // m, -(-width // r))[start:stop, :width] * d.scale
-        return value, _everywhere(value.abs())
+        (m, r), width = t.shape, d.size[1]
+        first = start // m
+        rows = t.repeat(-(-stop // m) - first, 1)[start - first * m:stop - first * m]
+        value = rows.repeat(1, -(-width // r))[:, :width] * d.scale
+        return value, lambda flat: value.reshape(-1)[flat].abs()
     if isinstance(d, Spectrum):
         return _spectrum_rows(d, f, start, stop)
     raise AssertionError(f"no check for the delta {d!r}")
