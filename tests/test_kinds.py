@@ -201,6 +201,23 @@ def test_adalora_pruned_components(models, tmp_path):
     assert_merged_as_peft(base, tmp_path / "adapter", tmp_path / "out", 2 * len(LINEAR) - 1)
 
 
+def test_adalora_stored_in_float64(models, tmp_path):
+    """A float64 AdaLoRA: A·E would round, so each component is its own rank-one product with E in its scale; the
+    merge passes its own check and is within an ulp of peft's."""
+    from safetensors.torch import load_file, save_file
+
+    base = models["llama"]
+    build_kind(base, tmp_path / "adapter", KINDS["adalora"]())
+    path = tmp_path / "adapter" / "adapter_model.safetensors"
+    save_file({k: v.double() for k, v in load_file(path).items()}, path, metadata={"format": "pt"})
+    result = merge(str(base), str(tmp_path / "adapter"), tmp_path / "out", device="cpu")
+    assert result.stats.merged == 2 * len(LINEAR) and result.report.ok
+    ours, ref = load_tensors(tmp_path / "out"), reference(base, tmp_path / "adapter")
+    for name, got in ours.items():
+        unit = ulps_unit(ref[name].abs())
+        assert float(((got.double() - ref[name]).abs() / unit).max()) <= 1, name
+
+
 def test_road_turns_the_bias(models, tmp_path):
     """qwen2's attention has biases: peft turns them with the weight's rows."""
     base = models["qwen2"]

@@ -136,7 +136,8 @@ def _lycoris_scale(config: dict, module: str) -> float:
 
 def _adalora(module, parts, reading: _Reading) -> str | None:
     """AdaLoRA: ΔW = B·(A ⊙ E)·α / (ranknum + 1e-5), ranknum peft's init_r: one LowRank of the kept rank components
-    (E ≠ 0), A's rows times E in float64 (exact: each a product of two values of at most 24 bits)."""
+    (E ≠ 0), A's rows times E in float64 (exact: each a product of two values of at most 24 bits; stored in float64,
+    one rank-one product per component instead)."""
     import torch
 
     a, b, e = parts.get("lora_A"), parts.get("lora_B"), parts.get("lora_E")
@@ -145,8 +146,6 @@ def _adalora(module, parts, reading: _Reading) -> str | None:
     r = a.shape[0]
     if tuple(b.shape[1:]) != (r,) or math.prod(e.shape) != r:
         return f"lora_A{list(a.shape)}, lora_B{list(b.shape)} and lora_E{list(e.shape)} do not compose"
-    if any(t.dtype == "F64" for t in (a, e)):
-        return "AdaLoRA stored in float64 is not merged yet (its scaled factors would not be exact)"
     alpha = reading.config.get("lora_alpha", 8)
     init_r = reading.config.get("init_r", 12)
     scaling = alpha if alpha > 0 else float(init_r)
@@ -158,6 +157,13 @@ def _adalora(module, parts, reading: _Reading) -> str | None:
         for t in (a, b):
             reading.ignored[t.name] = "every rank component pruned by AdaLoRA's budget (lora_E is zero)"
         return None
+    op = reading.target(f"{module}.weight", module)
+    if any(t.dtype == "F64" for t in (a, e)):  # A·E would round: each component a rank-one product, E in its scale
+        for k in kept.tolist():
+            row = DerivedTensor(a, (1, *a.shape[1:]), lambda x, k=k: x[k:k + 1])
+            col = DerivedTensor(b, (b.shape[0], 1), lambda x, k=k: x[:, k:k + 1])
+            op.deltas.append(LowRank(row, col, common * float(values[k]), kind="adalora"))
+        return None
     scales = values[kept]
 
     def scaled(x):
@@ -165,7 +171,7 @@ def _adalora(module, parts, reading: _Reading) -> str | None:
 
     row = DerivedTensor(a, (len(kept), *a.shape[1:]), scaled)
     col = DerivedTensor(b, (b.shape[0], len(kept)), lambda x: x[:, kept.to(x.device)])
-    reading.target(f"{module}.weight", module).deltas.append(LowRank(row, col, common, kind="adalora"))
+    op.deltas.append(LowRank(row, col, common, kind="adalora"))
     return None
 
 
