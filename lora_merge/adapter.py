@@ -347,7 +347,8 @@ def combine(adapters: list[Adapter]) -> Adapter:
     What cannot be summed is refused: a tensor that two adapters replace (or one replaces and another
     changes), and DoRA, whose rescaling depends on the whole sum. A kind that multiplies W (IA3, OFT, HRA) applies
     first, so it must come before every adapter that changes the same tensor, at weight 1, and alone of its sort:
-    the result is f(W) plus the other adapters' deltas, the order the adapters were given in.
+    the result is f(W) plus the other adapters' deltas, the order the adapters were given in. IA3 alone at weight
+    -1 (unmerge) divides by l instead.
     """
     from .errors import PlanError
 
@@ -363,7 +364,11 @@ def combine(adapters: list[Adapter]) -> Adapter:
             if op.dora_magnitude is not None and (len(adapters) > 1 or adapter.weight != 1.0):
                 problems.append(f"{name}: {label} is DoRA, whose rescaling cannot be weighted or undone from "
                                 "the adapter alone")
-            if op.multiply is not None and (adapter.weight != 1.0 or name in targets):
+            undo = op.multiply is not None and op.multiply.name == "ia3" and adapter.weight == -1.0
+            if undo and len(adapters) > 1:
+                problems.append(f"{name}: {label} is IA3 at weight -1 (divided back out) beside other adapters; "
+                                "take it out alone, in a run of its own")
+            elif op.multiply is not None and not undo and (adapter.weight != 1.0 or name in targets):
                 why = f"weighted {adapter.weight:g}" if adapter.weight != 1.0 else \
                     f"after {', '.join(owners[name][:-1])}, which change it first"
                 problems.append(f"{name}: {label} multiplies the tensor ({op.multiply.name}) {why}; a multiplying "
@@ -374,7 +379,8 @@ def combine(adapters: list[Adapter]) -> Adapter:
             merged = targets.get(name)
             if merged is None:
                 merged = targets[name] = TargetOps(
-                    name=name, module=op.module, replace=op.replace, multiply=op.multiply,
+                    name=name, module=op.module, replace=op.replace,
+                    multiply=replace(op.multiply, inverse=True) if undo else op.multiply,
                     dora_magnitude=op.dora_magnitude,
                     dora_transposed=op.dora_transposed, row_indices=op.row_indices, rows=op.rows,
                     embedding=op.embedding, fan_in_fan_out=op.fan_in_fan_out, may_resize=op.may_resize)

@@ -165,8 +165,8 @@ def needs_settling(ops) -> bool:
         return False
     if isinstance(ops.multiply, (*MIXING, Pairs)):
         return True
-    if ops.multiply is not None:  # IA3: W ⊙ l is exact in float64, the deltas added to it are not
-        return bool(ops.deltas)
+    if ops.multiply is not None:  # IA3: W ⊙ l is exact in float64, the deltas added to it are not; W ⊘ l is not
+        return bool(ops.deltas) or ops.multiply.inverse
     return any(isinstance(d, ADDITIVE) or isinstance(d, LowRank) and d.kind != "lora" for d in ops.deltas)
 
 
@@ -194,11 +194,15 @@ def multiply(v: torch.Tensor, m, start: int, stop: int, cache: dict) -> None:
         cache[key] = m.l.load().to(device=v.device, dtype=torch.float64).reshape(-1)
     l = cache[key]  # noqa: E741
     if v.dim() == 1:
-        v.mul_(l[start:stop])
+        factor = l[start:stop]
     elif m.stored_axis(v.dim()) == 0:
-        v.mul_(l[start:stop].reshape(-1, *([1] * (v.dim() - 1))))
+        factor = l[start:stop].reshape(-1, *([1] * (v.dim() - 1)))
     else:
-        v.mul_(l.reshape(1, -1))
+        factor = l.reshape(1, -1)
+    if m.inverse:  # W ⊘ l (unmerge): rounded once in float64
+        v.div_(factor)
+    else:
+        v.mul_(factor)
 
 
 def transform(m, device, cache: dict):
@@ -233,6 +237,8 @@ class Base:
             multiply(value, m, start, start + y.shape[0], cache)
             self.l = cache[("l", id(m))]
             self.magnitude = value.abs_()
+            if m.inverse:  # W ⊘ l: the division's one rounding in float64
+                self.error = self.magnitude * UNIT
         else:
             self.magnitude = w.abs()
 
@@ -252,7 +258,8 @@ class Base:
         value = _q(self.w[i, j])
         if m is None:
             return value
-        return value * _q(self.l[self.start + i if self.axis == 0 else j])
+        factor = _q(self.l[self.start + i if self.axis == 0 else j])
+        return value / factor if m.inverse else value * factor
 
 
 def settle(v: torch.Tensor, w: torch.Tensor, ops, start: int, stop: int, dtype: torch.dtype, cache: dict) -> int:

@@ -137,6 +137,8 @@ class Plan:
     def formula(self) -> str:
         """What each changed element is, in words for the report."""
         kinds = {m.kind for m in self.adapter.members}
+        if any(getattr(op.multiply, "inverse", False) for op in self.adapter.targets.values()):  # IA3, alone
+            return "W ⊘ l"
         if "IA3" in kinds:
             return "W ⊙ l" if kinds == {"IA3"} else "W ⊙ l or W + ΔW"
         delta = "s·B·A" if kinds <= {"LoRA", "AdaLoRA"} else "ΔW"

@@ -16,11 +16,12 @@ from dataclasses import dataclass, replace
 @dataclass(frozen=True)
 class Scaling:
     """IA3: W' = W ⊙ l, ``l`` one factor per logical row (``columns`` False) or per logical column (True); on a
-    bias (1-D), one per element."""
+    bias (1-D), one per element. ``inverse``: W' = W ⊘ l, how unmerge takes IA3 back out."""
 
     l: object  # noqa: E741 (peft's name)
     columns: bool
     transposed: bool | None = None
+    inverse: bool = False
 
     name = "ia3"
 
@@ -49,7 +50,8 @@ class Scaling:
         return 1 if self.columns != bool(self.transposed) else 0
 
     def describe(self) -> str:
-        return f"ia3({'columns' if self.columns else 'rows'}{', T' if self.transposed else ''})"
+        undone = ", divided" if self.inverse else ""
+        return f"ia3({'columns' if self.columns else 'rows'}{', T' if self.transposed else ''}{undone})"
 
 
 @dataclass(frozen=True)

@@ -44,16 +44,23 @@ BLOCK_ELEMENTS = 1 << 18
 
 
 def refuse_irreversible(adapter) -> None:
-    """DoRA, whole-tensor (or row) replacements and the kinds that multiply W cannot be taken back out from the
-    adapter alone (or not exactly yet)."""
-    multiplied = sorted(op.module for op in adapter.targets.values() if op.multiply is not None)
-    if multiplied:
-        kind = adapter.targets[next(n for n, op in adapter.targets.items() if op.multiply is not None)].multiply.name
+    """DoRA, whole-tensor (or row) replacements and the kinds that transform W (but IA3, divided back out where
+    no factor is zero) cannot be taken back out from the adapter alone (or not exactly yet)."""
+    transformed = sorted(op.module for op in adapter.targets.values()
+                         if op.multiply is not None and op.multiply.name != "ia3")
+    if transformed:
+        kind = next(op.multiply.name for op in adapter.targets.values() if op.module == transformed[0])
         raise UnsupportedAdapterError(
-            f"ADAPTER is {adapter.kind} ({len(multiplied)} modules, e.g. {multiplied[0]}): the merge multiplied W "
-            f"({kind}), and unmerge subtracts an adapter's delta; dividing it back out is not done yet",
+            f"ADAPTER is {adapter.kind} ({len(transformed)} modules, e.g. {transformed[0]}): the merge transformed W "
+            f"({kind}), and inverting that transform is not done yet",
             "keep the base model; unmerge takes back the kinds that add to W (LoRA, AdaLoRA, LoHa, LoKr, VeRA, "
-            "MiSS, FourierFT)")
+            "MiSS, FourierFT) and IA3")
+    zero = sorted(op.name for op in adapter.targets.values()
+                  if op.multiply is not None and bool((op.multiply.l.load() == 0).any()))
+    if zero:
+        raise UnsupportedAdapterError(
+            f"ADAPTER is IA3 with a factor of zero in {len(zero)} tensor(s), e.g. {zero[0]}: the merge zeroed those "
+            "rows or columns, and nothing in the merged model tells what they were", "keep the base model")
     dora = sorted(op.module for op in adapter.targets.values() if op.dora_magnitude is not None)
     if dora:
         raise UnsupportedAdapterError(
@@ -166,6 +173,7 @@ def _torch_trip(entry, got: TensorInfo, orig: TensorInfo | None, device) -> Reco
     import torch
 
     from .check.elements import Factors, expected_rows, ulp
+    from .kindmath import multiply
     from .mathops import round_to
 
     dev = device.torch
@@ -173,7 +181,13 @@ def _torch_trip(entry, got: TensorInfo, orig: TensorInfo | None, device) -> Reco
     def bits(t):
         return t.view({2: torch.int16, 4: torch.int32, 8: torch.int64}[t.element_size()])
 
+    scaling = entry.ops.multiply if entry.ops is not None else None
+    if not getattr(scaling, "inverse", False):
+        scaling = None  # else IA3 divided back out: a value merges by v ⊙ l, d holding l along its axis
+
     def merges_to(v, d, m):
+        if scaling is not None:  # v ⊙ l is exact in float64
+            return bits(round_to(v.to(torch.float64) * d, m.dtype)) == bits(m)
         return bits(round_to(v.to(torch.float64) + d, m.dtype)) == bits(m)
 
     merged, out = FileTensor(entry.base), FileTensor(got)
@@ -185,7 +199,11 @@ def _torch_trip(entry, got: TensorInfo, orig: TensorInfo | None, device) -> Reco
     for start in range(0, rows, step):
         stop = min(rows, start + step)
         m = merged.rows(start, stop).to(dev)
-        d = m.to(torch.float64) - expected_rows(entry, f, start, stop).value  # the adapter's delta, back
+        if scaling is not None:  # the factors l, along their axis
+            d = torch.ones(m.shape, dtype=torch.float64, device=dev)
+            multiply(d, replace(scaling, inverse=False), start, stop, {})
+        else:
+            d = m.to(torch.float64) - expected_rows(entry, f, start, stop).value  # the adapter's delta, back
         u = out.rows(start, stop).to(dev)
         up = torch.nextafter(u, torch.full_like(u, math.inf))
         down = torch.nextafter(u, torch.full_like(u, -math.inf))

@@ -445,11 +445,58 @@ def test_a_multiplying_kind_after_another_refused(models, tmp_path):
     assert not (tmp_path / "out").exists()
 
 
-@pytest.mark.parametrize("kind", ["ia3", "oft"])
-def test_unmerge_refuses_a_multiplying_kind(kind, models, tmp_path):
+@pytest.mark.parametrize("kind", ["oft", "boft", "hra", "road"])
+def test_unmerge_refuses_a_transforming_kind(kind, models, tmp_path):
     base = models["llama"]
     build_kind(base, tmp_path / "adapter", KINDS[kind]())
     merge(str(base), str(tmp_path / "adapter"), tmp_path / "out", device="cpu")
     r = run_cli("unmerge", str(tmp_path / "out"), str(tmp_path / "adapter"), str(tmp_path / "back"))
-    expect_error(r, "multiplied W", "not done yet", "keep the base model")
+    expect_error(r, "transformed W", "not done yet", "keep the base model")
+    assert not (tmp_path / "back").exists()
+
+
+@pytest.mark.parametrize("base_name", ["llama", "llama_bf16"])
+def test_unmerge_divides_ia3_back_out(base_name, models, tmp_path):
+    """IA3 is taken back out by dividing by l, rounded once from the exact quotient: within an ulp of the original
+    (one rounding each way), the report's check and round trip pass, and some elements are certainly the
+    original."""
+    base = models[base_name]
+    build_kind(base, tmp_path / "adapter", KINDS["ia3"]())
+    merge(str(base), str(tmp_path / "adapter"), tmp_path / "out", device="cpu")
+    result = unmerge(str(tmp_path / "out"), str(tmp_path / "adapter"), tmp_path / "back", original=str(base))
+    assert result.report.ok, result.report.failed_checks
+    back, before, merged = load_tensors(tmp_path / "back"), load_tensors(base), load_tensors(tmp_path / "out")
+    changed = 0
+    for name in before:
+        unit = ulps_unit(torch.maximum(before[name].abs(), merged[name].abs()))
+        if before[name].dtype == torch.bfloat16:
+            unit = unit * 2.0**16
+        assert float(((back[name].double() - before[name].double()).abs() / unit).max()) <= 1, name
+        changed += not torch.equal(merged[name], before[name])
+        if not torch.equal(merged[name], before[name]):  # the quotient, rounded once
+            factor = next(v for k, v in load_tensors(tmp_path / "adapter").items()
+                          if k.startswith("base_model.model." + name.rsplit(".", 1)[0] + "."))
+            want = merged[name].double() / (factor.double().reshape(-1, 1) if factor.numel() == merged[name].shape[0]
+                                             else factor.double().reshape(1, -1))
+            assert torch.equal(back[name].view(torch.uint8), rounded_once(want, back[name].dtype).view(torch.uint8))
+    assert changed == 2 * len(LINEAR)
+    data = json.loads((tmp_path / "back" / "merge_report.json").read_text())
+    assert data["checks"]["round trip"]["ok"]
+    assert "certainly the original" in data["checks"]["round trip"]["summary"]
+    assert "W ⊘ l correctly rounded" in data["checks"]["merged"]["summary"]
+
+
+def test_unmerge_refuses_ia3_with_a_zero_factor(models, tmp_path):
+    from safetensors.torch import load_file, save_file
+
+    base = models["llama"]
+    build_kind(base, tmp_path / "adapter", KINDS["ia3"]())
+    path = tmp_path / "adapter" / "adapter_model.safetensors"
+    tensors = load_file(path)
+    name = sorted(tensors)[0]
+    tensors[name].view(-1)[1] = 0
+    save_file(tensors, path, metadata={"format": "pt"})
+    merge(str(base), str(tmp_path / "adapter"), tmp_path / "out", device="cpu")
+    r = run_cli("unmerge", str(tmp_path / "out"), str(tmp_path / "adapter"), str(tmp_path / "back"))
+    expect_error(r, "factor of zero", "keep the base model")
     assert not (tmp_path / "back").exists()

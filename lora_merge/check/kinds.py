@@ -112,7 +112,8 @@ def _full(f, parts, magnitude: bool):
 
 def multiplied(value, m, f, start: int, stop: int) -> tuple[int, list]:
     """``value`` (rows [start, stop) of the stored tensor, float64: BASE's) transformed in place by IA3 or OFT;
-    returns the terms and the bound's products, as ``_add_deltas`` does (none for IA3: exact in float64)."""
+    returns the terms and the bound's products, as ``_add_deltas`` does (none for IA3's product: exact in
+    float64)."""
     if isinstance(m, Rotation):
         return m.size + len(m.powers()) + 2, [_rotated(value, m, f, start, stop)]
     if isinstance(m, Reflection):
@@ -120,6 +121,8 @@ def multiplied(value, m, f, start: int, stop: int) -> tuple[int, list]:
     if isinstance(m, Pairs):
         return 8, [_paired(value, m, f, start, stop)]
     _scaled(value, m, f, start, stop)
+    if m.inverse:  # W ⊘ l rounds once in float64: |W ⊘ l| in the bound covers it
+        return 1, [_everywhere(value.abs())]
     return 0, []
 
 
@@ -222,12 +225,17 @@ def _paired(value, m: Pairs, f, start: int, stop: int):
 
 
 def _scaled(value, m: Scaling, f, start: int, stop: int) -> None:
-    """IA3: ``value`` (rows [start, stop) of the stored tensor, float64) times its factors, in place."""
+    """IA3: ``value`` (rows [start, stop) of the stored tensor, float64) times its factors (divided by them where
+    IA3 is taken back out), in place."""
     l = f.get(m.l).reshape(-1)  # noqa: E741
     if value.dim() == 1:
-        value.mul_(l[start:stop])
-        return
-    shape = [1] * value.dim()
-    axis = m.stored_axis(value.dim())
-    shape[axis] = -1
-    value.mul_(l[start:stop].reshape(shape) if axis == 0 else l.reshape(shape))
+        factor = l[start:stop]
+    else:
+        shape = [1] * value.dim()
+        axis = m.stored_axis(value.dim())
+        shape[axis] = -1
+        factor = l[start:stop].reshape(shape) if axis == 0 else l.reshape(shape)
+    if m.inverse:
+        value.div_(factor)
+    else:
+        value.mul_(factor)
