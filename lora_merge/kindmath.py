@@ -189,20 +189,25 @@ def multiply(v: torch.Tensor, m, start: int, stop: int, cache: dict) -> None:
     if isinstance(m, (*MIXING, Pairs)):
         transform(m, v.device, cache).apply(v, start)
         return
-    key = ("l", id(m))
-    if key not in cache:
-        cache[key] = m.l.load().to(device=v.device, dtype=torch.float64).reshape(-1)
-    l = cache[key]  # noqa: E741
-    if v.dim() == 1:
-        factor = l[start:stop]
-    elif m.stored_axis(v.dim()) == 0:
-        factor = l[start:stop].reshape(-1, *([1] * (v.dim() - 1)))
-    else:
-        factor = l.reshape(1, -1)
+    factor = factors_along(m, v.dim(), start, stop, v.device, cache)
     if m.inverse:  # W ⊘ l (unmerge): rounded once in float64
         v.div_(factor)
     else:
         v.mul_(factor)
+
+
+def factors_along(m: Scaling, ndim: int, start: int, stop: int, device, cache: dict) -> torch.Tensor:
+    """IA3's ``l`` (float64) for rows [start, stop) of a stored tensor of ``ndim`` dimensions, shaped to broadcast
+    along the axis it runs along; loaded once per ``cache``."""
+    key = ("l", id(m))
+    if key not in cache:
+        cache[key] = m.l.load().to(device=device, dtype=torch.float64).reshape(-1)
+    l = cache[key]  # noqa: E741
+    if ndim == 1:
+        return l[start:stop]
+    if m.stored_axis(ndim) == 0:
+        return l[start:stop].reshape(-1, *([1] * (ndim - 1)))
+    return l.reshape(1, -1)
 
 
 def transform(m, device, cache: dict):

@@ -72,20 +72,18 @@ def _shapes(*factors) -> list:
 
 
 @dataclass(frozen=True)
-class Hadamard:
-    """LoHa: ``ΔW = scale · F1 ⊙ F2``, each factor a low-rank product (hada_wN_a @ hada_wN_b) or, for a
-    convolution, its CP form (hada_tN with hada_wN_a, hada_wN_b)."""
+class _TwoFactors:
+    """What LoHa and LoKr share: two factors, each a tuple of tensors (``factor_shape``), an element's roundings
+    (the products in each factor's element, summed), and how the delta fits a stored tensor: a factor that only a
+    convolution kernel holds (``kernel_only``) is never transposed."""
 
     w1: tuple
     w2: tuple
     scale: float
     transposed: bool | None = None
 
-    name = "loha"
-
-    @property
-    def logical(self) -> tuple[int, int]:
-        return factor_shape(self.w1)
+    label = ""  # the kind, as messages name it
+    kernel_message = ""  # why a transposed fit is refused where ``kernel_only``
 
     @property
     def rank(self) -> int:
@@ -93,6 +91,29 @@ class Hadamard:
 
     def tensors(self):
         return (*self.w1, *self.w2)
+
+    def fit(self, shape, fan_in_fan_out: bool = False):
+        found = self.problem() or orient(self.label, *self.logical, shape, self.transposed, fan_in_fan_out)
+        if found is True and self.kernel_only():
+            return self.kernel_message
+        return found if isinstance(found, str) else replace(self, transposed=found)
+
+
+@dataclass(frozen=True)
+class Hadamard(_TwoFactors):
+    """LoHa: ``ΔW = scale · F1 ⊙ F2``, each factor a low-rank product (hada_wN_a @ hada_wN_b) or, for a
+    convolution, its CP form (hada_tN with hada_wN_a, hada_wN_b)."""
+
+    name = "loha"
+    label = "LoHa"
+    kernel_message = "LoHa's CP form fits a convolution kernel, not a transposed matrix"
+
+    @property
+    def logical(self) -> tuple[int, int]:
+        return factor_shape(self.w1)
+
+    def kernel_only(self) -> bool:
+        return 3 in (len(self.w1), len(self.w2))
 
     def problem(self) -> str | None:
         found = factor_problem(self.w1) or factor_problem(self.w2)
@@ -100,54 +121,34 @@ class Hadamard:
             return (f"LoHa factors {_shapes(self.w1, self.w2)} do not compose ({found or 'two products of one shape'})")
         return None
 
-    def fit(self, shape, fan_in_fan_out: bool = False):
-        found = self.problem() or orient("LoHa", *self.logical, shape, self.transposed, fan_in_fan_out)
-        if found is True and 3 in (len(self.w1), len(self.w2)):
-            return "LoHa's CP form fits a convolution kernel, not a transposed matrix"
-        return found if isinstance(found, str) else replace(self, transposed=found)
-
     def describe(self) -> str:
         cp = ", cp" if len(self.w1) == 3 else ""
         return f"loha(r={self.w1[0].shape[len(self.w1) % 2]}{cp}, s={self.scale:g}{', T' if self.transposed else ''})"
 
 
 @dataclass(frozen=True)
-class Kronecker:
+class Kronecker(_TwoFactors):
     """LoKr: ``ΔW = scale · kron(w1, w2)``; w1 a full matrix or a low-rank product; w2 a full matrix or kernel, a
     low-rank product, or a convolution's CP form. A kernel's (k, l) run fastest in each of W's input columns, so
     the Kronecker product of the flattened factors is the flattened kernel."""
 
-    w1: tuple
-    w2: tuple
-    scale: float
-    transposed: bool | None = None
-
     name = "lokr"
+    label = "LoKr"
+    kernel_message = "LoKr's convolution factor fits a kernel, not a transposed matrix"
 
     @property
     def logical(self) -> tuple[int, int]:
         (p, q), (m, n) = factor_shape(self.w1), factor_shape(self.w2)
         return p * m, q * n
 
-    @property
-    def rank(self) -> int:
-        """The roundings in one element's computation: the products in each factor's element, summed."""
-        return factor_terms(self.w1) + factor_terms(self.w2)
-
-    def tensors(self):
-        return (*self.w1, *self.w2)
+    def kernel_only(self) -> bool:
+        return len(self.w2) == 3 or len(self.w2[-1].shape) != 2
 
     def problem(self) -> str | None:
         found = factor_problem(self.w1) or factor_problem(self.w2)
         if found or len(self.w1) == 3 or len(self.w1[-1].shape) != 2:
             return f"LoKr factors {_shapes(self.w1, self.w2)} do not compose ({found or 'w1 is a matrix'})"
         return None
-
-    def fit(self, shape, fan_in_fan_out: bool = False):
-        found = self.problem() or orient("LoKr", *self.logical, shape, self.transposed, fan_in_fan_out)
-        if found is True and (len(self.w2) == 3 or len(self.w2[-1].shape) != 2):
-            return "LoKr's convolution factor fits a kernel, not a transposed matrix"
-        return found if isinstance(found, str) else replace(self, transposed=found)
 
     def describe(self) -> str:
         forms = "".join({1: "f", 2: "r", 3: "c"}[len(p)] for p in (self.w1, self.w2))

@@ -173,7 +173,7 @@ def _torch_trip(entry, got: TensorInfo, orig: TensorInfo | None, device) -> Reco
     import torch
 
     from .check.elements import Factors, expected_rows, ulp
-    from .kindmath import multiply
+    from .kindmath import factors_along
     from .mathops import round_to
 
     dev = device.torch
@@ -184,6 +184,7 @@ def _torch_trip(entry, got: TensorInfo, orig: TensorInfo | None, device) -> Reco
     scaling = entry.ops.multiply if entry.ops is not None else None
     if not getattr(scaling, "inverse", False):
         scaling = None  # else IA3 divided back out: a value merges by v ⊙ l, d holding l along its axis
+    cache: dict = {}  # IA3's l, loaded once for the tensor
 
     def merges_to(v, d, m):
         if scaling is not None:  # v ⊙ l is exact in float64
@@ -200,8 +201,7 @@ def _torch_trip(entry, got: TensorInfo, orig: TensorInfo | None, device) -> Reco
         stop = min(rows, start + step)
         m = merged.rows(start, stop).to(dev)
         if scaling is not None:  # the factors l, along their axis
-            d = torch.ones(m.shape, dtype=torch.float64, device=dev)
-            multiply(d, replace(scaling, inverse=False), start, stop, {})
+            d = factors_along(scaling, m.dim(), start, stop, dev, cache)
         else:
             d = m.to(torch.float64) - expected_rows(entry, f, start, stop).value  # the adapter's delta, back
         u = out.rows(start, stop).to(dev)

@@ -61,7 +61,7 @@ class Factors:
         return self.cache[id(t)]
 
     def derived(self, key: tuple, make):
-        """A value made from the factors (OFT's blocks of R), made once per tensor."""
+        """A value made from the factors (OFT's blocks of R, FourierFT's columns), made once per tensor."""
         if key not in self.cache:
             self.cache[key] = make()
         return self.cache[key]

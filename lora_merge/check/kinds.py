@@ -68,6 +68,17 @@ def _spectrum_rows(d: Spectrum, f, start: int, stop: int):
     """FourierFT through torch's FFT: each spectrum row's inverse FFT along the columns, then the real part of the
     rows' sum weighted by e^{2πi·u·i/M}, one weight per distinct row (the merge sums each term's cosines instead);
     |terms| ≤ K·Σ|c| at every element."""
+    rows, columns, m, total = f.derived(("spectrum", id(d)), lambda: _spectrum_columns(d, f))
+    i = torch.arange(start, stop, device=columns.device)
+    turns = (i[:, None] * rows[None, :]) % m
+    angle = turns.to(torch.float64) * (2 * torch.pi / m)
+    value = (angle.cos() @ columns.real - angle.sin() @ columns.imag) * (d.scale / m)  # the real part only
+    return value, lambda flat: torch.full(flat.shape, total, dtype=torch.float64, device=value.device)
+
+
+def _spectrum_columns(d: Spectrum, f):
+    """Once per tensor: the distinct stored rows of the spectrum, each one's inverse FFT along the columns, the
+    stored row count M, and K·Σ|c|."""
     u, v = d.positions()
     m, n = d.size
     c = f.get(d.spectrum).reshape(-1)
@@ -77,12 +88,8 @@ def _spectrum_rows(d: Spectrum, f, start: int, stop: int):
     dense = torch.zeros(len(rows), n, dtype=torch.complex128, device=c.device)
     dense[at.to(c.device), v.to(c.device)] = c.to(torch.complex128)
     columns = torch.fft.ifft(dense, dim=1)  # (1/N) Σ_v S[u, v] e^{2πi v j / N}
-    i = torch.arange(start, stop, device=c.device)
-    turns = (i[:, None] * rows.to(c.device)[None, :]) % m
-    angle = turns.to(torch.float64) * (2 * torch.pi / m)
-    value = (angle.cos() @ columns.real - angle.sin() @ columns.imag) * (d.scale / m)  # the real part only
     total = float(c.abs().sum()) * abs(d.scale) / (m * n)
-    return value, lambda flat: torch.full(flat.shape, total, dtype=torch.float64, device=value.device)
+    return rows.to(c.device), columns, m, total
 
 
 def _everywhere(magnitude):
