@@ -227,6 +227,7 @@ class TorchBlocks:
 
     def _value(self, read: _Read, ops, start: int, stop: int, cache: dict):
         from . import kindmath, mathops
+        from .adapter import AddScaled, LowRank
 
         v = self.work.take("value", tuple(read.values.shape), self.torch.float64)
         v.copy_(read.values, non_blocking=self.cuda)
@@ -235,7 +236,10 @@ class TorchBlocks:
         if ops is not None and ops.multiply is not None:  # IA3: W ⊙ l, exact in float64; OFT: W · Rᵀ
             kindmath.multiply(v, ops.multiply, start, stop, cache)
         for d in ops.deltas if ops is not None else ():
-            mathops.add_delta(v, d, start, stop, cache)
+            if isinstance(d, (LowRank, AddScaled)):
+                mathops.add_delta(v, d, start, stop, cache)
+            else:  # another additive kind (kinds.py)
+                kindmath.add_kind(v, d, start, stop, cache)
         return v
 
     def _event(self):

@@ -21,6 +21,7 @@ from . import fouriermath, orthomath, roadmath
 from .adapter import LowRank
 from .exact import to_odd
 from .kinds import ADDITIVE, Hadamard, Kronecker, Spectrum, Tiled
+from .mathops import round_to
 from .transforms import MIXING, Pairs, Scaling
 
 UNIT = 2.0**-53
@@ -271,8 +272,6 @@ def settle(v: torch.Tensor, w: torch.Tensor, ops, start: int, stop: int, dtype: 
     """Make the float64 rows ``v`` (BASE's rows, multiplied, plus every delta of ``ops``) round to ``dtype`` as their
     exact values do: where the computation's error bound holds a rounding boundary, the exact value rounded to
     odd. Returns how many elements were decided exactly."""
-    from .mathops import round_to
-
     if dtype == torch.float64:
         return 0
     flat = v.reshape(v.shape[0], -1)
@@ -304,8 +303,6 @@ def _decided(known: Fraction, views, i: int, j: int, dtype: torch.dtype) -> floa
     """A double that rounds to ``dtype`` as ``known`` plus the views' irrational values at (i, j) do: their
     intervals narrowed until both ends round alike. Past 1024 bits the value is taken to be the rounding boundary
     between (a sum of cosines can be a rational midpoint exactly: cos 72° + cos 144° = −½)."""
-    from .mathops import round_to
-
     bits = 96
     while True:
         parts = [x.interval(i, j, bits) for x in views]

@@ -14,7 +14,6 @@ import sys
 
 import torch
 
-from . import kindmath
 from .adapter import AddScaled, LowRank
 from .buffers import Buffers, flat_nonzero
 
@@ -93,10 +92,8 @@ def _factors(d: LowRank, device: torch.device, cache: dict):
 
 
 def add_delta(w: torch.Tensor, d: LowRank | AddScaled, start: int, stop: int, cache: dict) -> None:
-    """Add one delta to rows [start, stop) of the stored tensor, held as float64 in ``w`` (in place)."""
-    if not isinstance(d, (LowRank, AddScaled)):  # another additive kind (kinds.py)
-        kindmath.add_kind(w, d, start, stop, cache)
-        return
+    """Add one LoRA delta (or a bias's) to rows [start, stop) of the stored tensor, held as float64 in ``w`` (in
+    place); the other kinds' deltas are ``kindmath.add_kind``'s."""
     if isinstance(d, AddScaled):
         if id(d) not in cache:
             cache[id(d)] = d.t.load().to(device=w.device, dtype=torch.float64)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 from ..adapter import AdapterTensor, FileTensor, MemoryTensor
@@ -70,6 +71,14 @@ def positive_number(value, key: str, where, integer: bool = False):
         what = "a positive integer" if integer else "a positive finite number"
         raise AdapterConfigError(f"{where}: {key} must be {what}, found {value!r}")
     return value
+
+
+def pattern_value(patterns: dict, module: str, default):
+    """peft's rule: the first key, in order, with ``re.match(rf"(.*\\.)?({key})$", module)``."""
+    for key, value in patterns.items():
+        if re.match(rf"(.*\.)?({key})$", module):
+            return value
+    return default
 
 
 def config_mapping(config: dict, key: str, where) -> dict:

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import itertools
 import math
-import re
 from collections import defaultdict
 from pathlib import Path
 
@@ -19,6 +18,7 @@ from ..errors import (
 )
 from .files import (
     config_mapping,
+    pattern_value,
     positive_number,
     read_adapter_config,
     read_tensor_file,
@@ -50,14 +50,6 @@ UNSUPPORTED_FIELDS = {
     "monteclora_config": "MonteCLoRA is not supported",
     "use_bdlora": "BD-LoRA is not supported",
 }
-
-
-def pattern_value(patterns: dict, module: str, default):
-    """peft's rule: the first key, in order, with ``re.match(rf"(.*\\.)?({key})$", module)``."""
-    for key, value in patterns.items():
-        if re.match(rf"(.*\.)?({key})$", module):
-            return value
-    return default
 
 
 def peft_type_of(config: dict) -> str:

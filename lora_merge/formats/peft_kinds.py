@@ -13,7 +13,7 @@ from ..errors import PlanError, UnsupportedAdapterError
 from ..kinds import Spectrum, Tiled, Vera
 from ..transforms import Pairs, Reflection, Rotation, Scaling
 from . import lycoris
-from .files import config_mapping, positive_number
+from .files import config_mapping, pattern_value, positive_number
 
 PREFIX = "base_model.model."
 
@@ -121,8 +121,6 @@ def load_kind(folder: Path, config: dict, peft_type: str, tensors: dict, files: 
 
 
 def _pattern(config: dict, key: str, module: str, default):
-    from .peft import pattern_value
-
     return pattern_value(config_mapping(config, key, Path("adapter_config.json")), module, default)
 
 
@@ -196,8 +194,6 @@ def _add(reading: _Reading, module: str, d) -> str | None:
 def _ia3(module, parts, reading: _Reading) -> str | None:
     """IA3: W ⊙ l, along the input for ``feedforward_modules`` (peft's ``l`` is 1 × in), else along the output
     (out × 1), where peft scales the layer's bias too."""
-    from .peft import pattern_value
-
     l = parts["ia3_l"]  # noqa: E741
     feedforward = reading.config.get("feedforward_modules") or []
     if isinstance(feedforward, str):
